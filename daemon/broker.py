@@ -1,0 +1,248 @@
+"""RabbitMQ: the topology, the attempt consumer, confirmed publishing, and reconnection.
+
+payd reconnects itself instead of using aio-pika's robust connection, so the
+one rule that matters stays visible: a delivery belongs to the channel it came
+on. After a reconnect, deliveries from the dead channel are never acked on the
+new one (delivery tags are per channel); their acks fail harmlessly, the broker
+redelivers them, and the claim step recognises them as duplicates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Final
+
+import aio_pika
+import aiormq
+import msgspec
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage, AbstractQueue
+from yarl import URL
+
+from daemon.config import RabbitMQSettings
+from daemon.events import OutboxRow
+from daemon.secrets import Secret
+
+log = structlog.get_logger("payd.broker")
+
+OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
+
+ERROR_HEADER: Final = "x-payd-error"
+
+# What a failed ack/nack/publish on a closed or closing channel can raise.
+BROKER_ERRORS: Final = (
+    aio_pika.exceptions.AMQPError,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    RuntimeError,
+)
+
+
+class BrokerUnavailable(Exception):
+    """No connection to RabbitMQ right now; the caller keeps its work and tries again."""
+
+
+class Topology(msgspec.Struct, frozen=True):
+    attempts_queue: str
+    dead_queue: str
+    events_exchange: str
+
+    @classmethod
+    def for_namespace(cls, namespace: str) -> Topology:
+        return cls(f"{namespace}.attempts", f"{namespace}.attempts.dead", f"{namespace}.events")
+
+
+def broker_url(settings: RabbitMQSettings, password: Secret | None) -> str:
+    url = URL(settings.url)
+    if password is not None:
+        url = url.with_password(password.reveal())
+    return str(url)
+
+
+async def declare_topology(
+    channel: AbstractChannel, topology: Topology, delivery_limit: int
+) -> AbstractQueue:
+    """Declare (idempotently) what payd needs; return the attempts queue."""
+    await channel.declare_queue(topology.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    await channel.declare_exchange(topology.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    return await channel.declare_queue(
+        topology.attempts_queue,
+        durable=True,
+        arguments={
+            "x-queue-type": "quorum",
+            # A message redelivered this often (a poison message that kills the
+            # process) goes to the dead-letter queue instead of looping forever.
+            "x-delivery-limit": delivery_limit,
+            "x-dead-letter-exchange": "",
+            "x-dead-letter-routing-key": topology.dead_queue,
+        },
+    )
+
+
+class Broker:
+    """Owns the AMQP connection and its two channels: one consumes, one publishes with confirms."""
+
+    def __init__(self, settings: RabbitMQSettings, password: Secret | None) -> None:
+        self.settings = settings
+        self.topology = Topology.for_namespace(settings.namespace)
+        self._url = broker_url(settings, password)
+        self._connection: AbstractConnection | None = None
+        self._publish_channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._on_message: OnMessage | None = None
+        self._lost = asyncio.Event()
+        self._closing = False
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+
+    async def connect(self) -> None:
+        """Connect, open channels, declare the topology, and resume consuming if we were."""
+        connection = await aio_pika.connect(self._url, client_properties={"connection_name": "payd"})
+        try:
+            consume_channel = await connection.channel(publisher_confirms=False)
+            await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
+            self._publish_channel = await connection.channel(publisher_confirms=True)
+            self._queue = await declare_topology(consume_channel, self.topology, self.settings.delivery_limit)
+        except BaseException:
+            await connection.close()
+            raise
+        self._lost.clear()
+
+        def lost(*_: Any) -> None:
+            # Only the current connection's channels count: closing an old one
+            # during a reconnect must not trigger another reconnect. A channel
+            # closed by the broker (a precondition failure) also means starting
+            # over, since it leaves the connection half-useful.
+            if self._connection is connection and not self._closing:
+                self.connected.clear()
+                self._lost.set()
+
+        for closable in (connection, consume_channel, self._publish_channel):
+            closable.close_callbacks.add(lost)
+        self._connection = connection
+        if self._on_message is not None:
+            self._consumer_tag = await self._queue.consume(self._on_message)
+        self.connected.set()
+
+    async def supervise(self) -> None:
+        """Runs for the daemon's lifetime: reconnects with backoff whenever the link drops."""
+        while True:
+            await self._lost.wait()
+            self.connected.clear()
+            old, self._connection = self._connection, None
+            self._consumer_tag = None
+            if old is not None:
+                with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
+                    await asyncio.wait_for(old.close(), timeout=2)
+            delay = self.settings.reconnect_delay_s
+            while True:
+                log.warning("broker.reconnecting", delay_s=delay)
+                await asyncio.sleep(delay)
+                try:
+                    await self.connect()
+                except (TimeoutError, *BROKER_ERRORS, OSError) as error:
+                    log.warning("broker.reconnect_failed", error=type(error).__name__)
+                    delay = min(delay * 2, 30.0)
+                    continue
+                self.reconnects += 1
+                log.info("broker.reconnected", reconnects=self.reconnects)
+                break
+
+    async def start_consuming(self, on_message: OnMessage) -> None:
+        self._on_message = on_message
+        if self._queue is not None and self.connected.is_set():
+            self._consumer_tag = await self._queue.consume(on_message)
+
+    async def stop_consuming(self) -> None:
+        """Stop new deliveries; those already delivered stay ours to settle."""
+        self._on_message = None
+        tag, self._consumer_tag = self._consumer_tag, None
+        if tag is not None and self._queue is not None:
+            with contextlib.suppress(*BROKER_ERRORS):
+                await self._queue.cancel(tag)
+
+    def _channel(self) -> AbstractChannel:
+        if not self.connected.is_set() or self._publish_channel is None:
+            raise BrokerUnavailable("not connected to RabbitMQ")
+        return self._publish_channel
+
+    async def publish(
+        self,
+        exchange: str,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        headers: dict[str, Any] | None = None,
+    ) -> None:
+        """Publish one persistent message and wait for the broker's confirm."""
+        channel = self._channel()
+        target = (
+            channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
+        )
+        message = aio_pika.Message(
+            body,
+            message_id=message_id,
+            headers=headers,
+            content_type="application/json",
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        try:
+            await target.publish(message, routing_key=routing_key, mandatory=exchange == "")
+        except BROKER_ERRORS as error:
+            raise BrokerUnavailable(f"publish failed: {type(error).__name__}") from error
+
+    async def publish_outbox(self, rows: Sequence[OutboxRow]) -> None:
+        """Publish outbox rows concurrently; raise if any was not confirmed."""
+        await asyncio.gather(
+            *(
+                self.publish(
+                    self.topology.events_exchange if row.target == "events" else "",
+                    row.routing_key if row.target == "events" else self.topology.attempts_queue,
+                    row.payload,
+                    message_id=row.event_id,
+                )
+                for row in rows
+            )
+        )
+
+    async def dead_letter(self, message: AbstractIncomingMessage, reason: str, instance_id: str) -> None:
+        """Move an invalid request to the dead-letter queue with its reason, then ack it."""
+        headers = dict(message.headers or {})
+        headers[ERROR_HEADER] = reason
+        headers["x-payd-instance"] = instance_id
+        await self.publish(
+            "",
+            self.topology.dead_queue,
+            message.body,
+            message_id=message.message_id,
+            headers=headers,
+        )
+        await settle(message, ack=True)
+
+    async def close(self) -> None:
+        self._closing = True
+        self.connected.clear()
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
+                await asyncio.wait_for(connection.close(), timeout=5)
+
+
+async def settle(message: AbstractIncomingMessage, *, ack: bool) -> bool:
+    """Ack (or requeue) a delivery on the channel it came on; False if that channel is gone.
+
+    A delivery whose channel died is requeued by the broker on its own; it will
+    come back as a duplicate, which the claim step stops.
+    """
+    try:
+        if ack:
+            await message.ack()
+        else:
+            await message.nack(requeue=True)
+    except BROKER_ERRORS:
+        return False
+    return True

@@ -1,0 +1,139 @@
+"""The ``payd`` command line: parse arguments and hand over, nothing more."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import msgspec
+import uvloop
+
+from daemon.config import Config, ConfigError, load_config
+from daemon.logs import configure_logging
+from daemon.secrets import describe_secrets, load_secret
+
+
+def _run(main: Coroutine[Any, Any, int]) -> int:
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)
+
+
+def cmd_run(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.service import serve  # noqa: PLC0415 (keep light commands light)
+
+    configure_logging(config.daemon.log_level, config.daemon.log_format)
+
+    async def main() -> int:
+        shutdown, force = asyncio.Event(), asyncio.Event()
+
+        def on_signal() -> None:
+            # The first signal drains; a second one cuts the drain short.
+            (force if shutdown.is_set() else shutdown).set()
+
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+        return await serve(config, shutdown=shutdown, force=force)
+
+    return _run(main())
+
+
+def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.storage.db import close_pool, open_pool  # noqa: PLC0415
+    from daemon.storage.migrate import migrate  # noqa: PLC0415
+
+    async def main() -> int:
+        pool = await open_pool(config.mysql, load_secret("mysql_password"))
+        try:
+            await migrate(pool)
+        finally:
+            await close_pool(pool)
+        return 0
+
+    return _run(main())
+
+
+def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
+    print(f"{config.source}: ok")
+    print(msgspec.json.format(msgspec.json.encode(config)).decode())
+    print("secrets:")
+    for name, state in describe_secrets().items():
+        print(f"  {name}: {state}")
+    return 0
+
+
+def cmd_publish(config: Config, args: argparse.Namespace) -> int:
+    from daemon.publish import check_lines, publish_lines, read_lines  # noqa: PLC0415
+
+    stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    with stream:
+        if args.check:
+            return check_lines(config, read_lines(stream), sys.stdout)
+        return _run(publish_lines(config, read_lines(stream)))
+
+
+def cmd_sandbox(args: argparse.Namespace) -> int:
+    from daemon.providers.sandbox import gateway  # noqa: PLC0415
+
+    try:
+        settings = gateway.settings_from_args(args)
+    except ValueError as error:
+        print(f"payd sandbox: {error}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        shutdown = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, shutdown.set)
+        await gateway.serve(settings, shutdown)
+        return 0
+
+    return _run(main())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="payd", description="Subscription payment-attempt daemon.")
+    parser.add_argument(
+        "--config", default="./config.toml", help="configuration file (default ./config.toml)"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("--config", default=argparse.SUPPRESS, help="configuration file")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    add("run", cmd_run, "run the daemon until SIGTERM, then drain")
+    add("migrate", cmd_migrate, "create or upgrade the database schema (idempotent)")
+    add("check-config", cmd_check_config, "validate the configuration and show it, secrets masked")
+    publish = add("publish", cmd_publish, "publish attempt requests from JSON lines (FILE or - for stdin)")
+    publish.add_argument("file", metavar="FILE|-")
+    publish.add_argument("--check", action="store_true", help="validate the lines locally; publish nothing")
+    sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
+    sandbox.set_defaults(needs_config=False)
+    from daemon.providers.sandbox import gateway  # noqa: PLC0415
+
+    gateway.add_arguments(sandbox)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not getattr(args, "needs_config", True):
+        return int(args.handler(args))
+    try:
+        config = load_config(args.config)
+    except ConfigError as error:
+        print(f"payd: configuration error: {error}", file=sys.stderr)
+        return 2
+    return int(args.handler(config, args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""payd's configuration: config.toml decoded in one pass into typed, frozen structs.
+
+Unknown or mistyped keys fail with the key's dotted path and the reason. Each
+provider's table is decoded by the configuration type its ``kind`` registers
+(see ``daemon.providers.registry``), so a plugin provider brings its own keys.
+Secrets are not configuration: see ``daemon.secrets``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the problem."""
+
+
+class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every configuration table: immutable, keyword-only, unknown keys rejected."""
+
+
+class DaemonSettings(Section, frozen=True):
+    instance_id: str = ""
+    """Identifies this process in attempt claims; empty means ``HOSTNAME:PID``."""
+    drain_timeout_s: PositiveFloat = 30.0
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "console"] = "json"
+
+
+class MySQLSettings(Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 3306
+    user: str = "payd"
+    database: str = "payd"
+    pool_size: Annotated[int, msgspec.Meta(ge=2, le=200)] = 8
+    connect_timeout_s: PositiveFloat = 5.0
+
+
+class RabbitMQSettings(Section, frozen=True):
+    url: str = "amqp://payd@127.0.0.1:5672/"
+    namespace: Name = "payd"
+    """Prefix of every queue and exchange: ``payd`` gives ``payd.attempts``, ``payd.events``."""
+    prefetch: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
+    delivery_limit: Annotated[int, msgspec.Meta(ge=2)] = 50
+    reconnect_delay_s: PositiveFloat = 1.0
+
+
+class RedisSettings(Section, frozen=True):
+    url: str = "redis://127.0.0.1:6379/0"
+
+
+class HttpSettings(Section, frozen=True):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class PipelineSettings(Section, frozen=True):
+    claim_batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 250
+    record_batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 250
+    batch_delay_ms: NonNegativeFloat = 5.0
+    """How long a batch waits for company before it is flushed anyway."""
+    lease_s: PositiveFloat = 120.0
+    """How long a claimed attempt may stay in_flight before other instances treat it as unknown."""
+    reconcile_interval_s: PositiveFloat = 1.0
+    reconcile_backoff_s: list[PositiveFloat] = msgspec.field(
+        default_factory=lambda: [2.0, 10.0, 60.0, 300.0, 1800.0]
+    )
+    """Waits between lookups of an unknown attempt; the last one repeats."""
+    reconcile_batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 200
+    not_found_grace_s: NonNegativeFloat = 300.0
+    """An unknown attempt the provider has no record of becomes failed only after this long."""
+
+
+class OutboxSettings(Section, frozen=True):
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 500
+    poll_interval_s: PositiveFloat = 0.5
+
+
+class ProviderConfig(Section, frozen=True):
+    """Keys every provider has. A provider kind subclasses this with its own keys."""
+
+    kind: str
+    base_url: str
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=100000)]
+    timeout_s: PositiveFloat = 10.0
+    connect_timeout_s: PositiveFloat = 2.0
+    max_tries: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    """Tries per attempt for failures that charged nothing (rate limited, provider error)."""
+    retry_backoff_s: PositiveFloat = 0.5
+
+
+class _RawConfig(Section, frozen=True):
+    daemon: DaemonSettings = DaemonSettings()
+    mysql: MySQLSettings = MySQLSettings()
+    rabbitmq: RabbitMQSettings = RabbitMQSettings()
+    redis: RedisSettings = RedisSettings()
+    http: HttpSettings = HttpSettings()
+    pipeline: PipelineSettings = PipelineSettings()
+    outbox: OutboxSettings = OutboxSettings()
+    providers: dict[Name, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+class Config(Section, frozen=True):
+    daemon: DaemonSettings
+    mysql: MySQLSettings
+    rabbitmq: RabbitMQSettings
+    redis: RedisSettings
+    http: HttpSettings
+    pipeline: PipelineSettings
+    outbox: OutboxSettings
+    providers: dict[str, ProviderConfig]
+    source: str = "<memory>"
+
+    @property
+    def instance_id(self) -> str:
+        return self.daemon.instance_id or f"{socket.gethostname()}:{os.getpid()}"
+
+
+_PATH_IN_MESSAGE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+
+
+def _explain(error: msgspec.ValidationError | msgspec.DecodeError, prefix: str = "") -> str:
+    """Turn msgspec's ``... - at `$.mysql.port``` into ``mysql.port: ...``."""
+    message = str(error)
+    match = _PATH_IN_MESSAGE.search(message)
+    if match is None:
+        return f"{prefix}: {message}" if prefix else message
+    path = match.group("path").lstrip(".")
+    path = re.sub(r"\[(?:'|\")?([^\]'\"]+)(?:'|\")?\]", r".\1", path).lstrip(".")
+    full = ".".join(part for part in (prefix, path) if part)
+    reason = message[: match.start()]
+    return f"{full}: {reason}" if full else reason
+
+
+def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
+    """Decode a TOML document into a ``Config``; raise ``ConfigError`` naming the bad key."""
+    from daemon.providers.registry import provider_config_type  # noqa: PLC0415 (registry imports providers)
+
+    try:
+        raw = msgspec.toml.decode(text, type=_RawConfig)
+    except msgspec.ValidationError as error:
+        raise ConfigError(f"{source}: {_explain(error)}") from None
+    except msgspec.DecodeError as error:
+        raise ConfigError(f"{source}: not valid TOML: {error}") from None
+
+    providers: dict[str, ProviderConfig] = {}
+    for name, table in raw.providers.items():
+        prefix = f"providers.{name}"
+        kind = table.get("kind")
+        if not isinstance(kind, str):
+            raise ConfigError(f'{source}: {prefix}.kind: required, the provider kind (e.g. "sandbox")')
+        try:
+            config_type = provider_config_type(kind)
+        except LookupError as error:
+            raise ConfigError(f"{source}: {prefix}.kind: {error}") from None
+        try:
+            providers[name] = msgspec.convert(table, type=config_type)
+        except msgspec.ValidationError as error:
+            raise ConfigError(f"{source}: {_explain(error, prefix)}") from None
+    if not providers:
+        raise ConfigError(f"{source}: providers: at least one [providers.NAME] table is required")
+    if raw.pipeline.lease_s <= max(p.timeout_s for p in providers.values()) * 2:
+        raise ConfigError(
+            f"{source}: pipeline.lease_s: must exceed twice the largest provider timeout_s, "
+            "or live attempts would be taken for dead ones"
+        )
+    return Config(
+        daemon=raw.daemon,
+        mysql=raw.mysql,
+        rabbitmq=raw.rabbitmq,
+        redis=raw.redis,
+        http=raw.http,
+        pipeline=raw.pipeline,
+        outbox=raw.outbox,
+        providers=providers,
+        source=source,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read: {error.strerror}") from None
+    return parse_config(text, source=str(path))

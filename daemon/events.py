@@ -1,0 +1,67 @@
+"""Payment events as they go into the outbox, and from there to ``payd.events``."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Final
+
+import msgspec
+
+from daemon.models import AttemptRequest, AttemptState, ChargeResult, PaymentEvent
+
+_NAMESPACE: Final = uuid.UUID("6f1b0c52-8d8e-4c1e-9a53-3f0c1f3a9d21")
+_encode = msgspec.json.Encoder().encode
+
+ROUTING_KEY_OF_STATE: Final[dict[AttemptState, str]] = {
+    AttemptState.SUCCEEDED: "payment.succeeded",
+    AttemptState.DECLINED: "payment.declined",
+    AttemptState.FAILED: "payment.failed",
+    AttemptState.UNKNOWN: "payment.unknown",
+}
+
+
+class OutboxRow(msgspec.Struct, frozen=True):
+    event_id: str
+    target: str
+    routing_key: str
+    payload: bytes
+
+
+def event_id(idempotency_key: str, state: AttemptState) -> str:
+    """Deterministic: the same transition always carries the same id, so re-publishing dedupes."""
+    return str(uuid.uuid5(_NAMESPACE, f"{idempotency_key}/{state.value}"))
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def payment_event(
+    *,
+    attempt_id: int,
+    request: AttemptRequest,
+    state: AttemptState,
+    result: ChargeResult,
+    occurred_at: str,
+) -> OutboxRow:
+    routing_key = ROUTING_KEY_OF_STATE[state]
+    identifier = event_id(request.idempotency_key, state)
+    event = PaymentEvent(
+        event_id=identifier,
+        type=routing_key,
+        occurred_at=occurred_at,
+        idempotency_key=request.idempotency_key,
+        subscription_id=request.subscription_id,
+        cycle=request.cycle,
+        provider=request.provider,
+        amount_minor=request.amount_minor,
+        currency=request.currency,
+        outcome=result.outcome.value,
+        decline_code=result.decline_code,
+        provider_ref=result.provider_ref,
+        attempt_id=attempt_id,
+        state=state.value,
+        reason=result.reason,
+    )
+    return OutboxRow(identifier, "events", routing_key, _encode(event))

@@ -1,0 +1,89 @@
+"""Prometheus metrics, one registry per daemon (tests run several daemons in one process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.attempts = Counter(
+            "payd_attempts",
+            "Attempts finished, by provider and outcome",
+            ["provider", "outcome"],
+            registry=r,
+        )
+        self.attempt_seconds = Histogram(
+            "payd_attempt_seconds",
+            "Claim to recorded outcome, by provider",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.provider_call_seconds = Histogram(
+            "payd_provider_call_seconds",
+            "One provider call",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "payd_provider_in_flight", "Provider calls in flight", ["provider"], registry=r
+        )
+        self.limit = Gauge("payd_provider_limit", "Configured in-flight limit", ["provider"], registry=r)
+        self.waiting = Gauge(
+            "payd_provider_waiting",
+            "Attempts waiting for a provider slot",
+            ["provider"],
+            registry=r,
+        )
+        self.messages = Counter(
+            "payd_messages", "Broker deliveries by what became of them", ["result"], registry=r
+        )
+        self.dead_lettered = Counter(
+            "payd_dead_lettered", "Invalid requests moved to the dead-letter queue", registry=r
+        )
+        self.stale_settles = Counter(
+            "payd_stale_settles",
+            "Acks/requeues dropped because their channel had closed",
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "payd_batch_size",
+            "Rows per database batch",
+            ["stage"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "payd_batch_seconds",
+            "Database batch duration",
+            ["stage"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.batch_errors = Counter("payd_batch_errors", "Failed database batches", ["stage"], registry=r)
+        self.outbox_published = Counter("payd_outbox_published", "Outbox rows published", registry=r)
+        self.outbox_lag = Gauge("payd_outbox_lag_seconds", "Age of the oldest unpublished event", registry=r)
+        self.reconciled = Counter(
+            "payd_reconciled",
+            "Unknown attempts looked up, by what the lookup found",
+            ["result"],
+            registry=r,
+        )
+        self.leases_expired = Counter(
+            "payd_leases_expired",
+            "In-flight attempts turned unknown after their claimer stopped",
+            registry=r,
+        )
+        self.draining = Gauge("payd_draining", "1 while the daemon drains", registry=r)
+        self.broker_connected = Gauge("payd_broker_connected", "1 while connected to RabbitMQ", registry=r)
+        self.broker_reconnects = Counter("payd_broker_reconnects", "Reconnections to RabbitMQ", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,131 @@
+"""Domain values shared by every stage: the wire request, states, outcomes, events."""
+
+from __future__ import annotations
+
+import enum
+import re
+from typing import Annotated, Final
+
+import msgspec
+
+IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:_-]+$")]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+PositiveAmount = Annotated[int, msgspec.Meta(gt=0, le=10**15)]
+Id = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
+ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
+Metadata = Annotated[
+    dict[Annotated[str, msgspec.Meta(max_length=40)], Annotated[str, msgspec.Meta(max_length=500)]],
+    msgspec.Meta(max_length=50),
+]
+
+# A payment method is a provider's stored token. Anything that looks like a card
+# number is refused before it can be stored, logged or forwarded.
+_CARD_NUMBER: Final = re.compile(r"(?:\d[ -]?){12,18}\d")
+
+
+class AttemptRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """An attempt request as it arrives on ``payd.attempts``. Unknown fields are ignored."""
+
+    idempotency_key: IdempotencyKey
+    subscription_id: Id | None = None
+    cycle: Annotated[int, msgspec.Meta(ge=0, le=2**31 - 1)] | None = None
+    amount_minor: PositiveAmount
+    currency: Currency
+    provider: Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+    payment_method: ShortText
+    customer_ref: ShortText | None = None
+    metadata: Metadata = msgspec.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.subscription_id is None) != (self.cycle is None):
+            raise ValueError("subscription_id and cycle go together: give both or neither")
+        if _CARD_NUMBER.search(self.payment_method):
+            raise ValueError("payment_method looks like a card number; send the provider's token")
+
+    @property
+    def merchant_reference(self) -> str:
+        """What the provider sees as our reference: ``SUBSCRIPTION_ID:CYCLE`` or the key."""
+        if self.subscription_id is not None:
+            return f"{self.subscription_id}:{self.cycle}"
+        return self.idempotency_key
+
+
+class AttemptState(enum.StrEnum):
+    QUEUED = "queued"
+    IN_FLIGHT = "in_flight"
+    SUCCEEDED = "succeeded"
+    DECLINED = "declined"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+TERMINAL_STATES: Final = frozenset({AttemptState.SUCCEEDED, AttemptState.DECLINED, AttemptState.FAILED})
+
+
+class Outcome(enum.StrEnum):
+    """What a provider call came to. Only APPROVED and UNKNOWN may have moved money."""
+
+    APPROVED = "approved"
+    SOFT_DECLINE = "soft_decline"
+    """Declined, may succeed later (insufficient funds): dunning retries it."""
+    HARD_DECLINE = "hard_decline"
+    """Declined for good (stolen card, closed account): never retried."""
+    RATE_LIMITED = "rate_limited"
+    """Refused before processing; nothing charged; try again after ``retry_after_s``."""
+    PROVIDER_ERROR = "provider_error"
+    """Failed before anything was charged: safe to try again."""
+    UNKNOWN = "unknown"
+    """The request may have reached the provider: only a lookup can tell."""
+
+
+STATE_OF_OUTCOME: Final[dict[Outcome, AttemptState]] = {
+    Outcome.APPROVED: AttemptState.SUCCEEDED,
+    Outcome.SOFT_DECLINE: AttemptState.DECLINED,
+    Outcome.HARD_DECLINE: AttemptState.DECLINED,
+    Outcome.RATE_LIMITED: AttemptState.FAILED,
+    Outcome.PROVIDER_ERROR: AttemptState.FAILED,
+    Outcome.UNKNOWN: AttemptState.UNKNOWN,
+}
+
+CHARGED_NOTHING: Final = frozenset({Outcome.RATE_LIMITED, Outcome.PROVIDER_ERROR})
+
+
+class ChargeResult(msgspec.Struct, frozen=True, kw_only=True):
+    """A provider adapter's verdict on one call; errors carry their data, not just a string."""
+
+    outcome: Outcome
+    provider_ref: str | None = None
+    decline_code: str | None = None
+    retry_after_s: float | None = None
+    retryable: bool = True
+    """For outcomes that charged nothing: whether trying again could help."""
+    reason: str | None = None
+    """Short, secret-free explanation for logs and the attempt row."""
+
+
+class Attempt(msgspec.Struct, frozen=True, kw_only=True):
+    """A claimed attempt: the request plus the identity of its write-ahead row."""
+
+    attempt_id: int
+    request: AttemptRequest
+    claimed_by: str
+
+
+class PaymentEvent(msgspec.Struct, frozen=True, kw_only=True):
+    """Published on ``payd.events`` with routing key ``type``; consumers dedupe on event_id."""
+
+    event_id: str
+    type: str
+    occurred_at: str
+    idempotency_key: str
+    subscription_id: int | None
+    cycle: int | None
+    provider: str
+    amount_minor: int
+    currency: str
+    outcome: str | None
+    decline_code: str | None
+    provider_ref: str | None
+    attempt_id: int
+    state: str
+    reason: str | None = None

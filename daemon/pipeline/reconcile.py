@@ -1,0 +1,136 @@
+"""Reconciliation: unknown outcomes settled by asking the provider, never by sending again.
+
+Two periodic duties, safe to run on every instance at once (rows are taken
+with SKIP LOCKED and pushed back by their next backoff before any lookup):
+- in_flight attempts whose lease ran out (their instance died) become unknown;
+- unknown attempts due a lookup are looked up, with the same idempotency key or
+  reference, through the provider's limiter; a definitive answer is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+import aiomysql
+import structlog
+
+from daemon.config import PipelineSettings
+from daemon.metrics import Metrics
+from daemon.models import ChargeResult, Outcome
+from daemon.pipeline.attempts import DB_ERRORS
+from daemon.pipeline.execute import Lane
+from daemon.storage.attempts import (
+    DueUnknown,
+    Record,
+    expire_leases,
+    record_outcomes,
+    take_due_unknown,
+)
+
+log = structlog.get_logger("payd.reconcile")
+
+NOT_RECEIVED = ChargeResult(
+    outcome=Outcome.PROVIDER_ERROR,
+    retryable=False,
+    decline_code="not_received",
+    reason="the provider has no record of this attempt: nothing was charged",
+)
+
+
+class Reconciler:
+    def __init__(
+        self,
+        *,
+        pool: aiomysql.Pool,
+        lanes: dict[str, Lane],
+        settings: PipelineSettings,
+        metrics: Metrics,
+        on_recorded: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._pool = pool
+        self._lanes = lanes
+        self._settings = settings
+        self._metrics = metrics
+        self._on_recorded = on_recorded
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.reconcile_interval_s)
+            self._wake.clear()
+            try:
+                await self.reconcile_once()
+            except DB_ERRORS as error:
+                log.error("reconcile.database_error", error=repr(error))
+
+    async def reconcile_once(self) -> int:
+        """One pass: expire dead leases, look up what is due; return how many were settled."""
+        expired = await expire_leases(self._pool, limit=self._settings.reconcile_batch_size)
+        if expired:
+            self._metrics.leases_expired.inc(len(expired))
+            log.warning("reconcile.leases_expired", count=len(expired))
+            self._on_recorded()
+        due = await take_due_unknown(
+            self._pool,
+            limit=self._settings.reconcile_batch_size,
+            backoff_s=self._settings.reconcile_backoff_s,
+        )
+        if not due:
+            return 0
+        verdicts = await asyncio.gather(*(self._look_up(item) for item in due))
+        records = [
+            Record(attempt_id=item.attempt_id, request=item.request, result=verdict)
+            for item, verdict in zip(due, verdicts, strict=True)
+            if verdict is not None
+        ]
+        if records:
+            outcome = await record_outcomes(self._pool, records, unknown_recheck_s=0)
+            for record in outcome.applied:
+                assert record.result is not None
+                log.info(
+                    "attempt.reconciled",
+                    idempotency_key=record.request.idempotency_key,
+                    attempt_id=record.attempt_id,
+                    provider=record.request.provider,
+                    outcome=record.result.outcome.value,
+                    decline_code=record.result.decline_code,
+                )
+            self._on_recorded()
+        return len(records)
+
+    async def _look_up(self, item: DueUnknown) -> ChargeResult | None:
+        """A definitive result for ``item``, or None to ask again after its backoff."""
+        lane = self._lanes.get(item.request.provider)
+        if lane is None:
+            self._metrics.reconciled.labels("provider_not_configured").inc()
+            return None
+        capabilities = lane.provider.capabilities
+        if not (capabilities.lookup_by_key or capabilities.lookup_by_reference):
+            self._metrics.reconciled.labels("no_lookup").inc()
+            return None  # stays unknown, visible to operators
+        if not await lane.limiter.acquire():
+            return None
+        try:
+            found = await lane.provider.lookup(item.request)
+        finally:
+            lane.limiter.release()
+        if found is None:
+            self._metrics.reconciled.labels("lookup_failed").inc()
+            return None
+        if not found.found:
+            if item.seconds_since_claim < self._settings.not_found_grace_s:
+                self._metrics.reconciled.labels("not_found_yet").inc()
+                return None
+            self._metrics.reconciled.labels("not_received").inc()
+            return NOT_RECEIVED
+        if found.result is None or found.result.outcome is Outcome.UNKNOWN:
+            self._metrics.reconciled.labels("still_unknown").inc()
+            return None
+        self._metrics.reconciled.labels(found.result.outcome.value).inc()
+        return found.result

@@ -1,0 +1,58 @@
+"""The outbox relay: publishes committed events to RabbitMQ with confirms, at least once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import aiomysql
+import structlog
+
+from daemon.broker import Broker, BrokerUnavailable
+from daemon.config import OutboxSettings
+from daemon.metrics import Metrics
+from daemon.pipeline.attempts import DB_ERRORS
+from daemon.storage.outbox import outbox_lag_seconds, relay_batch
+
+log = structlog.get_logger("payd.outbox")
+
+
+class OutboxRelay:
+    def __init__(
+        self, *, pool: aiomysql.Pool, broker: Broker, settings: OutboxSettings, metrics: Metrics
+    ) -> None:
+        self._pool = pool
+        self._broker = broker
+        self._settings = settings
+        self._metrics = metrics
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Called after a commit that wrote events, so they go out without waiting for the poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
+            self._wake.clear()
+            await self.publish_pending()
+
+    async def publish_pending(self) -> int:
+        """Publish until the outbox is empty or publishing fails; return how many went out."""
+        total = 0
+        try:
+            while True:
+                sent = await relay_batch(
+                    self._pool, self._broker.publish_outbox, limit=self._settings.batch_size
+                )
+                total += sent
+                self._metrics.outbox_published.inc(sent)
+                if sent < self._settings.batch_size:
+                    break
+            self._metrics.outbox_lag.set(await outbox_lag_seconds(self._pool))
+        except BrokerUnavailable as error:
+            log.warning("outbox.broker_unavailable", error=str(error))
+        except DB_ERRORS as error:
+            log.error("outbox.database_error", error=repr(error))
+        return total

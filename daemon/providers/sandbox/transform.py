@@ -1,0 +1,113 @@
+"""The sandbox gateway's wire types and the mapping of its answers to payd outcomes.
+
+Every status the gateway documents has a row; anything else is UNKNOWN, because
+an unrecognised answer may follow a charge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Final, Literal
+
+import msgspec
+
+from daemon.models import AttemptRequest, ChargeResult, Outcome
+from daemon.providers.http import retry_after_seconds
+
+
+class ChargeBody(msgspec.Struct, frozen=True, kw_only=True):
+    amount_minor: int
+    currency: str
+    payment_method: str
+    merchant_reference: str
+    customer_ref: str | None
+    metadata: dict[str, str]
+
+
+class Charge(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: Literal["approved", "declined"]
+    decline_code: str | None = None
+    retryable: bool = False
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    type: str
+    charged: bool | None = None
+    message: str | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: ErrorDetail
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_charge = msgspec.json.Decoder(Charge).decode
+_decode_error = msgspec.json.Decoder(ErrorBody).decode
+
+
+def charge_body(request: AttemptRequest) -> bytes:
+    return _encode(
+        ChargeBody(
+            amount_minor=request.amount_minor,
+            currency=request.currency,
+            payment_method=request.payment_method,
+            merchant_reference=request.merchant_reference,
+            customer_ref=request.customer_ref,
+            metadata=request.metadata,
+        )
+    )
+
+
+def _charge_result(body: bytes) -> ChargeResult:
+    charge = _decode_charge(body)
+    if charge.status == "approved":
+        return ChargeResult(outcome=Outcome.APPROVED, provider_ref=charge.id)
+    outcome = Outcome.SOFT_DECLINE if charge.retryable else Outcome.HARD_DECLINE
+    return ChargeResult(outcome=outcome, provider_ref=charge.id, decline_code=charge.decline_code)
+
+
+def _error_result(status: int, headers: Mapping[str, str], body: bytes) -> ChargeResult:
+    error = _decode_error(body).error
+    row = ERROR_TABLE.get((status, error.type))
+    if row is None:
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unrecognised answer {status} {error.type}")
+    outcome, retryable = row
+    if outcome is Outcome.PROVIDER_ERROR and error.charged is not False:
+        # Only an explicit "nothing charged" makes a server error safe to call clean.
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"{status} {error.type} without charged=false")
+    retry_after = retry_after_seconds(headers) if outcome is Outcome.RATE_LIMITED else None
+    return ChargeResult(
+        outcome=outcome,
+        retry_after_s=retry_after,
+        retryable=retryable,
+        decline_code=error.type if not retryable else None,
+        reason=f"{status} {error.type}",
+    )
+
+
+# (HTTP status, error type) -> (outcome, whether trying again can help).
+ERROR_TABLE: Final[dict[tuple[int, str], tuple[Outcome, bool]]] = {
+    (429, "rate_limited"): (Outcome.RATE_LIMITED, True),
+    (500, "api_error"): (Outcome.PROVIDER_ERROR, True),
+    (503, "unavailable"): (Outcome.PROVIDER_ERROR, True),
+    (400, "invalid_request"): (Outcome.PROVIDER_ERROR, False),
+    # Another request with this key is still running at the gateway: it may charge.
+    (409, "idempotency_conflict"): (Outcome.UNKNOWN, True),
+    # The key was used before with other parameters: whatever happened then stands.
+    (422, "idempotency_mismatch"): (Outcome.UNKNOWN, True),
+}
+
+_BY_STATUS: Final[dict[int, Callable[[int, Mapping[str, str], bytes], ChargeResult]]] = {
+    200: lambda _status, _headers, body: _charge_result(body),
+    402: lambda _status, _headers, body: _charge_result(body),
+}
+
+
+def charge_result(status: int, headers: Mapping[str, str], body: bytes) -> ChargeResult:
+    """Map a gateway answer to an outcome; a body that does not parse is UNKNOWN."""
+    mapper = _BY_STATUS.get(status, _error_result)
+    try:
+        return mapper(status, headers, body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable {status} answer")

@@ -1,0 +1,174 @@
+"""``payd run``: open everything in order, serve until told to stop, drain, close in reverse.
+
+Signals only set events (see ``daemon.cli``), so tests drive the same code by
+setting ``shutdown`` themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import aiomysql
+import structlog
+
+from daemon.broker import BROKER_ERRORS, Broker
+from daemon.config import Config
+from daemon.control import ControlState, start_control
+from daemon.metrics import Metrics
+from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
+from daemon.pipeline.execute import Lane
+from daemon.pipeline.limiter import ProviderLimiter
+from daemon.pipeline.reconcile import Reconciler
+from daemon.pipeline.relay import OutboxRelay
+from daemon.providers.registry import create_provider
+from daemon.secrets import load_secret
+from daemon.storage.db import close_pool, open_pool, transaction
+
+log = structlog.get_logger("payd")
+
+STARTUP_RETRY_S = 30.0
+
+
+async def _with_retries(what: str, action: Callable[[], Awaitable[Any]], give_up_after: float) -> Any:
+    """Start-up dependencies get a bounded grace period, then payd exits non-zero for systemd."""
+    deadline = time.monotonic() + give_up_after
+    delay = 0.5
+    while True:
+        try:
+            return await action()
+        except (*DB_ERRORS, *BROKER_ERRORS) as error:
+            if time.monotonic() + delay > deadline:
+                raise
+            log.warning("startup.waiting", dependency=what, error=repr(error), retry_in_s=delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+class DatabaseProbe:
+    """Remembers whether the last periodic database round trip worked, for /readyz."""
+
+    def __init__(self, pool: aiomysql.Pool) -> None:
+        self._pool = pool
+        self.ok = True
+
+    async def run(self, interval_s: float = 2.0) -> None:
+        while True:
+            try:
+                async with transaction(self._pool) as cursor:
+                    await cursor.execute("SELECT 1")
+                self.ok = True
+            except DB_ERRORS:
+                self.ok = False
+            await asyncio.sleep(interval_s)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def serve(
+    config: Config,
+    *,
+    shutdown: asyncio.Event,
+    force: asyncio.Event | None = None,
+    on_ready: Callable[[], None] = lambda: None,
+) -> int:
+    """Run the daemon until ``shutdown`` is set; return the process exit status.
+
+    ``force`` (a second signal) cuts the drain short: the process exits at
+    once, leaving unfinished attempts to leases and redelivery.
+    """
+    force = force or asyncio.Event()
+    instance_id = config.instance_id
+    structlog.contextvars.bind_contextvars(instance=instance_id)
+    metrics = Metrics()
+
+    async with AsyncExitStack() as stack:
+        pool = await _with_retries(
+            "mysql",
+            lambda: open_pool(config.mysql, load_secret("mysql_password")),
+            STARTUP_RETRY_S,
+        )
+        stack.push_async_callback(close_pool, pool)
+
+        lanes: dict[str, Lane] = {}
+        for name, provider_config in config.providers.items():
+            provider = create_provider(name, provider_config)
+            stack.push_async_callback(provider.close)
+            lanes[name] = Lane(
+                name=name,
+                provider=provider,
+                config=provider_config,
+                limiter=ProviderLimiter(provider_config.max_in_flight),
+            )
+
+        broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
+        await _with_retries("rabbitmq", broker.connect, STARTUP_RETRY_S)
+        stack.push_async_callback(broker.close)
+
+        relay = OutboxRelay(pool=pool, broker=broker, settings=config.outbox, metrics=metrics)
+        pipeline = AttemptPipeline(
+            pool=pool,
+            broker=broker,
+            lanes=lanes,
+            settings=config.pipeline,
+            metrics=metrics,
+            instance_id=instance_id,
+            on_recorded=relay.wake,
+        )
+        reconciler = Reconciler(
+            pool=pool,
+            lanes=lanes,
+            settings=config.pipeline,
+            metrics=metrics,
+            on_recorded=relay.wake,
+        )
+        probe = DatabaseProbe(pool)
+
+        # Background duties; the relay outlives the drain so the last events go out.
+        duties = [
+            asyncio.create_task(broker.supervise(), name="broker-supervisor"),
+            asyncio.create_task(reconciler.run(), name="reconciler"),
+            asyncio.create_task(probe.run(), name="database-probe"),
+        ]
+        relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
+        stack.push_async_callback(_cancel, [relay_task])
+        stack.push_async_callback(_cancel, duties)
+
+        state = ControlState(
+            instance_id=instance_id,
+            broker=broker,
+            pipeline=pipeline,
+            metrics=metrics,
+            database_ok=lambda: probe.ok,
+        )
+        runner = await start_control(state, config.http.host, config.http.port)
+        stack.push_async_callback(runner.cleanup)
+
+        pipeline.start()
+        await broker.start_consuming(pipeline.on_message)
+        log.info(
+            "daemon.ready",
+            providers=sorted(lanes),
+            queue=broker.topology.attempts_queue,
+            control=f"http://{config.http.host}:{config.http.port}",
+        )
+        on_ready()
+
+        await shutdown.wait()
+        deadline = time.monotonic() + config.daemon.drain_timeout_s
+        log.info("daemon.draining", drain_timeout_s=config.daemon.drain_timeout_s)
+        await _cancel(duties[1:])  # reconciliation and probing stop; the broker link stays
+        await pipeline.drain(deadline, force)
+        if not force.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(relay.publish_pending(), max(0.5, deadline - time.monotonic()))
+    log.info("daemon.stopped", forced=force.is_set())
+    return 1 if force.is_set() else 0

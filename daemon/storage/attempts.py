@@ -1,0 +1,405 @@
+"""Every statement on the ``attempts`` table, each batch in one transaction.
+
+The write-ahead rule lives here: an attempt row exists, and is ``in_flight``
+under this instance's claim, before any provider call. State changes go
+through ``record_outcomes``, which writes the attempt, the subscription and the
+outbox events in one commit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any, Final
+
+import aiomysql
+import msgspec
+import pymysql
+
+from daemon.events import OutboxRow, now_iso, payment_event
+from daemon.models import (
+    STATE_OF_OUTCOME,
+    TERMINAL_STATES,
+    AttemptRequest,
+    AttemptState,
+    ChargeResult,
+    Outcome,
+)
+from daemon.storage.db import Cursor, placeholders, transaction
+
+_ER_DUP_ENTRY: Final = 1062
+_encode_metadata = msgspec.json.Encoder().encode
+_decode_metadata = msgspec.json.Decoder(dict[str, str]).decode
+
+_REQUEST_COLUMNS: Final = (
+    "idempotency_key, subscription_id, cycle, provider, amount_minor, currency, "
+    "payment_method, customer_ref, metadata"
+)
+
+
+class ClaimOutcome(msgspec.Struct, kw_only=True):
+    """What one claim batch came to, by idempotency key."""
+
+    claimed: dict[str, int] = msgspec.field(default_factory=dict)
+    """Now in_flight under our claim: key -> attempt id."""
+    already: dict[str, AttemptState] = msgspec.field(default_factory=dict)
+    """Someone has or had it (in flight elsewhere, finished, unknown): nothing to do."""
+    mismatched: set[str] = msgspec.field(default_factory=set)
+    """The key exists with other parameters: the request is refused, the old attempt stands."""
+    cycle_taken: set[str] = msgspec.field(default_factory=set)
+    """Another attempt holds this (subscription, cycle): sending would risk a double charge."""
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """One attempt's result to write; ``result=None`` returns the attempt to ``queued``."""
+
+    attempt_id: int
+    request: AttemptRequest
+    result: ChargeResult | None
+    tries: int = 0
+
+
+class RecordOutcome(msgspec.Struct, kw_only=True):
+    applied: list[Record] = msgspec.field(default_factory=list)
+    skipped: list[Record] = msgspec.field(default_factory=list)
+    """Rows another actor had already settled; their results were not written."""
+
+
+def _request_row(request: AttemptRequest) -> tuple[Any, ...]:
+    return (
+        request.idempotency_key,
+        request.subscription_id,
+        request.cycle,
+        request.provider,
+        request.amount_minor,
+        request.currency,
+        request.payment_method,
+        request.customer_ref,
+        _encode_metadata(request.metadata) if request.metadata else None,
+    )
+
+
+def request_from_row(row: Sequence[Any]) -> AttemptRequest:
+    """Rebuild a request from the nine ``_REQUEST_COLUMNS`` of a row."""
+    key, subscription_id, cycle, provider, amount, currency, method, customer, metadata = row
+    return AttemptRequest(
+        idempotency_key=key,
+        subscription_id=subscription_id,
+        cycle=cycle,
+        provider=provider,
+        amount_minor=amount,
+        currency=currency,
+        payment_method=method,
+        customer_ref=customer,
+        metadata=_decode_metadata(metadata) if metadata else {},
+    )
+
+
+def _same_charge(request: AttemptRequest, row: Sequence[Any]) -> bool:
+    return bool(
+        request.subscription_id == row[2]
+        and request.cycle == row[3]
+        and request.provider == row[4]
+        and request.amount_minor == row[5]
+        and request.currency == row[6]
+        and request.payment_method == row[7]
+    )
+
+
+async def claim_attempts(
+    pool: aiomysql.Pool, requests: Sequence[AttemptRequest], *, claimed_by: str, lease_s: float
+) -> ClaimOutcome:
+    """Write the write-ahead rows and move the claimable ones from queued to in_flight.
+
+    ``requests`` must have distinct idempotency keys. A duplicate delivery, or
+    a second daemon holding the same message, finds the row already claimed
+    and stops here.
+    """
+    outcome = ClaimOutcome()
+    by_key = {request.idempotency_key: request for request in requests}
+    keys = list(by_key)
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            f"INSERT INTO attempts ({_REQUEST_COLUMNS}, state) VALUES "  # noqa: S608 (placeholders only)
+            f"{placeholders(len(requests), 10)} ON DUPLICATE KEY UPDATE id = id",
+            [value for r in requests for value in (*_request_row(r), AttemptState.QUEUED.value)],
+        )
+        await cursor.execute(
+            "SELECT idempotency_key, id, subscription_id, cycle, provider, amount_minor, currency, "  # noqa: S608
+            f"payment_method, state FROM attempts WHERE idempotency_key IN ({placeholders(len(keys))}) "
+            "FOR UPDATE",
+            keys,
+        )
+        claimable: dict[str, int] = {}
+        for row in await cursor.fetchall():
+            key, attempt_id, state = row[0], row[1], AttemptState(row[8])
+            if not _same_charge(by_key[key], row):
+                outcome.mismatched.add(key)
+            elif state is AttemptState.QUEUED:
+                claimable[key] = attempt_id
+            else:
+                outcome.already[key] = state
+        if claimable:
+            await _mark_in_flight(cursor, claimable, outcome, claimed_by=claimed_by, lease_s=lease_s)
+        if outcome.cycle_taken:
+            await _refuse_taken_cycles(cursor, [(claimable[k], by_key[k]) for k in outcome.cycle_taken])
+    return outcome
+
+
+CYCLE_TAKEN: Final = ChargeResult(
+    outcome=Outcome.PROVIDER_ERROR,
+    retryable=False,
+    decline_code="cycle_taken",
+    reason="another attempt for this subscription cycle is in flight, unknown or succeeded",
+)
+
+
+async def _refuse_taken_cycles(cursor: Cursor, rows: Sequence[tuple[int, AttemptRequest]]) -> None:
+    """Never sent, never will be: these attempts end failed, in the claim's own commit."""
+    ids = [attempt_id for attempt_id, _ in rows]
+    await cursor.execute(
+        "UPDATE attempts SET state = 'failed', outcome = %s, decline_code = %s, reason = %s, "  # noqa: S608
+        f"finished_at = NOW(6) WHERE id IN ({placeholders(len(ids))}) AND state = 'queued'",
+        (CYCLE_TAKEN.outcome.value, CYCLE_TAKEN.decline_code, CYCLE_TAKEN.reason, *ids),
+    )
+    occurred_at = now_iso()
+    await insert_outbox(
+        cursor,
+        (
+            payment_event(
+                attempt_id=attempt_id,
+                request=request,
+                state=AttemptState.FAILED,
+                result=CYCLE_TAKEN,
+                occurred_at=occurred_at,
+            )
+            for attempt_id, request in rows
+        ),
+    )
+
+
+async def _mark_in_flight(
+    cursor: Cursor,
+    claimable: dict[str, int],
+    outcome: ClaimOutcome,
+    *,
+    claimed_by: str,
+    lease_s: float,
+) -> None:
+    statement = (
+        "UPDATE attempts SET state = 'in_flight', claimed_by = %s, claimed_at = NOW(6), "
+        "recheck_at = NOW(6) + INTERVAL %s MICROSECOND "
+        "WHERE id IN ({}) AND state = 'queued'"
+    )
+    lease_us = int(lease_s * 1_000_000)
+    ids = list(claimable.values())
+    try:
+        await cursor.execute(statement.format(placeholders(len(ids))), (claimed_by, lease_us, *ids))
+    except pymysql.err.IntegrityError as error:
+        if error.args[0] != _ER_DUP_ENTRY:
+            raise
+    else:
+        outcome.claimed.update(claimable)
+        return
+    # Some (subscription, cycle) in the batch is already held by another attempt.
+    # InnoDB rolled back only the statement: claim row by row to find which.
+    for key, attempt_id in claimable.items():
+        try:
+            await cursor.execute(statement.format("%s"), (claimed_by, lease_us, attempt_id))
+            outcome.claimed[key] = attempt_id
+        except pymysql.err.IntegrityError as error:
+            if error.args[0] != _ER_DUP_ENTRY:
+                raise
+            outcome.cycle_taken.add(key)
+
+
+def _union_rows(rows: Sequence[tuple[Any, ...]], names: Sequence[str]) -> tuple[str, list[Any]]:
+    """A derived table of literal rows that both MySQL 8 and MariaDB accept."""
+    first = "SELECT " + ", ".join(f"%s AS {name}" for name in names)
+    rest = " UNION ALL SELECT " + ", ".join(["%s"] * len(names))
+    sql = first + rest * (len(rows) - 1)
+    return sql, [value for row in rows for value in row]
+
+
+async def record_outcomes(
+    pool: aiomysql.Pool, records: Sequence[Record], *, unknown_recheck_s: float
+) -> RecordOutcome:
+    """Write results, releases, subscription changes and events in one commit."""
+    result = RecordOutcome()
+    async with transaction(pool) as cursor:
+        await write_outcomes(cursor, records, result, unknown_recheck_s=unknown_recheck_s)
+    return result
+
+
+async def write_outcomes(
+    cursor: Cursor, records: Sequence[Record], into: RecordOutcome, *, unknown_recheck_s: float
+) -> None:
+    ids = [record.attempt_id for record in records]
+    await cursor.execute(
+        f"SELECT id, state FROM attempts WHERE id IN ({placeholders(len(ids))}) FOR UPDATE",  # noqa: S608
+        ids,
+    )
+    current = {attempt_id: AttemptState(state) for attempt_id, state in await cursor.fetchall()}
+
+    updates: list[tuple[Any, ...]] = []
+    events: list[OutboxRow] = []
+    paid: list[tuple[int, int]] = []
+    occurred_at = now_iso()
+    recheck_us = int(unknown_recheck_s * 1_000_000)
+    for record in records:
+        state_now = current.get(record.attempt_id)
+        if record.result is None:
+            # A release: never sent (drain, or its lease ran short). Back to the queue.
+            if state_now is not AttemptState.IN_FLIGHT:
+                into.skipped.append(record)
+                continue
+            updates.append((record.attempt_id, "queued", None, None, None, None, None, record.tries))
+            into.applied.append(record)
+            continue
+        new_state = STATE_OF_OUTCOME[record.result.outcome]
+        settled = state_now is None or state_now in TERMINAL_STATES or state_now is AttemptState.QUEUED
+        if settled or (new_state is AttemptState.UNKNOWN and state_now is AttemptState.UNKNOWN):
+            into.skipped.append(record)
+            continue
+        r = record.result
+        updates.append(
+            (
+                record.attempt_id,
+                new_state.value,
+                r.outcome.value,
+                r.decline_code,
+                r.provider_ref,
+                (r.reason or "")[:255] or None,
+                recheck_us if new_state is AttemptState.UNKNOWN else None,
+                record.tries,
+            )
+        )
+        events.append(
+            payment_event(
+                attempt_id=record.attempt_id,
+                request=record.request,
+                state=new_state,
+                result=r,
+                occurred_at=occurred_at,
+            )
+        )
+        if new_state is AttemptState.SUCCEEDED and record.request.subscription_id is not None:
+            paid.append((record.request.subscription_id, record.request.cycle or 0))
+        into.applied.append(record)
+
+    if updates:
+        derived, params = _union_rows(
+            updates,
+            ("id", "state", "outcome", "decline_code", "provider_ref", "reason", "recheck_us", "tries"),
+        )
+        await cursor.execute(
+            f"UPDATE attempts a JOIN ({derived}) v ON a.id = v.id SET "  # noqa: S608
+            "a.state = v.state, a.outcome = v.outcome, a.decline_code = v.decline_code, "
+            "a.provider_ref = v.provider_ref, a.reason = v.reason, "
+            "a.recheck_at = IF(v.recheck_us IS NULL, NULL, NOW(6) + INTERVAL v.recheck_us MICROSECOND), "
+            "a.finished_at = IF(v.state IN ('succeeded', 'declined', 'failed'), NOW(6), NULL), "
+            "a.claimed_by = IF(v.state = 'queued', NULL, a.claimed_by), a.tries = a.tries + v.tries",
+            params,
+        )
+    if paid:
+        derived, params = _union_rows(paid, ("id", "cycle"))
+        await cursor.execute(
+            f"UPDATE subscriptions s JOIN ({derived}) v ON s.id = v.id "  # noqa: S608
+            "SET s.paid_cycle = GREATEST(s.paid_cycle, v.cycle)",
+            params,
+        )
+    await insert_outbox(cursor, events)
+
+
+async def insert_outbox(cursor: Cursor, rows: Iterable[OutboxRow]) -> None:
+    values = [(row.event_id, row.target, row.routing_key, row.payload) for row in rows]
+    if values:
+        await cursor.execute(
+            "INSERT INTO outbox (event_id, target, routing_key, payload) VALUES "  # noqa: S608
+            + placeholders(len(values), 4),
+            [value for row in values for value in row],
+        )
+
+
+async def expire_leases(pool: aiomysql.Pool, *, limit: int) -> list[int]:
+    """In_flight rows whose claimer stopped renewing become unknown: they may have been sent."""
+    reason = "lease expired: the instance that claimed it stopped"
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            f"SELECT id, {_REQUEST_COLUMNS} FROM attempts "  # noqa: S608
+            "WHERE state = 'in_flight' AND recheck_at < NOW(6) "
+            "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (limit,),
+        )
+        rows = await cursor.fetchall()
+        if not rows:
+            return []
+        ids = [row[0] for row in rows]
+        await cursor.execute(
+            "UPDATE attempts SET state = 'unknown', outcome = 'unknown', reason = %s, "  # noqa: S608
+            f"recheck_at = NOW(6) WHERE id IN ({placeholders(len(ids))})",
+            (reason, *ids),
+        )
+        unknown = ChargeResult(outcome=Outcome.UNKNOWN, reason=reason)
+        occurred_at = now_iso()
+        await insert_outbox(
+            cursor,
+            (
+                payment_event(
+                    attempt_id=row[0],
+                    request=request_from_row(row[1:]),
+                    state=AttemptState.UNKNOWN,
+                    result=unknown,
+                    occurred_at=occurred_at,
+                )
+                for row in rows
+            ),
+        )
+    return ids
+
+
+class DueUnknown(msgspec.Struct, frozen=True, kw_only=True):
+    attempt_id: int
+    request: AttemptRequest
+    reconcile_tries: int
+    seconds_since_claim: float
+
+
+async def take_due_unknown(
+    pool: aiomysql.Pool, *, limit: int, backoff_s: Sequence[float]
+) -> list[DueUnknown]:
+    """Unknown attempts due a lookup, pushed back by their next backoff so no one else takes them."""
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            f"SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), {_REQUEST_COLUMNS} "  # noqa: S608
+            "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) "
+            "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (limit,),
+        )
+        rows = await cursor.fetchall()
+        by_wait: dict[int, list[int]] = {}
+        for attempt_id, tries, _age, *_ in rows:
+            wait_us = int(backoff_s[min(tries, len(backoff_s) - 1)] * 1_000_000)
+            by_wait.setdefault(wait_us, []).append(attempt_id)
+        for wait_us, ids in by_wait.items():
+            await cursor.execute(
+                "UPDATE attempts SET reconcile_tries = reconcile_tries + 1, "  # noqa: S608
+                "recheck_at = NOW(6) + INTERVAL %s MICROSECOND "
+                f"WHERE id IN ({placeholders(len(ids))})",
+                (wait_us, *ids),
+            )
+    return [
+        DueUnknown(
+            attempt_id=row[0],
+            reconcile_tries=row[1],
+            seconds_since_claim=(row[2] or 0) / 1_000_000,
+            request=request_from_row(row[3:]),
+        )
+        for row in rows
+    ]
+
+
+async def count_by_state(pool: aiomysql.Pool) -> dict[str, int]:
+    """For /status and tests: a small aggregate, served by the state index."""
+    async with transaction(pool) as cursor:
+        await cursor.execute("SELECT state, COUNT(*) FROM attempts GROUP BY state")
+        return {state: count for state, count in await cursor.fetchall()}
