@@ -20,6 +20,7 @@ from daemon.broker import BROKER_ERRORS, Broker
 from daemon.config import Config
 from daemon.control import ControlState, start_control
 from daemon.metrics import Metrics
+from daemon.notify import SystemdNotifier
 from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
 from daemon.pipeline.execute import Lane
 from daemon.pipeline.limiter import ProviderLimiter
@@ -89,8 +90,12 @@ async def serve(
     instance_id = config.instance_id
     structlog.contextvars.bind_contextvars(instance=instance_id)
     metrics = Metrics()
+    notifier = SystemdNotifier()
 
     async with AsyncExitStack() as stack:
+        stack.callback(notifier.close)
+        watchdog = asyncio.create_task(notifier.watchdog_loop(), name="systemd-watchdog")
+        stack.push_async_callback(_cancel, [watchdog])
         pool = await _with_retries(
             "mysql",
             lambda: open_pool(config.mysql, load_secret("mysql_password")),
@@ -160,11 +165,13 @@ async def serve(
             queue=broker.topology.attempts_queue,
             control=f"http://{config.http.host}:{config.http.port}",
         )
+        notifier.ready()
         on_ready()
 
         await shutdown.wait()
         deadline = time.monotonic() + config.daemon.drain_timeout_s
         log.info("daemon.draining", drain_timeout_s=config.daemon.drain_timeout_s)
+        notifier.stopping(config.daemon.drain_timeout_s)
         await _cancel(duties[1:])  # reconciliation and probing stop; the broker link stays
         await pipeline.drain(deadline, force)
         if not force.is_set():

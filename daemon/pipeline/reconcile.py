@@ -5,20 +5,24 @@ with SKIP LOCKED and pushed back by their next backoff before any lookup):
 - in_flight attempts whose lease ran out (their instance died) become unknown;
 - unknown attempts due a lookup are looked up, with the same idempotency key or
   reference, through the provider's limiter; a definitive answer is recorded.
+  When the provider has no record of it and honours idempotency keys, it is
+  sent again under the same key (the provider cannot charge it twice);
+  otherwise it becomes failed (``not_received``) after ``not_found_grace_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import aiomysql
 import structlog
 
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
-from daemon.models import ChargeResult, Outcome
+from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.attempts import DB_ERRORS
 from daemon.pipeline.execute import Lane
 from daemon.storage.attempts import (
@@ -30,6 +34,7 @@ from daemon.storage.attempts import (
 )
 
 log = structlog.get_logger("payd.reconcile")
+T = TypeVar("T")
 
 NOT_RECEIVED = ChargeResult(
     outcome=Outcome.PROVIDER_ERROR,
@@ -114,23 +119,54 @@ class Reconciler:
         if not (capabilities.lookup_by_key or capabilities.lookup_by_reference):
             self._metrics.reconciled.labels("no_lookup").inc()
             return None  # stays unknown, visible to operators
-        if not await lane.limiter.acquire():
-            return None
-        try:
-            found = await lane.provider.lookup(item.request)
-        finally:
-            lane.limiter.release()
+        found = await self._call(lane, lane.provider.lookup, item.request)
         if found is None:
             self._metrics.reconciled.labels("lookup_failed").inc()
             return None
-        if not found.found:
-            if item.seconds_since_claim < self._settings.not_found_grace_s:
-                self._metrics.reconciled.labels("not_found_yet").inc()
+        if found.found:
+            if found.result is None or found.result.outcome is Outcome.UNKNOWN:
+                self._metrics.reconciled.labels("still_unknown").inc()
                 return None
-            self._metrics.reconciled.labels("not_received").inc()
-            return NOT_RECEIVED
-        if found.result is None or found.result.outcome is Outcome.UNKNOWN:
-            self._metrics.reconciled.labels("still_unknown").inc()
+            self._metrics.reconciled.labels(found.result.outcome.value).inc()
+            return found.result
+        if self._may_resend(lane, item):
+            return await self._resend(lane, item)
+        if item.seconds_since_claim < self._settings.not_found_grace_s:
+            self._metrics.reconciled.labels("not_found_yet").inc()
             return None
-        self._metrics.reconciled.labels(found.result.outcome.value).inc()
-        return found.result
+        self._metrics.reconciled.labels("not_received").inc()
+        return NOT_RECEIVED
+
+    @staticmethod
+    def _may_resend(lane: Lane, item: DueUnknown) -> bool:
+        """Sending again is safe only under the same key, while the provider still remembers it."""
+        capabilities = lane.provider.capabilities
+        if not capabilities.honours_idempotency_key:
+            return False
+        ttl = capabilities.idempotency_key_ttl_s
+        return ttl is None or item.seconds_since_claim < ttl * 0.9
+
+    async def _resend(self, lane: Lane, item: DueUnknown) -> ChargeResult | None:
+        """The provider has no record: send it again with the same idempotency key.
+
+        If the first request is still on its way, the provider answers both
+        with one charge (or a conflict, which keeps the attempt unknown).
+        """
+        result = await self._call(lane, lane.provider.charge, item.request)
+        if result is None or result.outcome is Outcome.UNKNOWN or result.outcome in CHARGED_NOTHING:
+            self._metrics.reconciled.labels("resent_unsettled").inc()
+            return None
+        self._metrics.reconciled.labels("resent").inc()
+        return result
+
+    @staticmethod
+    async def _call(
+        lane: Lane, call: Callable[[AttemptRequest], Awaitable[T]], request: AttemptRequest
+    ) -> T | None:
+        """One provider call within the provider's in-flight limit; None if the limiter closed."""
+        if not await lane.limiter.acquire():
+            return None
+        try:
+            return await call(request)
+        finally:
+            lane.limiter.release()

@@ -1,0 +1,168 @@
+"""The pipeline end to end, in-process, against MariaDB, RabbitMQ and the sandbox over HTTP."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import aiomysql
+
+from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
+
+TOKENS = ["pm_ok"] * 6 + ["pm_insufficient_funds", "pm_stolen", "pm_error", "pm_rate_limited", "pm_random"]
+
+INVALID = [
+    (b"{not json", "not a JSON object"),
+    (json.dumps({"idempotency_key": "x"}).encode(), "invalid request"),
+    (json.dumps(request("bad key!")).encode(), "idempotency_key"),
+    (json.dumps(request("neg", amount_minor=-5)).encode(), "amount_minor"),
+    (json.dumps({**request("cur"), "currency": "eur"}).encode(), "currency"),
+    (json.dumps({**request("prov"), "provider": "nope"}).encode(), "unknown provider"),
+    (json.dumps(request("pan", payment_method="4242 4242 4242 4242")).encode(), "card number"),
+    (json.dumps({**request("half"), "subscription_id": 5}).encode(), "subscription_id and cycle"),
+    (b"[]", "invalid request"),
+]
+
+
+async def test_burst_with_duplicates_and_invalid_messages(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Every valid request ends terminal exactly once; every invalid one is dead-lettered with
+    its reason; redeliveries change nothing; the gateway charged no key or cycle twice."""
+    rng = random.Random(7)
+    valid = [
+        request(f"burst-{i}", payment_method=rng.choice(TOKENS), subscription_id=10_000 + i)
+        for i in range(300)
+    ]
+    duplicates = rng.sample(valid, 80)
+    await broker.follow_events()
+    async with daemons.in_process(rabbitmq={"prefetch": 100}):
+        await broker.publish([*valid[:150], *duplicates, *(body for body, _ in INVALID), *valid[150:]])
+        await broker.publish(duplicates)
+        settled = await wait_settled(db, [r["idempotency_key"] for r in valid])
+
+        async def events_out() -> bool:
+            return len(broker.events) >= len(valid)
+
+        await eventually(events_out, timeout=20, what="an event per attempt")
+
+    assert len(settled) == 300
+    rows = await query(db, "SELECT COUNT(*) FROM attempts")
+    assert rows[0][0] == 300, "one attempt row per idempotency key"
+    assert {state for state in settled.values()} >= {"succeeded", "declined", "failed"}
+
+    dead = await broker.dead_letters()
+    assert len(dead) == len(INVALID)
+    reasons = sorted(headers["x-payd-error"] for _, headers in dead)
+    for body, expected in INVALID:
+        match = [h["x-payd-error"] for b, h in dead if b == body]
+        assert match and expected in match[0], (body, match)
+    assert all("4242" not in reason for reason in reasons), "a card number leaked into a reason"
+
+    approved = await sandbox.assert_no_double_charge()
+    succeeded = {key for key, state in settled.items() if state == "succeeded"}
+    assert {c["idempotency_key"] for c in approved} == succeeded
+
+    by_key: dict[str, list[str]] = {}
+    for event in broker.events:
+        by_key.setdefault(event["idempotency_key"], []).append(event["type"])
+    for key, state in settled.items():
+        assert f"payment.{state}" in by_key[key], key
+    assert await query(db, "SELECT COUNT(*) FROM outbox") == [(0,)], "the outbox drained"
+
+
+async def test_timeout_is_unknown_then_reconciled_to_one_charge(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """pm_timeout charges but answers too late: the attempt becomes unknown, is looked up (not
+    re-sent), and ends succeeded with exactly one charge at the gateway."""
+    await sandbox.behave(hang_s=5)
+    await broker.follow_events()
+    async with daemons.in_process(providers__sandbox={"timeout_s": 0.5}):
+        await broker.publish([request("slow-1", payment_method="pm_timeout", subscription_id=42)])
+        settled = await wait_settled(db, ["slow-1"], timeout=30)
+
+        async def both_events() -> bool:
+            return len(broker.events) >= 2
+
+        await eventually(both_events, timeout=10, what="unknown and succeeded events")
+
+    assert settled == {"slow-1": "succeeded"}
+    assert [e["type"] for e in broker.events] == ["payment.unknown", "payment.succeeded"]
+    ledger = await sandbox.ledger()
+    assert [c["idempotency_key"] for c in ledger] == ["slow-1"], "charged exactly once"
+    stats = await sandbox.stats()
+    assert stats["lookups"] >= 1, "the outcome came from a lookup"
+    assert stats["requests"] == 1, "the charge was never sent again"
+    (reconcile_tries,) = (await query(db, "SELECT reconcile_tries FROM attempts"))[0]
+    assert reconcile_tries >= 1
+
+
+async def test_provider_limit_is_never_exceeded(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Invariant 4: the gateway never sees more concurrent calls than max_in_flight, even with
+    hundreds of attempts claimed at once (and the limit is actually reached)."""
+    await sandbox.behave(latency_ms=40)
+    async with daemons.in_process(providers__sandbox={"max_in_flight": 7}, rabbitmq={"prefetch": 400}):
+        await broker.publish(request(f"lim-{i}") for i in range(300))
+        await wait_settled(db, [f"lim-{i}" for i in range(300)])
+    stats = await sandbox.stats()
+    assert stats["accounts"]["sandbox"]["peak_in_flight"] == 7
+    assert stats["approved"] == 300
+
+
+async def test_rate_limited_and_errors_retry_with_the_same_key_then_fail(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A 429 or a 500 charged nothing: payd tries again (same key) up to max_tries, then the
+    attempt fails cleanly, never as a decline, with nothing charged."""
+    await sandbox.behave(retry_after_s=0)
+    async with daemons.in_process(providers__sandbox={"max_tries": 3}):
+        await broker.publish(
+            [request("rl", payment_method="pm_rate_limited"), request("er", payment_method="pm_error")]
+        )
+        settled = await wait_settled(db, ["rl", "er"])
+    assert settled == {"rl": "failed", "er": "failed"}
+    rows = dict(await query(db, "SELECT idempotency_key, CONCAT(outcome, '/', tries) FROM attempts"))
+    assert rows == {"rl": "rate_limited/3", "er": "provider_error/3"}
+    assert await sandbox.ledger() == []
+
+
+async def test_second_attempt_for_a_paid_cycle_is_refused_by_the_database(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Two different keys for one (subscription, cycle): only one may be in flight or succeed;
+    the other fails with cycle_taken without reaching the gateway."""
+    async with daemons.in_process():
+        await broker.publish([request("cyc-a", subscription_id=77, cycle=3)])
+        await wait_settled(db, ["cyc-a"])
+        await broker.publish([request("cyc-b", subscription_id=77, cycle=3)])
+        settled = await wait_settled(db, ["cyc-b"])
+    assert settled == {"cyc-b": "failed"}
+    (code,) = (await query(db, "SELECT decline_code FROM attempts WHERE idempotency_key = 'cyc-b'"))[0]
+    assert code == "cycle_taken"
+    assert [c["idempotency_key"] for c in await sandbox.ledger()] == ["cyc-a"]
+
+
+async def test_reused_key_with_other_parameters_is_dead_lettered(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A sender bug (one key, two amounts) must not charge the second amount."""
+    async with daemons.in_process():
+        await broker.publish([request("reuse", amount_minor=100)])
+        await wait_settled(db, ["reuse"])
+        await broker.publish([request("reuse", amount_minor=999)])
+
+        async def dead_lettered() -> bool:
+            return bool(await broker.dead_letters()) or False
+
+        dead: list[tuple[bytes, dict[str, object]]] = []
+
+        async def collect() -> bool:
+            dead.extend(await broker.dead_letters())
+            return bool(dead)
+
+        await eventually(collect, timeout=10, what="the dead letter")
+    assert "different parameters" in str(dead[0][1]["x-payd-error"])
+    assert [c["amount_minor"] for c in await sandbox.ledger()] == [100]
