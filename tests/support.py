@@ -33,8 +33,9 @@ from daemon.service import serve
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYD = str(Path(sys.executable).with_name("payd"))
-NAMESPACE = "payd_test"
-DATABASE = "payd_test"
+# Overridable so that several checkouts can run the suite at once against shared services.
+NAMESPACE = os.environ.get("PAYD_TEST_NAMESPACE", "payd_test")
+DATABASE = os.environ.get("PAYD_TEST_DATABASE", "payd_test")
 TERMINAL = ("succeeded", "declined", "failed")
 
 

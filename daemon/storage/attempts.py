@@ -24,7 +24,8 @@ from daemon.models import (
     ChargeResult,
     Outcome,
 )
-from daemon.storage.db import Cursor, placeholders, transaction
+from daemon.storage.db import Cursor, placeholders, transaction, union_rows
+from daemon.subscriptions.effects import apply_subscription_effects
 
 _ER_DUP_ENTRY: Final = 1062
 _encode_metadata = msgspec.json.Encoder().encode
@@ -212,14 +213,6 @@ async def _mark_in_flight(
             outcome.cycle_taken.add(key)
 
 
-def _union_rows(rows: Sequence[tuple[Any, ...]], names: Sequence[str]) -> tuple[str, list[Any]]:
-    """A derived table of literal rows that both MySQL 8 and MariaDB accept."""
-    first = "SELECT " + ", ".join(f"%s AS {name}" for name in names)
-    rest = " UNION ALL SELECT " + ", ".join(["%s"] * len(names))
-    sql = first + rest * (len(rows) - 1)
-    return sql, [value for row in rows for value in row]
-
-
 async def record_outcomes(
     pool: aiomysql.Pool, records: Sequence[Record], *, unknown_recheck_s: float
 ) -> RecordOutcome:
@@ -242,7 +235,7 @@ async def write_outcomes(
 
     updates: list[tuple[Any, ...]] = []
     events: list[OutboxRow] = []
-    paid: list[tuple[int, int]] = []
+    changes: list[tuple[AttemptRequest, AttemptState, ChargeResult]] = []
     occurred_at = now_iso()
     recheck_us = int(unknown_recheck_s * 1_000_000)
     for record in records:
@@ -282,12 +275,11 @@ async def write_outcomes(
                 occurred_at=occurred_at,
             )
         )
-        if new_state is AttemptState.SUCCEEDED and record.request.subscription_id is not None:
-            paid.append((record.request.subscription_id, record.request.cycle or 0))
+        changes.append((record.request, new_state, r))
         into.applied.append(record)
 
     if updates:
-        derived, params = _union_rows(
+        derived, params = union_rows(
             updates,
             ("id", "state", "outcome", "decline_code", "provider_ref", "reason", "recheck_us", "tries"),
         )
@@ -300,13 +292,8 @@ async def write_outcomes(
             "a.claimed_by = IF(v.state = 'queued', NULL, a.claimed_by), a.tries = a.tries + v.tries",
             params,
         )
-    if paid:
-        derived, params = _union_rows(paid, ("id", "cycle"))
-        await cursor.execute(
-            f"UPDATE subscriptions s JOIN ({derived}) v ON s.id = v.id "  # noqa: S608
-            "SET s.paid_cycle = GREATEST(s.paid_cycle, v.cycle)",
-            params,
-        )
+    if changes:
+        await apply_subscription_effects(cursor, changes, occurred_at=occurred_at)
     await insert_outbox(cursor, events)
 
 

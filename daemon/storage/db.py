@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -75,3 +75,11 @@ def placeholders(count: int, width: int = 1) -> str:
         return ", ".join(["%s"] * count)
     row = "(" + ", ".join(["%s"] * width) + ")"
     return ", ".join([row] * count)
+
+
+def union_rows(rows: Sequence[tuple[Any, ...]], names: Sequence[str]) -> tuple[str, list[Any]]:
+    """A derived table of literal rows that both MySQL 8 and MariaDB accept."""
+    first = "SELECT " + ", ".join(f"%s AS {name}" for name in names)
+    rest = " UNION ALL SELECT " + ", ".join(["%s"] * len(names))
+    sql = first + rest * (len(rows) - 1)
+    return sql, [value for row in rows for value in row]

@@ -547,6 +547,9 @@ def build_app(behaviour: SandboxBehaviour) -> web.Application:
             web.post("/_sandbox/behaviour", _post_behaviour),
         ]
     )
+    from daemon.providers.sandbox.dialects import add_dialect_routes  # noqa: PLC0415 (dialects import us)
+
+    add_dialect_routes(app)
     return app
 
 

@@ -1,0 +1,1 @@
+"""Subscriptions: their lifecycle as attempt outcomes drive it, renewals and dunning."""
