@@ -39,6 +39,18 @@ class DaemonSettings(Section, frozen=True):
     log_format: Literal["json", "console"] = "json"
 
 
+class GelfSettings(Section, frozen=True):
+    """Logs to Graylog as GELF, besides stdout; off unless ``host`` is set."""
+
+    host: str = ""
+    port: Port = 12201
+    protocol: Literal["udp", "tcp", "tls"] = "udp"
+    tls_ca_file: str = ""
+    """CA bundle to verify the Graylog server with ``protocol = "tls"``; empty uses the system's."""
+    queue_size: Annotated[int, msgspec.Meta(ge=100)] = 10000
+    """Log records buffered for the sender thread; when full, records are dropped and counted."""
+
+
 class MySQLSettings(Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 3306
@@ -103,6 +115,7 @@ class ProviderConfig(Section, frozen=True):
 
 class _RawConfig(Section, frozen=True):
     daemon: DaemonSettings = DaemonSettings()
+    gelf: GelfSettings = GelfSettings()
     mysql: MySQLSettings = MySQLSettings()
     rabbitmq: RabbitMQSettings = RabbitMQSettings()
     redis: RedisSettings = RedisSettings()
@@ -114,6 +127,7 @@ class _RawConfig(Section, frozen=True):
 
 class Config(Section, frozen=True):
     daemon: DaemonSettings
+    gelf: GelfSettings
     mysql: MySQLSettings
     rabbitmq: RabbitMQSettings
     redis: RedisSettings
@@ -178,6 +192,7 @@ def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
         )
     return Config(
         daemon=raw.daemon,
+        gelf=raw.gelf,
         mysql=raw.mysql,
         rabbitmq=raw.rabbitmq,
         redis=raw.redis,
