@@ -17,7 +17,8 @@ RUN_DIR="$PAYD_ROOT/.run"
 MYSQL_HOST=127.0.0.1
 MYSQL_PORT=3306
 MYSQL_USER=payd
-MYSQL_DATABASES=(payd payd_test)
+# payd: the daemon; payd_test: the test suite; payd_bench: load/ benchmarks.
+MYSQL_DATABASES=(payd payd_test payd_bench)
 RABBITMQ_HOST=127.0.0.1
 RABBITMQ_PORT=5672
 RABBITMQ_USER=payd
@@ -332,7 +333,7 @@ mysql_as_payd() {
         --batch --skip-column-names -e "$1"
 }
 
-# ensure_mysql : databases payd and payd_test, user payd@localhost and
+# ensure_mysql : the databases in MYSQL_DATABASES, user payd@localhost and
 # payd@127.0.0.1 with the password from .secrets/mysql_password and all
 # privileges on both databases. Uses the local root account (unix socket)
 # only when the payd user cannot already reach both databases.
@@ -363,10 +364,10 @@ ensure_mysql() {
     if ! printf '%s' "$sql" | as_root "$MYSQL_CLIENT" -uroot; then
         die "could not set up MySQL as root through the local socket ($MYSQL_CLIENT -uroot)" \
             "if your root account needs a password, run these statements yourself as an admin:" \
-            "  CREATE DATABASE IF NOT EXISTS payd; CREATE DATABASE IF NOT EXISTS payd_test;" \
+            "  CREATE DATABASE IF NOT EXISTS <each of: ${MYSQL_DATABASES[*]}>;" \
             "  CREATE USER 'payd'@'localhost' IDENTIFIED BY '<contents of .secrets/mysql_password>';" \
             "  CREATE USER 'payd'@'127.0.0.1' IDENTIFIED BY '<same>';" \
-            "  GRANT ALL ON payd.* / payd_test.* TO both users;  then re-run"
+            "  GRANT ALL ON <each database>.* TO both users;  then re-run"
     fi
     mysql_as_payd "$probe" >/dev/null \
         || die "MySQL user $MYSQL_USER still cannot reach ${MYSQL_DATABASES[*]} over TCP $MYSQL_HOST:$MYSQL_PORT" \
