@@ -109,8 +109,24 @@ class ProviderConfig(Section, frozen=True):
     timeout_s: PositiveFloat = 10.0
     connect_timeout_s: PositiveFloat = 2.0
     max_tries: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
-    """Tries per attempt for failures that charged nothing (rate limited, provider error)."""
+    """Tries per attempt for provider errors that charged nothing."""
     retry_backoff_s: PositiveFloat = 0.5
+    max_rate_limited_tries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    """Tries per attempt answered 429; each waits the provider's Retry-After (the whole lane pauses)."""
+    rate_per_s: PositiveFloat | None = None
+    """Calls per second this instance may start; unset: no local rate limit."""
+    fleet_rate_per_s: PositiveFloat | None = None
+    """Calls per second all instances together may start, enforced through Redis."""
+    fallback_rate_per_s: PositiveFloat | None = None
+    """Per-instance rate while Redis is unreachable; default a quarter of fleet_rate_per_s."""
+    burst: PositiveFloat | None = None
+    """Calls that may start at once after a quiet spell; default one second's worth of rate."""
+    breaker_failure_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    breaker_min_calls: Annotated[int, msgspec.Meta(ge=1)] = 20
+    breaker_window_s: PositiveFloat = 10.0
+    breaker_open_s: PositiveFloat = 5.0
+    breaker_max_open_s: PositiveFloat = 60.0
+    breaker_probes: Annotated[int, msgspec.Meta(ge=1)] = 3
 
 
 class _RawConfig(Section, frozen=True):

@@ -61,6 +61,9 @@ class ControlState:
                     "in_flight": lane.limiter.in_flight,
                     "waiting": lane.limiter.waiting,
                     "peak_in_flight": lane.limiter.peak,
+                    "breaker": lane.breaker.state.name.lower(),
+                    "breaker_trips": lane.breaker.trips,
+                    "paused_for_s": round(max(0.0, lane.paused_until - time.monotonic()), 3),
                 }
                 for name, lane in lanes.items()
             },
@@ -83,6 +86,8 @@ def build_control_app(state: ControlState) -> web.Application:
         for name, lane in state.pipeline.lanes.items():
             state.metrics.limit.labels(name).set(lane.limiter.limit)
             state.metrics.waiting.labels(name).set(lane.limiter.waiting)
+            state.metrics.breaker_state.labels(name).set(int(lane.breaker.state))
+            state.metrics.breaker_trips.labels(name).set(lane.breaker.trips)
         state.metrics.draining.set(1 if state.pipeline.stopping.is_set() else 0)
         state.metrics.broker_connected.set(1 if state.broker.connected.is_set() else 0)
         body = await asyncio.to_thread(state.metrics.render)

@@ -42,6 +42,21 @@ class Metrics:
             ["provider"],
             registry=r,
         )
+        self.rate_limited = Counter(
+            "payd_provider_rate_limited",
+            "429 answers; each pauses the provider's lane",
+            ["provider"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "payd_provider_breaker_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open",
+            ["provider"],
+            registry=r,
+        )
+        self.breaker_trips = Gauge(
+            "payd_provider_breaker_trips", "Times the breaker opened since start", ["provider"], registry=r
+        )
         self.messages = Counter(
             "payd_messages", "Broker deliveries by what became of them", ["result"], registry=r
         )

@@ -14,6 +14,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import aiomysql
+import redis.asyncio as aioredis
 import structlog
 
 from daemon.broker import BROKER_ERRORS, Broker
@@ -22,12 +23,13 @@ from daemon.control import ControlState, start_control
 from daemon.metrics import Metrics
 from daemon.notify import SystemdNotifier
 from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
-from daemon.pipeline.execute import Lane
+from daemon.pipeline.execute import Lane, breaker_for
 from daemon.pipeline.limiter import ProviderLimiter
+from daemon.pipeline.ratelimit import rate_limit_for
 from daemon.pipeline.reconcile import Reconciler
 from daemon.pipeline.relay import OutboxRelay
 from daemon.providers.registry import create_provider
-from daemon.secrets import load_secret
+from daemon.secrets import Secret, load_secret
 from daemon.storage.db import close_pool, open_pool, transaction
 
 log = structlog.get_logger("payd")
@@ -48,6 +50,10 @@ async def _with_retries(what: str, action: Callable[[], Awaitable[Any]], give_up
             log.warning("startup.waiting", dependency=what, error=repr(error), retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _reveal(secret: Secret | None) -> str | None:
+    return secret.reveal() if secret else None
 
 
 class DatabaseProbe:
@@ -103,6 +109,8 @@ async def serve(
         )
         stack.push_async_callback(close_pool, pool)
 
+        redis_client = aioredis.from_url(config.redis.url, password=_reveal(load_secret("redis_password")))
+        stack.push_async_callback(redis_client.aclose)
         lanes: dict[str, Lane] = {}
         for name, provider_config in config.providers.items():
             provider = create_provider(name, provider_config)
@@ -112,6 +120,8 @@ async def serve(
                 provider=provider,
                 config=provider_config,
                 limiter=ProviderLimiter(provider_config.max_in_flight),
+                breaker=breaker_for(provider_config),
+                rate=rate_limit_for(name, provider_config, redis_client),
             )
 
         broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))

@@ -293,6 +293,13 @@ class InProcessDaemon:
             self.task.result()  # raises what went wrong
         assert ready.is_set(), "daemon did not become ready"
 
+    async def status(self) -> dict[str, Any]:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{self.port}/status") as response,
+        ):
+            return dict(await response.json())
+
     async def stop(self) -> int:
         assert self.task is not None
         self.shutdown.set()

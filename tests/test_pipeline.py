@@ -118,7 +118,7 @@ async def test_rate_limited_and_errors_retry_with_the_same_key_then_fail(
     """A 429 or a 500 charged nothing: payd tries again (same key) up to max_tries, then the
     attempt fails cleanly, never as a decline, with nothing charged."""
     await sandbox.behave(retry_after_s=0)
-    async with daemons.in_process(providers__sandbox={"max_tries": 3}):
+    async with daemons.in_process(providers__sandbox={"max_tries": 3, "max_rate_limited_tries": 3}):
         await broker.publish(
             [request("rl", payment_method="pm_rate_limited"), request("er", payment_method="pm_error")]
         )

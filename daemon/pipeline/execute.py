@@ -16,30 +16,89 @@ import msgspec
 from daemon.config import ProviderConfig
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
+from daemon.pipeline.breaker import CircuitBreaker
 from daemon.pipeline.limiter import ProviderLimiter
+from daemon.pipeline.ratelimit import RateLimit, Unlimited
 from daemon.providers.base import Provider
 
 
 class Lane(msgspec.Struct, kw_only=True):
-    """Everything payd holds for one configured provider."""
+    """Everything payd holds for one configured provider, and the protections around it."""
 
     name: str
     provider: Provider
     config: ProviderConfig
     limiter: ProviderLimiter
+    breaker: CircuitBreaker
+    rate: RateLimit = msgspec.field(default_factory=Unlimited)
+    paused_until: float = 0.0
+    """Set by a 429: no call to this provider starts before then (monotonic clock)."""
+
+    def pause(self, seconds: float) -> None:
+        self.paused_until = max(self.paused_until, time.monotonic() + seconds)
+
+
+def breaker_for(config: ProviderConfig) -> CircuitBreaker:
+    return CircuitBreaker(
+        failure_ratio=config.breaker_failure_ratio,
+        min_calls=config.breaker_min_calls,
+        window_s=config.breaker_window_s,
+        open_s=config.breaker_open_s,
+        max_open_s=config.breaker_max_open_s,
+        probes=config.breaker_probes,
+    )
 
 
 class AttemptRun:
     """The mutable progress of one attempt, read by drain to decide its fate."""
 
-    __slots__ = ("calling", "request", "started", "tries")
+    __slots__ = ("calling", "rate_limited", "request", "started", "tries")
 
     def __init__(self, request: AttemptRequest) -> None:
         self.request = request
         self.calling = False
         """True while a request may be on its way to the provider."""
         self.tries = 0
+        self.rate_limited = 0
         self.started = time.monotonic()
+
+
+async def _wait_for_gate(lane: Lane, *, lease_deadline: float, stopping: asyncio.Event) -> bool:
+    """Wait while the lane is paused (429) or its breaker open; False: give the attempt back."""
+    while True:
+        if stopping.is_set():
+            return False
+        now = time.monotonic()
+        if now + lane.config.timeout_s >= lease_deadline:
+            return False
+        if now < lane.paused_until:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), lane.paused_until - now)
+            continue
+        if lane.breaker.try_enter():
+            return True
+        await lane.breaker.wait(at_most_s=lease_deadline - now - lane.config.timeout_s)
+
+
+async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> ChargeResult:
+    """One call, holding a limiter slot the caller acquired; released here."""
+    config = lane.config
+    in_flight = metrics.in_flight.labels(lane.name)
+    in_flight.inc()
+    started = time.monotonic()
+    try:
+        # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
+        async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
+            return await lane.provider.charge(run.request)
+    except TimeoutError:
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason="adapter overran its timeout")
+    except Exception as error:  # an adapter bug must not crash the attempt
+        # It may have failed after sending: only a lookup can say.
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"adapter raised {type(error).__name__}")
+    finally:
+        lane.limiter.release()
+        in_flight.dec()
+        metrics.provider_call_seconds.labels(lane.name).observe(time.monotonic() - started)
 
 
 async def execute(
@@ -52,38 +111,37 @@ async def execute(
 ) -> ChargeResult | None:
     """The attempt's final result, or None if it was never sent and should go back to the queue."""
     config = lane.config
-    call_seconds = metrics.provider_call_seconds.labels(lane.name)
-    in_flight = metrics.in_flight.labels(lane.name)
     while True:
+        # The breaker slot is taken before the limiter's, and given back with the verdict.
+        if not await _wait_for_gate(lane, lease_deadline=lease_deadline, stopping=stopping):
+            return None
+        await lane.rate.take()
         if not await lane.limiter.acquire():
+            lane.breaker.record_abandoned()
             return None
         if time.monotonic() + config.timeout_s >= lease_deadline:
             # Too late to start a call that could outlive our claim.
             lane.limiter.release()
+            lane.breaker.record_abandoned()
             return None
         run.tries += 1
         run.calling = True
-        in_flight.inc()
-        started = time.monotonic()
-        try:
-            # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
-            async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
-                result = await lane.provider.charge(run.request)
-        except TimeoutError:
-            result = ChargeResult(outcome=Outcome.UNKNOWN, reason="adapter overran its timeout")
-        except Exception as error:
-            # It may have failed after sending: only a lookup can say.
-            result = ChargeResult(outcome=Outcome.UNKNOWN, reason=f"adapter raised {type(error).__name__}")
-        finally:
-            lane.limiter.release()
-            in_flight.dec()
-            call_seconds.observe(time.monotonic() - started)
+        result = await _call_provider(lane, run, metrics)
+        lane.breaker.record(result.outcome)
         if result.outcome not in CHARGED_NOTHING:
             return result
         run.calling = False
-        if not result.retryable or run.tries >= config.max_tries:
+        if result.outcome is Outcome.RATE_LIMITED:
+            # The provider is over its quota for everyone: pause the whole lane, not just us.
+            run.rate_limited += 1
+            metrics.rate_limited.labels(lane.name).inc()
+            lane.pause(result.retry_after_s or config.retry_backoff_s)
+            if run.rate_limited >= config.max_rate_limited_tries:
+                return result
+            continue
+        if not result.retryable or run.tries - run.rate_limited >= config.max_tries:
             return result
-        wait = result.retry_after_s or config.retry_backoff_s * 2 ** (run.tries - 1)
+        wait = config.retry_backoff_s * 2 ** (run.tries - 1)
         if time.monotonic() + wait + config.timeout_s >= lease_deadline:
             return result
         with contextlib.suppress(TimeoutError):
