@@ -100,3 +100,41 @@ def test_check_config_never_prints_secret_values(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert secret not in result.stdout + result.stderr
     assert "mysql_password: set (environment PAYD_MYSQL_PASSWORD)" in result.stdout
+
+
+def test_every_configuration_key_is_documented() -> None:
+    """docs/configuration.md must name every key the code accepts, so the docs cannot drift."""
+    import msgspec  # noqa: PLC0415
+
+    from daemon.config import ProviderConfig, _RawConfig  # noqa: PLC0415
+    from daemon.providers.registry import provider_kinds  # noqa: PLC0415
+
+    docs = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    missing = []
+    for section in msgspec.structs.fields(_RawConfig):
+        if section.name == "providers":
+            continue
+        if f"## `[{section.name}]`" not in docs:
+            missing.append(f"[{section.name}]")
+        missing += [
+            f"{section.name}.{key.name}"
+            for key in msgspec.structs.fields(section.type)
+            if f"| `{key.name}` |" not in docs
+        ]
+    provider_types = [ProviderConfig, *(kind.config_type for kind in provider_kinds().values())]
+    for config_type in provider_types:
+        missing += [
+            f"providers.NAME.{key.name}"
+            for key in msgspec.structs.fields(config_type)
+            if f"| `{key.name}` |" not in docs and not _documented_elsewhere(key.name, config_type)
+        ]
+    assert not missing, f"undocumented configuration keys: {sorted(set(missing))}"
+
+
+def _documented_elsewhere(key: str, config_type: type) -> bool:
+    """Provider kinds other than the sandbox document their own keys in docs/providers/KIND.md."""
+    module = config_type.__module__.split(".")
+    if len(module) < 3 or module[2] == "sandbox":
+        return False
+    page = Path(__file__).parent.parent / "docs" / "providers" / f"{module[2]}.md"
+    return page.exists() and f"`{key}`" in page.read_text()
