@@ -76,6 +76,24 @@ def cmd_publish(config: Config, args: argparse.Namespace) -> int:
         return _run(publish_lines(config, read_lines(stream)))
 
 
+def cmd_halt(config: Config, args: argparse.Namespace) -> int:
+    from daemon import operate  # noqa: PLC0415
+
+    return _run(operate.halt(config, provider=args.provider, reason=args.reason))
+
+
+def cmd_resume(config: Config, args: argparse.Namespace) -> int:
+    from daemon import operate  # noqa: PLC0415
+
+    return _run(operate.resume(config, provider=args.provider))
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    from daemon import operate  # noqa: PLC0415
+
+    return _run(operate.status(config, as_json=args.json))
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from daemon.providers.sandbox import gateway  # noqa: PLC0415
 
@@ -115,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     publish = add("publish", cmd_publish, "publish attempt requests from JSON lines (FILE or - for stdin)")
     publish.add_argument("file", metavar="FILE|-")
     publish.add_argument("--check", action="store_true", help="validate the lines locally; publish nothing")
+    halt = add("halt", cmd_halt, "emergency stop: no instance starts a new provider call (fleet-wide)")
+    halt.add_argument("--provider", help="halt only this provider (default: all)")
+    halt.add_argument("--reason", default="halted by an operator", help="recorded with the halt")
+    resume = add("resume", cmd_resume, "lift a halt (global, or one provider's)")
+    resume.add_argument("--provider", help="resume only this provider's halt (default: the global one)")
+    status = add("status", cmd_status, "show the running instance's status (from its control endpoint)")
+    status.add_argument("--json", action="store_true", help="the raw JSON snapshot")
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)
     from daemon.providers.sandbox import gateway  # noqa: PLC0415

@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import hmac
 import time
 from collections.abc import Callable
 from typing import Any
 
+import msgspec
+import redis.asyncio as aioredis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon.broker import Broker
+from daemon.halt import HaltState, clear_halt, set_halt
 from daemon.metrics import Metrics
 from daemon.pipeline.attempts import AttemptPipeline
+from daemon.secrets import Secret
 
 
 class ControlState:
@@ -26,12 +31,18 @@ class ControlState:
         pipeline: AttemptPipeline,
         metrics: Metrics,
         database_ok: Callable[[], bool],
+        halt: HaltState,
+        redis: aioredis.Redis,
+        control_token: Secret | None,
     ) -> None:
         self.instance_id = instance_id
         self.broker = broker
         self.pipeline = pipeline
         self.metrics = metrics
         self.database_ok = database_ok
+        self.halt = halt
+        self.redis = redis
+        self.control_token = control_token
         self.started = time.time()
 
     def readiness(self) -> dict[str, bool]:
@@ -39,6 +50,7 @@ class ControlState:
             "broker_connected": self.broker.connected.is_set(),
             "database_ok": self.database_ok(),
             "not_draining": not self.pipeline.stopping.is_set(),
+            "halt_state_fresh": not self.halt.stale,
         }
 
     def status(self) -> dict[str, Any]:
@@ -49,6 +61,7 @@ class ControlState:
             "draining": self.pipeline.stopping.is_set(),
             "ready": self.readiness(),
             "in_flight": self.pipeline.in_flight,
+            "halt": self.halt.snapshot(),
             "broker_reconnects": self.broker.reconnects,
             "counters": {
                 name: getattr(self.pipeline.counters, name)
@@ -61,6 +74,7 @@ class ControlState:
                     "in_flight": lane.limiter.in_flight,
                     "waiting": lane.limiter.waiting,
                     "peak_in_flight": lane.limiter.peak,
+                    "halted": self.halt.blocks(name),
                     "breaker": lane.breaker.state.name.lower(),
                     "breaker_trips": lane.breaker.trips,
                     "paused_for_s": round(max(0.0, lane.paused_until - time.monotonic()), 3),
@@ -68,6 +82,18 @@ class ControlState:
                 for name, lane in lanes.items()
             },
         }
+
+
+class AdminOrder(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    provider: str | None = None
+    reason: str = "halted through the control endpoint"
+
+
+def _decode_admin(body: bytes) -> AdminOrder | str:
+    try:
+        return msgspec.json.decode(body or b"{}", type=AdminOrder)
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        return f"invalid body: {error}"
 
 
 def build_control_app(state: ControlState) -> web.Application:
@@ -88,6 +114,8 @@ def build_control_app(state: ControlState) -> web.Application:
             state.metrics.waiting.labels(name).set(lane.limiter.waiting)
             state.metrics.breaker_state.labels(name).set(int(lane.breaker.state))
             state.metrics.breaker_trips.labels(name).set(lane.breaker.trips)
+            state.metrics.halted.labels(name).set(1 if state.halt.blocks(name) else 0)
+        state.metrics.halt_state_stale.set(1 if state.halt.stale else 0)
         state.metrics.draining.set(1 if state.pipeline.stopping.is_set() else 0)
         state.metrics.broker_connected.set(1 if state.broker.connected.is_set() else 0)
         body = await asyncio.to_thread(state.metrics.render)
@@ -96,11 +124,40 @@ def build_control_app(state: ControlState) -> web.Application:
     async def status(_: web.Request) -> web.Response:
         return web.json_response(state.status())
 
+    def authorised(request: web.Request) -> bool:
+        token = state.control_token
+        given = request.headers.get("Authorization", "")
+        return token is not None and hmac.compare_digest(given, f"Bearer {token.reveal()}")
+
+    async def admin_halt(request: web.Request) -> web.Response:
+        if not authorised(request):
+            return web.json_response({"error": "a valid bearer token is required"}, status=401)
+        order = _decode_admin(await request.read())
+        if isinstance(order, str):
+            return web.json_response({"error": order}, status=400)
+        if order.provider is not None and order.provider not in state.pipeline.lanes:
+            return web.json_response({"error": f"unknown provider {order.provider!r}"}, status=400)
+        await set_halt(
+            state.redis, provider=order.provider, reason=order.reason, by=f"control:{state.instance_id}"
+        )
+        return web.json_response({"halted": order.provider or "all"})
+
+    async def admin_resume(request: web.Request) -> web.Response:
+        if not authorised(request):
+            return web.json_response({"error": "a valid bearer token is required"}, status=401)
+        order = _decode_admin(await request.read())
+        if isinstance(order, str):
+            return web.json_response({"error": order}, status=400)
+        cleared = await clear_halt(state.redis, provider=order.provider)
+        return web.json_response({"resumed": order.provider or "all", "was_halted": cleared})
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
+    app.router.add_post("/admin/halt", admin_halt)
+    app.router.add_post("/admin/resume", admin_resume)
     return app
 
 

@@ -96,6 +96,17 @@ class Metrics:
             "In-flight attempts turned unknown after their claimer stopped",
             registry=r,
         )
+        self.halted = Gauge(
+            "payd_halted",
+            "1 while new calls to this provider are halted (global or per provider)",
+            ["provider"],
+            registry=r,
+        )
+        self.halt_state_stale = Gauge(
+            "payd_halt_state_stale",
+            "1 while Redis is unreachable and the last halt state is kept",
+            registry=r,
+        )
         self.draining = Gauge("payd_draining", "1 while the daemon drains", registry=r)
         self.broker_connected = Gauge("payd_broker_connected", "1 while connected to RabbitMQ", registry=r)
         self.broker_reconnects = Counter("payd_broker_reconnects", "Reconnections to RabbitMQ", registry=r)

@@ -20,6 +20,7 @@ import structlog
 from daemon.broker import BROKER_ERRORS, Broker
 from daemon.config import Config
 from daemon.control import ControlState, start_control
+from daemon.halt import HaltState
 from daemon.metrics import Metrics
 from daemon.notify import SystemdNotifier
 from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
@@ -111,6 +112,7 @@ async def serve(
 
         redis_client = aioredis.from_url(config.redis.url, password=_reveal(load_secret("redis_password")))
         stack.push_async_callback(redis_client.aclose)
+        halt = HaltState(config.providers)
         lanes: dict[str, Lane] = {}
         for name, provider_config in config.providers.items():
             provider = create_provider(name, provider_config)
@@ -122,6 +124,7 @@ async def serve(
                 limiter=ProviderLimiter(provider_config.max_in_flight),
                 breaker=breaker_for(provider_config),
                 rate=rate_limit_for(name, provider_config, redis_client),
+                halt=halt,
             )
 
         broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
@@ -150,6 +153,7 @@ async def serve(
         # Background duties; the relay outlives the drain so the last events go out.
         duties = [
             asyncio.create_task(broker.supervise(), name="broker-supervisor"),
+            asyncio.create_task(halt.watch(redis_client), name="halt-watcher"),
             asyncio.create_task(reconciler.run(), name="reconciler"),
             asyncio.create_task(probe.run(), name="database-probe"),
         ]
@@ -163,6 +167,9 @@ async def serve(
             pipeline=pipeline,
             metrics=metrics,
             database_ok=lambda: probe.ok,
+            halt=halt,
+            redis=redis_client,
+            control_token=load_secret("control_token"),
         )
         runner = await start_control(state, config.http.host, config.http.port)
         stack.push_async_callback(runner.cleanup)
@@ -182,7 +189,7 @@ async def serve(
         deadline = time.monotonic() + config.daemon.drain_timeout_s
         log.info("daemon.draining", drain_timeout_s=config.daemon.drain_timeout_s)
         notifier.stopping(config.daemon.drain_timeout_s)
-        await _cancel(duties[1:])  # reconciliation and probing stop; the broker link stays
+        await _cancel(duties[2:])  # reconciliation and probing stop; the broker link and halt watch stay
         await pipeline.drain(deadline, force)
         if not force.is_set():
             with contextlib.suppress(asyncio.TimeoutError):

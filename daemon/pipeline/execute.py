@@ -14,6 +14,7 @@ import time
 import msgspec
 
 from daemon.config import ProviderConfig
+from daemon.halt import HaltState
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.breaker import CircuitBreaker
@@ -31,8 +32,13 @@ class Lane(msgspec.Struct, kw_only=True):
     limiter: ProviderLimiter
     breaker: CircuitBreaker
     rate: RateLimit = msgspec.field(default_factory=Unlimited)
+    halt: HaltState
+    """The fleet-wide emergency stop, shared by every lane."""
     paused_until: float = 0.0
     """Set by a 429: no call to this provider starts before then (monotonic clock)."""
+
+    def may_call(self) -> bool:
+        return not self.halt.blocks(self.name)
 
     def pause(self, seconds: float) -> None:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
@@ -64,13 +70,19 @@ class AttemptRun:
 
 
 async def _wait_for_gate(lane: Lane, *, lease_deadline: float, stopping: asyncio.Event) -> bool:
-    """Wait while the lane is paused (429) or its breaker open; False: give the attempt back."""
+    """Wait while the fleet is halted, the lane paused (429) or its breaker open.
+
+    False: give the attempt back (drain, or its claim would run out first).
+    """
     while True:
         if stopping.is_set():
             return False
         now = time.monotonic()
         if now + lane.config.timeout_s >= lease_deadline:
             return False
+        if not lane.may_call():
+            await lane.halt.wait_for_change(at_most_s=min(1.0, lease_deadline - now - lane.config.timeout_s))
+            continue
         if now < lane.paused_until:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), lane.paused_until - now)
@@ -124,6 +136,11 @@ async def execute(
             lane.limiter.release()
             lane.breaker.record_abandoned()
             return None
+        if not lane.may_call():
+            # Halted while we waited for a slot: the halt wins over a call not yet made.
+            lane.limiter.release()
+            lane.breaker.record_abandoned()
+            continue
         run.tries += 1
         run.calling = True
         result = await _call_provider(lane, run, metrics)

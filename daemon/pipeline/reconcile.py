@@ -163,8 +163,8 @@ class Reconciler:
     async def _call(
         lane: Lane, call: Callable[[AttemptRequest], Awaitable[T]], request: AttemptRequest
     ) -> T | None:
-        """One provider call within the provider's in-flight limit; None if the limiter closed."""
-        if not await lane.limiter.acquire():
+        """One provider call within the provider's in-flight limit; None if it may not be made now."""
+        if not lane.may_call() or not await lane.limiter.acquire():
             return None
         try:
             return await call(request)

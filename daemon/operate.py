@@ -1,0 +1,87 @@
+"""``payd halt``, ``payd resume`` and ``payd status``: operating a running fleet."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import socket
+import sys
+
+import aiohttp
+import redis.asyncio as aioredis
+import redis.exceptions
+
+from daemon.config import Config
+from daemon.halt import REDIS_ERRORS, clear_halt, set_halt
+from daemon.secrets import load_secret
+
+
+def _redis(config: Config) -> aioredis.Redis:
+    password = load_secret("redis_password")
+    return aioredis.from_url(config.redis.url, password=password.reveal() if password else None)
+
+
+async def halt(config: Config, *, provider: str | None, reason: str) -> int:
+    if provider is not None and provider not in config.providers:
+        print(
+            f"payd halt: unknown provider {provider!r}; configured: {', '.join(config.providers)}",
+            file=sys.stderr,
+        )
+        return 2
+    client = _redis(config)
+    try:
+        await set_halt(
+            client, provider=provider, reason=reason, by=f"{getpass.getuser()}@{socket.gethostname()}"
+        )
+    except REDIS_ERRORS as error:
+        print(f"payd halt: could not reach Redis at {config.redis.url}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        await client.aclose()
+    target = f"provider {provider}" if provider else "every provider"
+    print(f"halted {target}: no instance starts a new call within a second; calls in flight finish")
+    return 0
+
+
+async def resume(config: Config, *, provider: str | None) -> int:
+    client = _redis(config)
+    try:
+        was_halted = await clear_halt(client, provider=provider)
+    except (redis.exceptions.RedisError, OSError) as error:
+        print(f"payd resume: could not reach Redis at {config.redis.url}: {error}", file=sys.stderr)
+        return 1
+    finally:
+        await client.aclose()
+    target = f"provider {provider}" if provider else "the global halt"
+    print(f"resumed {target}" if was_halted else f"{target} was not halted")
+    return 0
+
+
+async def status(config: Config, *, as_json: bool) -> int:
+    """Read the running instance's /status (the one this configuration describes)."""
+    url = f"http://{config.http.host}:{config.http.port}/status"
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session,
+            session.get(url) as response,
+        ):
+            snapshot = await response.json()
+    except (aiohttp.ClientError, TimeoutError) as error:
+        print(f"payd status: no daemon answering at {url}: {error}", file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(snapshot, indent=2))
+        return 0
+    halt_state = snapshot["halt"]
+    print(f"instance   {snapshot['instance_id']}  up {snapshot['uptime_s']} s")
+    print(f"in flight  {snapshot['in_flight']}")
+    print(f"ready      {json.dumps(snapshot['ready'])}")
+    print(f"draining   {snapshot['draining']}")
+    print(f"halt       global={'yes' if halt_state['global'] else 'no'}  stale={halt_state['stale']}")
+    print(f"{'provider':<16}{'in flight':>10}{'limit':>7}{'waiting':>9}  breaker    halted")
+    for name, lane in snapshot["providers"].items():
+        print(
+            f"{name:<16}{lane['in_flight']:>10}{lane['limit']:>7}{lane['waiting']:>9}  "
+            f"{lane['breaker']:<10} {'yes' if lane['halted'] else 'no'}"
+        )
+    return 0

@@ -1,0 +1,100 @@
+"""Invariant 6: a fleet-wide halt stops new provider calls on every instance within a second."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+
+import aiohttp
+import aiomysql
+import redis.asyncio as aioredis
+
+from daemon.halt import GLOBAL_KEY, provider_key
+from daemon.secrets import load_secret
+from tests.support import PAYD, Broker, DaemonFactory, Sandbox, eventually, request, states, wait_settled
+
+
+async def clear_halts() -> None:
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    await client.delete(GLOBAL_KEY, provider_key("sandbox"))
+    await client.aclose()
+
+
+async def test_halt_stops_calls_on_two_daemons_and_resume_restarts_them(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """With two daemons working, `payd halt` freezes the gateway's request count within a second
+    (calls in flight finish); nothing fails while halted; `payd resume` lets everything finish,
+    each attempt charged once."""
+    await clear_halts()
+    await sandbox.behave(latency_ms=100)
+    first = await daemons.process(rabbitmq={"prefetch": 100}, providers__sandbox={"max_in_flight": 5})
+    await daemons.process(rabbitmq={"prefetch": 100}, providers__sandbox={"max_in_flight": 5})
+    keys = [f"halt-{i}" for i in range(400)]
+    await broker.publish(request(key, subscription_id=70_000 + i) for i, key in enumerate(keys))
+
+    async def working() -> bool:
+        return (await sandbox.stats())["charges"] >= 20
+
+    await eventually(working, timeout=30, what="both daemons charging")
+    config_path = next(daemons.workdir.glob(f"payd-{first.port}.toml"))
+    try:
+        await asyncio.to_thread(
+            subprocess.run,
+            [PAYD, "halt", "--config", str(config_path), "--reason", "test"],
+            check=True,
+            timeout=30,
+        )
+        await asyncio.sleep(1.0)  # the bound under test: one second (poll 0.25 s, calls of 0.1 s finish)
+        frozen = (await sandbox.stats())["requests"]
+        await asyncio.sleep(1.5)
+        assert (await sandbox.stats())["requests"] == frozen, "a provider call started while halted"
+        current = await states(db)
+        assert not {"failed", "declined"} & set(current.values()), "a halt fails nothing"
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{first.port}/status") as r,
+        ):
+            status = await r.json()
+        assert status["providers"]["sandbox"]["halted"] is True
+        assert status["halt"]["global"]["reason"] == "test"
+    finally:
+        await asyncio.to_thread(
+            subprocess.run, [PAYD, "resume", "--config", str(config_path)], check=True, timeout=30
+        )
+    settled = await wait_settled(db, keys, timeout=120)
+    assert set(settled.values()) == {"succeeded"}
+    assert len(await sandbox.assert_no_double_charge()) == 400
+
+
+async def test_per_provider_halt_through_the_control_endpoint(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """POST /admin/halt needs the bearer token; a provider halt stops only that provider."""
+    await clear_halts()
+    async with daemons.in_process() as daemon:
+        base = f"http://127.0.0.1:{daemon.port}"
+        token = load_secret("control_token")
+        assert token is not None
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{base}/admin/halt", json={"provider": "sandbox"}) as response:
+                assert response.status == 401
+            headers = {"Authorization": f"Bearer {token.reveal()}"}
+            async with session.post(
+                f"{base}/admin/halt", json={"provider": "sandbox"}, headers=headers
+            ) as response:
+                assert response.status == 200
+            await asyncio.sleep(1.0)  # the contract: every instance honours a halt within a second
+            await broker.publish([request("held-1")])
+
+            async def claimed() -> bool:
+                return (await states(db)).get("held-1") == "in_flight"
+
+            await eventually(claimed, timeout=10, what="the attempt to be claimed")
+            await asyncio.sleep(1.0)
+            assert (await sandbox.stats())["requests"] == 0, "a halted provider was called"
+            async with session.post(
+                f"{base}/admin/resume", json={"provider": "sandbox"}, headers=headers
+            ) as response:
+                assert (await response.json())["was_halted"] is True
+        assert (await wait_settled(db, ["held-1"])) == {"held-1": "succeeded"}
