@@ -253,6 +253,17 @@ ensure_service() {
     log "$name running"
 }
 
+# ensure_tools : command-line tools the test suite uses (systemd-analyze checks the units).
+ensure_tools() {
+    if command -v systemd-analyze >/dev/null 2>&1; then
+        log "systemd-analyze present (unit checks)"
+        return
+    fi
+    have_apt || die "systemd-analyze is missing and apt-get is not available" "install systemd's tools, then re-run"
+    log "installing systemd (for systemd-analyze, used to verify the unit files)"
+    apt_install systemd
+}
+
 ensure_services() {
     local mariadb_hint rabbitmq_hint redis_hint
     if have_systemd; then
