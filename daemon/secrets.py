@@ -12,7 +12,18 @@ import os
 from pathlib import Path
 from typing import Final
 
-SECRET_NAMES: Final = ("mysql_password", "rabbitmq_password", "redis_password", "control_token")
+SECRET_NAMES: Final = (
+    "mysql_password",
+    "rabbitmq_password",
+    "redis_password",
+    "control_token",
+    # The built-in provider adapters' default credential names (each can be renamed per provider).
+    "stripe_api_key",
+    "adyen_api_key",
+    "checkout_api_key",
+    "iyzico_api_key",
+    "iyzico_secret_key",
+)
 
 
 class Secret:

@@ -1,0 +1,1 @@
+"""Adyen Checkout API: off-session subscription charges against a stored card token."""

@@ -1,0 +1,125 @@
+"""The Checkout.com adapter: the client half (wire types and mapping live in ``transform``).
+
+Charges are ``POST /payments`` of a stored source, merchant-initiated and
+recurring, under ``Cko-Idempotency-Key``. Lookups list the payments made under
+the attempt's reference (``GET /payments?reference=``) and keep the one whose
+metadata carries the attempt's idempotency key, because dunning makes several
+attempts under one reference (``SUBSCRIPTION_ID:CYCLE``).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Final
+from urllib.parse import quote, urlencode
+
+import aiohttp
+import msgspec
+
+from daemon.config import ConfigError, PositiveFloat, ProviderConfig
+from daemon.models import AttemptRequest, ChargeResult
+from daemon.providers.base import Capabilities, LookupResult
+from daemon.providers.checkout import transform
+from daemon.providers.http import HttpResponse, exchange, open_session
+from daemon.secrets import Secret, env_name, load_secret
+
+_PAGE_SIZE: Final = 10
+"""Payments per page of ``GET /payments`` (the documented example's limit)."""
+_MAX_PAGES: Final = 10
+"""More payments than this under one reference and the lookup gives up (asks again later)."""
+
+SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+
+
+class CheckoutProviderConfig(ProviderConfig, frozen=True, kw_only=True):
+    processing_channel_id: Annotated[str, msgspec.Meta(pattern=r"^pc_[a-z0-9]+$")]
+    """The processing channel every payment is made on (``pc_...``), from the Dashboard."""
+    api_key_secret: SecretName = "checkout_api_key"  # noqa: S105 -- the secret's name, not its value
+    """Name of the secret holding the secret API key (``sk_...``): ``PAYD_<NAME>`` or a credential file."""
+    idempotency_key_ttl_s: PositiveFloat = 86400.0
+    """How long Checkout.com remembers a ``Cko-Idempotency-Key``: 24 h unless changed for the account."""
+
+
+class CheckoutProvider:
+    config_type: ClassVar[type[ProviderConfig]] = CheckoutProviderConfig
+    capabilities: Capabilities
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        assert isinstance(config, CheckoutProviderConfig)
+        secret = load_secret(config.api_key_secret)
+        if secret is None:
+            raise ConfigError(
+                f"providers.{name}: secret {config.api_key_secret!r} is not set: put the Checkout.com "
+                f"secret key in {env_name(config.api_key_secret)} or "
+                f"$CREDENTIALS_DIRECTORY/{config.api_key_secret}"
+            )
+        self.name = name
+        # Keys live a day (or what the account has); a lookup by reference finds the rest.
+        self.capabilities = Capabilities(
+            honours_idempotency_key=True,
+            lookup_by_key=False,
+            lookup_by_reference=True,
+            idempotency_key_ttl_s=config.idempotency_key_ttl_s,
+        )
+        self._secret: Secret = secret
+        self._channel = config.processing_channel_id
+        self._session: aiohttp.ClientSession = open_session(config)
+
+    def _authorization(self) -> dict[str, str]:
+        # Built per call so the key sits in no long-lived structure but the Secret.
+        return {"Authorization": "Bearer " + self._secret.reveal()}
+
+    async def charge(self, request: AttemptRequest) -> ChargeResult:
+        headers = self._authorization()
+        headers["Cko-Idempotency-Key"] = request.idempotency_key
+        headers["Content-Type"] = "application/json"
+        answer = await exchange(
+            self._session,
+            "POST",
+            "payments",
+            body=transform.payment_request_body(request, processing_channel_id=self._channel),
+            headers=headers,
+        )
+        if isinstance(answer, HttpResponse):
+            return transform.charge_result(answer.status, answer.headers, answer.body, request)
+        return answer
+
+    async def lookup(self, request: AttemptRequest) -> LookupResult | None:
+        ours: list[transform.Payment] = []
+        skip = 0
+        for _ in range(_MAX_PAGES):
+            query = urlencode({"reference": request.merchant_reference, "limit": _PAGE_SIZE, "skip": skip})
+            page = await self._get_page(f"payments?{query}")
+            if page is None:
+                return None
+            ours.extend(payment for payment in page.data if transform.belongs_to(payment, request))
+            skip += len(page.data)
+            if len(page.data) < _PAGE_SIZE or (page.total_count is not None and skip >= page.total_count):
+                break
+        else:
+            return None  # too many payments under this reference to be sure; ask again later
+        if not ours:
+            return LookupResult(found=False)
+        payment = transform.most_decisive(ours)
+        if transform.needs_details(payment):
+            details = await self._get_payment(payment.id)
+            if details is None:
+                return None
+            payment = details
+        return LookupResult(found=True, result=transform.payment_result(payment, request))
+
+    async def _get(self, path: str) -> bytes | None:
+        answer = await exchange(self._session, "GET", path, headers=self._authorization())
+        if isinstance(answer, HttpResponse) and answer.status == 200:
+            return answer.body
+        return None
+
+    async def _get_page(self, path: str) -> transform.PaymentPage | None:
+        body = await self._get(path)
+        return None if body is None else transform.decode_page(body)
+
+    async def _get_payment(self, payment_id: str) -> transform.Payment | None:
+        body = await self._get(f"payments/{quote(payment_id, safe='')}")
+        return None if body is None else transform.decode_payment(body)
+
+    async def close(self) -> None:
+        await self._session.close()

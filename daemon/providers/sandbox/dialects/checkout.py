@@ -1,0 +1,565 @@
+"""Checkout.com-shaped face of the sandbox gateway, under ``/checkout``.
+
+Speaks what payd's Checkout.com adapter uses of the Payments API, as the public
+docs describe it: ``POST /payments`` (stored ``id`` source, ``Cko-Idempotency-Key``,
+``Authorization: Bearer sk_...``), ``GET /payments?reference=`` (payment list,
+newest first) and ``GET /payments/{id}`` (payment details with its actions). Every
+charge goes through the shared ``Gateway`` core, so the ledger, idempotency store,
+faults, latency and stats stay true; this module only translates.
+
+Tokens: the core's (``pm_ok``, ``pm_insufficient_funds``, ``pm_stolen``,
+``pm_rate_limited``, ``pm_error``, ``pm_timeout``, anything else rolls the mix) plus
+the ``pm_cko_*`` tokens in ``SCENARIOS``, each one row of the adapter's tables. A
+``pm_cko_*`` token is charged in the core as the core token with the same verdict
+(approved, soft or hard decline) and rendered with its Checkout.com codes.
+
+Where Checkout.com documents no body (401, 404, 409, 429, 5xx) the answer has none.
+How faults look here: rate limited is 429 with ``Retry-After``; an API error is 502
+(Bad gateway, the 5xx Checkout.com documents); an injected hang ends in 503.
+``GET /checkout/_sandbox/requests/{idempotency_key}`` shows what a charge request
+carried (body and header names, never the key's value), for tests.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import msgspec
+from aiohttp import web
+
+from daemon.providers.sandbox.gateway import (
+    GATEWAY_KEY,
+    Charge,
+    ChargeRequest,
+    ChargeStatus,
+    Executed,
+    Gateway,
+    Refusal,
+)
+
+PREFIX: Final = "/checkout"
+
+_JSON: Final = "application/json"
+_DEFAULT_ACCOUNT: Final = "checkout"
+_SECRET_KEY: Final = re.compile(r"^Bearer sk_(?:sbox_)?[A-Za-z0-9_-]{4,}$")
+_CURRENCY: Final = re.compile(r"^[A-Z]{3}$")
+_PAYMENT_TYPES: Final = frozenset({"Regular", "Recurring", "MOTO", "Installment", "PayLater", "Unscheduled"})
+_MAX_PAGE: Final = 100
+
+
+class Scenario(msgspec.Struct, frozen=True, kw_only=True):
+    """A dialect token: the core token charged, and the Checkout.com codes shown."""
+
+    charged_as: str
+    response_code: str
+    summary: str
+    recommendation_code: str | None = None
+    merchant_advice_code: str | None = None
+    pending: bool = False
+    """Answer ``202 Pending`` to the charge (lookups later show the core's verdict)."""
+
+
+def _declined(
+    charged_as: str, code: str, summary: str, recommendation: str | None, mac: str | None
+) -> Scenario:
+    return Scenario(
+        charged_as=charged_as,
+        response_code=code,
+        summary=summary,
+        recommendation_code=recommendation,
+        merchant_advice_code=mac,
+    )
+
+
+def _soft(code: str, summary: str, *, recommendation: str | None = None, mac: str | None = None) -> Scenario:
+    return _declined("pm_insufficient_funds", code, summary, recommendation, mac)
+
+
+def _hard(code: str, summary: str, *, recommendation: str | None = None, mac: str | None = None) -> Scenario:
+    return _declined("pm_stolen", code, summary, recommendation, mac)
+
+
+SCENARIOS: Final[dict[str, Scenario]] = {
+    "pm_cko_do_not_honour": _soft("20005", "Declined - Do not honour"),
+    "pm_cko_expired": _hard("20054", "Expired card", recommendation="01"),
+    "pm_cko_restricted": _hard("20062", "Restricted card"),
+    "pm_cko_security": _hard("20063", "Security violation"),
+    "pm_cko_pickup": _hard("30004", "Pick up card (No fraud)"),
+    "pm_cko_lost": _hard("30041", "Lost card - Pick up"),
+    "pm_cko_revoked": _hard("200R1", "Issuer initiated a stop payment (revocation order)"),
+    "pm_cko_risk": _hard("41101", "Risk Blocked Transaction"),
+    "pm_cko_merchant_config": _hard("20157", "Invalid merchant configurations - Contact Support"),
+    "pm_cko_unrecognised": _hard("60000", "Sandbox: a code in no documented range"),
+    "pm_cko_mac_03": _soft("20051", "Insufficient Funds", mac="03"),
+    "pm_cko_mac_21": _soft("20005", "Declined - Do not honour", mac="21"),
+    **{
+        f"pm_cko_mac_{mac}": _soft("20051", "Insufficient Funds", mac=mac)
+        for mac in ("24", "25", "26", "27", "28", "29", "30")
+    },
+    "pm_cko_pending": Scenario(charged_as="pm_ok", response_code="10000", summary="Approved", pending=True),
+}
+INVALID_SOURCE: Final = "pm_cko_invalid"
+"""Refused with 422 ``source_id_invalid`` before anything is charged."""
+
+# What the core's own verdicts look like here (tokens without a scenario).
+_APPROVED: Final = Scenario(charged_as="", response_code="10000", summary="Approved")
+_CORE_DECLINES: Final[dict[str | None, Scenario]] = {
+    "insufficient_funds": _soft("20051", "Insufficient Funds", recommendation="02"),
+    "stolen_card": _hard("30043", "Stolen card - Pick up", recommendation="03"),
+}
+_DECLINED: Final = _hard("20005", "Declined - Do not honour")
+
+
+# --- what a charge request carried ------------------------------------------------------
+
+
+class _Source(msgspec.Struct, kw_only=True):
+    type: str | None = None
+    id: str | None = None
+
+
+class _Customer(msgspec.Struct, kw_only=True):
+    id: str | None = None
+    email: str | None = None
+    name: str | None = None
+
+
+class _PaymentRequest(msgspec.Struct, kw_only=True):
+    """``POST /payments`` as far as this dialect reads it; other fields are ignored."""
+
+    source: _Source | None = None
+    amount: int | None = None
+    currency: str | None = None
+    reference: str | None = None
+    payment_type: str = "Regular"
+    merchant_initiated: bool = False
+    capture: bool = True
+    processing_channel_id: str | None = None
+    customer: _Customer | None = None
+    metadata: dict[str, str | int | float | bool | None] | None = None
+
+
+class Received(msgspec.Struct, kw_only=True):
+    """A charge request as received: what lookups render, and what tests inspect."""
+
+    token: str
+    amount: int
+    currency: str
+    reference: str
+    payment_type: str
+    merchant_initiated: bool
+    processing_channel_id: str
+    customer_id: str | None
+    metadata: dict[str, str | int | float | bool | None]
+    body: dict[str, Any]
+    header_names: list[str]
+    authorization_scheme: str
+
+
+class _Received:
+    """Per idempotency key, the request that made (or is making) the charge."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[str, Received] = {}
+
+
+_RECEIVED_KEY: Final = web.AppKey("checkout_dialect_received", _Received)
+
+# --- bodies -----------------------------------------------------------------------------
+
+
+class _Link(msgspec.Struct):
+    href: str
+
+
+class _SourceBody(msgspec.Struct):
+    id: str
+    type: str = "card"
+
+
+class _CustomerBody(msgspec.Struct):
+    id: str
+
+
+class _ProcessingBody(msgspec.Struct, omit_defaults=True):
+    recommendation_code: str | None = None
+    partner_merchant_advice_code: str | None = None
+
+
+class _Action(msgspec.Struct):
+    id: str
+    type: str
+    response_code: str
+    response_summary: str
+
+
+class _PaymentBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """201 to ``POST /payments``."""
+
+    id: str
+    action_id: str
+    amount: int
+    currency: str
+    approved: bool
+    status: str
+    response_code: str
+    response_summary: str
+    processed_on: str
+    reference: str
+    source: _SourceBody
+    links: dict[str, _Link] = msgspec.field(name="_links")
+    auth_code: str | None = None
+    customer: _CustomerBody | None = None
+    processing: _ProcessingBody | None = None
+
+
+class _PendingBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """202 to ``POST /payments``."""
+
+    id: str
+    status: str
+    reference: str
+    links: dict[str, _Link] = msgspec.field(name="_links")
+    customer: _CustomerBody | None = None
+
+
+class _DetailsBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """A payment in the list (without actions) and from ``GET /payments/{id}`` (with them)."""
+
+    id: str
+    requested_on: str
+    source: _SourceBody
+    amount: int
+    currency: str
+    payment_type: str
+    reference: str
+    approved: bool
+    status: str
+    metadata: dict[str, str | int | float | bool | None]
+    links: dict[str, _Link] = msgspec.field(name="_links")
+    customer: _CustomerBody | None = None
+    processing: _ProcessingBody | None = None
+    actions: list[_Action] | None = None
+
+
+class _PageBody(msgspec.Struct):
+    limit: int
+    skip: int
+    total_count: int
+    data: list[_DetailsBody]
+
+
+class _ErrorBody(msgspec.Struct):
+    request_id: str
+    error_type: str
+    error_codes: list[str]
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_request = msgspec.json.Decoder(_PaymentRequest).decode
+_decode_any = msgspec.json.Decoder().decode
+
+
+def _request_id() -> str:
+    return secrets.token_hex(16)
+
+
+def _response(status: int, body: bytes | None = None, headers: dict[str, str] | None = None) -> web.Response:
+    all_headers = {"Cko-Request-Id": _request_id(), **(headers or {})}
+    if body is None:
+        return web.Response(status=status, headers=all_headers)
+    return web.Response(status=status, body=body, content_type=_JSON, headers=all_headers)
+
+
+def _invalid(*error_codes: str) -> web.Response:
+    return _response(422, _encode(_ErrorBody(_request_id(), "request_invalid", list(error_codes))))
+
+
+def _iso(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _payment_id(charge: Charge) -> str:
+    return "pay_" + charge.id.removeprefix("ch_")
+
+
+def _links(request: web.Request, payment_id: str) -> dict[str, _Link]:
+    base = f"{request.scheme}://{request.host}{PREFIX}/payments/{payment_id}"
+    return {"self": _Link(base), "actions": _Link(f"{base}/actions")}
+
+
+def _scenario(charge: Charge, received: Received) -> Scenario:
+    scenario = SCENARIOS.get(received.token)
+    if scenario is not None:
+        return scenario
+    if charge.status is ChargeStatus.APPROVED:
+        return _APPROVED
+    return _CORE_DECLINES.get(charge.decline_code, _DECLINED)
+
+
+def _processing(scenario: Scenario) -> _ProcessingBody | None:
+    if scenario.recommendation_code is None and scenario.merchant_advice_code is None:
+        return None
+    return _ProcessingBody(scenario.recommendation_code, scenario.merchant_advice_code)
+
+
+def _customer(received: Received) -> _CustomerBody | None:
+    return None if received.customer_id is None else _CustomerBody(received.customer_id)
+
+
+def _charge_response(request: web.Request, charge: Charge, received: Received) -> web.Response:
+    """The 201 (or 202) the charge got; a replay gets the same, as Checkout.com documents."""
+    scenario = _scenario(charge, received)
+    payment_id = _payment_id(charge)
+    if scenario.pending:
+        pending = _PendingBody(
+            id=payment_id,
+            status="Pending",
+            reference=charge.merchant_reference,
+            links=_links(request, payment_id),
+            customer=_customer(received),
+        )
+        return _response(202, _encode(pending))
+    approved = charge.status is ChargeStatus.APPROVED
+    body = _PaymentBody(
+        id=payment_id,
+        action_id="act_" + charge.id.removeprefix("ch_"),
+        amount=charge.amount_minor,
+        currency=charge.currency,
+        approved=approved,
+        status="Authorized" if approved else "Declined",
+        response_code=scenario.response_code,
+        response_summary=scenario.summary,
+        processed_on=_iso(charge.created_at),
+        reference=charge.merchant_reference,
+        source=_SourceBody(received.token),
+        links=_links(request, payment_id),
+        auth_code=charge.id[-6:] if approved else None,
+        customer=_customer(received),
+        processing=_processing(scenario),
+    )
+    return _response(201, _encode(body))
+
+
+def _details(request: web.Request, charge: Charge, received: Received, *, actions: bool) -> _DetailsBody:
+    """The payment now: approved ones are captured (``capture: true``), pending ones settled."""
+    scenario = _scenario(charge, received)
+    approved = charge.status is ChargeStatus.APPROVED
+    payment_id = _payment_id(charge)
+    authorization = _Action(
+        id="act_" + charge.id.removeprefix("ch_"),
+        type="Authorization",
+        response_code=scenario.response_code,
+        response_summary=scenario.summary,
+    )
+    return _DetailsBody(
+        id=payment_id,
+        requested_on=_iso(charge.created_at),
+        source=_SourceBody(received.token),
+        amount=charge.amount_minor,
+        currency=charge.currency,
+        payment_type=received.payment_type,
+        reference=charge.merchant_reference,
+        approved=approved,
+        status="Captured" if approved else "Declined",
+        metadata=received.metadata,
+        links=_links(request, payment_id),
+        customer=_customer(received),
+        processing=_processing(scenario),
+        actions=[authorization] if actions else None,
+    )
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+def _authorized(request: web.Request) -> bool:
+    return bool(_SECRET_KEY.match(request.headers.get("Authorization", "")))
+
+
+def _problems(payment: _PaymentRequest) -> list[str]:
+    """Checkout.com-style error codes for what the request lacks; empty when it is valid."""
+    problems = []
+    channel = payment.processing_channel_id
+    if not channel:
+        problems.append("processing_channel_id_required")
+    elif not channel.startswith("pc_"):
+        problems.append("processing_channel_id_invalid")
+    source = payment.source
+    if source is None:
+        problems.append("payment_source_required")
+    elif source.type != "id":
+        problems.append("payment_source_type_invalid")  # this dialect knows stored sources only
+    elif not source.id:
+        problems.append("source_id_required")
+    elif source.id == INVALID_SOURCE:
+        problems.append("source_id_invalid")
+    if payment.amount is None:
+        problems.append("amount_required")
+    elif payment.amount <= 0:
+        problems.append("amount_invalid")  # no card verifications here
+    if payment.currency is None:
+        problems.append("currency_required")
+    elif not _CURRENCY.match(payment.currency):
+        problems.append("currency_invalid")
+    if payment.payment_type not in _PAYMENT_TYPES:
+        problems.append("payment_type_invalid")
+    return problems
+
+
+def _received(request: web.Request, payment: _PaymentRequest, raw: bytes) -> Received:
+    assert payment.source is not None and payment.source.id and payment.processing_channel_id
+    assert payment.amount is not None and payment.currency is not None
+    return Received(
+        token=payment.source.id,
+        amount=payment.amount,
+        currency=payment.currency,
+        reference=payment.reference or "",
+        payment_type=payment.payment_type,
+        merchant_initiated=payment.merchant_initiated,
+        processing_channel_id=payment.processing_channel_id,
+        customer_id=payment.customer.id if payment.customer else None,
+        metadata=dict(payment.metadata or {}),
+        body=_decode_any(raw),
+        header_names=sorted(str(name) for name in request.headers),
+        authorization_scheme=request.headers.get("Authorization", "").partition(" ")[0],
+    )
+
+
+async def _post_payment(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    raw = await request.read()
+    try:
+        payment = _decode_request(raw)
+    except msgspec.DecodeError:  # ValidationError included
+        payment = None
+    account = (payment.processing_channel_id if payment else None) or _DEFAULT_ACCOUNT
+    stats = gateway.arrive(account)
+    try:
+        if not _authorized(request):
+            return _response(401)
+        if payment is None:
+            return _invalid("request_malformed")
+        problems = _problems(payment)
+        if problems:
+            return _invalid(*problems)
+        # Without the header Checkout.com does not deduplicate; neither does this.
+        key = request.headers.get("Cko-Idempotency-Key") or "cko_none_" + secrets.token_hex(12)
+        return await _charge(request, gateway, key, _received(request, payment, raw))
+    finally:
+        gateway.depart(stats)
+
+
+async def _charge(request: web.Request, gateway: Gateway, key: str, received: Received) -> web.Response:
+    state = request.app[_RECEIVED_KEY].by_key
+    scenario = SCENARIOS.get(received.token)
+    charge_request = ChargeRequest(
+        amount_minor=received.amount,
+        currency=received.currency,
+        payment_method=scenario.charged_as if scenario else received.token,
+        merchant_reference=received.reference,
+        customer_ref=received.customer_id,
+        metadata={name: str(value) for name, value in received.metadata.items()},
+    )
+    # Known before the core can record anything, so a lookup during a pm_timeout hang
+    # already shows this request's metadata.
+    registered = state.setdefault(key, received) is received
+    result = await gateway.charge(
+        account=received.processing_channel_id, idempotency_key=key, request=charge_request
+    )
+    if isinstance(result, Executed):
+        if not result.replayed:
+            state[key] = received
+        return _charge_response(request, result.charge, state.get(key, received))
+    if registered and result in (Refusal.RATE_LIMITED, Refusal.API_ERROR, Refusal.UNAVAILABLE):
+        del state[key]  # nothing was charged and the key stays free
+    return await _refusal_response(request, gateway, key, result)
+
+
+async def _refusal_response(
+    request: web.Request, gateway: Gateway, key: str, refusal: Refusal
+) -> web.Response:
+    if refusal is Refusal.RATE_LIMITED:
+        return _response(429, headers={"Retry-After": str(gateway.retry_after_s)})
+    if refusal is Refusal.API_ERROR:
+        return _response(502)
+    if refusal is Refusal.UNAVAILABLE:
+        return _response(503)
+    if refusal is Refusal.IDEMPOTENCY_MISMATCH:
+        # Checkout.com answers a reused key with the original response, whatever the body.
+        earlier = await gateway.lookup(key)
+        received = request.app[_RECEIVED_KEY].by_key.get(key)
+        if earlier is not None and received is not None:
+            return _charge_response(request, earlier, received)
+    return _response(409)  # another request with this key is being processed
+
+
+def _ours(request: web.Request, charges: list[Charge]) -> list[tuple[Charge, Received]]:
+    state = request.app[_RECEIVED_KEY].by_key
+    found = []
+    for charge in charges:
+        received = state.get(charge.idempotency_key)
+        if received is not None:
+            found.append((charge, received))
+    return found
+
+
+async def _list_payments(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _response(401)
+    reference = request.query.get("reference")
+    try:
+        limit = int(request.query.get("limit", "10"))
+        skip = int(request.query.get("skip", "0"))
+    except ValueError:
+        return _invalid("paging_invalid")
+    if not reference:
+        return _invalid("reference_required")
+    if not 1 <= limit <= _MAX_PAGE or skip < 0:
+        return _invalid("paging_invalid")
+    gateway = request.app[GATEWAY_KEY]
+    keys = dict.fromkeys(c.idempotency_key for c in gateway.ledger() if c.merchant_reference == reference)
+    # The core looks up by key only: one lookup per payment keeps its stats counting reads.
+    current = [charge for key in keys if (charge := await gateway.lookup(key)) is not None]
+    matching = sorted(_ours(request, current), key=lambda pair: pair[0].created_at, reverse=True)
+    page = [
+        _details(request, charge, received, actions=False)
+        for charge, received in matching[skip : skip + limit]
+    ]
+    return _response(200, _encode(_PageBody(limit, skip, len(matching), page)))
+
+
+async def _get_payment(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _response(401)
+    charge_id = "ch_" + request.match_info["payment_id"].removeprefix("pay_")
+    gateway = request.app[GATEWAY_KEY]
+    recorded = next((c for c in gateway.ledger() if c.id == charge_id), None)
+    current = None if recorded is None else await gateway.lookup(recorded.idempotency_key)
+    found = _ours(request, [current] if current is not None else [])
+    if not found:
+        return _response(404)
+    charge, received = found[0]
+    return _response(200, _encode(_details(request, charge, received, actions=True)))
+
+
+async def _get_received(request: web.Request) -> web.Response:
+    received = request.app[_RECEIVED_KEY].by_key.get(request.match_info["idempotency_key"])
+    if received is None:
+        return _response(404)
+    return _response(200, _encode(received))
+
+
+def add_routes(app: web.Application) -> None:
+    app[_RECEIVED_KEY] = _Received()
+    app.add_routes(
+        [
+            web.post(f"{PREFIX}/payments", _post_payment),
+            web.get(f"{PREFIX}/payments", _list_payments),
+            web.get(f"{PREFIX}/payments/{{payment_id}}", _get_payment),
+            web.get(f"{PREFIX}/_sandbox/requests/{{idempotency_key}}", _get_received),
+        ]
+    )

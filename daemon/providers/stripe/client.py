@@ -1,0 +1,147 @@
+"""The Stripe adapter: the client half (wire types and the mapping live in ``transform``).
+
+A renewal is one ``POST /v1/payment_intents`` that creates and confirms an off-session
+PaymentIntent on the customer's saved payment method, under payd's idempotency key.
+A lookup lists the customer's PaymentIntents (Stripe's list APIs are read-after-write
+consistent) and falls back to the Search API for attempts older than the pages it reads.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Annotated, ClassVar, Final
+
+import aiohttp
+import msgspec
+
+from daemon.config import ConfigError, ProviderConfig
+from daemon.models import AttemptRequest, ChargeResult, Outcome
+from daemon.providers.base import Capabilities, LookupResult
+from daemon.providers.http import HttpResponse, exchange, open_session
+from daemon.providers.stripe import transform
+from daemon.secrets import env_name, load_secret
+
+IDEMPOTENCY_KEY_TTL_S: Final = 24 * 3600.0  # Stripe prunes keys once they are 24 hours old
+
+ApiVersion = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")]
+SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+PaymentMethodType = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*$")]
+
+
+class StripeProviderConfig(ProviderConfig, frozen=True):
+    api_version: ApiVersion | None = None
+    """Sent as ``Stripe-Version`` (e.g. ``2024-12-18.acacia``); unset: the account's default."""
+    secret_name: SecretName = "stripe_api_key"  # noqa: S105 -- the name of a secret, not one
+    """The secret holding the secret (or restricted) API key: ``PAYD_STRIPE_API_KEY`` or a
+    credential file of that name. One per Stripe account when several are configured."""
+    payment_method_types: tuple[PaymentMethodType, ...] = ("card",)
+    """Sent as ``payment_method_types[]``; empty: the Dashboard's payment method settings."""
+    description_prefix: Annotated[str, msgspec.Meta(max_length=200)] = "payd"
+    """The PaymentIntent ``description`` is this, a space, and the merchant reference."""
+    lookup_page_size: Annotated[int, msgspec.Meta(ge=1, le=100)] = 100
+    """PaymentIntents per list page when a lookup reads the customer's payments."""
+    lookup_max_pages: Annotated[int, msgspec.Meta(ge=1, le=100)] = 5
+    """List pages a lookup reads before it asks the Search API instead."""
+
+
+class _Headers(dict[str, str]):
+    """Request headers whose repr shows only the names: one of them holds the API key."""
+
+    def __repr__(self) -> str:
+        return f"_Headers({sorted(self)})"
+
+    __str__ = __repr__
+
+
+class StripeProvider:
+    config_type: ClassVar[type[ProviderConfig]] = StripeProviderConfig
+    capabilities: Capabilities = Capabilities(
+        honours_idempotency_key=True,
+        lookup_by_key=True,
+        lookup_by_reference=False,
+        idempotency_key_ttl_s=IDEMPOTENCY_KEY_TTL_S,
+    )
+
+    def __init__(self, name: str, config: ProviderConfig) -> None:
+        assert isinstance(config, StripeProviderConfig)
+        secret = load_secret(config.secret_name)
+        if secret is None:
+            raise ConfigError(
+                f"providers.{name}: the Stripe API key is not set: set {env_name(config.secret_name)} "
+                f"or the credential file {config.secret_name}"
+            )
+        self.name = name
+        self._config = config
+        read = _Headers({"Authorization": f"Bearer {secret.reveal()}"})
+        if config.api_version is not None:
+            read["Stripe-Version"] = config.api_version
+        self._read_headers = read
+        self._session: aiohttp.ClientSession = open_session(config)
+
+    def __repr__(self) -> str:
+        return f"StripeProvider({self.name!r})"
+
+    async def charge(self, request: AttemptRequest) -> ChargeResult:
+        problem = transform.request_problem(request)
+        if problem is not None:
+            return ChargeResult(
+                outcome=Outcome.PROVIDER_ERROR, retryable=False, reason=f"not sent: {problem}"
+            )
+        headers = _Headers(self._read_headers)
+        headers["Idempotency-Key"] = request.idempotency_key
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        body = transform.payment_intent_form(
+            request,
+            payment_method_types=self._config.payment_method_types,
+            description_prefix=self._config.description_prefix,
+        )
+        answer = await exchange(self._session, "POST", "v1/payment_intents", body=body, headers=headers)
+        if isinstance(answer, HttpResponse):
+            return transform.charge_result(answer.status, answer.headers, answer.body)
+        return answer
+
+    async def lookup(self, request: AttemptRequest) -> LookupResult | None:
+        key = request.idempotency_key
+        if request.customer_ref is not None:
+            listed = await self._list_customer(request.customer_ref, key)
+            if listed is None:
+                return None
+            matches, complete = listed
+            if matches or complete:
+                return transform.lookup_result(matches)
+        page = await self._get(
+            "v1/payment_intents/search", {"query": transform.search_query(key), "limit": "100"}
+        )
+        if page is None:
+            return None
+        # Search trails writes by up to a minute (longer in an outage), so "not found" here
+        # is not proof; payd resends under the same key, which Stripe answers from its
+        # idempotency store for 24 hours, so a late-indexed payment is never charged twice.
+        return transform.lookup_result(transform.matching(page.data, key))
+
+    async def _list_customer(
+        self, customer: str, key: str
+    ) -> tuple[list[transform.PaymentIntent], bool] | None:
+        """The customer's PaymentIntents carrying ``key``, newest pages first, and whether
+        every page was read; None when Stripe could not be asked."""
+        params = {"customer": customer, "limit": str(self._config.lookup_page_size)}
+        for _ in range(self._config.lookup_max_pages):
+            page = await self._get("v1/payment_intents", params)
+            if page is None:
+                return None
+            matches = transform.matching(page.data, key)
+            if matches or not page.has_more or not page.data:
+                return matches, not page.has_more
+            params["starting_after"] = page.data[-1].id
+        return [], False
+
+    async def _get(self, path: str, params: dict[str, str]) -> transform.PaymentIntentPage | None:
+        answer = await exchange(
+            self._session, "GET", f"{path}?{urllib.parse.urlencode(params)}", headers=self._read_headers
+        )
+        if not isinstance(answer, HttpResponse) or answer.status != 200:
+            return None
+        return transform.decode_page(answer.body)
+
+    async def close(self) -> None:
+        await self._session.close()

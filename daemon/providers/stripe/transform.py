@@ -1,0 +1,441 @@
+"""Stripe's wire types, the PaymentIntent request, and the mapping of Stripe's answers to payd outcomes.
+
+The decisions are tables (data); ``docs/providers/stripe.md`` prints them with the Stripe
+pages each row follows. Two rules frame them:
+
+- Anything Stripe could have executed and that the tables do not name is UNKNOWN: only a
+  lookup can say whether money moved (Stripe: "treat the result of a 500 as indeterminate").
+- A ``card_error`` (HTTP 402) is a decline by definition: the payment attempt failed and
+  nothing was charged. Its decline code, Stripe's ``advice_code`` and the card network's
+  advice decide soft or hard; whichever says "do not retry" wins. An unrecognised decline
+  code is still a decline, a soft one.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Final
+
+import msgspec
+
+from daemon.models import AttemptRequest, ChargeResult, Outcome
+from daemon.providers.base import LookupResult
+from daemon.providers.http import retry_after_seconds
+
+SOFT: Final = Outcome.SOFT_DECLINE
+HARD: Final = Outcome.HARD_DECLINE
+
+KEY_METADATA: Final = "payd_key"
+"""PaymentIntent metadata holding payd's idempotency key: what a lookup searches for."""
+REFERENCE_METADATA: Final = "payd_reference"
+"""PaymentIntent metadata holding the merchant reference (``SUBSCRIPTION_ID:CYCLE`` or the key)."""
+MAX_METADATA_KEYS: Final = 50  # Stripe: "up to 50 keys"
+
+_DAY_S: Final = 24 * 3600.0
+
+# --- wire types ---------------------------------------------------------------------------
+# Only the fields payd reads; Stripe adds fields in new API versions, unknown ones are ignored.
+
+
+class Card(msgspec.Struct, frozen=True, kw_only=True):
+    brand: str | None = None
+
+
+class PaymentMethod(msgspec.Struct, frozen=True, kw_only=True):
+    id: str | None = None
+    card: Card | None = None
+
+
+class StripeError(msgspec.Struct, frozen=True, kw_only=True):
+    """Stripe's error object: the body's ``error``, and a PaymentIntent's ``last_payment_error``."""
+
+    type: str
+    code: str | None = None
+    decline_code: str | None = None
+    advice_code: str | None = None
+    network_advice_code: str | None = None
+    network_decline_code: str | None = None
+    param: str | None = None
+    payment_intent: PaymentIntent | None = None
+    payment_method: PaymentMethod | None = None
+
+
+class PaymentIntent(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str
+    status: str
+    created: int = 0
+    metadata: dict[str, str] = {}
+    last_payment_error: StripeError | None = None
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    error: StripeError
+
+
+class PaymentIntentPage(msgspec.Struct, frozen=True, kw_only=True):
+    """A list (``object: list``) or a search result (``object: search_result``)."""
+
+    object: str
+    data: list[PaymentIntent]
+    has_more: bool = False
+
+
+_decode_intent = msgspec.json.Decoder(PaymentIntent).decode
+_decode_error = msgspec.json.Decoder(ErrorBody).decode
+_decode_page = msgspec.json.Decoder(PaymentIntentPage).decode
+
+# --- the request --------------------------------------------------------------------------
+
+
+def request_problem(request: AttemptRequest) -> str | None:
+    """Why Stripe would refuse this request, found before sending it; None if it may go."""
+    if request.customer_ref is None:
+        # Stripe: "If the payment method is attached to a Customer, you must also provide
+        # the ID of that Customer"; a saved (reusable) card is always attached to one.
+        return "customer_ref is required: a saved Stripe payment method is charged with its customer"
+    reserved = sorted({KEY_METADATA, REFERENCE_METADATA} & request.metadata.keys())
+    if reserved:
+        return f"metadata key {reserved[0]!r} is reserved for payd"
+    if len(request.metadata) + 2 > MAX_METADATA_KEYS:
+        return (
+            f"metadata has {len(request.metadata)} keys; Stripe allows {MAX_METADATA_KEYS} including payd's 2"
+        )
+    bracketed = sorted(key for key in request.metadata if "[" in key or "]" in key)
+    if bracketed:
+        return f"metadata key {bracketed[0]!r}: Stripe refuses square brackets in keys"
+    return None
+
+
+def payment_intent_form(
+    request: AttemptRequest, *, payment_method_types: Sequence[str], description_prefix: str
+) -> bytes:
+    """``POST /v1/payment_intents`` form body: create and confirm off-session in one call.
+
+    The same request always encodes to the same bytes, as Stripe's idempotency layer
+    compares a retry's parameters with the first request's.
+    """
+    assert request.customer_ref is not None  # request_problem() refuses the request otherwise
+    pairs = [
+        ("amount", str(request.amount_minor)),
+        ("currency", request.currency.lower()),
+        ("customer", request.customer_ref),
+        ("payment_method", request.payment_method),
+        ("confirm", "true"),
+        ("off_session", "true"),
+        ("description", f"{description_prefix} {request.merchant_reference}"),
+        (f"metadata[{KEY_METADATA}]", request.idempotency_key),
+        (f"metadata[{REFERENCE_METADATA}]", request.merchant_reference),
+    ]
+    pairs.extend((f"metadata[{key}]", value) for key, value in sorted(request.metadata.items()))
+    pairs.extend((f"payment_method_types[{i}]", kind) for i, kind in enumerate(payment_method_types))
+    return urllib.parse.urlencode(pairs).encode()
+
+
+def search_query(idempotency_key: str) -> str:
+    """Stripe search-query-language clause matching payd's key in the metadata."""
+    quoted = idempotency_key.replace("\\", "\\\\").replace('"', '\\"')
+    return f'metadata["{KEY_METADATA}"]:"{quoted}"'
+
+
+# --- the tables ---------------------------------------------------------------------------
+
+# Stripe decline codes (docs.stripe.com/declines/codes), and the codes a card error carries
+# without a decline code (docs.stripe.com/error-codes). SOFT: the same saved card can
+# succeed later without the customer (funds arrive, a limit resets, the issuer recovers);
+# Stripe's next step is to try again or the reason is unknown. HARD: only the customer
+# can change the answer (another card, corrected data, an authentication, a call to the
+# issuer about a block), or retrying is forbidden (lost, stolen, fraud, revoked).
+DECLINE_CODES: Final[Mapping[str, Outcome]] = {
+    # try again / limits that reset / reason unknown
+    "insufficient_funds": SOFT,
+    "approve_with_id": SOFT,
+    "issuer_not_available": SOFT,
+    "processing_error": SOFT,
+    "reenter_transaction": SOFT,
+    "try_again_later": SOFT,  # deprecated decline code, now an advice code
+    "card_velocity_exceeded": SOFT,
+    "withdrawal_count_limit_exceeded": SOFT,
+    "card_decline_rate_limit_exceeded": SOFT,  # error code: "try again after 24 hours"
+    "generic_decline": SOFT,
+    "do_not_honor": SOFT,
+    "call_issuer": SOFT,
+    "no_action_taken": SOFT,
+    "card_declined": SOFT,  # error code without a decline code: issuer gave no reason
+    "payment_method_not_available": SOFT,  # "retry later with the same payment method"
+    # the customer must act: authenticate, new card, corrected data
+    "authentication_required": HARD,
+    "expired_card": HARD,
+    "incorrect_number": HARD,
+    "invalid_number": HARD,
+    "incorrect_cvc": HARD,
+    "invalid_cvc": HARD,
+    "incorrect_zip": HARD,
+    "invalid_expiry_month": HARD,
+    "invalid_expiry_year": HARD,
+    "incorrect_pin": HARD,
+    "invalid_pin": HARD,
+    "offline_pin_required": HARD,
+    "online_or_offline_pin_required": HARD,
+    "pin_try_exceeded": HARD,
+    "invalid_account": HARD,
+    "new_account_information_available": HARD,
+    "invalid_amount": HARD,
+    "card_not_supported": HARD,
+    "currency_not_supported": HARD,
+    "not_permitted": HARD,
+    "service_not_allowed": HARD,
+    "transaction_not_allowed": HARD,
+    "testmode_decline": HARD,
+    "payment_intent_authentication_failure": HARD,  # "provide a new payment method"
+    "payment_method_provider_decline": HARD,  # "provide a new payment method"
+    "refer_to_customer": HARD,  # "the customer has stopped the payment with their bank"
+    # retrying is refused or risky
+    "lost_card": HARD,
+    "stolen_card": HARD,
+    "pickup_card": HARD,
+    "restricted_card": HARD,
+    "fraudulent": HARD,
+    "merchant_blacklist": HARD,
+    "security_violation": HARD,
+    "revocation_of_authorization": HARD,
+    "revocation_of_all_authorizations": HARD,
+    "stop_payment_order": HARD,
+    "do_not_try_again": HARD,  # deprecated decline code, now an advice code
+    # "a transaction with identical amount and card was submitted very recently": never
+    # retried automatically; an operator checks whether an earlier payment exists
+    "duplicate_transaction": HARD,
+}
+
+# Earliest retry Stripe documents for a code, in seconds.
+CODE_RETRY_AFTER_S: Final[Mapping[str, float]] = {"card_decline_rate_limit_exceeded": _DAY_S}
+
+# Stripe's advice_code (docs.stripe.com/declines/card, "Declined card retries").
+ADVICE_CODES: Final[Mapping[str, Outcome]] = {
+    "try_again_later": SOFT,
+    "do_not_try_again": HARD,
+    "confirm_card_data": HARD,  # "the customer needs to validate the information on their card"
+}
+
+# network_advice_code is network-specific (Stripe: "take the card's brand into
+# consideration"); for Mastercard it is the Merchant Advice Code. (outcome, earliest retry).
+MASTERCARD_ADVICE: Final[Mapping[str, tuple[Outcome, float | None]]] = {
+    # New account information available: Stripe's automatic card updates refresh a saved
+    # card from the network, so the same payment method can succeed on a later retry.
+    "01": (SOFT, None),
+    "02": (SOFT, None),  # cannot approve at this time, try again later
+    "03": (HARD, None),  # do not try again
+    "21": (HARD, None),  # payment cancellation: the cardholder stopped the recurring payment
+    "24": (SOFT, 3600.0),  # retry after 1 hour
+    "25": (SOFT, _DAY_S),  # retry after 24 hours
+    "26": (SOFT, 2 * _DAY_S),  # retry after 2 days
+    "27": (SOFT, 4 * _DAY_S),  # retry after 4 days
+    "28": (SOFT, 6 * _DAY_S),  # retry after 6 days
+    "29": (SOFT, 8 * _DAY_S),  # retry after 8 days
+    "30": (SOFT, 10 * _DAY_S),  # retry after 10 days
+}
+NETWORK_ADVICE: Final[Mapping[str, Mapping[str, tuple[Outcome, float | None]]]] = {
+    "mastercard": MASTERCARD_ADVICE,
+}
+
+# Answers other than 200 and 402 card errors: (HTTP status, error type) -> (outcome, whether
+# trying again can help). A type of None matches any type of that status.
+ERROR_TABLE: Final[Mapping[tuple[int, str | None], tuple[Outcome, bool]]] = {
+    # The key was used with other parameters: whatever its first request did stands.
+    (400, "idempotency_error"): (Outcome.UNKNOWN, True),
+    # Invalid parameters fail validation, before execution (nothing is charged).
+    (400, "invalid_request_error"): (Outcome.PROVIDER_ERROR, False),
+    (401, None): (Outcome.PROVIDER_ERROR, False),  # no valid API key: configuration
+    (403, None): (Outcome.PROVIDER_ERROR, False),  # the key lacks the permission: configuration
+    (404, "invalid_request_error"): (Outcome.PROVIDER_ERROR, False),  # wrong base_url or path
+    # Conflicts with a concurrent request (same idempotency key, or an object lock).
+    (409, None): (Outcome.UNKNOWN, True),
+    (424, None): (Outcome.UNKNOWN, True),  # "a failure in a dependency external to Stripe"
+    # Rate limiters run before the idempotency layer: nothing was executed.
+    (429, None): (Outcome.RATE_LIMITED, True),
+    (500, None): (Outcome.UNKNOWN, True),  # Stripe: treat a 500 as indeterminate
+    (502, None): (Outcome.UNKNOWN, True),
+    (503, None): (Outcome.UNKNOWN, True),
+    (504, None): (Outcome.UNKNOWN, True),
+}
+
+# Error codes that override their status's row: they are raised while a request executes.
+ERROR_CODES: Final[Mapping[str, tuple[Outcome, bool]]] = {
+    "lock_timeout": (Outcome.UNKNOWN, True),  # Stripe answers these with 429 (or 409)
+    "idempotency_key_in_use": (Outcome.UNKNOWN, True),  # another request with the key runs
+}
+
+
+def _approved(intent: PaymentIntent) -> ChargeResult:
+    return ChargeResult(outcome=Outcome.APPROVED, provider_ref=intent.id)
+
+
+def _payment_failed(intent: PaymentIntent) -> ChargeResult:
+    if intent.last_payment_error is not None:
+        return card_decline(intent.last_payment_error, provider_ref=intent.id)
+    return ChargeResult(
+        outcome=HARD,
+        provider_ref=intent.id,
+        decline_code="requires_payment_method",
+        retryable=False,
+        reason="payment intent requires_payment_method without an error",
+    )
+
+
+def _needs_customer(intent: PaymentIntent) -> ChargeResult:
+    # Off-session, nobody can perform the action (3-D Secure, a redirect): nothing was
+    # charged, and only the customer, back on-session, can complete a payment.
+    return ChargeResult(
+        outcome=HARD,
+        provider_ref=intent.id,
+        decline_code="requires_action",
+        retryable=False,
+        reason="payment intent requires_action: the customer must authenticate on-session",
+    )
+
+
+def _not_final(intent: PaymentIntent) -> ChargeResult:
+    return ChargeResult(
+        outcome=Outcome.UNKNOWN,
+        provider_ref=intent.id,
+        reason=f"payment intent {intent.status}: not final, money may move",
+    )
+
+
+def _canceled(intent: PaymentIntent) -> ChargeResult:
+    return ChargeResult(
+        outcome=Outcome.PROVIDER_ERROR,
+        provider_ref=intent.id,
+        decline_code="canceled",
+        retryable=False,
+        reason="payment intent canceled: nothing charged",
+    )
+
+
+# PaymentIntent.status (docs.stripe.com/payments/paymentintents/lifecycle) -> result.
+INTENT_STATUSES: Final[Mapping[str, Callable[[PaymentIntent], ChargeResult]]] = {
+    "succeeded": _approved,
+    "requires_payment_method": _payment_failed,
+    "requires_action": _needs_customer,
+    "processing": _not_final,
+    "requires_capture": _not_final,  # authorised, not captured: an operator decides
+    "requires_confirmation": _not_final,
+    "canceled": _canceled,
+}
+
+# --- the mapping --------------------------------------------------------------------------
+
+
+def _network_advice(error: StripeError) -> tuple[Outcome, float | None] | None:
+    if error.network_advice_code is None or error.payment_method is None:
+        return None
+    card = error.payment_method.card
+    table = NETWORK_ADVICE.get(card.brand or "") if card is not None else None
+    return None if table is None else table.get(error.network_advice_code)
+
+
+def card_decline(error: StripeError, *, provider_ref: str | None) -> ChargeResult:
+    """A card error: soft unless the decline code, the advice or the network says never."""
+    code = error.decline_code or error.code or "card_declined"
+    base = DECLINE_CODES.get(code)
+    verdicts: list[tuple[Outcome, float | None]] = [(base or SOFT, CODE_RETRY_AFTER_S.get(code))]
+    notes = [f"decline_code {code}" if base else f"unrecognised decline_code {code}"]
+    advice = ADVICE_CODES.get(error.advice_code or "")
+    if advice is not None:
+        verdicts.append((advice, None))
+        notes.append(f"advice_code {error.advice_code}")
+    network = _network_advice(error)
+    if network is not None:
+        verdicts.append(network)
+        notes.append(f"network_advice_code {error.network_advice_code}")
+    hard = any(outcome is HARD for outcome, _ in verdicts)
+    waits = [wait for _, wait in verdicts if wait is not None]
+    return ChargeResult(
+        outcome=HARD if hard else SOFT,
+        provider_ref=provider_ref,
+        decline_code=code,
+        retry_after_s=None if hard or not waits else max(waits),
+        retryable=not hard,
+        reason="card_error: " + ", ".join(notes),
+    )
+
+
+def intent_result(intent: PaymentIntent) -> ChargeResult:
+    mapper = INTENT_STATUSES.get(intent.status)
+    if mapper is None:
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN,
+            provider_ref=intent.id,
+            reason=f"unrecognised payment intent status {intent.status}",
+        )
+    return mapper(intent)
+
+
+def _error_result(status: int, headers: Mapping[str, str], error: StripeError) -> ChargeResult:
+    what = f"{status} {error.type}" + (f" {error.code}" if error.code else "")
+    row = ERROR_CODES.get(error.code or "") or ERROR_TABLE.get((status, error.type))
+    row = row or ERROR_TABLE.get((status, None))
+    if row is None:
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unrecognised answer {what}")
+    outcome, retryable = row
+    should_retry = headers.get("Stripe-Should-Retry")
+    if should_retry is not None:
+        what += f", Stripe-Should-Retry {should_retry}"
+    if outcome is Outcome.RATE_LIMITED:
+        # Stripe does not promise a Retry-After; its limits are per second, hence 1 s without one.
+        return ChargeResult(outcome=outcome, retry_after_s=retry_after_seconds(headers), reason=what)
+    return ChargeResult(
+        outcome=outcome,
+        decline_code=None if retryable else (error.code or error.type),
+        retryable=retryable,
+        reason=what + (f" (param {error.param})" if error.param else ""),
+    )
+
+
+def charge_result(status: int, headers: Mapping[str, str], body: bytes) -> ChargeResult:
+    """Map Stripe's answer to ``POST /v1/payment_intents``; a body that does not parse is UNKNOWN."""
+    try:
+        if status == 200:
+            intent = _decode_intent(body)
+            if intent.object != "payment_intent":
+                return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"200 with a {intent.object} object")
+            return intent_result(intent)
+        error = _decode_error(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable {status} answer")
+    if status == 402:
+        if error.type != "card_error":
+            return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unrecognised answer 402 {error.type}")
+        provider_ref = error.payment_intent.id if error.payment_intent is not None else None
+        return card_decline(error, provider_ref=provider_ref)
+    return _error_result(status, headers, error)
+
+
+def decode_page(body: bytes) -> PaymentIntentPage | None:
+    """A list or search page of PaymentIntents; None if it does not parse."""
+    try:
+        page = _decode_page(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return page if page.object in ("list", "search_result") else None
+
+
+def matching(intents: Iterable[PaymentIntent], idempotency_key: str) -> list[PaymentIntent]:
+    return [intent for intent in intents if intent.metadata.get(KEY_METADATA) == idempotency_key]
+
+
+def lookup_result(intents: Sequence[PaymentIntent]) -> LookupResult:
+    """What the PaymentIntents carrying one idempotency key say of its attempt.
+
+    Normally there is one. Should a key have been reused after Stripe forgot it (24 h),
+    a success wins, then anything that may still move money, then the newest.
+    """
+    if not intents:
+        return LookupResult(found=False)
+    results = [(intent.created, intent_result(intent)) for intent in intents]
+    for wanted in (Outcome.APPROVED, Outcome.UNKNOWN):
+        for _, result in results:
+            if result.outcome is wanted:
+                return LookupResult(found=True, result=result)
+    return LookupResult(found=True, result=max(results, key=lambda pair: pair[0])[1])
