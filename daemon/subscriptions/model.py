@@ -1,0 +1,85 @@
+"""A subscription as payd holds it: its status, its billing position and its dunning progress."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import Final
+
+import msgspec
+
+from daemon.subscriptions.periods import IntervalUnit
+
+
+class SubscriptionStatus(enum.StrEnum):
+    ACTIVE = "active"
+    """In good standing: the next renewal is scheduled."""
+    PAST_DUE = "past_due"
+    """The current cycle is unpaid; dunning retries it, or (exhausted) waits for an operator."""
+    CANCELED = "canceled"
+    """Never charged again."""
+    PAUSED = "paused"
+    """Not charged while paused; an attempt already under way still settles."""
+
+
+CHARGEABLE: Final = frozenset({SubscriptionStatus.ACTIVE, SubscriptionStatus.PAST_DUE})
+
+
+class ChangeKind(enum.StrEnum):
+    """What happened to a subscription; the event type is ``subscription.<kind>``."""
+
+    RENEWED = "renewed"
+    """A cycle was paid in good standing (or while paused): the period advanced."""
+    RECOVERED = "recovered"
+    """A past-due cycle was paid: back to active."""
+    PAID_WHILE_CANCELED = "paid_while_canceled"
+    """An attempt under way at cancellation was approved: money moved, an operator decides."""
+    PAST_DUE = "past_due"
+    """The cycle went unpaid: from active to past_due (with or without a retry scheduled)."""
+    RETRY_SCHEDULED = "retry_scheduled"
+    """Still unpaid; another try is scheduled (``next_attempt_at``)."""
+    DUNNING_EXHAUSTED = "dunning_exhausted"
+    """Past due and no further try: the schedule or the retry budget ran out."""
+    CANCELED = "canceled"
+    """Canceled by a hard decline, a never-retry code, or exhausted dunning."""
+
+
+class Subscription(msgspec.Struct, kw_only=True):
+    """One ``subscriptions`` row, read under its row lock and changed in memory before writing."""
+
+    id: int
+    status: SubscriptionStatus
+    plan: str | None
+    provider: str
+    payment_method: str
+    card_brand: str | None
+    customer_ref: str | None
+    amount_minor: int
+    currency: str
+    interval_unit: IntervalUnit
+    interval_count: int
+    paid_cycle: int
+    billing_anchor: datetime | None
+    anchor_cycle: int
+    current_period_end: datetime | None
+    next_attempt_at: datetime | None
+    pending_key: str | None
+    """The idempotency key of the dispatched try this subscription waits on, if any."""
+    next_try: int
+    """The try number the next new dispatch of this cycle uses."""
+    dunning_step: int
+    """Soft declines so far in this cycle: the index into the retry schedule."""
+    status_reason: str | None
+
+    @property
+    def cycle(self) -> int:
+        """The cycle being billed: always the one after the last paid."""
+        return self.paid_cycle + 1
+
+
+def dispatch_key(subscription_id: int, cycle: int, try_number: int) -> str:
+    """Deterministic per (subscription, cycle, try): a repeated dispatch is one attempt.
+
+    ``store.mark_dispatched`` builds the same key in SQL; change both together.
+    """
+    return f"renew:{subscription_id}:{cycle}:{try_number}"
