@@ -1,0 +1,1 @@
+"""Helpers of load/bench.py: services and processes, traffic, /proc readings, the report."""
