@@ -1,0 +1,85 @@
+"""Living with a running daemon: SIGHUP reload and the aiomonitor console, over real connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import signal
+
+import aiomysql
+import redis.asyncio as aioredis
+import telnetlib3
+
+from daemon.halt import HaltKeys
+from tests.support import NAMESPACE, Broker, DaemonFactory, Sandbox, eventually, free_port
+
+
+async def test_sighup_applies_live_keys_and_keeps_running_on_a_bad_file(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A new in-flight limit applies on SIGHUP; a file that no longer validates changes nothing
+    and the daemon keeps running; a key that needs a restart is reported, not applied."""
+    daemon = await daemons.process(providers__sandbox={"max_in_flight": 7})
+    path = next(daemons.workdir.glob(f"payd-{daemon.port}.toml"))
+    original = path.read_text()
+    assert (await daemon.status())["providers"]["sandbox"]["limit"] == 7
+
+    path.write_text(
+        original.replace("max_in_flight = 7", "max_in_flight = 13").replace("prefetch = 500", "prefetch = 9")
+    )
+    daemon.signal(signal.SIGHUP)
+
+    async def limit_is(value: int) -> bool:
+        return (await daemon.status())["providers"]["sandbox"]["limit"] == value
+
+    await eventually(lambda: limit_is(13), timeout=10, what="the new limit")
+    assert "rabbitmq.prefetch" in daemon.log(), "a restart-only key is reported"
+
+    path.write_text(original.replace("max_in_flight = 7", "max_in_flight = 0"))
+    daemon.signal(signal.SIGHUP)
+    await eventually(lambda: _contains(daemon.log(), "reload.rejected"), timeout=10, what="the rejection")
+    assert "providers.sandbox.max_in_flight" in daemon.log()
+    assert await limit_is(13), "the running configuration stayed"
+    assert daemon.process.poll() is None
+
+
+async def _contains(text: str, needle: str) -> bool:
+    return needle in text
+
+
+async def test_aiomonitor_commands_answer_over_a_real_connection(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """`providers` shows the lanes; `limit` changes one; `halt`/`resume` write the fleet-wide key."""
+    port = free_port()
+    redis = aioredis.from_url("redis://127.0.0.1:6379/0")
+    await redis.delete(HaltKeys(NAMESPACE).provider_key("sandbox"))
+    async with daemons.in_process(
+        monitor={"enabled": True, "port": port, "webui_port": free_port()}
+    ) as daemon:
+        reader, writer = await telnetlib3.open_connection(
+            "127.0.0.1", port, term="dumb", cols=200, rows=50, connect_minwait=0.2
+        )
+
+        async def run(command: str, until: str) -> str:
+            writer.write(command + "\r\n")
+            seen = ""
+            deadline = asyncio.get_running_loop().time() + 10
+            while until not in seen and asyncio.get_running_loop().time() < deadline:
+                with contextlib.suppress(TimeoutError):
+                    seen += await asyncio.wait_for(reader.read(65536), 0.5)
+            return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", seen)
+
+        await run("", "payd >>>")
+        table = await run("providers", "draining:")
+        assert re.search(r"\| sandbox\s+\| 50\s+\|", table), table
+        assert "in flight 1" not in table
+        await run("limit sandbox 9", "in-flight limit 9")
+        assert (await daemon.status())["providers"]["sandbox"]["limit"] == 9
+        await run("halt --provider sandbox --reason from-test", "halted")
+        assert b"from-test" in (await redis.get(HaltKeys(NAMESPACE).provider_key("sandbox")) or b"")
+        await run("resume --provider sandbox", "resumed")
+        assert await redis.get(HaltKeys(NAMESPACE).provider_key("sandbox")) is None
+        writer.close()
+    await redis.aclose()
