@@ -68,6 +68,19 @@ def load_secret(name: str, environ: dict[str, str] | None = None) -> Secret | No
     return None
 
 
+def require_secret(name: str, *, needed_by: str) -> Secret:
+    """The secret ``name``, or a configuration error saying where to put it (never a value)."""
+    secret = load_secret(name)
+    if secret is None or not secret.reveal():
+        from daemon.config import ConfigError  # noqa: PLC0415 (config does not need secrets; keep it so)
+
+        raise ConfigError(
+            f"{needed_by}: secret {name} is not set: put it in the environment as {env_name(name)} "
+            f"or in the credential file $CREDENTIALS_DIRECTORY/{name}"
+        )
+    return secret
+
+
 def describe_secrets(environ: dict[str, str] | None = None) -> dict[str, str]:
     """For ``payd check-config``: which secrets are set and where from, never their values."""
     described = {}

@@ -13,12 +13,12 @@ from typing import Annotated, ClassVar, Final
 import aiohttp
 import msgspec
 
-from daemon.config import ConfigError, ProviderConfig
+from daemon.config import ProviderConfig
 from daemon.models import AttemptRequest, ChargeResult, Outcome
 from daemon.providers.adyen import transform
 from daemon.providers.base import Capabilities, LookupResult
 from daemon.providers.http import HttpResponse, exchange, open_session
-from daemon.secrets import Secret, env_name, load_secret
+from daemon.secrets import Secret, require_secret
 
 # Adyen: "Idempotency keys are valid for a minimum period of 7 days after first submission."
 IDEMPOTENCY_KEY_TTL_S: Final = 7 * 24 * 3600.0
@@ -46,13 +46,7 @@ class AdyenProvider:
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, AdyenProviderConfig)
-        api_key = load_secret(config.credential_name)
-        if api_key is None or not api_key.reveal():
-            raise ConfigError(
-                f"providers.{name}: secret {config.credential_name} is not set "
-                f"(environment {env_name(config.credential_name)} or "
-                f"$CREDENTIALS_DIRECTORY/{config.credential_name})"
-            )
+        api_key = require_secret(config.credential_name, needed_by=f"providers.{name} (the Adyen API key)")
         self.name = name
         self._api_key: Secret = api_key
         self._merchant_account = config.merchant_account

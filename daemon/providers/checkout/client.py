@@ -15,12 +15,12 @@ from urllib.parse import quote, urlencode
 import aiohttp
 import msgspec
 
-from daemon.config import ConfigError, PositiveFloat, ProviderConfig
+from daemon.config import PositiveFloat, ProviderConfig
 from daemon.models import AttemptRequest, ChargeResult
 from daemon.providers.base import Capabilities, LookupResult
 from daemon.providers.checkout import transform
 from daemon.providers.http import HttpResponse, exchange, open_session
-from daemon.secrets import Secret, env_name, load_secret
+from daemon.secrets import Secret, require_secret
 
 _PAGE_SIZE: Final = 10
 """Payments per page of ``GET /payments`` (the documented example's limit)."""
@@ -45,13 +45,9 @@ class CheckoutProvider:
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, CheckoutProviderConfig)
-        secret = load_secret(config.api_key_secret)
-        if secret is None:
-            raise ConfigError(
-                f"providers.{name}: secret {config.api_key_secret!r} is not set: put the Checkout.com "
-                f"secret key in {env_name(config.api_key_secret)} or "
-                f"$CREDENTIALS_DIRECTORY/{config.api_key_secret}"
-            )
+        secret = require_secret(
+            config.api_key_secret, needed_by=f"providers.{name} (the Checkout.com secret key)"
+        )
         self.name = name
         # Keys live a day (or what the account has); a lookup by reference finds the rest.
         self.capabilities = Capabilities(

@@ -12,12 +12,12 @@ from typing import Annotated, ClassVar, Literal
 import aiohttp
 import msgspec
 
-from daemon.config import ConfigError, ProviderConfig
+from daemon.config import ProviderConfig
 from daemon.models import AttemptRequest, ChargeResult
 from daemon.providers.base import Capabilities, LookupResult
 from daemon.providers.http import HttpResponse, exchange, open_session
 from daemon.providers.iyzico import transform
-from daemon.secrets import Secret, env_name, load_secret
+from daemon.secrets import Secret, require_secret
 
 PaymentChannel = Literal[
     "WEB",
@@ -60,13 +60,7 @@ class IyzicoProviderConfig(ProviderConfig, frozen=True):
 
 
 def _secret(provider: str, name: str) -> Secret:
-    secret = load_secret(name)
-    if secret is None:
-        raise ConfigError(
-            f"providers.{provider}: secret {name} is not set "
-            f"(environment {env_name(name)} or $CREDENTIALS_DIRECTORY/{name})"
-        )
-    return secret
+    return require_secret(name, needed_by=f"providers.{provider}")
 
 
 def _defaults(config: IyzicoProviderConfig) -> transform.PaymentDefaults:

@@ -14,12 +14,12 @@ from typing import Annotated, ClassVar, Final
 import aiohttp
 import msgspec
 
-from daemon.config import ConfigError, ProviderConfig
+from daemon.config import ProviderConfig
 from daemon.models import AttemptRequest, ChargeResult, Outcome
 from daemon.providers.base import Capabilities, LookupResult
 from daemon.providers.http import HttpResponse, exchange, open_session
 from daemon.providers.stripe import transform
-from daemon.secrets import env_name, load_secret
+from daemon.secrets import require_secret
 
 IDEMPOTENCY_KEY_TTL_S: Final = 24 * 3600.0  # Stripe prunes keys once they are 24 hours old
 
@@ -64,12 +64,7 @@ class StripeProvider:
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, StripeProviderConfig)
-        secret = load_secret(config.secret_name)
-        if secret is None:
-            raise ConfigError(
-                f"providers.{name}: the Stripe API key is not set: set {env_name(config.secret_name)} "
-                f"or the credential file {config.secret_name}"
-            )
+        secret = require_secret(config.secret_name, needed_by=f"providers.{name} (the Stripe API key)")
         self.name = name
         self._config = config
         read = _Headers({"Authorization": f"Bearer {secret.reveal()}"})
