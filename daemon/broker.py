@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, Final
+from typing import Any, Final, cast
 
 import aio_pika
 import aiormq
@@ -178,22 +178,35 @@ class Broker:
         message_id: str | None = None,
         headers: dict[str, Any] | None = None,
     ) -> None:
-        """Publish one persistent message and wait for the broker's confirm."""
-        channel = self._channel()
-        target = (
-            channel.default_exchange if exchange == "" else await channel.get_exchange(exchange, ensure=False)
-        )
-        message = aio_pika.Message(
-            body,
+        """Publish one persistent message and wait for the broker's confirm.
+
+        Goes to aiormq directly with ``wait=False``: the channel lock is released
+        once the frames are queued instead of after they reach the socket, so
+        concurrent publishes pipeline. The broker's confirm, awaited here, is
+        what proves the message is safe; the socket write proves nothing more.
+        """
+        # The concrete aiormq channel: its abstract type does not declare ``wait``.
+        channel = cast(aiormq.Channel, await self._channel().get_underlay_channel())
+        properties = aiormq.spec.Basic.Properties(
             message_id=message_id,
             headers=headers,
             content_type="application/json",
-            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            delivery_mode=2,  # persistent
         )
         try:
-            await target.publish(message, routing_key=routing_key, mandatory=exchange == "")
+            confirmation = await channel.basic_publish(
+                body,
+                exchange=exchange,
+                routing_key=routing_key,
+                properties=properties,
+                mandatory=exchange == "",  # a queue that does not exist must not swallow it
+                wait=False,
+            )
         except BROKER_ERRORS as error:
             raise BrokerUnavailable(f"publish failed: {type(error).__name__}") from error
+        if not isinstance(confirmation, aiormq.spec.Basic.Ack):
+            # Nack, Reject, or the message came back unroutable: not safe, the caller keeps it.
+            raise BrokerUnavailable(f"publish not confirmed: {type(confirmation).__name__}")
 
     async def publish_outbox(self, rows: Sequence[OutboxRow]) -> None:
         """Publish outbox rows concurrently; raise if any was not confirmed."""
@@ -238,11 +251,16 @@ async def settle(message: AbstractIncomingMessage, *, ack: bool) -> bool:
     A delivery whose channel died is requeued by the broker on its own; it will
     come back as a duplicate, which the claim step stops.
     """
+    if message.delivery_tag is None:
+        return True
     try:
+        channel = message.channel  # raises if the channel it came on has closed
+        # wait=False: an ack is fire-and-forget in AMQP; waiting for the socket write
+        # would only cost event-loop turns per message.
         if ack:
-            await message.ack()
+            await channel.basic_ack(delivery_tag=message.delivery_tag, wait=False)
         else:
-            await message.nack(requeue=True)
+            await channel.basic_nack(delivery_tag=message.delivery_tag, requeue=True, wait=False)
     except BROKER_ERRORS:
         return False
     return True

@@ -25,10 +25,10 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     from daemon.service import serve  # noqa: PLC0415 (keep light commands light)
 
-    configure_logging(config.daemon.log_level, config.daemon.log_format)
+    logging_handle = configure_logging(config.daemon.log_level, config.daemon.log_format, config.gelf)
 
     async def main() -> int:
-        shutdown, force = asyncio.Event(), asyncio.Event()
+        shutdown, force, reload = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
         def on_signal() -> None:
             # The first signal drains; a second one cuts the drain short.
@@ -37,9 +37,16 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal)
-        return await serve(config, shutdown=shutdown, force=force)
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
+        return await serve(config, shutdown=shutdown, force=force, reload=reload)
 
-    return _run(main())
+    try:
+        return _run(main())
+    except ConfigError as error:  # a provider found its credentials missing, say
+        print(f"payd: configuration error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        logging_handle.close()  # send what is queued for Graylog, for at most 5 s
 
 
 def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
@@ -94,6 +101,20 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return _run(operate.status(config, as_json=args.json))
 
 
+def cmd_retry(config: Config, args: argparse.Namespace) -> int:
+    from daemon.subscriptions import commands  # noqa: PLC0415
+
+    return _run(commands.retry(config, args.subscription_id))
+
+
+def cmd_subscriptions_import(config: Config, args: argparse.Namespace) -> int:
+    from daemon.subscriptions import commands  # noqa: PLC0415
+
+    return _run(
+        commands.import_subscriptions(config, args.file, file_format=args.format, batch_size=args.batch_size)
+    )
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from daemon.providers.sandbox import gateway  # noqa: PLC0415
 
@@ -140,6 +161,22 @@ def build_parser() -> argparse.ArgumentParser:
     resume.add_argument("--provider", help="resume only this provider's halt (default: the global one)")
     status = add("status", cmd_status, "show the running instance's status (from its control endpoint)")
     status.add_argument("--json", action="store_true", help="the raw JSON snapshot")
+    retry = add("retry", cmd_retry, "dispatch one try of a subscription's unpaid cycle now (via the outbox)")
+    retry.add_argument("subscription_id", type=int, metavar="SUBSCRIPTION_ID")
+    subscriptions = add("subscriptions", cmd_subscriptions_import, "subscription data: import")
+    subscription_commands = subscriptions.add_subparsers(dest="subscriptions_command", required=True)
+    importing = subscription_commands.add_parser(
+        "import",
+        help="import subscriptions from CSV or JSON lines (idempotent)",
+        description="import subscriptions from CSV or JSON lines; rejected rows are reported by line",
+    )
+    importing.add_argument("--config", default=argparse.SUPPRESS, help="configuration file")
+    importing.add_argument("file", metavar="FILE")
+    importing.add_argument(
+        "--format", choices=["csv", "jsonl"], help="default: from the file name or content"
+    )
+    importing.add_argument("--batch-size", type=int, default=1000, help="rows per INSERT (%(default)s)")
+    importing.set_defaults(handler=cmd_subscriptions_import)
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)
     from daemon.providers.sandbox import gateway  # noqa: PLC0415

@@ -16,6 +16,8 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
+from daemon.subscriptions.networks import MASTERCARD_CEILING, VISA_CEILINGS, strictest_ceiling
+
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -71,11 +73,24 @@ class RabbitMQSettings(Section, frozen=True):
 
 class RedisSettings(Section, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "payd"
+    """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
 
 
 class HttpSettings(Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 8080
+
+
+class MonitorSettings(Section, frozen=True):
+    """The aiomonitor console for live debugging (``daemon/monitor.py``); localhost only by default."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: Port = 20101
+    """The terminal console (telnet); give each instance on a host its own."""
+    webui_port: Port = 20102
+    """aiomonitor's web view of the same tasks."""
 
 
 class PipelineSettings(Section, frozen=True):
@@ -91,6 +106,8 @@ class PipelineSettings(Section, frozen=True):
     )
     """Waits between lookups of an unknown attempt; the last one repeats."""
     reconcile_batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 200
+    resend_after_s: NonNegativeFloat = 60.0
+    """An unknown attempt the provider has no record of is sent again (same key) only after this long."""
     not_found_grace_s: NonNegativeFloat = 300.0
     """An unknown attempt the provider has no record of becomes failed only after this long."""
 
@@ -127,6 +144,75 @@ class ProviderConfig(Section, frozen=True):
     breaker_open_s: PositiveFloat = 5.0
     breaker_max_open_s: PositiveFloat = 60.0
     breaker_probes: Annotated[int, msgspec.Meta(ge=1)] = 3
+    failover_to: str | None = None
+    """Another provider of the same kind to send to when this one was never reached: its breaker
+    is open, or it cannot be connected to. Only where payment methods are valid at both."""
+
+
+# -- subscriptions: renewals, dunning and the retry budget (docs/subscriptions.md) --
+
+NextStatus = Literal["canceled", "past_due"]
+PlanName = Annotated[str, msgspec.Meta(min_length=1, max_length=64)]
+DAY_S = 86400.0
+
+
+class DunningOverride(Section, frozen=True):
+    """``[subscriptions.dunning.plans.NAME]`` or ``[...providers.NAME]``: a key left out inherits."""
+
+    schedule_s: Annotated[list[PositiveFloat], msgspec.Meta(max_length=100)] | None = None
+    on_exhausted: NextStatus | None = None
+    on_hard_decline: NextStatus | None = None
+
+
+class DunningSettings(Section, frozen=True):
+    schedule_s: Annotated[list[PositiveFloat], msgspec.Meta(max_length=100)] = msgspec.field(
+        default_factory=lambda: [1 * DAY_S, 3 * DAY_S, 5 * DAY_S, 7 * DAY_S]
+    )
+    """Wait before the retry after the 1st, 2nd, ... soft decline of a cycle; its length is the
+    number of retries. A provider's earliest-retry advice (``retry_after_s``) lengthens a wait."""
+    on_exhausted: NextStatus = "canceled"
+    """Where a subscription goes when the schedule or the retry budget runs out."""
+    on_hard_decline: NextStatus = "canceled"
+    """Where a hard decline or a never-retry code sends it (at once, no further try)."""
+    failed_retry_s: PositiveFloat = 900.0
+    """Wait before trying again after an attempt that charged nothing (provider down, 429s)."""
+    retry_jitter_s: NonNegativeFloat = 600.0
+    """Retries spread over up to this long (at most a tenth of their wait)."""
+    do_not_retry_codes: list[Annotated[str, msgspec.Meta(min_length=1, max_length=64)]] = msgspec.field(
+        default_factory=list
+    )
+    """Decline codes that stop dunning, besides the networks' never-retry codes (always on)."""
+    plans: dict[PlanName, dict[str, Any]] = msgspec.field(default_factory=dict)
+    providers: dict[Name, dict[str, Any]] = msgspec.field(default_factory=dict)
+
+
+class RetryBudgetSettings(Section, frozen=True):
+    """Attempts per payment method in the trailing 30 days, first tries included, all providers."""
+
+    visa_rule: Literal["2021", "2026"] = "2021"
+    """Which Visa excessive-reattempt rule applies: 15 (2021) or 20 (2026) in 30 days."""
+    visa: PositiveInt | None = None
+    """Default: the ceiling of ``visa_rule``."""
+    mastercard: PositiveInt | None = None
+    """Default and ceiling: 35."""
+    other: PositiveInt | None = None
+    """Any other or unknown brand; default and ceiling: the strictest of the above."""
+
+
+class SubscriptionSettings(Section, frozen=True):
+    scheduler: bool = True
+    """Run the renewal scheduler inside ``payd run`` (every instance may; they share the work)."""
+    batch_size: Annotated[int, msgspec.Meta(ge=1, le=5000)] = 500
+    dispatch_rate_per_s: PositiveFloat = 1000.0
+    """Renewals and retries dispatched per second by this instance (token bucket)."""
+    poll_interval_s: PositiveFloat = 1.0
+    """Pause between scans once nothing is due."""
+    renewal_jitter_s: NonNegativeFloat = 3600.0
+    """Renewals fall due up to this long after their period ends, spread per subscription."""
+    dispatch_timeout_s: PositiveFloat = 3600.0
+    """A dispatched try with no recorded outcome after this long is looked at again."""
+    dunning: DunningSettings = DunningSettings()
+    retry_budget: RetryBudgetSettings = RetryBudgetSettings()
 
 
 class _RawConfig(Section, frozen=True):
@@ -136,9 +222,11 @@ class _RawConfig(Section, frozen=True):
     rabbitmq: RabbitMQSettings = RabbitMQSettings()
     redis: RedisSettings = RedisSettings()
     http: HttpSettings = HttpSettings()
+    monitor: MonitorSettings = MonitorSettings()
     pipeline: PipelineSettings = PipelineSettings()
     outbox: OutboxSettings = OutboxSettings()
     providers: dict[Name, dict[str, Any]] = msgspec.field(default_factory=dict)
+    subscriptions: SubscriptionSettings = SubscriptionSettings()
 
 
 class Config(Section, frozen=True):
@@ -148,9 +236,11 @@ class Config(Section, frozen=True):
     rabbitmq: RabbitMQSettings
     redis: RedisSettings
     http: HttpSettings
+    monitor: MonitorSettings
     pipeline: PipelineSettings
     outbox: OutboxSettings
     providers: dict[str, ProviderConfig]
+    subscriptions: SubscriptionSettings = SubscriptionSettings()
     source: str = "<memory>"
 
     @property
@@ -201,11 +291,23 @@ def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
             raise ConfigError(f"{source}: {_explain(error, prefix)}") from None
     if not providers:
         raise ConfigError(f"{source}: providers: at least one [providers.NAME] table is required")
+    for name, provider in providers.items():
+        target = provider.failover_to
+        if target is None:
+            continue
+        if target == name or target not in providers:
+            raise ConfigError(f"{source}: providers.{name}.failover_to: must name another provider")
+        if providers[target].kind != provider.kind:
+            raise ConfigError(
+                f"{source}: providers.{name}.failover_to: {target!r} is of kind {providers[target].kind!r}; "
+                f"a payment method of {provider.kind!r} means nothing there"
+            )
     if raw.pipeline.lease_s <= max(p.timeout_s for p in providers.values()) * 2:
         raise ConfigError(
             f"{source}: pipeline.lease_s: must exceed twice the largest provider timeout_s, "
             "or live attempts would be taken for dead ones"
         )
+    _check_subscriptions(raw.subscriptions, providers, source)
     return Config(
         daemon=raw.daemon,
         gelf=raw.gelf,
@@ -213,11 +315,42 @@ def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
         rabbitmq=raw.rabbitmq,
         redis=raw.redis,
         http=raw.http,
+        monitor=raw.monitor,
         pipeline=raw.pipeline,
         outbox=raw.outbox,
         providers=providers,
+        subscriptions=raw.subscriptions,
         source=source,
     )
+
+
+def _check_subscriptions(
+    settings: SubscriptionSettings, providers: dict[str, ProviderConfig], source: str
+) -> None:
+    """Dunning overrides must be well-formed and name real providers; no retry budget may
+    exceed what its card network allows."""
+    dunning = settings.dunning
+    for group, overrides in (("plans", dunning.plans), ("providers", dunning.providers)):
+        for name, table in overrides.items():
+            prefix = f"subscriptions.dunning.{group}.{name}"
+            if group == "providers" and name not in providers:
+                raise ConfigError(f"{source}: {prefix}: no provider of that name is configured")
+            try:
+                msgspec.convert(table, type=DunningOverride)
+            except msgspec.ValidationError as error:
+                raise ConfigError(f"{source}: {_explain(error, prefix)}") from None
+    budget = settings.retry_budget
+    visa = VISA_CEILINGS[budget.visa_rule]
+    for key, value, ceiling, rule in (
+        ("visa", budget.visa, visa, f"Visa's {budget.visa_rule} excessive-reattempt rule allows"),
+        ("mastercard", budget.mastercard, MASTERCARD_CEILING, "Mastercard's excessive-attempts rule allows"),
+        ("other", budget.other, strictest_ceiling(budget.visa_rule), "the strictest network rule allows"),
+    ):
+        if value is not None and value > ceiling:
+            raise ConfigError(
+                f"{source}: subscriptions.retry_budget.{key}: {value} exceeds {ceiling}, "
+                f"the most {rule} per payment method in 30 days"
+            )
 
 
 def load_config(path: str | Path) -> Config:

@@ -138,7 +138,11 @@ def build_control_app(state: ControlState) -> web.Application:
         if order.provider is not None and order.provider not in state.pipeline.lanes:
             return web.json_response({"error": f"unknown provider {order.provider!r}"}, status=400)
         await set_halt(
-            state.redis, provider=order.provider, reason=order.reason, by=f"control:{state.instance_id}"
+            state.redis,
+            state.halt.keys,
+            provider=order.provider,
+            reason=order.reason,
+            by=f"control:{state.instance_id}",
         )
         return web.json_response({"halted": order.provider or "all"})
 
@@ -148,7 +152,7 @@ def build_control_app(state: ControlState) -> web.Application:
         order = _decode_admin(await request.read())
         if isinstance(order, str):
             return web.json_response({"error": order}, status=400)
-        cleared = await clear_halt(state.redis, provider=order.provider)
+        cleared = await clear_halt(state.redis, state.halt.keys, provider=order.provider)
         return web.json_response({"resumed": order.provider or "all", "was_halted": cleared})
 
     app = web.Application()

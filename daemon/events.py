@@ -44,7 +44,9 @@ def payment_event(
     state: AttemptState,
     result: ChargeResult,
     occurred_at: str,
+    provider: str | None = None,
 ) -> OutboxRow:
+    """``provider`` is the connection that was called, when a failover made it another."""
     routing_key = ROUTING_KEY_OF_STATE[state]
     identifier = event_id(request.idempotency_key, state)
     event = PaymentEvent(
@@ -54,7 +56,7 @@ def payment_event(
         idempotency_key=request.idempotency_key,
         subscription_id=request.subscription_id,
         cycle=request.cycle,
-        provider=request.provider,
+        provider=provider or request.provider,
         amount_minor=request.amount_minor,
         currency=request.currency,
         outcome=result.outcome.value,

@@ -30,13 +30,24 @@ import structlog
 
 log = structlog.get_logger("payd.halt")
 
-GLOBAL_KEY: Final = "payd:halt:global"
 POLL_INTERVAL_S: Final = 0.25
 REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
-def provider_key(provider: str) -> str:
-    return f"payd:halt:provider:{provider}"
+class HaltKeys(msgspec.Struct, frozen=True):
+    """Where one fleet's halt lives: ``PREFIX:halt:global`` and ``PREFIX:halt:provider:NAME``."""
+
+    prefix: str
+
+    @property
+    def global_key(self) -> str:
+        return f"{self.prefix}:halt:global"
+
+    def provider_key(self, provider: str) -> str:
+        return f"{self.prefix}:halt:provider:{provider}"
+
+    def key(self, provider: str | None) -> str:
+        return self.provider_key(provider) if provider else self.global_key
 
 
 class HaltOrder(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,8 +65,9 @@ _decode = msgspec.json.Decoder(HaltOrder).decode
 class HaltState:
     """This instance's view of the halt keys, refreshed by ``watch``."""
 
-    def __init__(self, providers: Iterable[str]) -> None:
+    def __init__(self, providers: Iterable[str], keys: HaltKeys) -> None:
         self._providers = list(providers)
+        self.keys = keys
         self.global_order: HaltOrder | None = None
         self.provider_orders: dict[str, HaltOrder] = {}
         self.stale = False
@@ -88,7 +100,7 @@ class HaltState:
 
     async def watch(self, client: aioredis.Redis) -> None:
         """Poll the halt keys for the daemon's lifetime."""
-        keys = [GLOBAL_KEY, *(provider_key(name) for name in self._providers)]
+        keys = [self.keys.global_key, *(self.keys.provider_key(name) for name in self._providers)]
         while True:
             try:
                 values = await client.mget(keys)
@@ -119,10 +131,12 @@ def _parse(raw: bytes | None) -> HaltOrder | None:
         return HaltOrder(reason=raw.decode(errors="replace")[:200], by="unknown", at="unknown")
 
 
-async def set_halt(client: aioredis.Redis, *, provider: str | None, reason: str, by: str) -> None:
+async def set_halt(
+    client: aioredis.Redis, keys: HaltKeys, *, provider: str | None, reason: str, by: str
+) -> None:
     order = HaltOrder(reason=reason, by=by, at=datetime.now(UTC).isoformat(timespec="seconds"))
-    await client.set(provider_key(provider) if provider else GLOBAL_KEY, _encode(order))
+    await client.set(keys.key(provider), _encode(order))
 
 
-async def clear_halt(client: aioredis.Redis, *, provider: str | None) -> bool:
-    return bool(await client.delete(provider_key(provider) if provider else GLOBAL_KEY))
+async def clear_halt(client: aioredis.Redis, keys: HaltKeys, *, provider: str | None) -> bool:
+    return bool(await client.delete(keys.key(provider)))

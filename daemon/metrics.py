@@ -2,7 +2,17 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
+
+from daemon.logs import LogShippingCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 BATCH_BUCKETS = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
@@ -57,6 +67,12 @@ class Metrics:
         self.breaker_trips = Gauge(
             "payd_provider_breaker_trips", "Times the breaker opened since start", ["provider"], registry=r
         )
+        self.failovers = Counter(
+            "payd_provider_failovers",
+            "Attempts sent to a failover connection because the first was never reached",
+            ["provider", "to"],
+            registry=r,
+        )
         self.messages = Counter(
             "payd_messages", "Broker deliveries by what became of them", ["result"], registry=r
         )
@@ -110,6 +126,11 @@ class Metrics:
         self.draining = Gauge("payd_draining", "1 while the daemon drains", registry=r)
         self.broker_connected = Gauge("payd_broker_connected", "1 while connected to RabbitMQ", registry=r)
         self.broker_reconnects = Counter("payd_broker_reconnects", "Reconnections to RabbitMQ", registry=r)
+
+        # CPU seconds, resident memory and open descriptors of this process; the Python version.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        r.register(LogShippingCollector())  # payd_log_records_{sent,dropped,failed}_total, queue depth
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -99,6 +99,8 @@ class ChargeResult(msgspec.Struct, frozen=True, kw_only=True):
     retry_after_s: float | None = None
     retryable: bool = True
     """For outcomes that charged nothing: whether trying again could help."""
+    reached_provider: bool = True
+    """False only when the request never left payd (no connection): the one case failover may take."""
     reason: str | None = None
     """Short, secret-free explanation for logs and the attempt row."""
 

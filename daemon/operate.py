@@ -12,7 +12,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from daemon.config import Config
-from daemon.halt import REDIS_ERRORS, clear_halt, set_halt
+from daemon.halt import REDIS_ERRORS, HaltKeys, clear_halt, set_halt
 from daemon.secrets import load_secret
 
 
@@ -31,7 +31,11 @@ async def halt(config: Config, *, provider: str | None, reason: str) -> int:
     client = _redis(config)
     try:
         await set_halt(
-            client, provider=provider, reason=reason, by=f"{getpass.getuser()}@{socket.gethostname()}"
+            client,
+            HaltKeys(config.redis.key_prefix),
+            provider=provider,
+            reason=reason,
+            by=f"{getpass.getuser()}@{socket.gethostname()}",
         )
     except REDIS_ERRORS as error:
         print(f"payd halt: could not reach Redis at {config.redis.url}: {error}", file=sys.stderr)
@@ -46,7 +50,7 @@ async def halt(config: Config, *, provider: str | None, reason: str) -> int:
 async def resume(config: Config, *, provider: str | None) -> int:
     client = _redis(config)
     try:
-        was_halted = await clear_halt(client, provider=provider)
+        was_halted = await clear_halt(client, HaltKeys(config.redis.key_prefix), provider=provider)
     except (redis.exceptions.RedisError, OSError) as error:
         print(f"payd resume: could not reach Redis at {config.redis.url}: {error}", file=sys.stderr)
         return 1

@@ -20,8 +20,10 @@ import structlog
 from daemon.broker import BROKER_ERRORS, Broker
 from daemon.config import Config
 from daemon.control import ControlState, start_control
-from daemon.halt import HaltState
+from daemon.halt import HaltKeys, HaltState
+from daemon.logs import set_log_level
 from daemon.metrics import Metrics
+from daemon.monitor import start_monitor
 from daemon.notify import SystemdNotifier
 from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
 from daemon.pipeline.execute import Lane, breaker_for
@@ -30,8 +32,10 @@ from daemon.pipeline.ratelimit import rate_limit_for
 from daemon.pipeline.reconcile import Reconciler
 from daemon.pipeline.relay import OutboxRelay
 from daemon.providers.registry import create_provider
+from daemon.reload import watch_reloads
 from daemon.secrets import Secret, load_secret
 from daemon.storage.db import close_pool, open_pool, transaction
+from daemon.subscriptions.scheduler import start_subscriptions
 
 log = structlog.get_logger("payd")
 
@@ -81,19 +85,42 @@ async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
     await asyncio.gather(*tasks, return_exceptions=True)
 
 
+def _open_lanes(
+    config: Config, stack: AsyncExitStack, redis_client: aioredis.Redis, halt: HaltState
+) -> dict[str, Lane]:
+    """One lane per configured provider: its adapter and the protections around it."""
+    lanes: dict[str, Lane] = {}
+    for name, provider_config in config.providers.items():
+        provider = create_provider(name, provider_config)
+        stack.push_async_callback(provider.close)
+        lanes[name] = Lane(
+            name=name,
+            provider=provider,
+            config=provider_config,
+            limiter=ProviderLimiter(provider_config.max_in_flight),
+            breaker=breaker_for(provider_config),
+            rate=rate_limit_for(name, provider_config, redis_client, config.redis.key_prefix),
+            halt=halt,
+        )
+    return lanes
+
+
 async def serve(
     config: Config,
     *,
     shutdown: asyncio.Event,
     force: asyncio.Event | None = None,
+    reload: asyncio.Event | None = None,
     on_ready: Callable[[], None] = lambda: None,
 ) -> int:
     """Run the daemon until ``shutdown`` is set; return the process exit status.
 
     ``force`` (a second signal) cuts the drain short: the process exits at
-    once, leaving unfinished attempts to leases and redelivery.
+    once, leaving unfinished attempts to leases and redelivery. ``reload``
+    (SIGHUP) re-reads the configuration and applies what can change live.
     """
     force = force or asyncio.Event()
+    reload = reload or asyncio.Event()
     instance_id = config.instance_id
     structlog.contextvars.bind_contextvars(instance=instance_id)
     metrics = Metrics()
@@ -112,20 +139,8 @@ async def serve(
 
         redis_client = aioredis.from_url(config.redis.url, password=_reveal(load_secret("redis_password")))
         stack.push_async_callback(redis_client.aclose)
-        halt = HaltState(config.providers)
-        lanes: dict[str, Lane] = {}
-        for name, provider_config in config.providers.items():
-            provider = create_provider(name, provider_config)
-            stack.push_async_callback(provider.close)
-            lanes[name] = Lane(
-                name=name,
-                provider=provider,
-                config=provider_config,
-                limiter=ProviderLimiter(provider_config.max_in_flight),
-                breaker=breaker_for(provider_config),
-                rate=rate_limit_for(name, provider_config, redis_client),
-                halt=halt,
-            )
+        halt = HaltState(config.providers, HaltKeys(config.redis.key_prefix))
+        lanes = _open_lanes(config, stack, redis_client, halt)
 
         broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
         await _with_retries("rabbitmq", broker.connect, STARTUP_RETRY_S)
@@ -150,12 +165,27 @@ async def serve(
         )
         probe = DatabaseProbe(pool)
 
+        # Before any task that records outcomes starts: they follow this daemon's [subscriptions].
+        renewals = start_subscriptions(config, pool=pool, providers=lanes, metrics=metrics, wake=relay.wake)
         # Background duties; the relay outlives the drain so the last events go out.
         duties = [
             asyncio.create_task(broker.supervise(), name="broker-supervisor"),
             asyncio.create_task(halt.watch(redis_client), name="halt-watcher"),
             asyncio.create_task(reconciler.run(), name="reconciler"),
             asyncio.create_task(probe.run(), name="database-probe"),
+            asyncio.create_task(
+                watch_reloads(
+                    reload,
+                    config,
+                    lanes,
+                    rate_factory=lambda name, provider: rate_limit_for(
+                        name, provider, redis_client, config.redis.key_prefix
+                    ),
+                    set_log_level=set_log_level,
+                ),
+                name="config-reloader",
+            ),
+            *renewals,
         ]
         relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
         stack.push_async_callback(_cancel, [relay_task])
@@ -173,6 +203,15 @@ async def serve(
         )
         runner = await start_control(state, config.http.host, config.http.port)
         stack.push_async_callback(runner.cleanup)
+        if config.monitor.enabled:
+            monitor = start_monitor(
+                state,
+                shutdown,
+                host=config.monitor.host,
+                port=config.monitor.port,
+                webui_port=config.monitor.webui_port,
+            )
+            stack.callback(monitor.close)
 
         pipeline.start()
         await broker.start_consuming(pipeline.on_message)

@@ -51,13 +51,16 @@ def config_text(*, sandbox_url: str, http_port: int, **sections: dict[str, Any])
         "daemon": {"drain_timeout_s": 10, "log_level": "warning"},
         "mysql": {"database": DATABASE, "pool_size": 6},
         "rabbitmq": {"namespace": NAMESPACE, "prefetch": 500, "reconnect_delay_s": 0.5},
+        "redis": {"key_prefix": NAMESPACE},
         "http": {"port": http_port},
+        "monitor": {"enabled": False},
         "pipeline": {
             "batch_delay_ms": 2,
             "lease_s": 30,
             "reconcile_interval_s": 0.2,
             "reconcile_backoff_s": [0.5, 1, 2],
             "not_found_grace_s": 5,
+            "resend_after_s": 0.5,
         },
         "outbox": {"poll_interval_s": 0.2},
         "providers.sandbox": {

@@ -9,14 +9,26 @@ import aiohttp
 import aiomysql
 import redis.asyncio as aioredis
 
-from daemon.halt import GLOBAL_KEY, provider_key
+from daemon.halt import HaltKeys
 from daemon.secrets import load_secret
-from tests.support import PAYD, Broker, DaemonFactory, Sandbox, eventually, request, states, wait_settled
+from tests.support import (
+    NAMESPACE,
+    PAYD,
+    Broker,
+    DaemonFactory,
+    Sandbox,
+    eventually,
+    request,
+    states,
+    wait_settled,
+)
+
+KEYS = HaltKeys(NAMESPACE)
 
 
 async def clear_halts() -> None:
     client = aioredis.from_url("redis://127.0.0.1:6379/0")
-    await client.delete(GLOBAL_KEY, provider_key("sandbox"))
+    await client.delete(KEYS.global_key, KEYS.provider_key("sandbox"))
     await client.aclose()
 
 

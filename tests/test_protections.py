@@ -22,6 +22,7 @@ from tests.support import (
     DaemonFactory,
     Sandbox,
     config_text,
+    query,
     request,
     running_sandbox,
     states,
@@ -205,3 +206,77 @@ def test_plugin_provider_kind_from_an_installed_package(tmp_path: Path) -> None:
     )
     assert refused.returncode == 2
     assert "providers.echo: Object contains unknown field `greting`" in refused.stderr
+
+
+UNREACHABLE = {
+    "kind": "sandbox",
+    "base_url": "http://127.0.0.1:1",  # nothing listens: every call fails to connect, nothing is sent
+    "max_in_flight": 10,
+    "timeout_s": 2,
+    "connect_timeout_s": 0.5,
+    "max_tries": 2,
+    "retry_backoff_s": 0.01,
+    "failover_to": "sandbox",
+}
+
+
+async def test_failover_only_when_the_first_connection_was_never_reached(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A primary that cannot be connected to: attempts go to the failover connection, charged
+    once there, and the row and event name the connection that charged."""
+    await broker.follow_events()
+    keys = [f"fo-{i}" for i in range(20)]
+    async with daemons.in_process(providers__primary=UNREACHABLE):
+        await broker.publish(request(key, provider="primary") for key in keys)
+        settled = await wait_settled(db, keys)
+    assert set(settled.values()) == {"succeeded"}
+    assert len(await sandbox.assert_no_double_charge()) == 20
+    routed = {row[0] for row in await query(db, "SELECT DISTINCT routed_provider FROM attempts")}
+    assert routed == {"sandbox"}
+    assert {e["provider"] for e in broker.events if e["type"] == "payment.succeeded"} == {"sandbox"}
+
+
+async def test_no_failover_after_the_provider_was_reached(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A primary that answers 500 was reached: its attempts fail there, never go elsewhere."""
+    async with running_sandbox(error_rate=1.0) as primary:
+        reached = {**UNREACHABLE, "base_url": primary.url, "breaker_min_calls": 10_000}
+        async with daemons.in_process(providers__primary=reached):
+            await broker.publish(request(f"nofo-{i}", provider="primary") for i in range(10))
+            settled = await wait_settled(db, [f"nofo-{i}" for i in range(10)])
+    assert set(settled.values()) == {"failed"}
+    assert await sandbox.ledger() == [], "nothing went to the failover connection"
+    routed = await query(db, "SELECT COUNT(*) FROM attempts WHERE routed_provider IS NOT NULL")
+    assert routed == [(0,)]
+
+
+async def test_unknown_after_failover_is_reconciled_where_it_was_sent(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A timeout at the failover connection: the lookup goes to that connection (the primary
+    was never reached and cannot answer), and finds the one charge."""
+    await sandbox.behave(hang_s=4)
+    async with daemons.in_process(
+        providers__primary={**UNREACHABLE, "timeout_s": 1}, providers__sandbox={"timeout_s": 1}
+    ):
+        await broker.publish([request("fo-slow", provider="primary", payment_method="pm_timeout")])
+        settled = await wait_settled(db, ["fo-slow"], timeout=30)
+    assert settled == {"fo-slow": "succeeded"}
+    assert [c["idempotency_key"] for c in await sandbox.ledger()] == ["fo-slow"]
+    assert (await sandbox.stats())["lookups"] >= 1
+
+
+@pytest.mark.parametrize(
+    ("failover_to", "message"),
+    [("nosuch", "must name another provider"), ("primary", "must name another provider")],
+)
+def test_failover_target_is_validated(failover_to: str, message: str) -> None:
+    from daemon.config import ConfigError, parse_config  # noqa: PLC0415
+
+    text = config_text(sandbox_url="http://127.0.0.1:1", http_port=0)
+    text += '\n[providers.primary]\nkind = "sandbox"\nbase_url = "http://x"\nmax_in_flight = 1\n'
+    text += f'failover_to = "{failover_to}"\n'
+    with pytest.raises(ConfigError, match=rf"providers\.primary\.failover_to: {message}"):
+        parse_config(text)

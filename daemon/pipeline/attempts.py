@@ -25,9 +25,9 @@ from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import Attempt, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.batcher import Batcher
-from daemon.pipeline.execute import AttemptRun, Lane, execute
+from daemon.pipeline.execute import BREAKER_OPEN, AttemptRun, Lane, execute
 from daemon.pipeline.intake import Invalid, decode_request
-from daemon.storage.attempts import Record, claim_attempts, record_outcomes
+from daemon.storage.attempts import Record, claim_attempts, record_outcomes, route_attempt
 
 log = structlog.get_logger("payd.pipeline")
 
@@ -208,13 +208,7 @@ class AttemptPipeline:
             idempotency_key=attempt.request.idempotency_key, provider=lane.name
         )
         try:
-            result = await execute(
-                lane,
-                run,
-                lease_deadline=lease_deadline,
-                stopping=self.stopping,
-                metrics=self._metrics,
-            )
+            result = await self._execute_with_failover(attempt, lane, run, lease_deadline)
         except asyncio.CancelledError:
             # Only the drain deadline cancels an attempt. Its outcome must still be
             # written: a call that was on the wire may have charged.
@@ -226,6 +220,37 @@ class AttemptPipeline:
             )
         self._records.add(Finished(attempt, message, result, run))
 
+    async def _execute_with_failover(
+        self, attempt: Attempt, lane: Lane, run: AttemptRun, lease_deadline: float
+    ) -> ChargeResult | None:
+        """Call the provider; where it was never reached and a failover is configured, the other.
+
+        The routing is written before the second connection is called, so if
+        this process dies mid-call, reconciliation asks the one that may have
+        charged, never the one that was not reached.
+        """
+        secondary = self.lanes.get(lane.config.failover_to or "")
+        result = await execute(
+            lane,
+            run,
+            lease_deadline=lease_deadline,
+            stopping=self.stopping,
+            metrics=self._metrics,
+            leave_if_open=secondary is not None,
+        )
+        if secondary is None or result is None or result.reached_provider:
+            return result
+        try:
+            await route_attempt(self._pool, attempt.attempt_id, secondary.name)
+        except DB_ERRORS as error:
+            log.error("failover.routing_not_written", error=repr(error), to=secondary.name)
+            return None if result is BREAKER_OPEN else result  # waits in the queue rather than risk it
+        self._metrics.failovers.labels(lane.name, secondary.name).inc()
+        run.provider = secondary.name
+        return await execute(
+            secondary, run, lease_deadline=lease_deadline, stopping=self.stopping, metrics=self._metrics
+        )
+
     # -- record ---------------------------------------------------------------
 
     async def _record(self, batch: list[Finished]) -> None:
@@ -235,6 +260,7 @@ class AttemptPipeline:
                 request=f.attempt.request,
                 result=f.result,
                 tries=f.run.tries,
+                provider=f.run.provider if f.run.provider != f.attempt.request.provider else None,
             )
             for f in batch
         ]
@@ -271,15 +297,17 @@ class AttemptPipeline:
             return
         self.counters.finished += 1
         result = finished.result
-        self._metrics.attempts.labels(request.provider, result.outcome.value).inc()
-        self._metrics.attempt_seconds.labels(request.provider).observe(now - finished.run.started)
+        provider = finished.run.provider
+        self._metrics.attempts.labels(provider, result.outcome.value).inc()
+        self._metrics.attempt_seconds.labels(provider).observe(now - finished.run.started)
         self._metrics.messages.labels("processed").inc()
         # The one canonical line per attempt.
         log.info(
             "attempt.finished",
             idempotency_key=request.idempotency_key,
             attempt_id=finished.attempt.attempt_id,
-            provider=request.provider,
+            provider=provider,
+            requested_provider=request.provider if provider != request.provider else None,
             subscription_id=request.subscription_id,
             cycle=request.cycle,
             amount_minor=request.amount_minor,

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import time
+from typing import Final
 
 import msgspec
 
@@ -58,10 +60,12 @@ def breaker_for(config: ProviderConfig) -> CircuitBreaker:
 class AttemptRun:
     """The mutable progress of one attempt, read by drain to decide its fate."""
 
-    __slots__ = ("calling", "rate_limited", "request", "started", "tries")
+    __slots__ = ("calling", "provider", "rate_limited", "request", "started", "tries")
 
     def __init__(self, request: AttemptRequest) -> None:
         self.request = request
+        self.provider = request.provider
+        """The connection actually used: the requested one, or its failover."""
         self.calling = False
         """True while a request may be on its way to the provider."""
         self.tries = 0
@@ -69,17 +73,32 @@ class AttemptRun:
         self.started = time.monotonic()
 
 
-async def _wait_for_gate(lane: Lane, *, lease_deadline: float, stopping: asyncio.Event) -> bool:
+BREAKER_OPEN: Final = ChargeResult(
+    outcome=Outcome.PROVIDER_ERROR, reached_provider=False, reason="breaker open: not sent"
+)
+
+
+class _Gate(enum.Enum):
+    GO = "go"
+    GIVE_BACK = "give back"
+    BREAKER_OPEN = "breaker open"
+
+
+async def _wait_for_gate(
+    lane: Lane, *, lease_deadline: float, stopping: asyncio.Event, leave_if_open: bool
+) -> _Gate:
     """Wait while the fleet is halted, the lane paused (429) or its breaker open.
 
-    False: give the attempt back (drain, or its claim would run out first).
+    GIVE_BACK: the attempt goes back to the queue (drain, or its claim would run
+    out first). BREAKER_OPEN: only with ``leave_if_open``, for a lane that can
+    fail over rather than wait.
     """
     while True:
         if stopping.is_set():
-            return False
+            return _Gate.GIVE_BACK
         now = time.monotonic()
         if now + lane.config.timeout_s >= lease_deadline:
-            return False
+            return _Gate.GIVE_BACK
         if not lane.may_call():
             await lane.halt.wait_for_change(at_most_s=min(1.0, lease_deadline - now - lane.config.timeout_s))
             continue
@@ -88,7 +107,9 @@ async def _wait_for_gate(lane: Lane, *, lease_deadline: float, stopping: asyncio
                 await asyncio.wait_for(stopping.wait(), lane.paused_until - now)
             continue
         if lane.breaker.try_enter():
-            return True
+            return _Gate.GO
+        if leave_if_open:
+            return _Gate.BREAKER_OPEN
         await lane.breaker.wait(at_most_s=lease_deadline - now - lane.config.timeout_s)
 
 
@@ -120,12 +141,22 @@ async def execute(
     lease_deadline: float,
     stopping: asyncio.Event,
     metrics: Metrics,
+    leave_if_open: bool = False,
 ) -> ChargeResult | None:
-    """The attempt's final result, or None if it was never sent and should go back to the queue."""
+    """The attempt's final result, or None if it was never sent and should go back to the queue.
+
+    With ``leave_if_open`` an open breaker returns ``BREAKER_OPEN`` (nothing
+    sent) instead of waiting, so the caller can fail over.
+    """
     config = lane.config
     while True:
         # The breaker slot is taken before the limiter's, and given back with the verdict.
-        if not await _wait_for_gate(lane, lease_deadline=lease_deadline, stopping=stopping):
+        gate = await _wait_for_gate(
+            lane, lease_deadline=lease_deadline, stopping=stopping, leave_if_open=leave_if_open
+        )
+        if gate is _Gate.BREAKER_OPEN:
+            return BREAKER_OPEN
+        if gate is _Gate.GIVE_BACK:
             return None
         await lane.rate.take()
         if not await lane.limiter.acquire():

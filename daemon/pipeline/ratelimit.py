@@ -138,12 +138,12 @@ class FleetTokenBucket:
         return granted
 
 
-def rate_limit_for(name: str, config: ProviderConfig, client: aioredis.Redis) -> RateLimit:
+def rate_limit_for(name: str, config: ProviderConfig, client: aioredis.Redis, key_prefix: str) -> RateLimit:
     """The rate limit a provider's configuration asks for: fleet-wide, local, or none."""
     if config.fleet_rate_per_s is not None:
         return FleetTokenBucket(
             client,
-            key=f"payd:ratelimit:{name}",
+            key=f"{key_prefix}:ratelimit:{name}",
             rate_per_s=config.fleet_rate_per_s,
             burst=config.burst or config.fleet_rate_per_s,
             fallback_rate_per_s=config.fallback_rate_per_s or config.fleet_rate_per_s / 4,

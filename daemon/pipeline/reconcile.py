@@ -5,15 +5,15 @@ with SKIP LOCKED and pushed back by their next backoff before any lookup):
 - in_flight attempts whose lease ran out (their instance died) become unknown;
 - unknown attempts due a lookup are looked up, with the same idempotency key or
   reference, through the provider's limiter; a definitive answer is recorded.
-  When the provider has no record of it and honours idempotency keys, it is
-  sent again under the same key (the provider cannot charge it twice);
-  otherwise it becomes failed (``not_received``) after ``not_found_grace_s``.
+  When the provider has no record of it (or offers no lookup) and honours
+  idempotency keys, it is sent again under the same key after
+  ``resend_after_s`` (the provider cannot charge it twice); without idempotency
+  keys it becomes failed (``not_received``) after ``not_found_grace_s``.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -25,6 +25,7 @@ from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.attempts import DB_ERRORS
 from daemon.pipeline.execute import Lane
+from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
     DueUnknown,
     Record,
@@ -59,16 +60,11 @@ class Reconciler:
         self._settings = settings
         self._metrics = metrics
         self._on_recorded = on_recorded
-        self._wake = asyncio.Event()
-
-    def wake(self) -> None:
-        self._wake.set()
+        self._waker = Waker(settings.reconcile_interval_s)
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.reconcile_interval_s)
-            self._wake.clear()
+            await self._waker.next_round()
             try:
                 await self.reconcile_once()
             except DB_ERRORS as error:
@@ -90,7 +86,12 @@ class Reconciler:
             return 0
         verdicts = await asyncio.gather(*(self._look_up(item) for item in due))
         records = [
-            Record(attempt_id=item.attempt_id, request=item.request, result=verdict)
+            Record(
+                attempt_id=item.attempt_id,
+                request=item.request,
+                result=verdict,
+                provider=item.routed_provider,
+            )
             for item, verdict in zip(due, verdicts, strict=True)
             if verdict is not None
         ]
@@ -111,12 +112,15 @@ class Reconciler:
 
     async def _look_up(self, item: DueUnknown) -> ChargeResult | None:
         """A definitive result for ``item``, or None to ask again after its backoff."""
-        lane = self._lanes.get(item.request.provider)
+        lane = self._lanes.get(item.provider)
         if lane is None:
             self._metrics.reconciled.labels("provider_not_configured").inc()
             return None
         capabilities = lane.provider.capabilities
         if not (capabilities.lookup_by_key or capabilities.lookup_by_reference):
+            # No way to ask; under an idempotency key the provider's stored answer is the lookup.
+            if self._may_resend(lane, item):
+                return await self._resend(lane, item)
             self._metrics.reconciled.labels("no_lookup").inc()
             return None  # stays unknown, visible to operators
         found = await self._call(lane, lane.provider.lookup, item.request)
@@ -131,17 +135,20 @@ class Reconciler:
             return found.result
         if self._may_resend(lane, item):
             return await self._resend(lane, item)
-        if item.seconds_since_claim < self._settings.not_found_grace_s:
+        too_early = item.seconds_since_claim < self._settings.not_found_grace_s
+        if capabilities.honours_idempotency_key or too_early:  # ask again after the backoff
             self._metrics.reconciled.labels("not_found_yet").inc()
             return None
         self._metrics.reconciled.labels("not_received").inc()
         return NOT_RECEIVED
 
-    @staticmethod
-    def _may_resend(lane: Lane, item: DueUnknown) -> bool:
-        """Sending again is safe only under the same key, while the provider still remembers it."""
+    def _may_resend(self, lane: Lane, item: DueUnknown) -> bool:
+        """Sending again is safe only under the same key, while the provider still remembers it,
+        and once ``resend_after_s`` has passed (a provider's search may lag behind its charges)."""
         capabilities = lane.provider.capabilities
         if not capabilities.honours_idempotency_key:
+            return False
+        if item.seconds_since_claim < self._settings.resend_after_s:
             return False
         ttl = capabilities.idempotency_key_ttl_s
         return ttl is None or item.seconds_since_claim < ttl * 0.9

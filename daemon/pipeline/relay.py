@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
 import aiomysql
 import structlog
 
@@ -12,6 +9,7 @@ from daemon.broker import Broker, BrokerUnavailable
 from daemon.config import OutboxSettings
 from daemon.metrics import Metrics
 from daemon.pipeline.attempts import DB_ERRORS
+from daemon.pipeline.waker import Waker
 from daemon.storage.outbox import outbox_lag_seconds, relay_batch
 
 log = structlog.get_logger("payd.outbox")
@@ -25,17 +23,15 @@ class OutboxRelay:
         self._broker = broker
         self._settings = settings
         self._metrics = metrics
-        self._wake = asyncio.Event()
+        self._waker = Waker(settings.poll_interval_s)
 
     def wake(self) -> None:
         """Called after a commit that wrote events, so they go out without waiting for the poll."""
-        self._wake.set()
+        self._waker.wake()
 
     async def run(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._settings.poll_interval_s)
-            self._wake.clear()
+            await self._waker.next_round()
             await self.publish_pending()
 
     async def publish_pending(self) -> int:

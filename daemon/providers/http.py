@@ -71,7 +71,9 @@ async def exchange(
             payload = await response.read()
             return HttpResponse(response.status, response.headers, payload)
     except _NOT_SENT as error:
-        return ChargeResult(outcome=Outcome.PROVIDER_ERROR, reason=f"not sent: {type(error).__name__}")
+        return ChargeResult(
+            outcome=Outcome.PROVIDER_ERROR, reason=f"not sent: {type(error).__name__}", reached_provider=False
+        )
     except TimeoutError:
         return ChargeResult(outcome=Outcome.UNKNOWN, reason="timed out after the request was sent")
     except aiohttp.ClientError as error:

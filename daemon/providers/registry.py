@@ -17,24 +17,26 @@ from daemon.providers.base import Provider, ProviderFactory
 ENTRY_POINT_GROUP = "payd.providers"
 
 
+def installed_kind_names() -> list[str]:
+    return sorted({entry.name for entry in entry_points(group=ENTRY_POINT_GROUP)} | {"sandbox"})
+
+
 @functools.cache
-def provider_kinds() -> dict[str, ProviderFactory]:
-    kinds: dict[str, ProviderFactory] = {}
-    for entry in entry_points(group=ENTRY_POINT_GROUP):
-        kinds[entry.name] = cast(ProviderFactory, entry.load())
-    if "sandbox" not in kinds:  # running from a source tree that was never installed
+def factory(kind: str) -> ProviderFactory:
+    """The class for ``kind``, imported on first use: a broken plugin only affects configs using it."""
+    matches = list(entry_points(group=ENTRY_POINT_GROUP, name=kind))
+    if matches:
+        return cast(ProviderFactory, matches[0].load())
+    if kind == "sandbox":  # running from a source tree that was never installed
         from daemon.providers.sandbox.adapter import SandboxProvider  # noqa: PLC0415
 
-        kinds["sandbox"] = SandboxProvider
-    return kinds
+        return SandboxProvider
+    raise LookupError(f"unknown provider kind {kind!r}; installed kinds: {', '.join(installed_kind_names())}")
 
 
-def factory(kind: str) -> ProviderFactory:
-    kinds = provider_kinds()
-    if kind not in kinds:
-        known = ", ".join(sorted(kinds))
-        raise LookupError(f"unknown provider kind {kind!r}; installed kinds: {known}")
-    return kinds[kind]
+def provider_kinds() -> dict[str, ProviderFactory]:
+    """Every installed kind, imported (for listings and tests; the daemon imports only what it uses)."""
+    return {name: factory(name) for name in installed_kind_names()}
 
 
 def provider_config_type(kind: str) -> type[ProviderConfig]:

@@ -57,6 +57,8 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     request: AttemptRequest
     result: ChargeResult | None
     tries: int = 0
+    provider: str | None = None
+    """The connection that was called, when a failover sent it elsewhere than requested."""
 
 
 class RecordOutcome(msgspec.Struct, kw_only=True):
@@ -273,6 +275,7 @@ async def write_outcomes(
                 state=new_state,
                 result=r,
                 occurred_at=occurred_at,
+                provider=record.provider,
             )
         )
         changes.append((record.request, new_state, r))
@@ -344,11 +347,26 @@ async def expire_leases(pool: aiomysql.Pool, *, limit: int) -> list[int]:
     return ids
 
 
+async def route_attempt(pool: aiomysql.Pool, attempt_id: int, provider: str) -> None:
+    """Write-ahead for a failover: record where the attempt is about to be sent."""
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "UPDATE attempts SET routed_provider = %s WHERE id = %s AND state = 'in_flight'",
+            (provider, attempt_id),
+        )
+
+
 class DueUnknown(msgspec.Struct, frozen=True, kw_only=True):
     attempt_id: int
     request: AttemptRequest
     reconcile_tries: int
     seconds_since_claim: float
+    routed_provider: str | None = None
+    """Where a failover sent it; reconciliation must ask there."""
+
+    @property
+    def provider(self) -> str:
+        return self.routed_provider or self.request.provider
 
 
 async def take_due_unknown(
@@ -357,7 +375,8 @@ async def take_due_unknown(
     """Unknown attempts due a lookup, pushed back by their next backoff so no one else takes them."""
     async with transaction(pool) as cursor:
         await cursor.execute(
-            f"SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), {_REQUEST_COLUMNS} "  # noqa: S608
+            "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), routed_provider, "  # noqa: S608
+            f"{_REQUEST_COLUMNS} "
             "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) "
             "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
@@ -379,7 +398,8 @@ async def take_due_unknown(
             attempt_id=row[0],
             reconcile_tries=row[1],
             seconds_since_claim=(row[2] or 0) / 1_000_000,
-            request=request_from_row(row[3:]),
+            routed_provider=row[3],
+            request=request_from_row(row[4:]),
         )
         for row in rows
     ]
