@@ -156,6 +156,18 @@ class Broker:
         if self._queue is not None and self.connected.is_set():
             self._consumer_tag = await self._queue.consume(on_message)
 
+    async def queue_depths(self) -> dict[str, int]:
+        """Messages ready in the attempts and dead-letter queues (a re-declare with the same
+        arguments is idempotent and answers with the count)."""
+        channel = self._channel()
+        depths = {}
+        for name in (self.topology.attempts_queue, self.topology.dead_queue):
+            # passive=True: a queue that vanished would close the channel, not be re-created here.
+            queue = await channel.declare_queue(name, passive=True)
+            result = queue.declaration_result
+            depths[name] = int(result.message_count or 0) if result is not None else 0
+        return depths
+
     async def stop_consuming(self) -> None:
         """Stop new deliveries; those already delivered stay ours to settle."""
         self._on_message = None

@@ -123,6 +123,18 @@ class Metrics:
             "1 while Redis is unreachable and the last halt state is kept",
             registry=r,
         )
+        self.unknown_attempts = Gauge(
+            "payd_unknown_attempts", "Attempts in state unknown (may have charged), fleet-wide", registry=r
+        )
+        self.unknown_oldest = Gauge(
+            "payd_unknown_oldest_seconds", "Age of the oldest unknown attempt's last change", registry=r
+        )
+        self.queue_messages = Gauge(
+            "payd_queue_messages",
+            "Messages ready in payd's queues (attempts, dead letters)",
+            ["queue"],
+            registry=r,
+        )
         self.draining = Gauge("payd_draining", "1 while the daemon drains", registry=r)
         self.broker_connected = Gauge("payd_broker_connected", "1 while connected to RabbitMQ", registry=r)
         self.broker_reconnects = Counter("payd_broker_reconnects", "Reconnections to RabbitMQ", registry=r)

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from typing import Any
 
-import aiomysql
 import redis.asyncio as aioredis
 import structlog
 
@@ -31,10 +30,11 @@ from daemon.pipeline.limiter import ProviderLimiter
 from daemon.pipeline.ratelimit import rate_limit_for
 from daemon.pipeline.reconcile import Reconciler
 from daemon.pipeline.relay import OutboxRelay
+from daemon.probe import HealthProbe
 from daemon.providers.registry import create_provider
 from daemon.reload import watch_reloads
 from daemon.secrets import Secret, load_secret
-from daemon.storage.db import close_pool, open_pool, transaction
+from daemon.storage.db import close_pool, open_pool
 from daemon.subscriptions.scheduler import start_subscriptions
 
 log = structlog.get_logger("payd")
@@ -59,24 +59,6 @@ async def _with_retries(what: str, action: Callable[[], Awaitable[Any]], give_up
 
 def _reveal(secret: Secret | None) -> str | None:
     return secret.reveal() if secret else None
-
-
-class DatabaseProbe:
-    """Remembers whether the last periodic database round trip worked, for /readyz."""
-
-    def __init__(self, pool: aiomysql.Pool) -> None:
-        self._pool = pool
-        self.ok = True
-
-    async def run(self, interval_s: float = 2.0) -> None:
-        while True:
-            try:
-                async with transaction(self._pool) as cursor:
-                    await cursor.execute("SELECT 1")
-                self.ok = True
-            except DB_ERRORS:
-                self.ok = False
-            await asyncio.sleep(interval_s)
 
 
 async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
@@ -163,7 +145,7 @@ async def serve(
             metrics=metrics,
             on_recorded=relay.wake,
         )
-        probe = DatabaseProbe(pool)
+        probe = HealthProbe(pool, broker, metrics)
 
         # Before any task that records outcomes starts: they follow this daemon's [subscriptions].
         renewals = start_subscriptions(config, pool=pool, providers=lanes, metrics=metrics, wake=relay.wake)
@@ -172,7 +154,7 @@ async def serve(
             asyncio.create_task(broker.supervise(), name="broker-supervisor"),
             asyncio.create_task(halt.watch(redis_client), name="halt-watcher"),
             asyncio.create_task(reconciler.run(), name="reconciler"),
-            asyncio.create_task(probe.run(), name="database-probe"),
+            asyncio.create_task(probe.run(), name="health-probe"),
             asyncio.create_task(
                 watch_reloads(
                     reload,
@@ -196,7 +178,7 @@ async def serve(
             broker=broker,
             pipeline=pipeline,
             metrics=metrics,
-            database_ok=lambda: probe.ok,
+            database_ok=lambda: probe.database_ok,
             halt=halt,
             redis=redis_client,
             control_token=load_secret("control_token"),

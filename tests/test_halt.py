@@ -110,3 +110,26 @@ async def test_per_provider_halt_through_the_control_endpoint(
             ) as response:
                 assert (await response.json())["was_halted"] is True
         assert (await wait_settled(db, ["held-1"])) == {"held-1": "succeeded"}
+
+
+async def test_unreachable_redis_keeps_the_last_halt_state() -> None:
+    """A halted fleet stays halted through a Redis outage, and says its view may be stale."""
+    from daemon.halt import HaltState  # noqa: PLC0415
+
+    state = HaltState(["sandbox"], KEYS)
+    state.apply(b'{"reason": "incident", "by": "ops", "at": "now"}', {"sandbox": None})
+    assert state.blocks("sandbox")
+    unreachable = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    watcher = asyncio.create_task(state.watch(unreachable))
+    try:
+
+        async def stale() -> bool:
+            return state.stale
+
+        await eventually(stale, timeout=10, what="the halt state to be marked stale")
+        assert state.blocks("sandbox"), "the last known halt still holds"
+        assert state.snapshot()["stale"] is True
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        await unreachable.aclose()

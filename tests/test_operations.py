@@ -7,6 +7,7 @@ import contextlib
 import re
 import signal
 
+import aiohttp
 import aiomysql
 import redis.asyncio as aioredis
 import telnetlib3
@@ -83,3 +84,37 @@ async def test_aiomonitor_commands_answer_over_a_real_connection(
         assert await redis.get(HaltKeys(NAMESPACE).provider_key("sandbox")) is None
         writer.close()
     await redis.aclose()
+
+
+async def test_backlog_metrics_show_unknown_attempts_and_queue_depth(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """/metrics reports the unknown backlog (may have charged) and the dead-letter depth."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    from tests.support import request  # noqa: PLC0415
+
+    await sandbox.behave(hang_s=30)
+    async with daemons.in_process(
+        providers__sandbox={"timeout_s": 0.5}, pipeline={"reconcile_backoff_s": [60]}
+    ) as daemon:
+        await broker.publish([request("unk-1", payment_method="pm_timeout"), b"not json"])
+
+        async def scraped() -> dict[str, float]:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"http://127.0.0.1:{daemon.port}/metrics") as response,
+            ):
+                text = await response.text()
+            return {
+                sample.name + str(sorted(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(text)
+                for sample in family.samples
+            }
+
+        async def visible() -> bool:
+            samples = await scraped()
+            dead = samples.get(f"payd_queue_messages[('queue', '{NAMESPACE}.attempts.dead')]", 0)
+            return samples.get("payd_unknown_attempts[]") == 1 and dead == 1
+
+        await eventually(visible, timeout=20, what="the backlog in /metrics")
