@@ -257,6 +257,14 @@ class Broker:
                 await asyncio.wait_for(connection.close(), timeout=5)
 
 
+def delivery_channel_open(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel a delivery came on can still settle it (aio-pika raises once closed)."""
+    try:
+        return not message.channel.is_closed
+    except BROKER_ERRORS:
+        return False
+
+
 async def settle(message: AbstractIncomingMessage, *, ack: bool) -> bool:
     """Ack (or requeue) a delivery on the channel it came on; False if that channel is gone.
 

@@ -130,3 +130,24 @@ def test_secrets_never_print(tmp_path: object) -> None:
     loaded = load_secret("mysql_password", {"PAYD_MYSQL_PASSWORD": "pw"})
     assert loaded is not None and loaded.reveal() == "pw"
     assert load_secret("mysql_password", {}) is None
+
+
+async def test_a_delivery_on_a_closed_channel_is_recognised() -> None:
+    """After a broker restart, old deliveries must be left to redelivery, not acked elsewhere."""
+    import aio_pika  # noqa: PLC0415
+
+    from daemon.broker import delivery_channel_open, settle  # noqa: PLC0415
+    from tests.support import NAMESPACE, reset_broker  # noqa: PLC0415
+
+    test_broker = await reset_broker()
+    await test_broker.channel.default_exchange.publish(
+        aio_pika.Message(b"x"), routing_key=f"{NAMESPACE}.attempts.dead"
+    )
+    channel = await test_broker.connection.channel()
+    queue = await channel.get_queue(f"{NAMESPACE}.attempts.dead", ensure=False)
+    message = await queue.get(no_ack=False, fail=True)
+    assert message is not None and delivery_channel_open(message)
+    await channel.close()
+    assert not delivery_channel_open(message)
+    assert await settle(message, ack=True) is False, "never acked on another channel"
+    await test_broker.connection.close()

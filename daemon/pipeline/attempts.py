@@ -20,7 +20,7 @@ import pymysql
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from daemon.broker import Broker, BrokerUnavailable, settle
+from daemon.broker import Broker, BrokerUnavailable, delivery_channel_open, settle
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import Attempt, AttemptRequest, ChargeResult, Outcome
@@ -128,7 +128,7 @@ class AttemptPipeline:
                 await self._broker.dead_letter(message, reason, self._instance_id)
                 break
             except BrokerUnavailable:
-                if message.channel.is_closed:
+                if not delivery_channel_open(message):
                     return  # redelivered on the next connection, and judged again
                 await asyncio.sleep(0.5)
         self.counters.dead_lettered += 1
