@@ -280,3 +280,22 @@ def test_failover_target_is_validated(failover_to: str, message: str) -> None:
     text += f'failover_to = "{failover_to}"\n'
     with pytest.raises(ConfigError, match=rf"providers\.primary\.failover_to: {message}"):
         parse_config(text)
+
+
+async def test_breaker_waiters_sleep_until_a_probe_reports() -> None:
+    """Thousands of attempts may wait on a half-open breaker: they must not poll. Waiters stay
+    asleep while every probe slot is taken and all wake when a probe's verdict arrives."""
+    now = [0.0]
+    breaker = CircuitBreaker(
+        failure_ratio=0.5, min_calls=2, window_s=10, open_s=1, max_open_s=4, probes=1, clock=lambda: now[0]
+    )
+    breaker.record(Outcome.PROVIDER_ERROR)
+    breaker.record(Outcome.PROVIDER_ERROR)
+    now[0] = 1.0
+    assert breaker.try_enter(), "the one probe"
+    waiters = [asyncio.create_task(breaker.wait(at_most_s=30)) for _ in range(200)]
+    await asyncio.sleep(0.3)
+    assert not any(w.done() for w in waiters), "a waiter woke without a change (polling)"
+    breaker.record(Outcome.APPROVED)
+    await asyncio.wait_for(asyncio.gather(*waiters), timeout=5)
+    assert breaker.state is BreakerState.CLOSED

@@ -203,10 +203,9 @@ class AttemptPipeline:
         run: AttemptRun,
         lease_deadline: float,
     ) -> None:
+        # No per-attempt contextvars binding: it cost 3% of the daemon's CPU at 10,000 in
+        # flight, and the canonical attempt.finished line carries these fields itself.
         lane = self.lanes[attempt.request.provider]
-        structlog.contextvars.bind_contextvars(
-            idempotency_key=attempt.request.idempotency_key, provider=lane.name
-        )
         try:
             result = await self._execute_with_failover(attempt, lane, run, lease_deadline)
         except asyncio.CancelledError:

@@ -84,16 +84,27 @@ class CircuitBreaker:
         return False
 
     async def wait(self, at_most_s: float) -> None:
-        """Sleep until the breaker may let calls through, or ``at_most_s`` passes."""
-        wait = min(at_most_s, self.retry_in_s) if self.state is BreakerState.OPEN else min(at_most_s, 0.05)
-        self._changed.clear()
+        """Sleep until the breaker may let calls through, or ``at_most_s`` passes.
+
+        Open: until it half-opens. Half-open with every probe slot taken: until a
+        probe's verdict (or an abandoned slot) changes something. Thousands of
+        attempts may wait here at once, so nobody polls: they sleep on an event.
+        """
+        changed = self._changed
+        wait = min(at_most_s, self.retry_in_s) if self.state is BreakerState.OPEN else at_most_s
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._changed.wait(), max(wait, 0.001))
+            await asyncio.wait_for(changed.wait(), max(wait, 0.001))
+
+    def _notify(self) -> None:
+        """Wake every waiter; later waiters sleep on a fresh event (no clear() races)."""
+        self._changed.set()
+        self._changed = asyncio.Event()
 
     def record_abandoned(self) -> None:
         """A slot from ``try_enter`` that was not used for a call (drain, claim running short)."""
         if self._state is BreakerState.HALF_OPEN:
             self._probing = max(0, self._probing - 1)
+            self._notify()
 
     def record(self, outcome: Outcome) -> None:
         failed = outcome in FAILURES
@@ -107,6 +118,8 @@ class CircuitBreaker:
                 self._probe_successes += 1
                 if self._probe_successes >= self._probes:
                     self._close()
+                else:
+                    self._notify()  # a probe slot is free again
             return
         if state is BreakerState.OPEN:
             return  # a call that started before the trip; its verdict is already counted
@@ -126,10 +139,10 @@ class CircuitBreaker:
         self._calls.clear()
         self._failures = 0
         self.trips += 1
-        self._changed.set()
+        self._notify()
 
     def _close(self) -> None:
         self._state = BreakerState.CLOSED
         self._open_s = self._base_open_s
         self._probing = self._probe_successes = 0
-        self._changed.set()
+        self._notify()
