@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import aiomysql
+import pymysql
 import structlog
 
 from daemon.broker import Broker, BrokerUnavailable
@@ -13,6 +14,8 @@ from daemon.pipeline.waker import Waker
 from daemon.storage.outbox import outbox_lag_seconds, relay_batch
 
 log = structlog.get_logger("payd.outbox")
+
+_CONTENTION = (1205, 1213)  # lock wait timeout, deadlock: MySQL rolled the batch back
 
 
 class OutboxRelay:
@@ -49,6 +52,14 @@ class OutboxRelay:
             self._metrics.outbox_lag.set(await outbox_lag_seconds(self._pool))
         except BrokerUnavailable as error:
             log.warning("outbox.broker_unavailable", error=str(error))
+        except pymysql.err.OperationalError as error:
+            if error.args[0] not in _CONTENTION:
+                log.error("outbox.database_error", error=repr(error))
+                return total
+            # Another instance's relay holds neighbouring rows. The batch rolled back and
+            # goes out again (consumers dedupe on event_id): ordinary, so no error line.
+            log.info("outbox.contention", error=repr(error))
+            self._waker.wake()
         except DB_ERRORS as error:
             log.error("outbox.database_error", error=repr(error))
         return total
