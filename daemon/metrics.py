@@ -42,6 +42,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.provider_wait_seconds = Histogram(
+            "payd_provider_wait_seconds",
+            "From claim to the first provider call starting (halt, pause, breaker, rate limit, limiter)",
+            ["provider"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.declines = Counter(
+            "payd_declines",
+            "Declines by the provider's code (from the adapter's table)",
+            ["provider", "decline_code"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "payd_provider_in_flight", "Provider calls in flight", ["provider"], registry=r
         )

@@ -118,3 +118,30 @@ async def test_backlog_metrics_show_unknown_attempts_and_queue_depth(
             return samples.get("payd_unknown_attempts[]") == 1 and dead == 1
 
         await eventually(visible, timeout=20, what="the backlog in /metrics")
+
+
+async def test_declines_by_code_and_provider_waits_reach_metrics(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Operators see declines by the provider's code and how long attempts waited for a slot."""
+    from prometheus_client.parser import text_string_to_metric_families  # noqa: PLC0415
+
+    from tests.support import request, wait_settled  # noqa: PLC0415
+
+    async with daemons.in_process() as daemon:
+        tokens = {"d-1": "pm_stolen", "d-2": "pm_stolen", "d-3": "pm_insufficient_funds", "d-4": "pm_ok"}
+        await broker.publish(request(key, payment_method=token) for key, token in tokens.items())
+        await wait_settled(db, ["d-1", "d-2", "d-3", "d-4"])
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{daemon.port}/metrics") as response,
+        ):
+            families = {f.name: f for f in text_string_to_metric_families(await response.text())}
+    declines = {
+        s.labels["decline_code"]: s.value
+        for s in families["payd_declines"].samples
+        if s.name.endswith("_total")
+    }
+    assert declines == {"stolen_card": 2, "insufficient_funds": 1}
+    waits = [s for s in families["payd_provider_wait_seconds"].samples if s.name.endswith("_count")]
+    assert [s.value for s in waits] == [4]

@@ -32,6 +32,7 @@ from daemon.storage.attempts import Record, claim_attempts, record_outcomes, rou
 log = structlog.get_logger("payd.pipeline")
 
 DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
+DECLINES: Final = frozenset({Outcome.SOFT_DECLINE, Outcome.HARD_DECLINE})
 MISMATCH_REASON: Final = "idempotency_key reused with different parameters; the first request stands"
 
 
@@ -300,6 +301,9 @@ class AttemptPipeline:
         self._metrics.attempts.labels(provider, result.outcome.value).inc()
         self._metrics.attempt_seconds.labels(provider).observe(now - finished.run.started)
         self._metrics.messages.labels("processed").inc()
+        if result.outcome in DECLINES:
+            # Decline codes come from the adapters' tables, so the label set stays bounded.
+            self._metrics.declines.labels(provider, result.decline_code or "unspecified").inc()
         # The one canonical line per attempt.
         log.info(
             "attempt.finished",

@@ -119,6 +119,10 @@ async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> Charg
     in_flight = metrics.in_flight.labels(lane.name)
     in_flight.inc()
     started = time.monotonic()
+    if run.tries == 1:
+        # Halt, 429 pause, breaker, rate limit and limiter together: how long the first call
+        # waited for its turn (later tries wait for backoffs, which are chosen, not suffered).
+        metrics.provider_wait_seconds.labels(lane.name).observe(started - run.started)
     try:
         # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
         async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
