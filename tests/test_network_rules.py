@@ -332,6 +332,12 @@ async def test_one_card_paying_forty_subscriptions_renews_them_all(
             return paid == [(80,)]
 
         await eventually(all_paid, timeout=90, what="all 80 renewals paid")
+
+        async def all_announced() -> bool:
+            renewed = [e for e in broker.events if e["type"] == "subscription.renewed"]
+            return len({e["subscription_id"] for e in renewed}) == 80
+
+        await eventually(all_announced, timeout=60, what="the 80 subscription.renewed events")
     charged = {c["merchant_reference"] for c in await sandbox.assert_no_double_charge()}
     assert charged == {f"{sid}:1" for sid in range(1, 81)}
     events = subscription_events(broker)
@@ -340,3 +346,12 @@ async def test_one_card_paying_forty_subscriptions_renews_them_all(
     )
     deferred = await query(db, "SELECT COUNT(*) FROM subscriptions WHERE deferred_by IS NOT NULL")
     assert deferred == [(0,)], "a paid cycle clears its deferral"
+    held = [
+        sid for sid in range(41, 81) if any(e["type"] == "subscription.retry_deferred" for e in events[sid])
+    ]
+    assert len(held) >= 30, "the first batch sent ten family-card renewals and deferred the rest"
+    spans = await query(
+        db, "SELECT created_at, finished_at FROM attempts WHERE payment_method = 'pm_family_card'"
+    )
+    most = max(sum(1 for c, f in spans if c <= start < f) for start, _ in spans)
+    assert most <= 10, "never more family-card tries under way than Mastercard's daily decline limit"

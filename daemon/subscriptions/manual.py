@@ -68,9 +68,10 @@ async def retry_subscription(
             and sub.next_attempt_at is not None
             and sub.next_attempt_at > now
         ):
+            held = f" (held back by {sub.deferred_by})" if sub.deferred_by else ""
             raise RetryRefused(
                 f"{name} is active and cycle {sub.cycle} is not due until "
-                f"{sub.next_attempt_at.isoformat(timespec='seconds')}Z; nothing to retry"
+                f"{sub.next_attempt_at.isoformat(timespec='seconds')}Z{held}; nothing to retry"
             )
         counters = await NetworkCounters.load(cursor, [sub.payment_method], now=now)
         deferral = counters.check_subscription(sub, policy)
