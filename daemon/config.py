@@ -16,7 +16,15 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 
-from daemon.subscriptions.networks import MASTERCARD_CEILING, VISA_CEILINGS, strictest_ceiling
+from daemon.subscriptions.networks import (
+    EVERY_RULE,
+    MASTERCARD_DAILY_LIMIT,
+    MASTERCARD_MONTHLY_LIMIT,
+    VISA_LIMITS,
+    NetworkRule,
+    network_rules,
+    schedule_problem,
+)
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -171,7 +179,7 @@ class DunningSettings(Section, frozen=True):
     """Wait before the retry after the 1st, 2nd, ... soft decline of a cycle; its length is the
     number of retries. A provider's earliest-retry advice (``retry_after_s``) lengthens a wait."""
     on_exhausted: NextStatus = "canceled"
-    """Where a subscription goes when the schedule or the retry budget runs out."""
+    """Where a subscription goes when the schedule runs out (a network limit defers, never stops)."""
     on_hard_decline: NextStatus = "canceled"
     """Where a hard decline or a never-retry code sends it (at once, no further try)."""
     failed_retry_s: PositiveFloat = 900.0
@@ -187,16 +195,28 @@ class DunningSettings(Section, frozen=True):
 
 
 class RetryBudgetSettings(Section, frozen=True):
-    """Attempts per payment method in the trailing 30 days, first tries included, all providers."""
+    """The card networks' retry limits as payd enforces them (docs/subscriptions.md): declines
+    and declined reattempts only, never approvals nor tries that never reached the issuer."""
 
     visa_rule: Literal["2021", "2026"] = "2021"
-    """Which Visa excessive-reattempt rule applies: 15 (2021) or 20 (2026) in 30 days."""
+    """Which Visa excessive-reattempt rule applies: 15 (2021) or 20 (2025 revision) in 30 days."""
     visa: PositiveInt | None = None
-    """Default: the ceiling of ``visa_rule``."""
+    """Declined reattempts per card, amount and currency in 30 days; default and ceiling: the rule's."""
+    mastercard_daily: PositiveInt | None = None
+    """Declines per card in 24 hours; default and ceiling: 10."""
     mastercard: PositiveInt | None = None
-    """Default and ceiling: 35."""
-    other: PositiveInt | None = None
-    """Any other or unknown brand; default and ceiling: the strictest of the above."""
+    """Declines per card in 30 days; default and ceiling: 35."""
+    pending_recheck_s: PositiveFloat = 60.0
+    """A try held back only because tries still under way on the card may yet be declines is
+    looked at again after this long."""
+
+    def rules(self) -> dict[str, NetworkRule]:
+        return network_rules(
+            visa_rule=self.visa_rule,
+            visa=self.visa or VISA_LIMITS[self.visa_rule],
+            mastercard_daily=self.mastercard_daily or MASTERCARD_DAILY_LIMIT,
+            mastercard=self.mastercard or MASTERCARD_MONTHLY_LIMIT,
+        )
 
 
 class SubscriptionSettings(Section, frozen=True):
@@ -328,7 +348,7 @@ def _check_subscriptions(
     settings: SubscriptionSettings, providers: dict[str, ProviderConfig], source: str
 ) -> None:
     """Dunning overrides must be well-formed and name real providers; no retry budget may
-    exceed what its card network allows."""
+    exceed what its card network allows, and no schedule may break a network rule by itself."""
     dunning = settings.dunning
     for group, overrides in (("plans", dunning.plans), ("providers", dunning.providers)):
         for name, table in overrides.items():
@@ -340,17 +360,29 @@ def _check_subscriptions(
             except msgspec.ValidationError as error:
                 raise ConfigError(f"{source}: {_explain(error, prefix)}") from None
     budget = settings.retry_budget
-    visa = VISA_CEILINGS[budget.visa_rule]
+    visa_rule = f"Visa's {budget.visa_rule} excessive-reattempt rule"
     for key, value, ceiling, rule in (
-        ("visa", budget.visa, visa, f"Visa's {budget.visa_rule} excessive-reattempt rule allows"),
-        ("mastercard", budget.mastercard, MASTERCARD_CEILING, "Mastercard's excessive-attempts rule allows"),
-        ("other", budget.other, strictest_ceiling(budget.visa_rule), "the strictest network rule allows"),
+        ("visa", budget.visa, VISA_LIMITS[budget.visa_rule], visa_rule),
+        ("mastercard_daily", budget.mastercard_daily, MASTERCARD_DAILY_LIMIT, "Mastercard's 24-hour limit"),
+        ("mastercard", budget.mastercard, MASTERCARD_MONTHLY_LIMIT, "Mastercard's 30-day limit"),
     ):
         if value is not None and value > ceiling:
             raise ConfigError(
                 f"{source}: subscriptions.retry_budget.{key}: {value} exceeds {ceiling}, "
-                f"the most {rule} per payment method in 30 days"
+                f"the most {rule} allows"
             )
+    # A schedule that breaks a rule on its own would be deferred on every card it dunned.
+    rules = [budget.rules()[name] for name in EVERY_RULE]
+    schedules = [("subscriptions.dunning.schedule_s", dunning.schedule_s)] + [
+        (f"subscriptions.dunning.{group}.{name}.schedule_s", table["schedule_s"])
+        for group, overrides in (("plans", dunning.plans), ("providers", dunning.providers))
+        for name, table in overrides.items()
+        if table.get("schedule_s") is not None
+    ]
+    for key, schedule in schedules:
+        problem = schedule_problem(schedule, rules)
+        if problem is not None:
+            raise ConfigError(f"{source}: {key}: {problem}")
 
 
 def load_config(path: str | Path) -> Config:
