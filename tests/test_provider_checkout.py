@@ -32,6 +32,8 @@ from tests.support import Broker, DaemonFactory, Sandbox, eventually, free_port,
 
 SECRET_KEY = "sk_sbox_paydtestkey0001"
 CHANNEL = "pc_paydtest0001"
+# Checkout.com's response code ranges and idempotency rule (source recorded inside).
+SPEC = json.loads((Path(__file__).parent / "fixtures/providers/checkout_response_codes.json").read_text())
 DAY = 86400.0
 
 
@@ -600,3 +602,24 @@ async def test_daemon_never_resends_a_checkout_attempt_after_a_5xx(
     assert state == "unknown"
     assert [c["status"] for c in await sandbox.ledger()] == ["approved"], "charged once, never re-sent"
     assert (await sandbox.stats())["accounts"][CHANNEL]["requests"] == 1
+
+
+@pytest.mark.parametrize("prefix", sorted(SPEC["ranges"]))
+def test_every_documented_response_code_range_has_a_verdict(prefix: str) -> None:
+    """Each range of Checkout.com's "API response codes" page: on a declined payment 20xxx
+    is soft, 30xxx and every 4xxxx risk response hard (40xxx used to be UNKNOWN, so a risk
+    decline never settled); 10xxx (an approval code on a decline) and 50xxx (payouts)
+    contradict a card decline and stay UNKNOWN."""
+    wanted = {
+        "10": Outcome.UNKNOWN,
+        "20": Outcome.SOFT_DECLINE,
+        "30": Outcome.HARD_DECLINE,
+        "4": Outcome.HARD_DECLINE,
+        "50": Outcome.UNKNOWN,
+    }[prefix]
+    for code in (prefix.ljust(5, "9"), prefix.ljust(4, "0") + "1"):
+        body = _payment(approved=False, status="Declined", response_code=code, reference="42:7")
+        assert transform.charge_result(201, {}, body, attempt()).outcome is wanted, code
+    for code in SPEC["codes"]:
+        body = _payment(approved=False, status="Declined", response_code=code, reference="42:7")
+        assert transform.charge_result(201, {}, body, attempt()).outcome is Outcome.HARD_DECLINE

@@ -13,6 +13,7 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -522,11 +523,21 @@ EXPECTED = transform.Expected(
 )
 
 
+# How iyzico's official client verifies an answer's signature (source recorded inside).
+SIGNATURE_RULE = json.loads(
+    (Path(__file__).parent / "fixtures/providers/iyzico_response_signature.json").read_text()
+)["payment_answer"]
+
+
+def _rendered(value: object) -> str:
+    text = str(value)  # iyzipay-python: strip_zero(str(number))
+    return text.removesuffix(".0") if isinstance(value, float) else text
+
+
 def _signed(secret_key: str, **changes: Any) -> bytes:
-    """A signed answer, signed the way iyzipay-python's samples verify one:
-    hex HMAC-SHA256(secret, ":".join([paymentId, currency, basketId, conversationId,
-    strip_zero(str(paidPrice)), strip_zero(str(price))]))."""
-    message = "22416035:TRY:7:3:k:10:10"
+    """An answer signed by the rule iyzipay-python's samples verify, over SIGNED_FIELDS."""
+    message = SIGNATURE_RULE["separator"].join(_rendered(SIGNED_FIELDS[f]) for f in SIGNATURE_RULE["fields"])
+    assert message == "22416035:TRY:7:3:k:10:10"
     signature = hmac.new(secret_key.encode(), message.encode(), hashlib.sha256).hexdigest()
     return json.dumps(SIGNED_FIELDS | {"signature": signature} | changes).encode()
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,6 +30,8 @@ from tests.support import Sandbox, free_port
 API_KEY = "sk_test_payd4sandbox"
 SOFT, HARD, UNKNOWN = Outcome.SOFT_DECLINE, Outcome.HARD_DECLINE, Outcome.UNKNOWN
 DAY = 24 * 3600.0
+# What stripe-python says of API versions and rate-limit answers (source recorded inside).
+SDK = json.loads((Path(__file__).parent / "fixtures/providers/stripe_api_version.json").read_text())
 
 
 @pytest.fixture(autouse=True)
@@ -557,3 +561,14 @@ def test_a_search_answering_with_another_key_is_an_anomaly() -> None:
     assert found.found and found.result is None and found.anomaly is not None
     assert "renewal-1" in found.anomaly
     assert transform.search_lookup_result(page, attempt(key="renewal-1")).result is not None
+
+
+def test_the_pinned_version_carries_network_advice_and_legacy_rate_limits_are_rate_limits() -> None:
+    """The default ``Stripe-Version`` is no older than the first version with
+    ``network_advice_code`` (stripe-python 11.4.0 changelog), and every answer stripe-python
+    raises as ``RateLimitError`` (429, and the legacy 400 ``rate_limit``) is RATE_LIMITED."""
+    assert transform.DEFAULT_API_VERSION[:10] >= SDK["network_advice_code_since"][:10]
+    for answer in SDK["rate_limit_answers"]:
+        body = _error("invalid_request_error", answer["code"])
+        result = transform.charge_result(answer["status"], {}, body)
+        assert (result.outcome, result.retryable) == (Outcome.RATE_LIMITED, True), answer

@@ -251,17 +251,15 @@ RESPONSE_CODES: Final[Mapping[str, Decline]] = {
     "20157": Decline(_OURS, "merchant_configuration"),
 }
 
-# The documented ranges, for codes without a row of their own: the first two characters.
-# 20xxx soft, 30xxx hard, 4xxxx risk responses (they would block the same charge again).
+# The documented ranges, for codes without a row of their own: the first two characters,
+# else the first. 20xxx soft, 30xxx hard, 4xxxx "the request triggered a risk response"
+# (the same risk rules would block the same charge again).
 # 10xxx (approved) on a declined payment contradicts itself, and 50xxx are payout codes:
 # neither has a row, so they are UNKNOWN.
 RESPONSE_CODE_RANGES: Final[Mapping[str, Outcome]] = {
     "20": _SOFT,
     "30": _HARD,
-    "40": _HARD,
-    "41": _HARD,
-    "42": _HARD,
-    "43": _HARD,
+    "4": _HARD,
 }
 
 
@@ -320,7 +318,7 @@ def _decline(code: str) -> Decline | None:
     row = RESPONSE_CODES.get(code)
     if row is not None:
         return row
-    outcome = RESPONSE_CODE_RANGES.get(code[:2])
+    outcome = RESPONSE_CODE_RANGES.get(code[:2]) or RESPONSE_CODE_RANGES.get(code[:1])
     return None if outcome is None else Decline(outcome, f"cko_{code}"[:64])
 
 
