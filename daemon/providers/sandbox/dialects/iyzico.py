@@ -246,10 +246,9 @@ def _signature(*fields: str) -> str:
     return hmac.new(SANDBOX_SECRET_KEY.encode(), ":".join(fields).encode(), hashlib.sha256).hexdigest()
 
 
-def _failed_payment(charge: Charge, sent: _Sent, conversation_id: str, code: str) -> web.Response:
-    """``/payment/detail`` of a declined payment: found (``status: success``), and failed."""
-    group, message = _ERRORS.get(code, (None, "Error"))
-    body = {
+def _payment(charge: Charge, sent: _Sent, conversation_id: str) -> dict[str, object]:
+    """What every answer about a payment says of it, found or failed."""
+    return {
         "status": "success",
         "locale": "en",
         "systemTime": int(time.time() * 1000),
@@ -257,26 +256,26 @@ def _failed_payment(charge: Charge, sent: _Sent, conversation_id: str, code: str
         "price": _eight(sent.price),
         "paidPrice": _eight(sent.paid_price),
         "paymentId": charge.id,
+        "basketId": sent.basket_id or None,
+        "currency": sent.currency,
+    }
+
+
+def _failed_payment(charge: Charge, sent: _Sent, conversation_id: str, code: str) -> web.Response:
+    """``/payment/detail`` of a declined payment: found (``status: success``), and failed."""
+    group, message = _ERRORS.get(code, (None, "Error"))
+    body = _payment(charge, sent, conversation_id) | {
         "paymentStatus": "FAILURE",
         "errorCode": code,
         "errorMessage": message,
         "errorGroup": group,
-        "basketId": sent.basket_id or None,
-        "currency": sent.currency,
     }
     return web.Response(body=_encode(body), content_type="application/json")
 
 
 def _success(charge: Charge, sent: _Sent, conversation_id: str) -> web.Response:
-    body = {
-        "status": "success",
-        "locale": "en",
-        "systemTime": int(time.time() * 1000),
-        "conversationId": conversation_id or None,
-        "price": _eight(sent.price),
-        "paidPrice": _eight(sent.paid_price),
+    body = _payment(charge, sent, conversation_id) | {
         "installment": 1,
-        "paymentId": charge.id,
         "paymentStatus": "SUCCESS",
         "fraudStatus": 0 if sent.special == "iyz_fraud_review" else 1,
         "cardType": "CREDIT_CARD",
@@ -285,8 +284,6 @@ def _success(charge: Charge, sent: _Sent, conversation_id: str) -> web.Response:
         "cardToken": sent.card.card_token,
         "binNumber": "552879",
         "lastFourDigits": "0008",
-        "basketId": sent.basket_id or None,
-        "currency": sent.currency,
         "phase": "AUTH",
         "authCode": "000000",
         "signature": _signature(
