@@ -24,7 +24,7 @@ from yarl import URL
 from daemon.config import RabbitMQSettings
 from daemon.events import OutboxRow
 from daemon.secrets import Secret
-from daemon.tls import Link, TlsLinkError, client_context, naming_tls_failures
+from daemon.tls import Link, TlsLinkError, client_context, naming_tls_failures, url_address
 
 log = structlog.get_logger("payd.broker")
 
@@ -91,7 +91,7 @@ class Broker:
         self._url = broker_url(settings, password)
         tls = settings.effective_tls
         self._tls = client_context(Link.RABBITMQ, tls) if tls is not None else None
-        self._address = f"{URL(settings.url).host}:{URL(settings.url).port}"
+        self._address = url_address(settings.url)
         self._connection: AbstractConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None

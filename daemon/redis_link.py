@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import redis.asyncio as aioredis
 import redis.exceptions
-from yarl import URL
 
 from daemon.config import RedisSettings
 from daemon.secrets import Secret
-from daemon.tls import Link, naming_tls_failures, redis_tls_options
+from daemon.tls import Link, naming_tls_failures, redis_tls_options, url_address
 
 
 def redis_client(settings: RedisSettings, password: Secret | None) -> aioredis.Redis:
@@ -24,9 +23,8 @@ async def open_redis(settings: RedisSettings, password: Secret | None) -> aiored
     client = redis_client(settings, password)
     if settings.effective_tls is None:
         return client
-    url = URL(settings.url)
     try:
-        with naming_tls_failures(Link.REDIS, f"{url.host}:{url.port}"):
+        with naming_tls_failures(Link.REDIS, url_address(settings.url)):
             await client.ping()
     except (redis.exceptions.RedisError, OSError):
         pass  # unreachable: the same as without TLS

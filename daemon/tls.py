@@ -45,6 +45,16 @@ class TlsLinkError(ConfigError):
         self.reason = reason
 
 
+# The ports a URL without one means (RabbitMQ's and Redis's documented defaults).
+_DEFAULT_PORTS = {"amqp": 5672, "amqps": 5671, "redis": 6379, "rediss": 6379}
+
+
+def url_address(url: str) -> str:
+    """``host:port`` of a broker or Redis URL, for messages; never its credentials."""
+    parsed = URL(url)
+    return f"{parsed.host}:{parsed.port or _DEFAULT_PORTS.get(parsed.scheme, '')}"
+
+
 def key_password(link: Link) -> Secret | None:
     """The passphrase of the link's client key, from the secret ``LINK_tls_key_password``."""
     return load_secret(f"{link}_tls_key_password")
