@@ -20,6 +20,10 @@ from pathlib import Path
 
 from tests.support import free_port
 
+RABBITMQ_SERVER = Path("/usr/lib/rabbitmq/bin/rabbitmq-server")
+"""Debian's script that runs a node in the foreground as the calling user (``/usr/sbin``'s
+wrapper would switch to the rabbitmq user and its shared node's settings)."""
+
 
 @dataclass(frozen=True)
 class Pki:
@@ -309,6 +313,6 @@ def private_rabbitmq(directory: Path, pki: Pki) -> Iterator[PrivateServer]:
         "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
     }
     log = directory / "rabbitmq.out"
-    with _process(["/usr/lib/rabbitmq/bin/rabbitmq-server"], log, env=env, cwd=directory) as process:
+    with _process([str(RABBITMQ_SERVER)], log, env=env, cwd=directory) as process:
         _wait_until_ready(process, log, "Starting broker... completed", timeout=120)
         yield PrivateServer(port=port, password=password)
