@@ -24,8 +24,10 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     from daemon.service import serve  # noqa: PLC0415 (keep light commands light)
+    from daemon.tls import log_plaintext_links  # noqa: PLC0415
 
     logging_handle = configure_logging(config.daemon.log_level, config.daemon.log_format, config.gelf)
+    log_plaintext_links(config)
 
     async def main() -> int:
         shutdown, force, reload = asyncio.Event(), asyncio.Event(), asyncio.Event()

@@ -20,10 +20,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import structlog
 from yarl import URL
 
 from daemon.config import Config, ConfigError, TlsSettings
 from daemon.secrets import Secret, load_secret
+
+log = structlog.get_logger("payd.tls")
 
 
 class Link(enum.StrEnum):
@@ -167,6 +170,12 @@ def plaintext_links(config: Config) -> list[tuple[Link, str]]:
         if section.effective_tls is None and not is_loopback(url.host or ""):
             found.append((link, url.host or ""))
     return found
+
+
+def log_plaintext_links(config: Config) -> None:
+    """At start-up, the journal says what ``payd check-config`` would warn of."""
+    for link, host in plaintext_links(config):
+        log.warning("tls.plaintext_link", link=str(link), host=host, see=f"[{link}.tls]")
 
 
 def check_links(config: Config) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import aio_pika
 import pymysql
 import pytest
+import structlog.testing
 
 from daemon import operate
 from daemon.broker import Broker, broker_url
@@ -26,7 +27,7 @@ from daemon.config import Config, ConfigError, TlsSettings, parse_config
 from daemon.redis_link import open_redis
 from daemon.secrets import Secret, load_secret
 from daemon.storage.db import _connect_pool, close_pool, open_pool, transaction
-from daemon.tls import Link, TlsLinkError, client_context
+from daemon.tls import Link, TlsLinkError, client_context, log_plaintext_links
 from tests.support import (
     NAMESPACE,
     PAYD,
@@ -334,6 +335,18 @@ def test_check_config_warns_for_each_remote_link_without_tls(tmp_path: Path) -> 
     assert [line.split(":")[1].strip() for line in warnings] == ["mysql", "rabbitmq", "redis"]
     for host in ("10.20.0.7", "mq.internal", "10.20.0.9"):
         assert any(host in line for line in warnings), (host, warnings)
+
+
+def test_payd_run_logs_each_remote_link_without_tls() -> None:
+    """The journal of ``payd run`` carries the check-config warning, one event per link."""
+    with structlog.testing.capture_logs() as logs:
+        log_plaintext_links(parse_config(quiet_config(**REMOTE_PLAIN)))
+    events = [(e["event"], e["link"], e["host"]) for e in logs if e["log_level"] == "warning"]
+    assert events == [
+        ("tls.plaintext_link", "mysql", "10.20.0.7"),
+        ("tls.plaintext_link", "rabbitmq", "mq.internal"),
+        ("tls.plaintext_link", "redis", "10.20.0.9"),
+    ]
 
 
 @pytest.mark.parametrize("case", ["loopback", "remote with tls"])
