@@ -10,7 +10,9 @@ certificate's subjectAltName (RFC 6125 section 6).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import ssl
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -256,6 +258,50 @@ async def test_a_daemon_whose_broker_fails_verification_exits_2_naming_it(
     finally:
         daemon.kill()
     assert f"rabbitmq at localhost:{servers[Link.RABBITMQ].port}: TLS handshake failed" in daemon.log()
+
+
+async def test_a_broker_reconnect_that_fails_verification_is_retried_and_named(
+    daemons: DaemonFactory, pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After start-up a verification failure is not fatal but loud: the broker goes away and
+    an impostor (right name, another CA) answers on its port; the daemon stays up, keeps
+    trying, logs each failure naming the link and the reason, and ``/readyz`` stays red.
+    MySQL and Redis are the shared ones here; only the broker is private, since it is stopped."""
+    with contextlib.ExitStack() as stack:
+        rabbitmq = stack.enter_context(private_rabbitmq(tmp_path / "rabbitmq", pki))
+        monkeypatch.setenv("PAYD_RABBITMQ_TLS_KEY_PASSWORD", pki.client_key_password)
+        monkeypatch.setenv("PAYD_RABBITMQ_PASSWORD", rabbitmq.password)
+        tls = {"ca_file": str(pki.ca), "cert_file": str(pki.client_cert), "key_file": str(pki.client_key)}
+        sections = {
+            "rabbitmq": {"url": f"amqps://payd@localhost:{rabbitmq.port}/", "reconnect_delay_s": 0.2},
+            "rabbitmq__tls": tls,
+        }
+        with structlog.testing.capture_logs() as logs:
+            async with daemons.in_process(**sections) as daemon:
+                stack.close()  # the broker stops; its port is free for the impostor
+                impostor_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                impostor_tls.load_cert_chain(pki.impostor_cert, pki.impostor_key)
+                impostor = await asyncio.start_server(
+                    lambda _reader, writer: writer.close(), "127.0.0.1", rabbitmq.port, ssl=impostor_tls
+                )
+                try:
+
+                    def refusals() -> list[str]:
+                        return [
+                            str(e["error"]) for e in logs if e["event"] == "broker.reconnect_failed"
+                            and "TLS handshake failed" in str(e["error"])
+                        ]  # fmt: skip
+
+                    async def refused_twice() -> bool:
+                        return len(refusals()) >= 2
+
+                    await eventually(refused_twice, timeout=60, what="two reconnects refused by verification")
+                    assert (await daemon.status())["ready"]["broker_connected"] is False
+                finally:
+                    impostor.close()
+                    await impostor.wait_closed()
+    assert refusals()[0].startswith(f"rabbitmq at localhost:{rabbitmq.port}: TLS handshake failed: ")
+    assert "certificate verify failed" in refusals()[0]
 
 
 async def test_mysql_refuses_a_server_that_does_not_offer_tls(tmp_path: Path, pki: Pki) -> None:

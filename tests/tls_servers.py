@@ -37,6 +37,9 @@ class Pki:
     client_key: Path
     """Encrypted with ``client_key_password``."""
     client_key_password: str
+    impostor_cert: Path
+    """Names ``localhost`` too, but signed by ``other_ca``: a server payd must not trust."""
+    impostor_key: Path
 
 
 def _openssl(*args: str | Path) -> None:
@@ -105,20 +108,23 @@ def _signed(directory: Path, name: str, ca: tuple[Path, Path], extensions: str, 
 def make_pki(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
     ca = _ca(directory, "ca")
-    other_ca, _ = _ca(directory, "other-ca")
+    other_ca = _ca(directory, "other-ca")
     password = secrets.token_hex(12)
     server = _signed(directory, "server", ca, "subjectAltName=DNS:localhost\n", "-nodes")
+    impostor = _signed(directory, "impostor", other_ca, "subjectAltName=DNS:localhost\n", "-nodes")
     client = _signed(directory, "client", ca, "extendedKeyUsage=clientAuth\n", "-passout", f"pass:{password}")
     for path in directory.iterdir():
         path.chmod(0o644)  # servers that drop privileges must still read their key
     return Pki(
         ca=ca[0],
-        other_ca=other_ca,
+        other_ca=other_ca[0],
         server_cert=server,
         server_key=directory / "server.key",
         client_cert=client,
         client_key=directory / "client.key",
         client_key_password=password,
+        impostor_cert=impostor,
+        impostor_key=directory / "impostor.key",
     )
 
 
