@@ -111,6 +111,9 @@ class RedisSettings(Section, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "payd"
     """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
+    halt_grace_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    """How long the last halt state read is kept when the halt keys cannot be read; after that
+    no provider is called until they can. Up to 1 s keeps "halted within one second" fleet-wide."""
     tls: TlsSettings | None = None
     """How a ``rediss://`` link is verified; without it, against the system's CAs."""
 
@@ -129,14 +132,17 @@ class HttpSettings(Section, frozen=True):
 
 
 class MonitorSettings(Section, frozen=True):
-    """The aiomonitor console for live debugging (``daemon/monitor.py``); localhost only by default."""
+    """The aiomonitor console for live debugging (``daemon/monitor.py``): off unless asked for."""
 
-    enabled: bool = True
+    enabled: bool = False
+    """Every console session must give the control token first; without one the daemon won't start."""
     host: str = "127.0.0.1"
     port: Port = 20101
     """The terminal console (telnet); give each instance on a host its own."""
+    webui: bool = False
+    """aiomonitor's web view of the same tasks. It has no authentication and can cancel any task:
+    only for a development machine."""
     webui_port: Port = 20102
-    """aiomonitor's web view of the same tasks."""
 
 
 class PipelineSettings(Section, frozen=True):

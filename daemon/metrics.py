@@ -133,7 +133,12 @@ class Metrics:
         )
         self.halt_state_stale = Gauge(
             "payd_halt_state_stale",
-            "1 while Redis is unreachable and the last halt state is kept",
+            "1 while the last read of the halt keys failed (the last state is kept for halt_grace_s)",
+            registry=r,
+        )
+        self.halt_state_unknown = Gauge(
+            "payd_halt_state_unknown",
+            "1 while the halt keys have not been read for longer than halt_grace_s: no provider is called",
             registry=r,
         )
         self.unknown_attempts = Gauge(

@@ -118,7 +118,9 @@ async def serve(
 
         redis_client = await open_redis(config.redis, load_secret("redis_password"))
         stack.push_async_callback(redis_client.aclose)
-        halt = HaltState(config.providers, HaltKeys(config.redis.key_prefix))
+        halt = HaltState(
+            config.providers, HaltKeys(config.redis.key_prefix), grace_s=config.redis.halt_grace_s
+        )
         lanes = _open_lanes(config, stack, redis_client, halt)
 
         broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
@@ -188,7 +190,7 @@ async def serve(
                 shutdown,
                 host=config.monitor.host,
                 port=config.monitor.port,
-                webui_port=config.monitor.webui_port,
+                webui_port=config.monitor.webui_port if config.monitor.webui else None,
             )
             stack.callback(monitor.close)
 
