@@ -30,6 +30,7 @@ from daemon.providers.sandbox.behaviour import SandboxBehaviour
 from daemon.providers.sandbox.gateway import build_app
 from daemon.secrets import load_secret
 from daemon.service import serve
+from daemon.supervisor import FaultInjector
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYD = str(Path(sys.executable).with_name("payd"))
@@ -277,9 +278,10 @@ class DaemonFactory:
 
 
 class InProcessDaemon:
-    def __init__(self, config: Config, port: int) -> None:
+    def __init__(self, config: Config, port: int, faults: FaultInjector | None = None) -> None:
         self.config = config
         self.port = port
+        self.faults = faults
         self.shutdown = asyncio.Event()
         self.force = asyncio.Event()
         self.task: asyncio.Task[int] | None = None
@@ -287,7 +289,9 @@ class InProcessDaemon:
     async def start(self) -> None:
         ready = asyncio.Event()
         self.task = asyncio.create_task(
-            serve(self.config, shutdown=self.shutdown, force=self.force, on_ready=ready.set)
+            serve(
+                self.config, shutdown=self.shutdown, force=self.force, on_ready=ready.set, faults=self.faults
+            )
         )
         done, _ = await asyncio.wait(
             [self.task, asyncio.create_task(ready.wait())], timeout=30, return_when=asyncio.FIRST_COMPLETED

@@ -9,18 +9,27 @@ with SKIP LOCKED and pushed back by their next backoff before any lookup):
   idempotency keys, it is sent again under the same key after
   ``resend_after_s`` (the provider cannot charge it twice); without idempotency
   keys it becomes failed (``not_received``) after ``not_found_grace_s``.
+
+Every provider call here is contained as a charge is in ``execute``: bounded by
+a timeout, and an exception from the adapter (a bug: adapters answer, they do
+not raise) cannot stop the pass. The attempt it concerned is *parked*: it stays
+unknown, with the reason, out of automatic passes until an operator acts, so
+one poisoned row cannot re-kill reconciliation on every instance.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiomysql
+import msgspec
 import structlog
 
 from daemon.config import PipelineSettings
+from daemon.logs import redact_text
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.attempts import DB_ERRORS
@@ -30,9 +39,11 @@ from daemon.storage.attempts import (
     DueUnknown,
     Record,
     expire_leases,
+    park_attempts,
     record_outcomes,
     take_due_unknown,
 )
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 log = structlog.get_logger("payd.reconcile")
 T = TypeVar("T")
@@ -45,6 +56,21 @@ NOT_RECEIVED = ChargeResult(
 )
 
 
+class Poisoned(msgspec.Struct, frozen=True):
+    """The adapter raised while asked about this attempt: park it."""
+
+    reason: str
+
+
+class ParkedAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    """An attempt this instance parked, as /status shows it."""
+
+    idempotency_key: str
+    attempt_id: int
+    provider: str
+    reason: str
+
+
 class Reconciler:
     def __init__(
         self,
@@ -53,14 +79,18 @@ class Reconciler:
         lanes: dict[str, Lane],
         settings: PipelineSettings,
         metrics: Metrics,
+        policy: SubscriptionPolicy,
         on_recorded: Callable[[], None] = lambda: None,
     ) -> None:
         self._pool = pool
         self._lanes = lanes
         self._settings = settings
         self._metrics = metrics
+        self._policy = policy
         self._on_recorded = on_recorded
         self._waker = Waker(settings.reconcile_interval_s)
+        self.parked: deque[ParkedAttempt] = deque(maxlen=20)
+        """The latest attempts this instance parked, for /status."""
 
     async def run(self) -> None:
         while True:
@@ -84,7 +114,9 @@ class Reconciler:
         )
         if not due:
             return 0
-        verdicts = await asyncio.gather(*(self._look_up(item) for item in due))
+        verdicts = await asyncio.gather(*(self._contained(item) for item in due))
+        paired = list(zip(due, verdicts, strict=True))
+        await self._park([(item, verdict) for item, verdict in paired if isinstance(verdict, Poisoned)])
         records = [
             Record(
                 attempt_id=item.attempt_id,
@@ -92,11 +124,11 @@ class Reconciler:
                 result=verdict,
                 provider=item.routed_provider,
             )
-            for item, verdict in zip(due, verdicts, strict=True)
-            if verdict is not None
+            for item, verdict in paired
+            if isinstance(verdict, ChargeResult)
         ]
         if records:
-            outcome = await record_outcomes(self._pool, records, unknown_recheck_s=0)
+            outcome = await record_outcomes(self._pool, records, unknown_recheck_s=0, policy=self._policy)
             for record in outcome.applied:
                 assert record.result is not None
                 log.info(
@@ -109,6 +141,44 @@ class Reconciler:
                 )
             self._on_recorded()
         return len(records)
+
+    async def _contained(self, item: DueUnknown) -> ChargeResult | Poisoned | None:
+        """``_look_up``, with whatever the adapter raises turned into a reason to park the attempt."""
+        try:
+            return await self._look_up(item)
+        except Exception as error:  # an adapter bug: contained here, as a charge's is in execute
+            reason = redact_text(f"{type(error).__name__}: {error}")[:255]
+            log.error(
+                "reconcile.lookup_raised",
+                idempotency_key=item.request.idempotency_key,
+                attempt_id=item.attempt_id,
+                provider=item.provider,
+                reason=reason,
+                exc_info=error,
+            )
+            return Poisoned(reason)
+
+    async def _park(self, poisoned: list[tuple[DueUnknown, Poisoned]]) -> None:
+        if not poisoned:
+            return
+        await park_attempts(self._pool, [(item.attempt_id, p.reason) for item, p in poisoned])
+        for item, p in poisoned:
+            self._metrics.reconciled.labels("parked").inc()
+            self.parked.append(
+                ParkedAttempt(
+                    idempotency_key=item.request.idempotency_key,
+                    attempt_id=item.attempt_id,
+                    provider=item.provider,
+                    reason=p.reason,
+                )
+            )
+            log.error(
+                "attempt.parked",
+                idempotency_key=item.request.idempotency_key,
+                attempt_id=item.attempt_id,
+                provider=item.provider,
+                reason=p.reason,
+            )
 
     async def _look_up(self, item: DueUnknown) -> ChargeResult | None:
         """A definitive result for ``item``, or None to ask again after its backoff."""
@@ -170,10 +240,16 @@ class Reconciler:
     async def _call(
         lane: Lane, call: Callable[[AttemptRequest], Awaitable[T]], request: AttemptRequest
     ) -> T | None:
-        """One provider call within the provider's in-flight limit; None if it may not be made now."""
+        """One provider call within the provider's in-flight limit; None if it may not be made now
+        or did not answer in time (asked again after the backoff)."""
         if not lane.may_call() or not await lane.limiter.acquire():
             return None
+        config = lane.config
         try:
-            return await call(request)
+            # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
+            async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
+                return await call(request)
+        except TimeoutError:
+            return None
         finally:
             lane.limiter.release()

@@ -26,6 +26,7 @@ from daemon.models import (
 )
 from daemon.storage.db import Cursor, placeholders, transaction, union_rows
 from daemon.subscriptions.effects import apply_subscription_effects
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 _ER_DUP_ENTRY: Final = 1062
 _encode_metadata = msgspec.json.Encoder().encode
@@ -216,17 +217,26 @@ async def _mark_in_flight(
 
 
 async def record_outcomes(
-    pool: aiomysql.Pool, records: Sequence[Record], *, unknown_recheck_s: float
+    pool: aiomysql.Pool,
+    records: Sequence[Record],
+    *,
+    unknown_recheck_s: float,
+    policy: SubscriptionPolicy,
 ) -> RecordOutcome:
-    """Write results, releases, subscription changes and events in one commit."""
+    """Write results, releases, subscription changes (under ``policy``) and events in one commit."""
     result = RecordOutcome()
     async with transaction(pool) as cursor:
-        await write_outcomes(cursor, records, result, unknown_recheck_s=unknown_recheck_s)
+        await write_outcomes(cursor, records, result, unknown_recheck_s=unknown_recheck_s, policy=policy)
     return result
 
 
 async def write_outcomes(
-    cursor: Cursor, records: Sequence[Record], into: RecordOutcome, *, unknown_recheck_s: float
+    cursor: Cursor,
+    records: Sequence[Record],
+    into: RecordOutcome,
+    *,
+    unknown_recheck_s: float,
+    policy: SubscriptionPolicy,
 ) -> None:
     ids = [record.attempt_id for record in records]
     await cursor.execute(
@@ -296,7 +306,7 @@ async def write_outcomes(
             params,
         )
     if changes:
-        await apply_subscription_effects(cursor, changes, occurred_at=occurred_at)
+        await apply_subscription_effects(cursor, changes, occurred_at=occurred_at, policy=policy)
     await insert_outbox(cursor, events)
 
 
@@ -377,7 +387,7 @@ async def take_due_unknown(
         await cursor.execute(
             "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), routed_provider, "  # noqa: S608
             f"{_REQUEST_COLUMNS} "
-            "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) "
+            "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) AND parked_at IS NULL "
             "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
@@ -403,6 +413,25 @@ async def take_due_unknown(
         )
         for row in rows
     ]
+
+
+async def park_attempts(pool: aiomysql.Pool, parked: Sequence[tuple[int, str]]) -> int:
+    """Take unknown attempts out of automatic reconciliation, each with its reason.
+
+    They stay unknown (they may have charged); ``recheck_at`` NULL keeps every
+    scan away until an operator settles them or clears ``parked_at``.
+    """
+    if not parked:
+        return 0
+    derived, params = union_rows(parked, ("id", "reason"))
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            f"UPDATE attempts a JOIN ({derived}) v ON a.id = v.id SET "  # noqa: S608
+            "a.parked_at = NOW(6), a.reconcile_error = v.reason, a.recheck_at = NULL "
+            "WHERE a.state = 'unknown'",
+            params,
+        )
+        return int(cursor.rowcount)
 
 
 async def count_by_state(pool: aiomysql.Pool) -> dict[str, int]:

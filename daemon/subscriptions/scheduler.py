@@ -46,7 +46,7 @@ from daemon.subscriptions.events import subscription_event
 from daemon.subscriptions.lifecycle import stop
 from daemon.subscriptions.model import CHARGEABLE, Subscription, dispatch_key
 from daemon.subscriptions.pacing import TokenBucket
-from daemon.subscriptions.policy import SubscriptionPolicy, use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.store import (
     budget_used,
     claim_due,
@@ -280,24 +280,19 @@ def _add(into: BatchResult, result: BatchResult) -> None:
         setattr(into, name, getattr(into, name) + getattr(result, name))
 
 
-def start_subscriptions(
+def build_scheduler(
     config: Config,
     *,
     pool: aiomysql.Pool,
+    policy: SubscriptionPolicy,
     providers: Collection[str],
     metrics: Metrics,
     wake: Callable[[], None],
-) -> list[asyncio.Task[None]]:
-    """Install ``[subscriptions]`` for the outcomes this daemon records, start its scheduler.
-
-    The policy lives in a context variable, so this must run in ``serve`` before
-    the tasks that record outcomes are created (they inherit it). Returns the
-    scheduler task (none when ``scheduler = false``), a background duty.
-    """
-    policy = use_policy(config.subscriptions)
+) -> RenewalScheduler | None:
+    """This daemon's renewal scheduler (a background duty), or None when ``scheduler = false``."""
     if not config.subscriptions.scheduler:
-        return []
-    scheduler = RenewalScheduler(
+        return None
+    return RenewalScheduler(
         pool=pool,
         settings=config.subscriptions,
         policy=policy,
@@ -305,4 +300,3 @@ def start_subscriptions(
         metrics=metrics,
         on_dispatched=wake,
     )
-    return [asyncio.create_task(scheduler.run(), name="renewal-scheduler")]
