@@ -434,6 +434,31 @@ async def park_attempts(pool: aiomysql.Pool, parked: Sequence[tuple[int, str]]) 
         return int(cursor.rowcount)
 
 
+async def unpark_attempts(pool: aiomysql.Pool, keys: Sequence[str] | None) -> list[str]:
+    """Return parked attempts (``keys``, or all when None) to automatic reconciliation, due now.
+
+    For after the cause is fixed (a new adapter release, say); their backoff
+    starts again from its first step.
+    """
+    where = "state = 'unknown' AND parked_at IS NOT NULL"
+    params: list[Any] = []
+    if keys is not None:
+        if not keys:
+            return []
+        where += f" AND idempotency_key IN ({placeholders(len(keys))})"
+        params.extend(keys)
+    async with transaction(pool) as cursor:
+        await cursor.execute(f"SELECT idempotency_key FROM attempts WHERE {where} FOR UPDATE", params)  # noqa: S608
+        found = [key for (key,) in await cursor.fetchall()]
+        if found:
+            await cursor.execute(
+                "UPDATE attempts SET parked_at = NULL, reconcile_error = NULL, reconcile_tries = 0, "  # noqa: S608
+                f"recheck_at = NOW(6) WHERE {where}",
+                params,
+            )
+    return found
+
+
 async def count_by_state(pool: aiomysql.Pool) -> dict[str, int]:
     """For /status and tests: a small aggregate, served by the state index."""
     async with transaction(pool) as cursor:

@@ -5,7 +5,10 @@ whose lookup trips aiohttp's own header guard, the sandbox gateway as the provid
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.faults.lookup_bugs import ENTRY_POINT
-from tests.support import Broker, DaemonFactory, InProcessDaemon, Sandbox, eventually, query
+from tests.support import PAYD, ROOT, Broker, DaemonFactory, InProcessDaemon, Sandbox, eventually, query
 
 POISONED_REFERENCE = "order-7\r\nX-Injected: yes"  # a header value aiohttp refuses to send
 
@@ -34,8 +37,8 @@ def lookup_bugs_kind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @contextlib.asynccontextmanager
 async def daemon_with_buggy_lookups(
     daemons: DaemonFactory, sandbox: Sandbox
-) -> AsyncIterator[InProcessDaemon]:
-    config, _, port = daemons.config(
+) -> AsyncIterator[tuple[InProcessDaemon, Path]]:
+    config, path, port = daemons.config(
         providers__buggy={
             "kind": "lookup_bugs",
             "base_url": sandbox.url,
@@ -47,7 +50,7 @@ async def daemon_with_buggy_lookups(
     daemon = InProcessDaemon(config, port)
     await daemon.start()
     try:
-        yield daemon
+        yield daemon, path
     finally:
         assert await daemon.stop() == 0
 
@@ -90,15 +93,16 @@ async def metric(port: int, name: str, **labels: str) -> float:
 
 @pytest.mark.usefixtures("lookup_bugs_kind")
 async def test_a_lookup_that_raises_parks_its_attempt_and_reconciliation_goes_on(
-    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory, tmp_path: Path
 ) -> None:
     """A lookup raising ValueError (aiohttp's header guard) used to end the reconciler: the other
     unknown attempts were never settled again. Now the poisoned attempt is parked: still unknown
     (it may have charged), with the reason, out of automatic passes (no further lookups), shown in
-    /status and counted; the others in the same pass, and those that come later, are settled."""
+    /status and counted; the others in the same pass, and those that come later, are settled.
+    ``payd attempts unpark`` returns it to automatic reconciliation."""
     await add_unknown(db, "poisoned", customer_ref=POISONED_REFERENCE)
     await add_unknown(db, "healthy")
-    async with daemon_with_buggy_lookups(daemons, sandbox) as daemon:
+    async with daemon_with_buggy_lookups(daemons, sandbox) as (daemon, config_path):
         await wait_state(db, "healthy", "succeeded")
 
         async def parked() -> bool:
@@ -123,6 +127,24 @@ async def test_a_lookup_that_raises_parks_its_attempt_and_reconciliation_goes_on
         assert await metric(daemon.port, "payd_attempts_parked") == 1
         assert await metric(daemon.port, "payd_reconciled_total", result="parked") == 1
         assert await metric(daemon.port, "payd_duty_crashes_total", duty="reconciler") == 0
+
+        # The operator's way back: unparked, it is looked up again (and, still poisoned, parked again).
+        unparked = await asyncio.to_thread(
+            subprocess.run,
+            [PAYD, "attempts", "unpark", "poisoned", "never-parked", "--config", str(config_path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**os.environ, "PYTHONPATH": f"{tmp_path / 'site'}:{ROOT}"},  # the plugin kind
+        )
+        assert unparked.returncode == 1, "one key was not a parked attempt"
+        assert "unparked poisoned" in unparked.stdout and "never-parked" in unparked.stderr
+
+        async def parked_again() -> bool:
+            again = await row(db, "poisoned")
+            return again["parked_at"] is not None and again["reconcile_tries"] == 1
+
+        await eventually(parked_again, timeout=30, what="the unparked attempt to be looked up again")
     charged = {charge["idempotency_key"] for charge in await sandbox.assert_no_double_charge()}
     assert charged == {"healthy", "later"}, "the parked attempt is never sent again"
 
@@ -136,7 +158,7 @@ async def test_a_lookup_that_never_answers_does_not_hold_up_the_others(
     other attempts of the pass are settled."""
     await add_unknown(db, "hanging", customer_ref="hang")
     await add_unknown(db, "beside-it")
-    async with daemon_with_buggy_lookups(daemons, sandbox) as daemon:
+    async with daemon_with_buggy_lookups(daemons, sandbox) as (daemon, _):
         await wait_state(db, "beside-it", "succeeded")
         hanging = await row(db, "hanging")
         assert (hanging["state"], hanging["parked_at"]) == ("unknown", None)
