@@ -24,10 +24,16 @@ import aiomysql
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from daemon.config import DunningSettings, MySQLSettings, SubscriptionSettings
 from daemon.logs import configure_logging
 from daemon.metrics import Metrics
+from daemon.models import AttemptRequest, ChargeResult, Outcome
+from daemon.secrets import load_secret
+from daemon.storage.attempts import Record, claim_attempts, record_outcomes
+from daemon.storage.db import close_pool, open_pool
+from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.supervisor import FaultInjector, RestartPolicy, Supervisor, Tier
-from tests.support import Broker, DaemonFactory, InProcessDaemon, eventually
+from tests.support import DATABASE, Broker, DaemonFactory, InProcessDaemon, eventually, query
 
 DUTIES = {
     "broker-link",
@@ -280,3 +286,47 @@ async def test_a_duty_that_returns_is_restarted_too() -> None:
 
 async def _at_least(value: int, bound: int) -> bool:
     return value >= bound
+
+
+async def test_the_subscription_policy_reaches_the_record_path_as_an_argument(db: aiomysql.Pool) -> None:
+    """The policy is an argument of record_outcomes, not a context variable: a task created
+    before the policy existed (which a ContextVar would have left on the default policy) records a
+    hard decline under the policy it was handed: past_due here, where the default cancels."""
+    pool = await open_pool(MySQLSettings(database=DATABASE, pool_size=2), load_secret("mysql_password"))
+    try:
+        await query(
+            db,
+            "INSERT INTO subscriptions (id, status, provider, payment_method, amount_minor, currency, "
+            "billing_anchor, next_attempt_at, pending_key) VALUES (901, 'active', 'sandbox', 'pm_stolen', "
+            "1000, 'EUR', NOW(6) - INTERVAL 1 MINUTE, NOW(6), 'renew:901:1')",
+        )
+        renewal = AttemptRequest(
+            idempotency_key="renew:901:1",
+            subscription_id=901,
+            cycle=1,
+            amount_minor=1000,
+            currency="EUR",
+            provider="sandbox",
+            payment_method="pm_stolen",
+        )
+        claim = await claim_attempts(pool, [renewal], claimed_by="test", lease_s=30)
+        record = Record(
+            attempt_id=claim.claimed[renewal.idempotency_key],
+            request=renewal,
+            result=ChargeResult(outcome=Outcome.HARD_DECLINE, decline_code="stolen_card"),
+            tries=1,
+        )
+        handed: asyncio.Queue[SubscriptionPolicy] = asyncio.Queue()
+
+        async def recorder() -> None:
+            policy = await handed.get()
+            await record_outcomes(pool, [record], unknown_recheck_s=1, policy=policy)
+
+        task = asyncio.create_task(recorder())
+        dunning = DunningSettings(on_hard_decline="past_due")
+        await handed.put(SubscriptionPolicy(SubscriptionSettings(dunning=dunning)))
+        await task
+        [(status,)] = await query(db, "SELECT status FROM subscriptions WHERE id = 901")
+        assert status == "past_due"
+    finally:
+        await close_pool(pool)
