@@ -18,7 +18,6 @@ drains, the relay flushes, the links close.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -30,6 +29,8 @@ import structlog
 from daemon.metrics import Metrics
 
 DutyRun = Callable[[], Awaitable[None]]
+STOP_TIMEOUT_S = 5.0
+"""How long a stopped duty may take to unwind before the drain moves on without it."""
 
 
 class Tier(enum.IntEnum):
@@ -129,8 +130,9 @@ class Supervisor:
             task, duty.task = duty.task, None
             if task is not None:
                 task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+                done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT_S)
+                if not done:  # it swallowed the cancellation: say so, and do not hold the drain
+                    self._log.error("duty.stop_timed_out", duty=duty.name, waited_s=STOP_TIMEOUT_S)
             duty.state = DutyState.STOPPED
             self._metrics.duty_up.labels(duty.name).set(0)
             self._metrics.duty_failing.labels(duty.name).set(0)
