@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import io
 import json
-import os
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -33,7 +32,7 @@ from daemon.storage.attempts import Record, claim_attempts, record_outcomes
 from daemon.storage.db import close_pool, open_pool
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.supervisor import FaultInjector, RestartPolicy, Supervisor, Tier
-from tests.support import DATABASE, Broker, DaemonFactory, InProcessDaemon, eventually, query
+from tests.support import DATABASE, Broker, DaemonFactory, InProcessDaemon, eventually, notify_socket, query
 
 DUTIES = {
     "broker-link",
@@ -160,22 +159,6 @@ async def test_a_restarted_reconciler_still_settles_unknown_attempts(
         await eventually(settled, timeout=30, what="the unknown attempt to be reconciled")
 
 
-@contextlib.contextmanager
-def notify_socket(tmp_path: Path) -> Iterator[socket.socket]:
-    """A datagram socket standing in for systemd's $NOTIFY_SOCKET, watchdog every 0.1 s."""
-    path = tmp_path / "notify.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(path))
-    listener.setblocking(False)
-    os.environ["NOTIFY_SOCKET"] = str(path)
-    os.environ["WATCHDOG_USEC"] = "200000"
-    try:
-        yield listener
-    finally:
-        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
-        listener.close()
-
-
 def watchdog_pings(listener: socket.socket) -> int:
     """WATCHDOG=1 datagrams received since the last call."""
     count = 0
@@ -193,7 +176,7 @@ async def test_a_critical_duty_that_keeps_dying_turns_readyz_red_and_withholds_t
     duties, /status and payd_duty_failing say which, and the watchdog is no longer pinged, so
     systemd would restart the process. Once it runs stably again, all of it comes back."""
     faults = FaultInjector()
-    with notify_socket(tmp_path) as listener:
+    with notify_socket(tmp_path / "notify.sock") as listener:
         async with supervised_daemon(daemons, faults, duty_stable_after_s=2) as daemon:
             await asyncio.sleep(0.5)
             assert watchdog_pings(listener) >= 1, "pinged while healthy"
@@ -223,7 +206,7 @@ async def test_a_non_critical_duty_that_keeps_dying_turns_readyz_red_but_keeps_t
     """The config reloader is not worth restarting the process for: crashing in a row it turns
     /readyz red, and the watchdog keeps being pinged."""
     faults = FaultInjector()
-    with notify_socket(tmp_path) as listener:
+    with notify_socket(tmp_path / "notify.sock") as listener:
         async with supervised_daemon(daemons, faults, duty_stable_after_s=60) as daemon:
             for crashes in (1, 2, 3):
                 await crash_and_wait(daemon, faults, "config-reloader", crashes=crashes)
