@@ -9,7 +9,6 @@ stopped tier by tier as the drain proceeds.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import time
 from collections.abc import Awaitable, Callable
@@ -137,7 +136,6 @@ async def _drain(
     *,
     pipeline: AttemptPipeline,
     duties: Supervisor,
-    relay: OutboxRelay,
     notifier: SystemdNotifier,
     force: asyncio.Event,
 ) -> None:
@@ -150,11 +148,9 @@ async def _drain(
     await duties.stop(Tier.WORK)
     # The pipeline drains: calls on the wire finish, outcomes commit, deliveries are settled.
     await pipeline.drain(deadline, force)
-    # The relay flushes what those commits wrote.
-    await duties.stop(Tier.EVENTS)
-    if not force.is_set():
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(relay.publish_pending(), max(0.5, deadline - time.monotonic()))
+    # The relay flushes what those commits wrote, and stops (a second signal: it is cut short).
+    remaining = max(0.5, deadline - time.monotonic())
+    await duties.stop(Tier.EVENTS, graceful=not force.is_set(), finish_within_s=remaining)
     # The links close last: acks and the last events needed them.
     await duties.stop(Tier.LINKS)
 
@@ -234,7 +230,7 @@ async def serve(
         # settled): when one keeps crashing, systemd restarts the process.
         duties.add("broker-link", broker.supervise, tier=Tier.LINKS, critical=True)
         duties.add("halt-watcher", lambda: halt.watch(redis_client), tier=Tier.LINKS, critical=True)
-        duties.add("outbox-relay", relay.run, tier=Tier.EVENTS, critical=True)
+        duties.add("outbox-relay", relay.run, tier=Tier.EVENTS, critical=True, stop=relay.stop)
         duties.add("reconciler", reconciler.run, tier=Tier.WORK, critical=True)
         duties.add("health-probe", probe.run, tier=Tier.WORK)
         duties.add("config-reloader", _reloader(config, lanes, redis_client, reload), tier=Tier.WORK)
@@ -269,6 +265,6 @@ async def serve(
         on_ready()
 
         await shutdown.wait()
-        await _drain(config, pipeline=pipeline, duties=duties, relay=relay, notifier=notifier, force=force)
+        await _drain(config, pipeline=pipeline, duties=duties, notifier=notifier, force=force)
     log.info("daemon.stopped", forced=force.is_set())
     return 1 if force.is_set() else 0

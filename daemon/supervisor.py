@@ -69,11 +69,16 @@ class RestartPolicy(msgspec.Struct, frozen=True, kw_only=True):
 class Duty:
     """One supervised duty and what is known of its health (read by /status and /readyz)."""
 
-    def __init__(self, name: str, run: DutyRun, *, tier: Tier, critical: bool) -> None:
+    def __init__(
+        self, name: str, run: DutyRun, *, tier: Tier, critical: bool, stop: Callable[[], None] | None
+    ) -> None:
         self.name = name
         self.run = run
         self.tier = tier
         self.critical = critical
+        self.stop = stop
+        """Asks ``run`` to finish its work and return; without it, stopping cancels."""
+        self.stopping = False
         self.state = DutyState.STOPPED
         self.crashes = 0
         self.crashes_in_a_row = 0
@@ -103,16 +108,27 @@ class Supervisor:
         self._log = structlog.get_logger("payd.supervisor")
         self.duties: dict[str, Duty] = {}
 
-    def add(self, name: str, run: DutyRun, *, tier: Tier, critical: bool = False) -> None:
+    def add(
+        self,
+        name: str,
+        run: DutyRun,
+        *,
+        tier: Tier,
+        critical: bool = False,
+        stop: Callable[[], None] | None = None,
+    ) -> None:
         """Declare a duty; ``critical`` ones restart the process (via the watchdog) when they keep failing.
 
         Critical means the instance cannot keep payd's promises without it
         (settling unknowns, publishing events, the broker link, the emergency
         stop). The others are restarted but not worth interrupting payments for.
+        ``stop``, when given, asks the duty to finish and return (the relay's
+        last flush); a duty without one is cancelled, which is fine for duties
+        whose work rolls back cleanly.
         """
         if name in self.duties:
             raise ValueError(f"duty {name!r} declared twice")
-        self.duties[name] = Duty(name, run, tier=tier, critical=critical)
+        self.duties[name] = Duty(name, run, tier=tier, critical=critical, stop=stop)
         # Exported from the start (at 0), so rate() and absence alerts see every duty.
         self._metrics.duty_up.labels(name).set(0)
         self._metrics.duty_failing.labels(name).set(0)
@@ -124,18 +140,36 @@ class Supervisor:
                 duty.state = DutyState.STARTING
                 duty.task = asyncio.create_task(self._keep_running(duty), name=duty.name)
 
-    async def stop(self, tier: Tier) -> None:
-        """Stop one tier's duties (in reverse of their declaration) and wait for them to end."""
+    async def stop(
+        self, tier: Tier, *, graceful: bool = True, finish_within_s: float = STOP_TIMEOUT_S
+    ) -> None:
+        """Stop one tier's duties (in reverse of their declaration) and wait for them to end.
+
+        ``graceful``: duties that have a ``stop`` are asked to finish, for up to
+        ``finish_within_s``; the others, and those that overrun, are cancelled.
+        """
         for duty in reversed(self._in(tier)):
             task, duty.task = duty.task, None
             if task is not None:
-                task.cancel()
-                done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT_S)
-                if not done:  # it swallowed the cancellation: say so, and do not hold the drain
-                    self._log.error("duty.stop_timed_out", duty=duty.name, waited_s=STOP_TIMEOUT_S)
+                await self._end(duty, task, graceful=graceful, finish_within_s=finish_within_s)
             duty.state = DutyState.STOPPED
             self._metrics.duty_up.labels(duty.name).set(0)
             self._metrics.duty_failing.labels(duty.name).set(0)
+
+    async def _end(
+        self, duty: Duty, task: asyncio.Task[None], *, graceful: bool, finish_within_s: float
+    ) -> None:
+        duty.stopping = True
+        if graceful and duty.stop is not None:
+            duty.stop()
+            done, _ = await asyncio.wait([task], timeout=finish_within_s)
+            if done:
+                return
+            self._log.warning("duty.stop_overran", duty=duty.name, waited_s=finish_within_s)
+        task.cancel()
+        done, _ = await asyncio.wait([task], timeout=STOP_TIMEOUT_S)
+        if not done:  # it swallowed the cancellation: say so, and do not hold the drain
+            self._log.error("duty.stop_timed_out", duty=duty.name, waited_s=STOP_TIMEOUT_S)
 
     async def stop_all(self) -> None:
         for tier in reversed(Tier):
@@ -167,6 +201,8 @@ class Supervisor:
             stable = loop.call_later(self._policy.stable_after_s, self._ran_stably, duty)
             try:
                 await (duty.run() if self._faults is None else self._faults.guard(duty.name, duty.run))
+                if duty.stopping:
+                    return  # asked to finish, and it did
                 error: BaseException = RuntimeError("returned; a duty should run until it is stopped")
             except asyncio.CancelledError as cancelled:
                 if this is not None and this.cancelling():
@@ -176,7 +212,10 @@ class Supervisor:
                 error = crash
             finally:
                 stable.cancel()
-            await asyncio.sleep(self._crashed(duty, error))
+            delay = self._crashed(duty, error)
+            if duty.stopping:
+                return  # crashed while finishing: logged and counted, not restarted
+            await asyncio.sleep(delay)
 
     def _crashed(self, duty: Duty, error: BaseException) -> float:
         """Log, count and classify a crash; return how long to wait before the restart."""

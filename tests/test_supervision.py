@@ -32,7 +32,18 @@ from daemon.storage.attempts import Record, claim_attempts, record_outcomes
 from daemon.storage.db import close_pool, open_pool
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.supervisor import FaultInjector, RestartPolicy, Supervisor, Tier
-from tests.support import DATABASE, Broker, DaemonFactory, InProcessDaemon, eventually, notify_socket, query
+from tests.support import (
+    DATABASE,
+    Broker,
+    DaemonFactory,
+    InProcessDaemon,
+    Sandbox,
+    eventually,
+    notify_socket,
+    query,
+    request,
+    states,
+)
 
 DUTIES = {
     "broker-link",
@@ -313,3 +324,60 @@ async def test_the_subscription_policy_reaches_the_record_path_as_an_argument(db
         assert status == "past_due"
     finally:
         await close_pool(pool)
+
+
+async def test_the_drain_publishes_every_event_its_commits_wrote_before_the_links_close(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """The drain's order: intake stops, the work duties stop, calls on the wire finish and
+    commit, then the relay flushes and only then do the links close. Every attempt that
+    finished during the drain has its event on payd.events when serve returns, and the outbox
+    is empty: nothing waits for another instance's relay."""
+    await broker.follow_events()
+    await sandbox.behave(latency_ms=400)
+    keys = [f"drain-{i}" for i in range(20)]
+    config, _, port = daemons.config()
+    daemon = InProcessDaemon(config, port)
+    await daemon.start()
+    await broker.publish(request(key) for key in keys)
+
+    async def calls_on_the_wire() -> bool:
+        return bool((await daemon.status())["in_flight"] >= 5)
+
+    await eventually(calls_on_the_wire, timeout=20, what="attempts in flight")
+    assert await daemon.stop() == 0
+    finished = {key for key, state in (await states(db)).items() if state in ("succeeded", "failed")}
+    assert finished, "some attempts finished during the drain"
+    assert await query(db, "SELECT COUNT(*) FROM outbox") == [(0,)], "the relay flushed before exit"
+
+    async def all_events_in() -> bool:
+        return finished <= {event["idempotency_key"] for event in broker.events}
+
+    await eventually(all_events_in, timeout=10, what="an event for every attempt finished in the drain")
+
+
+async def test_a_duty_with_a_stop_finishes_its_work_instead_of_being_cancelled() -> None:
+    """The relay's last flush depends on it: a duty declared with ``stop`` is asked to finish,
+    runs its last round to the end (no CancelledError inside it) and is not counted as a crash."""
+    finished = asyncio.Event()
+    asked = asyncio.Event()
+    cancelled = False
+
+    async def flushes_on_stop() -> None:
+        nonlocal cancelled
+        try:
+            await asked.wait()
+            await asyncio.sleep(0.05)  # the last round, e.g. a publish awaiting confirms
+            finished.set()
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+
+    metrics = Metrics()
+    supervisor = Supervisor(metrics=metrics, policy=RestartPolicy())
+    supervisor.add("relay", flushes_on_stop, tier=Tier.EVENTS, stop=asked.set)
+    supervisor.start()
+    await asyncio.sleep(0.01)
+    await supervisor.stop(Tier.EVENTS)
+    assert finished.is_set() and not cancelled
+    assert metrics.registry.get_sample_value("payd_duty_crashes_total", {"duty": "relay"}) == 0
