@@ -123,14 +123,14 @@ async def crash_and_wait(daemon: InProcessDaemon, faults: FaultInjector, name: s
 async def test_each_duty_that_dies_is_logged_counted_and_restarted(
     db: aiomysql.Pool, broker: Broker, daemons: DaemonFactory, log_lines: JsonLines
 ) -> None:
-    """Every declared duty, killed by an exception it does not expect: its crash is logged with
-    the traceback, counted in payd_duty_crashes_total{duty}, and it runs again (payd_duty_up 1,
-    /status "running"); one crash leaves the instance ready. Before the service tree a dead
-    duty was a finished task that nobody read."""
+    """Every declared duty (at least those in DUTIES), killed by an exception it does not
+    expect: its crash is logged with the traceback, counted in payd_duty_crashes_total{duty},
+    and it runs again (payd_duty_up 1, /status "running"); one crash leaves the instance ready.
+    Before the service tree a dead duty was a finished task that nobody read."""
     faults = FaultInjector()
     async with supervised_daemon(daemons, faults) as daemon:
         declared = set((await daemon.status())["duties"])
-        assert declared == DUTIES, "every background duty is in the service tree"
+        assert declared >= DUTIES, "every background duty is in the service tree"
         for name in sorted(declared):
             await crash_and_wait(daemon, faults, name, crashes=1)
             assert await metric(daemon.port, "payd_duty_crashes_total", duty=name) == 1
@@ -141,7 +141,7 @@ async def test_each_duty_that_dies_is_logged_counted_and_restarted(
         status, body = await get(daemon.port, "/readyz")
         assert status == 200, body
     crashed = {line["duty"]: line for line in log_lines.events("duty.crashed")}
-    assert set(crashed) == DUTIES
+    assert set(crashed) == declared
     for name, line in crashed.items():
         assert line["level"] == "error"
         assert "Traceback" in line["exception"] and f"ValueError: injected into {name}" in line["exception"]
