@@ -37,6 +37,7 @@ from daemon.pipeline.execute import Lane
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
     DueUnknown,
+    ParkedAttempt,
     Record,
     expire_leases,
     park_attempts,
@@ -59,15 +60,6 @@ NOT_RECEIVED = ChargeResult(
 class Poisoned(msgspec.Struct, frozen=True):
     """The adapter raised while asked about this attempt: park it."""
 
-    reason: str
-
-
-class ParkedAttempt(msgspec.Struct, frozen=True, kw_only=True):
-    """An attempt this instance parked, as /status shows it."""
-
-    idempotency_key: str
-    attempt_id: int
-    provider: str
     reason: str
 
 
@@ -107,11 +99,12 @@ class Reconciler:
             self._metrics.leases_expired.inc(len(expired))
             log.warning("reconcile.leases_expired", count=len(expired))
             self._on_recorded()
-        due = await take_due_unknown(
+        due, unreadable = await take_due_unknown(
             self._pool,
             limit=self._settings.reconcile_batch_size,
             backoff_s=self._settings.reconcile_backoff_s,
         )
+        self._note_parked(unreadable)
         if not due:
             return 0
         verdicts = await asyncio.gather(*(self._contained(item) for item in due))
@@ -159,25 +152,28 @@ class Reconciler:
             return Poisoned(reason)
 
     async def _park(self, poisoned: list[tuple[DueUnknown, Poisoned]]) -> None:
-        if not poisoned:
-            return
-        await park_attempts(self._pool, [(item.attempt_id, p.reason) for item, p in poisoned])
-        for item, p in poisoned:
-            self._metrics.reconciled.labels("parked").inc()
-            self.parked.append(
-                ParkedAttempt(
-                    idempotency_key=item.request.idempotency_key,
-                    attempt_id=item.attempt_id,
-                    provider=item.provider,
-                    reason=p.reason,
-                )
-            )
-            log.error(
-                "attempt.parked",
-                idempotency_key=item.request.idempotency_key,
+        parked = [
+            ParkedAttempt(
                 attempt_id=item.attempt_id,
+                idempotency_key=item.request.idempotency_key,
                 provider=item.provider,
                 reason=p.reason,
+            )
+            for item, p in poisoned
+        ]
+        await park_attempts(self._pool, [(p.attempt_id, p.reason) for p in parked])
+        self._note_parked(parked)
+
+    def _note_parked(self, parked: list[ParkedAttempt]) -> None:
+        for attempt in parked:
+            self._metrics.reconciled.labels("parked").inc()
+            self.parked.append(attempt)
+            log.error(
+                "attempt.parked",
+                idempotency_key=attempt.idempotency_key,
+                attempt_id=attempt.attempt_id,
+                provider=attempt.provider,
+                reason=attempt.reason,
             )
 
     async def _look_up(self, item: DueUnknown) -> ChargeResult | None:

@@ -379,10 +379,26 @@ class DueUnknown(msgspec.Struct, frozen=True, kw_only=True):
         return self.routed_provider or self.request.provider
 
 
+class ParkedAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    """An unknown attempt taken out of automatic reconciliation, and why."""
+
+    attempt_id: int
+    idempotency_key: str
+    provider: str
+    reason: str
+
+
 async def take_due_unknown(
     pool: aiomysql.Pool, *, limit: int, backoff_s: Sequence[float]
-) -> list[DueUnknown]:
-    """Unknown attempts due a lookup, pushed back by their next backoff so no one else takes them."""
+) -> tuple[list[DueUnknown], list[ParkedAttempt]]:
+    """Unknown attempts due a lookup, pushed back by their next backoff so no one else takes them.
+
+    A row that cannot be read back into a request (its metadata corrupted, say)
+    is parked in the same transaction and returned second: it must not stop
+    the pass that found it, on this instance or any other.
+    """
+    due: list[DueUnknown] = []
+    unreadable: list[ParkedAttempt] = []
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), routed_provider, "  # noqa: S608
@@ -403,35 +419,51 @@ async def take_due_unknown(
                 f"WHERE id IN ({placeholders(len(ids))})",
                 (wait_us, *ids),
             )
-    return [
-        DueUnknown(
-            attempt_id=row[0],
-            reconcile_tries=row[1],
-            seconds_since_claim=(row[2] or 0) / 1_000_000,
-            routed_provider=row[3],
-            request=request_from_row(row[4:]),
-        )
-        for row in rows
-    ]
+        for row in rows:
+            try:
+                request = request_from_row(row[4:])
+            except (msgspec.MsgspecError, ValueError, TypeError) as error:
+                reason = f"row cannot be read: {type(error).__name__}: {error}"[:255]
+                unreadable.append(
+                    ParkedAttempt(
+                        attempt_id=row[0], idempotency_key=row[4], provider=row[3] or row[7], reason=reason
+                    )
+                )
+                continue
+            due.append(
+                DueUnknown(
+                    attempt_id=row[0],
+                    reconcile_tries=row[1],
+                    seconds_since_claim=(row[2] or 0) / 1_000_000,
+                    routed_provider=row[3],
+                    request=request,
+                )
+            )
+        await _park(cursor, [(p.attempt_id, p.reason) for p in unreadable])
+    return due, unreadable
 
 
-async def park_attempts(pool: aiomysql.Pool, parked: Sequence[tuple[int, str]]) -> int:
-    """Take unknown attempts out of automatic reconciliation, each with its reason.
+async def park_attempts(pool: aiomysql.Pool, parked: Sequence[tuple[int, str]]) -> None:
+    """Take unknown attempts (id, reason) out of automatic reconciliation.
 
     They stay unknown (they may have charged); ``recheck_at`` NULL keeps every
-    scan away until an operator settles them or clears ``parked_at``.
+    scan away until an operator settles them or unparks them.
     """
+    if parked:
+        async with transaction(pool) as cursor:
+            await _park(cursor, parked)
+
+
+async def _park(cursor: Cursor, parked: Sequence[tuple[int, str]]) -> None:
     if not parked:
-        return 0
+        return
     derived, params = union_rows(parked, ("id", "reason"))
-    async with transaction(pool) as cursor:
-        await cursor.execute(
-            f"UPDATE attempts a JOIN ({derived}) v ON a.id = v.id SET "  # noqa: S608
-            "a.parked_at = NOW(6), a.reconcile_error = v.reason, a.recheck_at = NULL "
-            "WHERE a.state = 'unknown'",
-            params,
-        )
-        return int(cursor.rowcount)
+    await cursor.execute(
+        f"UPDATE attempts a JOIN ({derived}) v ON a.id = v.id SET "  # noqa: S608
+        "a.parked_at = NOW(6), a.reconcile_error = v.reason, a.recheck_at = NULL "
+        "WHERE a.state = 'unknown'",
+        params,
+    )
 
 
 async def unpark_attempts(pool: aiomysql.Pool, keys: Sequence[str] | None) -> list[str]:

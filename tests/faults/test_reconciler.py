@@ -163,3 +163,30 @@ async def test_a_lookup_that_never_answers_does_not_hold_up_the_others(
         hanging = await row(db, "hanging")
         assert (hanging["state"], hanging["parked_at"]) == ("unknown", None)
         assert await metric(daemon.port, "payd_reconciled_total", result="lookup_failed") >= 1
+
+
+async def test_a_row_that_cannot_be_read_is_parked_and_does_not_stop_the_pass(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """An unknown row whose metadata is not the JSON payd writes (edited by hand, or by another
+    version) used to raise while the batch was read, every pass, on every instance. It is parked
+    with the reason instead, and the rows read with it are settled."""
+    await query(
+        db,
+        "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, "
+        "metadata, state, outcome, claimed_at, recheck_at) VALUES "
+        "('garbled', 'sandbox', 700, 'EUR', 'pm_ok', '{not json', 'unknown', 'unknown', NOW(6), NOW(6)), "
+        "('readable', 'sandbox', 700, 'EUR', 'pm_ok', NULL, 'unknown', 'unknown', NOW(6), NOW(6))",
+    )
+    async with daemons.in_process() as daemon:
+        await wait_state(db, "readable", "succeeded")
+
+        async def parked() -> bool:
+            return (await row(db, "garbled"))["parked_at"] is not None
+
+        await eventually(parked, timeout=30, what="the unreadable row to be parked")
+        garbled = await row(db, "garbled")
+        assert garbled["state"] == "unknown"
+        assert garbled["reconcile_error"].startswith("row cannot be read: ")
+        assert await metric(daemon.port, "payd_duty_crashes_total", duty="reconciler") == 0
+    assert {c["idempotency_key"] for c in await sandbox.ledger()} == {"readable"}
