@@ -320,6 +320,15 @@ async def insert_outbox(cursor: Cursor, rows: Iterable[OutboxRow]) -> None:
         )
 
 
+class ParkedAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    """An unknown attempt taken out of automatic reconciliation, and why."""
+
+    attempt_id: int
+    idempotency_key: str
+    provider: str
+    reason: str
+
+
 async def expire_leases(pool: aiomysql.Pool, *, limit: int) -> list[int]:
     """In_flight rows whose claimer stopped renewing become unknown: they may have been sent."""
     reason = "lease expired: the instance that claimed it stopped"
@@ -341,20 +350,47 @@ async def expire_leases(pool: aiomysql.Pool, *, limit: int) -> list[int]:
         )
         unknown = ChargeResult(outcome=Outcome.UNKNOWN, reason=reason)
         occurred_at = now_iso()
+        readable, unreadable = _read_requests(rows, first=1)
         await insert_outbox(
             cursor,
             (
                 payment_event(
                     attempt_id=row[0],
-                    request=request_from_row(row[1:]),
+                    request=request,
                     state=AttemptState.UNKNOWN,
                     result=unknown,
                     occurred_at=occurred_at,
                 )
-                for row in rows
+                for row, request in readable
             ),
         )
+        await _park(cursor, [(p.attempt_id, p.reason) for p in unreadable])
     return ids
+
+
+def _read_requests(
+    rows: Sequence[Sequence[Any]], *, first: int
+) -> tuple[list[tuple[Sequence[Any], AttemptRequest]], list[ParkedAttempt]]:
+    """Each row's request (its ``_REQUEST_COLUMNS`` start at ``first``), or why it cannot be read.
+
+    A row payd cannot read back (metadata edited by hand, say) must not stop a
+    scan that found it, on this instance or any other: it is parked instead.
+    """
+    readable: list[tuple[Sequence[Any], AttemptRequest]] = []
+    unreadable: list[ParkedAttempt] = []
+    for row in rows:
+        try:
+            readable.append((row, request_from_row(row[first:])))
+        except (msgspec.MsgspecError, ValueError, TypeError) as error:
+            unreadable.append(
+                ParkedAttempt(
+                    attempt_id=row[0],
+                    idempotency_key=row[first],
+                    provider=row[first + 3],
+                    reason=f"row cannot be read: {type(error).__name__}: {error}"[:255],
+                )
+            )
+    return readable, unreadable
 
 
 async def route_attempt(pool: aiomysql.Pool, attempt_id: int, provider: str) -> None:
@@ -379,26 +415,13 @@ class DueUnknown(msgspec.Struct, frozen=True, kw_only=True):
         return self.routed_provider or self.request.provider
 
 
-class ParkedAttempt(msgspec.Struct, frozen=True, kw_only=True):
-    """An unknown attempt taken out of automatic reconciliation, and why."""
-
-    attempt_id: int
-    idempotency_key: str
-    provider: str
-    reason: str
-
-
 async def take_due_unknown(
     pool: aiomysql.Pool, *, limit: int, backoff_s: Sequence[float]
 ) -> tuple[list[DueUnknown], list[ParkedAttempt]]:
     """Unknown attempts due a lookup, pushed back by their next backoff so no one else takes them.
 
-    A row that cannot be read back into a request (its metadata corrupted, say)
-    is parked in the same transaction and returned second: it must not stop
-    the pass that found it, on this instance or any other.
+    Rows that cannot be read back are parked in the same transaction and returned second.
     """
-    due: list[DueUnknown] = []
-    unreadable: list[ParkedAttempt] = []
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), routed_provider, "  # noqa: S608
@@ -419,26 +442,17 @@ async def take_due_unknown(
                 f"WHERE id IN ({placeholders(len(ids))})",
                 (wait_us, *ids),
             )
-        for row in rows:
-            try:
-                request = request_from_row(row[4:])
-            except (msgspec.MsgspecError, ValueError, TypeError) as error:
-                reason = f"row cannot be read: {type(error).__name__}: {error}"[:255]
-                unreadable.append(
-                    ParkedAttempt(
-                        attempt_id=row[0], idempotency_key=row[4], provider=row[3] or row[7], reason=reason
-                    )
-                )
-                continue
-            due.append(
-                DueUnknown(
-                    attempt_id=row[0],
-                    reconcile_tries=row[1],
-                    seconds_since_claim=(row[2] or 0) / 1_000_000,
-                    routed_provider=row[3],
-                    request=request,
-                )
+        readable, unreadable = _read_requests(rows, first=4)
+        due = [
+            DueUnknown(
+                attempt_id=row[0],
+                reconcile_tries=row[1],
+                seconds_since_claim=(row[2] or 0) / 1_000_000,
+                routed_provider=row[3],
+                request=request,
             )
+            for row, request in readable
+        ]
         await _park(cursor, [(p.attempt_id, p.reason) for p in unreadable])
     return due, unreadable
 

@@ -169,14 +169,16 @@ async def test_a_row_that_cannot_be_read_is_parked_and_does_not_stop_the_pass(
     db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
     """An unknown row whose metadata is not the JSON payd writes (edited by hand, or by another
-    version) used to raise while the batch was read, every pass, on every instance. It is parked
-    with the reason instead, and the rows read with it are settled."""
+    version) used to raise while the batch was read, every pass, on every instance; so did an
+    expired lease on such a row. Each is parked (unknown, with the reason) instead, and the rows
+    read with it are settled."""
     await query(
         db,
         "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, "
         "metadata, state, outcome, claimed_at, recheck_at) VALUES "
         "('garbled', 'sandbox', 700, 'EUR', 'pm_ok', '{not json', 'unknown', 'unknown', NOW(6), NOW(6)), "
-        "('readable', 'sandbox', 700, 'EUR', 'pm_ok', NULL, 'unknown', 'unknown', NOW(6), NOW(6))",
+        "('readable', 'sandbox', 700, 'EUR', 'pm_ok', NULL, 'unknown', 'unknown', NOW(6), NOW(6)), "
+        "('garbled-lease', 'sandbox', 700, 'EUR', 'pm_ok', '[1,', 'in_flight', NULL, NOW(6), NOW(6))",
     )
     async with daemons.in_process() as daemon:
         await wait_state(db, "readable", "succeeded")
@@ -185,8 +187,9 @@ async def test_a_row_that_cannot_be_read_is_parked_and_does_not_stop_the_pass(
             return (await row(db, "garbled"))["parked_at"] is not None
 
         await eventually(parked, timeout=30, what="the unreadable row to be parked")
-        garbled = await row(db, "garbled")
-        assert garbled["state"] == "unknown"
-        assert garbled["reconcile_error"].startswith("row cannot be read: ")
+        for key in ("garbled", "garbled-lease"):
+            garbled = await row(db, key)
+            assert garbled["state"] == "unknown", key
+            assert garbled["reconcile_error"].startswith("row cannot be read: "), key
         assert await metric(daemon.port, "payd_duty_crashes_total", duty="reconciler") == 0
     assert {c["idempotency_key"] for c in await sandbox.ledger()} == {"readable"}
