@@ -24,8 +24,10 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     from daemon.service import serve  # noqa: PLC0415 (keep light commands light)
+    from daemon.tls import log_plaintext_links  # noqa: PLC0415
 
     logging_handle = configure_logging(config.daemon.log_level, config.daemon.log_format, config.gelf)
+    log_plaintext_links(config)
 
     async def main() -> int:
         shutdown, force, reload = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -65,11 +67,24 @@ def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.tls import check_links, plaintext_links  # noqa: PLC0415
+
+    try:
+        check_links(config)
+    except ConfigError as error:
+        print(f"payd: configuration error: {config.source}: {error}", file=sys.stderr)
+        return 2
     print(f"{config.source}: ok")
     print(msgspec.json.format(msgspec.json.encode(config)).decode())
     print("secrets:")
     for name, state in describe_secrets().items():
         print(f"  {name}: {state}")
+    for link, host in plaintext_links(config):
+        print(
+            f"warning: {link}: {host} is not this host and the link is not encrypted; "
+            f"see [{link}.tls] in docs/configuration.md",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -211,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"payd: configuration error: {error}", file=sys.stderr)
         return 2
-    return int(args.handler(config, args))
+    try:
+        return int(args.handler(config, args))
+    except ConfigError as error:  # found on use: a TLS file, a server that fails verification
+        print(f"payd: configuration error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -13,12 +13,12 @@ import redis.exceptions
 
 from daemon.config import Config
 from daemon.halt import REDIS_ERRORS, HaltKeys, clear_halt, set_halt
+from daemon.redis_link import redis_client
 from daemon.secrets import load_secret
 
 
 def _redis(config: Config) -> aioredis.Redis:
-    password = load_secret("redis_password")
-    return aioredis.from_url(config.redis.url, password=password.reveal() if password else None)
+    return redis_client(config.redis, load_secret("redis_password"))
 
 
 async def halt(config: Config, *, provider: str | None, reason: str) -> int:

@@ -34,8 +34,9 @@ from daemon.pipeline.reconcile import Reconciler
 from daemon.pipeline.relay import OutboxRelay
 from daemon.probe import HealthProbe
 from daemon.providers.registry import create_provider
+from daemon.redis_link import open_redis
 from daemon.reload import watch_reloads
-from daemon.secrets import Secret, load_secret
+from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.scheduler import build_scheduler
@@ -59,10 +60,6 @@ async def _with_retries(what: str, action: Callable[[], Awaitable[Any]], give_up
             log.warning("startup.waiting", dependency=what, error=repr(error), retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
-
-
-def _reveal(secret: Secret | None) -> str | None:
-    return secret.reveal() if secret else None
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -193,7 +190,7 @@ async def serve(
         )
         stack.push_async_callback(close_pool, pool)
 
-        redis_client = aioredis.from_url(config.redis.url, password=_reveal(load_secret("redis_password")))
+        redis_client = await open_redis(config.redis, load_secret("redis_password"))
         stack.push_async_callback(redis_client.aclose)
         halt = HaltState(config.providers, HaltKeys(config.redis.key_prefix))
         lanes = _open_lanes(config, stack, redis_client, halt)

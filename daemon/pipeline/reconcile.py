@@ -7,8 +7,10 @@ with SKIP LOCKED and pushed back by their next backoff before any lookup):
   reference, through the provider's limiter; a definitive answer is recorded.
   When the provider has no record of it (or offers no lookup) and honours
   idempotency keys, it is sent again under the same key after
-  ``resend_after_s`` (the provider cannot charge it twice); without idempotency
-  keys it becomes failed (``not_received``) after ``not_found_grace_s``.
+  ``resend_after_s`` (the provider cannot charge it twice), unless the provider
+  stores a key only after a 2xx (``resend_only_after_2xx``); without idempotency
+  keys it becomes failed (``not_received``) after ``not_found_grace_s``. A lookup
+  that finds another attempt's payment (``anomaly``) settles nothing.
 
 Every provider call here is contained as a charge is in ``execute``: bounded by
 a timeout, and an exception from the adapter (a bug: adapters answer, they do
@@ -193,6 +195,15 @@ class Reconciler:
         if found is None:
             self._metrics.reconciled.labels("lookup_failed").inc()
             return None
+        if found.anomaly is not None:
+            self._metrics.reconciled.labels("identity_mismatch").inc()
+            log.error(
+                "reconcile.identity_mismatch",
+                idempotency_key=item.request.idempotency_key,
+                provider=item.provider,
+                anomaly=found.anomaly,
+            )
+            return None  # stays unknown: what was found is someone else's payment
         if found.found:
             if found.result is None or found.result.outcome is Outcome.UNKNOWN:
                 self._metrics.reconciled.labels("still_unknown").inc()
@@ -212,8 +223,8 @@ class Reconciler:
         """Sending again is safe only under the same key, while the provider still remembers it,
         and once ``resend_after_s`` has passed (a provider's search may lag behind its charges)."""
         capabilities = lane.provider.capabilities
-        if not capabilities.honours_idempotency_key:
-            return False
+        if not capabilities.honours_idempotency_key or capabilities.resend_only_after_2xx:
+            return False  # an unknown attempt has no 2xx answer, so the key may not be stored
         if item.seconds_since_claim < self._settings.resend_after_s:
             return False
         ttl = capabilities.idempotency_key_ttl_s
