@@ -116,6 +116,12 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     return _run(operate.status(config, as_json=args.json))
 
 
+def cmd_attempts_unpark(config: Config, args: argparse.Namespace) -> int:
+    from daemon import operate  # noqa: PLC0415
+
+    return _run(operate.unpark(config, args.keys, every=args.all))
+
+
 def cmd_retry(config: Config, args: argparse.Namespace) -> int:
     from daemon.subscriptions import commands  # noqa: PLC0415
 
@@ -192,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     importing.add_argument("--batch-size", type=int, default=1000, help="rows per INSERT (%(default)s)")
     importing.set_defaults(handler=cmd_subscriptions_import)
+    attempts = add("attempts", cmd_attempts_unpark, "attempts: unpark")
+    attempt_commands = attempts.add_subparsers(dest="attempts_command", required=True)
+    unpark = attempt_commands.add_parser(
+        "unpark",
+        help="return parked unknown attempts (their lookup raised) to automatic reconciliation",
+        description="return parked unknown attempts to automatic reconciliation, once the cause is fixed",
+    )
+    unpark.add_argument("--config", default=argparse.SUPPRESS, help="configuration file")
+    unpark.add_argument("keys", nargs="*", metavar="KEY", help="idempotency keys")
+    unpark.add_argument("--all", action="store_true", help="every parked attempt")
+    unpark.set_defaults(handler=cmd_attempts_unpark)
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)
     from daemon.providers.sandbox import gateway  # noqa: PLC0415

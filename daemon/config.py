@@ -48,6 +48,14 @@ class DaemonSettings(Section, frozen=True):
     drain_timeout_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    duty_restart_backoff_s: Annotated[list[PositiveFloat], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
+    )
+    """Wait before the n-th restart in a row of a crashed background duty; the last repeats."""
+    duty_failing_after: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Crashes in a row after which a duty is failing: /readyz red, the watchdog withheld if critical."""
+    duty_stable_after_s: PositiveFloat = 60.0
+    """A duty that runs this long without crashing has recovered: its streak starts again."""
 
 
 class GelfSettings(Section, frozen=True):

@@ -25,6 +25,7 @@ from daemon.halt import REDIS_ERRORS, HaltState, clear_halt, set_halt
 from daemon.metrics import Metrics
 from daemon.pipeline.attempts import AttemptPipeline
 from daemon.secrets import Secret
+from daemon.supervisor import Supervisor
 
 log = structlog.get_logger("payd.control")
 
@@ -43,6 +44,8 @@ class ControlState:
         pipeline: AttemptPipeline,
         metrics: Metrics,
         database_ok: Callable[[], bool],
+        duties: Supervisor,
+        parked: Callable[[], dict[str, Any]],
         halt: HaltState,
         redis: aioredis.Redis,
         control_token: Secret | None,
@@ -52,6 +55,8 @@ class ControlState:
         self.pipeline = pipeline
         self.metrics = metrics
         self.database_ok = database_ok
+        self.duties = duties
+        self.parked = parked
         self.halt = halt
         self.redis = redis
         self.control_token = control_token
@@ -63,6 +68,7 @@ class ControlState:
             "database_ok": self.database_ok(),
             "not_draining": not self.pipeline.stopping.is_set(),
             "halt_state_fresh": self.halt.fresh(),
+            "duties_ok": self.duties.ready,
         }
 
     def unready_reasons(self) -> dict[str, str]:
@@ -78,6 +84,8 @@ class ControlState:
             "ready": self.readiness(),
             "in_flight": self.pipeline.in_flight,
             "halt": self.halt.snapshot(),
+            "duties": self.duties.snapshot(),
+            "parked_attempts": msgspec.to_builtins(self.parked()),
             "broker_reconnects": self.broker.reconnects,
             "counters": {
                 name: getattr(self.pipeline.counters, name)
