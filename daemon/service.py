@@ -35,6 +35,7 @@ from daemon.reload import watch_reloads
 from daemon.secrets import Secret, load_secret
 from daemon.startup import open_redis, url_address, with_retries
 from daemon.storage.db import close_pool, open_pool
+from daemon.storage.identity import instance_identity
 from daemon.subscriptions.scheduler import start_subscriptions
 
 log = structlog.get_logger("payd")
@@ -70,7 +71,7 @@ def _open_lanes(
     return lanes
 
 
-async def serve(
+async def serve(  # noqa: PLR0915 (start-up reads top to bottom, in the order things open)
     config: Config,
     *,
     shutdown: asyncio.Event,
@@ -103,6 +104,11 @@ async def serve(
             errors=DB_ERRORS,
         )
         stack.push_async_callback(close_pool, pool)
+        await stack.enter_async_context(
+            instance_identity(
+                config.mysql, load_secret("mysql_password"), pool, instance_id=instance_id, metrics=metrics
+            )
+        )
 
         # A new instance has no last halt state to keep: Redis must answer before any call.
         redis_client = await with_retries(
