@@ -26,6 +26,7 @@ import structlog
 
 from daemon.config import MySQLSettings
 from daemon.metrics import Metrics
+from daemon.pipeline.attempts import DB_ERRORS
 from daemon.secrets import Secret
 from daemon.storage.attempts import take_over_claims
 
@@ -55,16 +56,22 @@ async def instance_identity(
 ) -> AsyncIterator[bool]:
     """Hold this instance's lock for the process's lifetime and, holding it, take over the
     previous process's claims; yield whether the lock is held. Enter before claiming anything."""
-    async with asyncio.timeout(settings.acquire_timeout_s):  # the handshake included
-        connection = await aiomysql.connect(
-            host=settings.host,
-            port=settings.port,
-            user=settings.user,
-            password=password.reveal() if password else "",
-            db=settings.database,
-            connect_timeout=settings.connect_timeout_s,
-            autocommit=True,
-        )
+    try:
+        async with asyncio.timeout(settings.acquire_timeout_s):  # the handshake included
+            connection = await aiomysql.connect(
+                host=settings.host,
+                port=settings.port,
+                user=settings.user,
+                password=password.reveal() if password else "",
+                db=settings.database,
+                connect_timeout=settings.connect_timeout_s,
+                autocommit=True,
+            )
+    except DB_ERRORS as error:
+        # The takeover only shortens recovery; without the lock, leases still settle the claims.
+        log.error("instance.lock_unavailable", instance=instance_id, error=repr(error))
+        yield False
+        return
     try:
         async with connection.cursor() as cursor:
             # An idle connection is closed after wait_timeout (8 h by default), and the lock with it.
