@@ -7,7 +7,10 @@ through reconciliation) and samples the daemon every few seconds:
 - resident memory (``VmRSS``) and open file descriptors, from /proc;
 - event-loop lag: the round trip of ``GET /healthz``, whose handler does no
   work, so on loopback its time is the wait for the daemon's event loop;
-- outbox lag: ``payd_outbox_lag_seconds`` from ``/metrics``.
+- outbox lag: the age of the oldest row in ``outbox`` (what the relay has yet
+  to publish), read from MySQL, beside ``payd_outbox_lag_seconds`` as the
+  daemon reports it (that gauge is refreshed only when the relay empties the
+  outbox, so while it is behind it shows an old value).
 
 It reports each at the start (the first sample after ``--warmup-s``) and at
 the end of the publishing window, their maxima, and the whole timeline in
@@ -50,6 +53,7 @@ class Sample:
     fds: int
     loop_lag_ms: float
     outbox_lag_s: float
+    outbox_lag_gauge_s: float
     finished: int
 
 
@@ -84,10 +88,22 @@ async def loop_lag_ms(session: aiohttp.ClientSession, control_url: str) -> float
     return statistics.median(times)
 
 
-async def outbox_lag_s(session: aiohttp.ClientSession, control_url: str) -> float:
+async def outbox_lag_gauge_s(session: aiohttp.ClientSession, control_url: str) -> float:
     async with session.get(f"{control_url}/metrics") as response:
         match = _OUTBOX_LAG.search(await response.text())
     return float(match.group(1)) if match else float("nan")
+
+
+def outbox_lag_s() -> float:
+    """Age of the oldest unpublished event, from the table itself (0 when it is empty)."""
+    connection = services.connect_mysql()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_at), NOW(6)) FROM outbox")
+            row = cursor.fetchone()
+    finally:
+        connection.close()
+    return (row[0] or 0) / 1_000_000 if row else 0.0
 
 
 async def take_sample(
@@ -98,7 +114,8 @@ async def take_sample(
         rss_mib=round((procfs.status_kib(pid, "VmRSS") or 0) / 1024, 1),
         fds=procfs.open_fds(pid),
         loop_lag_ms=round(await loop_lag_ms(session, control_url), 2),
-        outbox_lag_s=round(await outbox_lag_s(session, control_url), 3),
+        outbox_lag_s=round(await asyncio.to_thread(outbox_lag_s), 3),
+        outbox_lag_gauge_s=round(await outbox_lag_gauge_s(session, control_url), 3),
         finished=tracker.finished,
     )
 
@@ -188,6 +205,7 @@ async def soak(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "fds": summary("fds"),
         "loop_lag_ms": summary("loop_lag_ms"),
         "outbox_lag_s": summary("outbox_lag_s"),
+        "outbox_lag_gauge_s": summary("outbox_lag_gauge_s"),
         "after_settling": asdict(after),
         "drain": {"exit_code": exit_code, "seconds": round(drain_s, 1)},
         "timeline": [asdict(s) for s in samples],
@@ -212,9 +230,9 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(text + "\n")
     else:
         print(text)
-    for name in ("rss_mib", "fds", "loop_lag_ms", "outbox_lag_s"):
+    for name in ("rss_mib", "fds", "loop_lag_ms", "outbox_lag_s", "outbox_lag_gauge_s"):
         print(
-            f"{name:>13}: start {result[name]['start']}, end {result[name]['end']}, max {result[name]['max']}"
+            f"{name:>18}: start {result[name]['start']}, end {result[name]['end']}, max {result[name]['max']}"
         )
     ok = result["finished"] == result["published"] and result["drain"]["exit_code"] == 0
     return 0 if ok else 1
