@@ -20,7 +20,7 @@ import structlog
 from daemon.broker import BROKER_ERRORS, Broker
 from daemon.config import Config, DaemonSettings
 from daemon.control import ControlState, start_control
-from daemon.halt import REDIS_ERRORS, HaltKeys, HaltState
+from daemon.halt import HaltKeys, HaltState
 from daemon.logs import set_log_level
 from daemon.metrics import Metrics
 from daemon.monitor import start_monitor
@@ -181,13 +181,9 @@ async def serve(
             )
         )
 
-        redis_client = await with_retries(
-            "redis",
-            url_address(config.redis.url),
-            lambda: open_redis(config.redis, load_secret("redis_password")),
-            give_up_after=config.daemon.startup_timeout_s,
-            errors=REDIS_ERRORS,
-        )
+        # Redis not answering is no reason to exit: the halt state starts unknown, and an
+        # instance that cannot read it calls no provider (daemon.halt); /readyz says why.
+        redis_client = await open_redis(config.redis, load_secret("redis_password"))
         stack.push_async_callback(redis_client.aclose)
         halt = HaltState(
             config.providers, HaltKeys(config.redis.key_prefix), grace_s=config.redis.halt_grace_s
