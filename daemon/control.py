@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from daemon.broker import Broker
 from daemon.halt import HaltState, clear_halt, set_halt
 from daemon.metrics import Metrics
+from daemon.operator.http import OperatorTools, register_operator_routes
 from daemon.pipeline.attempts import AttemptPipeline
 from daemon.secrets import Secret
 
@@ -34,6 +35,7 @@ class ControlState:
         halt: HaltState,
         redis: aioredis.Redis,
         control_token: Secret | None,
+        operator: OperatorTools | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.broker = broker
@@ -43,6 +45,7 @@ class ControlState:
         self.halt = halt
         self.redis = redis
         self.control_token = control_token
+        self.operator = operator
         self.started = time.time()
 
     def readiness(self) -> dict[str, bool]:
@@ -162,6 +165,8 @@ def build_control_app(state: ControlState) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_post("/admin/halt", admin_halt)
     app.router.add_post("/admin/resume", admin_resume)
+    if state.operator is not None:
+        register_operator_routes(app, state.operator, state.control_token)
     return app
 
 

@@ -24,6 +24,7 @@ from daemon.logs import set_log_level
 from daemon.metrics import Metrics
 from daemon.monitor import start_monitor
 from daemon.notify import SystemdNotifier
+from daemon.operator.http import OperatorTools
 from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
 from daemon.pipeline.execute import Lane, breaker_for
 from daemon.pipeline.limiter import ProviderLimiter
@@ -182,6 +183,7 @@ async def serve(
             halt=halt,
             redis=redis_client,
             control_token=load_secret("control_token"),
+            operator=OperatorTools(pool=pool, config=config, instance_id=instance_id),
         )
         runner = await start_control(state, config.http.host, config.http.port)
         stack.push_async_callback(runner.cleanup)
