@@ -120,12 +120,18 @@ def render_dead(found: DeadList, out: TextIO) -> None:
     if not found.messages:
         print(f"{found.queue} is empty", file=out)
         return
-    print(f"{'id':<26} {'age':>6} {'size':>6} {'key':<40} reason", file=out)
+    width = max(len(letter.id) for letter in found.messages)
+    print(f"{'id':<{width}} {'age':>6} {'size':>6}  {'key':<32} reason", file=out)
     for letter in found.messages:
         age = "-" if letter.age_s is None else short_age(letter.age_s)
-        now = "" if letter.valid_now else f"  [still refused: {letter.invalid_now}]"
+        if letter.valid_now:
+            now = ""
+        elif letter.invalid_now == letter.reason:
+            now = "  [still refused]"
+        else:
+            now = f"  [still refused: {letter.invalid_now}]"
         print(
-            f"{letter.id:<26} {age:>6} {letter.size:>6} {letter.idempotency_key or '-':<40} "
+            f"{letter.id:<{width}} {age:>6} {letter.size:>6}  {letter.idempotency_key or '-':<32} "
             f"{letter.reason}{now}",
             file=out,
         )

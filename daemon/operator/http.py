@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import aiomysql
 import msgspec
+import structlog
 from aiohttp import web
 
 from daemon.config import Config
@@ -29,6 +30,8 @@ from daemon.operator.settle import AttemptNotFound, SettleAs, SettleOrder, Settl
 from daemon.operator.story import load_story
 from daemon.secrets import Secret
 from daemon.subscriptions.policy import use_policy
+
+log = structlog.get_logger("payd.operator")
 
 OPERATOR_HEADER = "X-Payd-Operator"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -121,6 +124,13 @@ def register_operator_routes(app: web.Application, tools: OperatorTools, token: 
             return _error(str(missing), 404)
         except SettleRefused as refusal:
             return _error(str(refusal), 409)
+        log.warning(
+            "attempt.settled_by_operator",
+            idempotency_key=settled.idempotency_key,
+            attempt_id=settled.attempt_id,
+            state=settled.state.value,
+            operator=who,
+        )
         return _json(settled)
 
     async def dead(request: web.Request) -> web.StreamResponse:
@@ -151,6 +161,7 @@ def register_operator_routes(app: web.Application, tools: OperatorTools, token: 
             )
         except DeadLetterQueueMissing as error:
             return _error(str(error), 404)
+        log.warning("dead_letters.replayed", count=len(report.replayed), operator=who)
         return _json(report)
 
     app.router.add_get("/admin/attempts", guarded(list_))

@@ -92,18 +92,20 @@ def render_list(found: AttemptList, wanted: AttemptFilter, out: TextIO) -> None:
     if not found.attempts:
         print(f"no {wanted.state.value} attempts match", file=out)
         return
+    width = max(len(line.idempotency_key) for line in found.attempts)
     print(
-        f"{'key':<40} {'provider':<16} {'amount':>14} {'subscription':<14} {'age':>5} {'calls':>5} "
-        f"{'lookups':>7}  reason",
+        f"{'key':<{width}} {'provider':<12} {'amount':>14} {'subscription':<14} {'age':>5} "
+        f"{'calls':>5} {'lookups':>7}  reason",
         file=out,
     )
     for line in found.attempts:
         provider = line.routed_provider or line.provider
         subscription = f"{line.subscription_id}:{line.cycle}" if line.subscription_id else "-"
+        amount = f"{line.amount_minor} {line.currency}"
         print(
-            f"{line.idempotency_key:<40} {provider:<16} {line.amount_minor:>10} {line.currency} "
-            f"{subscription:<14} {short_age(line.age_s):>5} {line.provider_calls:>5} "
-            f"{line.reconcile_lookups:>7}  {line.reason or '-'}",
+            f"{line.idempotency_key:<{width}} {provider:<12} {amount:>14} {subscription:<14} "
+            f"{short_age(line.age_s):>5} {line.provider_calls:>5} {line.reconcile_lookups:>7}  "
+            f"{line.reason or '-'}",
             file=out,
         )
     more = f"; more match, raise --limit (now {wanted.limit})" if found.truncated else ""

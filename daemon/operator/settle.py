@@ -17,15 +17,12 @@ from typing import Final
 
 import aiomysql
 import msgspec
-import structlog
 
 from daemon.events import now_iso, payment_event
 from daemon.models import AttemptState, ChargeResult, Outcome
 from daemon.storage.attempts import REQUEST_COLUMNS, insert_outbox, request_from_row
 from daemon.storage.db import Cursor, transaction
 from daemon.subscriptions.effects import apply_subscription_effects
-
-log = structlog.get_logger("payd.operator")
 
 SETTLE_ACTION: Final = "settle"
 OPERATOR_SETTLED: Final = "operator_settled"
@@ -136,14 +133,6 @@ async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder) -> Settled:
                 order.provider_ref,
             ),
         )
-    log.warning(
-        "attempt.settled_by_operator",
-        idempotency_key=order.idempotency_key,
-        attempt_id=attempt_id,
-        state=new_state.value,
-        operator=order.operator,
-        via=order.via,
-    )
     return Settled(
         attempt_id=attempt_id,
         idempotency_key=order.idempotency_key,

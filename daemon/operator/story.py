@@ -218,7 +218,7 @@ def _when(moment: datetime | None) -> str:
 
 
 def _line(out: TextIO, label: str, value: object) -> None:
-    print(f"  {label:<14}{'-' if value is None or value == '' else value}", file=out)
+    print(f"  {label:<16}{'-' if value is None or value == '' else value}", file=out)
 
 
 def _request_section(story: AttemptStory, out: TextIO) -> None:
