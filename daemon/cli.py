@@ -121,19 +121,19 @@ def cmd_attempts(config: Config, args: argparse.Namespace) -> int:
     from daemon.operator.listing import AttemptFilter, parse_duration  # noqa: PLC0415
     from daemon.operator.settle import SettleAs  # noqa: PLC0415
 
+    name = f"attempts {args.attempts_command}"
     if args.attempts_command == "show":
-        return _run(commands.show(config, args.key, as_json=args.json))
+        return _run(commands.reporting(name, commands.show(config, args.key, as_json=args.json)))
     if args.attempts_command == "settle":
-        return _run(
-            commands.settle(
-                config,
-                args.key,
-                settle_as=SettleAs(args.settle_as),
-                reason=args.reason,
-                operator=args.operator,
-                provider_ref=args.provider_ref,
-            )
+        settling = commands.settle(
+            config,
+            args.key,
+            settle_as=SettleAs(args.settle_as),
+            reason=args.reason,
+            operator=args.operator,
+            provider_ref=args.provider_ref,
         )
+        return _run(commands.reporting(name, settling))
     try:
         older_than = None if args.older_than is None else parse_duration(args.older_than)
     except ValueError as error:
@@ -142,14 +142,15 @@ def cmd_attempts(config: Config, args: argparse.Namespace) -> int:
     wanted = AttemptFilter(
         state=AttemptState(args.state), provider=args.provider, older_than_s=older_than, limit=args.limit
     )
-    return _run(commands.list_(config, wanted, as_json=args.json))
+    return _run(commands.reporting(name, commands.list_(config, wanted, as_json=args.json)))
 
 
 def cmd_dead(config: Config, args: argparse.Namespace) -> int:
     from daemon.operator import commands  # noqa: PLC0415
 
+    name = f"dead {args.dead_command}"
     if args.dead_command == "list":
-        return _run(commands.dead_list(config, limit=args.limit, as_json=args.json))
+        return _run(commands.reporting(name, commands.dead_list(config, limit=args.limit, as_json=args.json)))
     if not args.all and not args.ids:
         print(
             "payd dead replay: name the dead letters to replay (IDs from payd dead list) or --all",
@@ -157,7 +158,8 @@ def cmd_dead(config: Config, args: argparse.Namespace) -> int:
         )
         return 2
     ids = None if args.all else args.ids
-    return _run(commands.dead_replay(config, ids, operator=args.operator, as_json=args.json))
+    replaying = commands.dead_replay(config, ids, operator=args.operator, as_json=args.json)
+    return _run(commands.reporting(name, replaying))
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:

@@ -383,7 +383,7 @@ async def test_dead_list_shows_each_reason_and_never_loses_a_message(
         )
         # RabbitMQ before 4.3 counts each return (3.10 here does); 4.3+ counts none.
         assert all(letter.delivery_count <= REFRESH_AT for letter in again.messages)
-    assert await dead_depth(broker) == 2
+    await eventually(lambda: _depth_is(broker, 2), timeout=10, what="both back in the queue")
 
     code, out, _ = await payd("dead", "list", "--config", str(daemons.config()[1]))
     assert code == 0 and "2 dead letters" in out and "none was removed" in out
@@ -397,13 +397,18 @@ async def test_replay_after_a_fix_charges_once_however_often_a_key_is_replayed(
     db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
     """Two copies of a request for a provider not yet configured are dead-lettered, and so is a copy
-    of a request that already succeeded. After the provider is added, ``dead replay --all`` sends all
-    three through intake again: the sandbox's ledger shows exactly one charge per key, the
-    dead-letter queue is empty, and replaying an id that is gone reports it and charges nothing."""
+    of a request that already succeeded, and one for a provider that stays unknown. After the
+    provider is added, ``dead replay --all`` sends all four through intake again: the sandbox's
+    ledger shows exactly one charge per key, only the still-invalid one is back in the dead-letter
+    queue (with its new reason and who replayed it), and replaying an id that is gone reports it
+    and charges nothing."""
     async with daemons.in_process():
-        await broker.publish([request("fixed-1", provider="sandbox_b")] * 2 + [request("paid-1")])
+        await broker.publish(
+            [request("fixed-1", provider="sandbox_b")] * 2
+            + [request("paid-1"), request("still-bad", provider="nowhere")]
+        )
         await wait_settled(db, ["paid-1"])
-        await eventually(lambda: _depth_is(broker, 2), timeout=30, what="two dead letters")
+        await eventually(lambda: _depth_is(broker, 3), timeout=30, what="three dead letters")
     await broker.channel.default_exchange.publish(
         aio_pika.Message(json.dumps(request("paid-1")).encode(), headers={ERROR_HEADER: "replayed by hand"}),
         routing_key=DEAD_QUEUE,
@@ -418,7 +423,7 @@ async def test_replay_after_a_fix_charges_once_however_often_a_key_is_replayed(
             "dead", "replay", "--all", "--operator", "carol", "--config", str(config_path)
         )
         assert code == 0, err
-        assert "replayed 3 dead letters" in out
+        assert "replayed 4 dead letters" in out
         assert await wait_settled(db, ["fixed-1"]) == {"fixed-1": "succeeded"}
         code, out, _ = await payd("dead", "replay", "sha256:0000000000000000", "--operator", "carol",
                                   "--config", str(config_path))  # fmt: skip
@@ -426,7 +431,11 @@ async def test_replay_after_a_fix_charges_once_however_often_a_key_is_replayed(
         await asyncio.sleep(1)  # let any stray duplicate reach the gateway before counting
     approved = await sandbox.assert_no_double_charge()
     assert sorted(charge["idempotency_key"] for charge in approved) == ["fixed-1", "paid-1"]
-    assert await dead_depth(broker) == 0
+    await eventually(lambda: _depth_is(broker, 1), timeout=10, what="only the one still refused")
+    ((body, headers),) = await broker.dead_letters()
+    assert json.loads(body)["idempotency_key"] == "still-bad"
+    assert "unknown provider 'nowhere'" in headers[ERROR_HEADER]
+    assert headers["x-payd-replayed-by"].startswith("carol")
 
 
 # -- the same actions over HTTP ------------------------------------------------------------

@@ -10,12 +10,15 @@ from __future__ import annotations
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from contextlib import asynccontextmanager
-from typing import TextIO
+from typing import Any, Final, TextIO
 
+import aio_pika
 import aiomysql
+import aiormq
 import msgspec
+import pymysql
 
 from daemon.config import Config
 from daemon.operator.dead import DeadLetterQueueMissing, DeadList, list_dead, replay_dead
@@ -25,6 +28,24 @@ from daemon.operator.story import load_story, render_story
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool
 from daemon.subscriptions.policy import use_policy
+
+UNREACHABLE: Final = (
+    pymysql.err.OperationalError,
+    aio_pika.exceptions.AMQPConnectionError,
+    aiormq.exceptions.AMQPConnectionError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+async def reporting(command: str, work: Coroutine[Any, Any, int], err: TextIO = sys.stderr) -> int:
+    """Run one operator command; a database or broker out of reach is a line and exit 1, not a trace."""
+    try:
+        return await work
+    except UNREACHABLE as error:
+        print(f"payd {command}: cannot reach the database or the broker: {error}", file=err)
+        return 1
 
 
 def resolve_operator(explicit: str | None) -> str | None:

@@ -17,9 +17,9 @@ worn one acked only after the copy's confirm.
 Replaying: a chosen message is published to ``payd.attempts`` with publisher
 confirms and acked on the dead-letter queue only after its confirm. Intake
 judges it again; a key already processed is stopped by the claim, so a
-replay, or two, charges nothing twice. A pass reads at most the messages the
-queue held when it began, so a replayed message that is dead-lettered again
-is not picked up by the same pass.
+replay, or two, charges nothing twice. A replayed message that intake refuses
+again comes back carrying the pass's ``x-payd-replayed-at``, so the same pass
+leaves it where it is instead of looping.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from daemon.secrets import load_secret
 
 REFRESH_AT: Final = 10
 """A listed message returned this often is refreshed: half RabbitMQ 4's default limit of 20."""
+REPLAYED_AT_HEADER: Final = "x-payd-replayed-at"
 WINDOW: Final = 64
 """Replays awaiting their confirm at once."""
 _BROKER_HEADERS: Final = (
@@ -176,11 +177,16 @@ async def _open(config: Config) -> AsyncIterator[_DeadQueue]:
         await connection.close()
 
 
-async def _take(queue: AbstractQueue, count: int) -> AsyncIterator[AbstractIncomingMessage]:
-    for _ in range(count):
+async def _take(queue: AbstractQueue, limit: int | None = None) -> AsyncIterator[AbstractIncomingMessage]:
+    """Every ready message, up to ``limit``. Each stays ours, unacknowledged, until the caller
+    settles it, so none comes back within the pass. The queue's depth as declared is not the
+    bound: messages another reader just returned may not be counted in it yet."""
+    taken = 0
+    while limit is None or taken < limit:
         message = await queue.get(no_ack=False, fail=False)
         if message is None:
             return
+        taken += 1
         yield message
 
 
@@ -210,25 +216,35 @@ async def _publish(
 async def list_dead(config: Config, *, limit: int) -> DeadList:
     async with _open(config) as dead:
         held: list[AbstractIncomingMessage] = []
+        worn: list[tuple[AbstractIncomingMessage, DeadLetter]] = []
         shown: list[DeadLetter] = []
+        truncated = False
         try:
-            async for message in _take(dead.queue, min(limit, dead.depth)):
+            async for message in _take(dead.queue):
+                if len(shown) == limit:
+                    held.append(message)
+                    truncated = True
+                    break
                 letter = describe(message, config)
                 shown.append(letter)
                 if letter.delivery_count >= REFRESH_AT:
-                    headers = _fresh_headers(
-                        message, {DEAD_AT_HEADER: (letter.dead_lettered_at or datetime.now(UTC)).isoformat()}
-                    )
-                    await _publish(dead.publishing, dead.topology.dead_queue, message, headers)
-                    await message.ack()
+                    worn.append((message, letter))
                 else:
                     held.append(message)
+            # Refreshed only now: a copy published during the pass would be read again.
+            for message, letter in worn:
+                stamp = (letter.dead_lettered_at or datetime.now(UTC)).isoformat()
+                await _publish(
+                    dead.publishing,
+                    dead.topology.dead_queue,
+                    message,
+                    _fresh_headers(message, {DEAD_AT_HEADER: stamp}),
+                )
+                await message.ack()
         finally:
             if held:
                 await held[-1].nack(multiple=True, requeue=True)
-        return DeadList(
-            queue=dead.topology.dead_queue, depth=dead.depth, messages=shown, truncated=dead.depth > limit
-        )
+        return DeadList(queue=dead.topology.dead_queue, depth=dead.depth, messages=shown, truncated=truncated)
 
 
 async def replay_dead(
@@ -247,13 +263,14 @@ async def replay_dead(
         held: list[AbstractIncomingMessage] = []
         pending: set[asyncio.Task[str]] = set()
         last_report = time.monotonic()
+        started = now_iso()
 
         async def send(message: AbstractIncomingMessage, identity: str) -> str:
             headers = _fresh_headers(
                 message,
                 {
                     "x-payd-replayed-by": operator,
-                    "x-payd-replayed-at": now_iso(),
+                    REPLAYED_AT_HEADER: now_iso(),
                     "x-payd-previous-error": _reason(dict(message.headers or {})),
                 },
             )
@@ -268,9 +285,11 @@ async def replay_dead(
             return identity
 
         try:
-            async for message in _take(dead.queue, dead.depth):
+            async for message in _take(dead.queue):
                 identity = message_identity(message)
-                if wanted is not None and identity not in wanted:
+                replayed_at = (message.headers or {}).get(REPLAYED_AT_HEADER)
+                again = isinstance(replayed_at, str) and replayed_at >= started  # refused again, this pass
+                if again or (wanted is not None and identity not in wanted):
                     held.append(message)
                     kept += 1
                     continue
@@ -281,7 +300,7 @@ async def replay_dead(
                     replayed += [task.result() for task in done]
                 if progress is not None and time.monotonic() - last_report >= 1.0:
                     last_report = time.monotonic()
-                    print(f"replayed {len(replayed)} of {dead.depth} read so far", file=progress, flush=True)
+                    print(f"replayed {len(replayed)} so far", file=progress, flush=True)
             if pending:
                 replayed += await asyncio.gather(*pending)
         finally:
