@@ -235,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_operator_commands(commands: Any) -> None:
     """``payd attempts show|list|settle`` and ``payd dead list|replay`` (docs/runbook.md)."""
+    from daemon.models import AttemptState  # noqa: PLC0415 (keep light commands light)
 
     def sub(group: Any, name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
         parser: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text)
@@ -251,7 +252,7 @@ def add_operator_commands(commands: Any) -> None:
     listing.add_argument(
         "--state",
         default="unknown",
-        choices=["queued", "in_flight", "succeeded", "declined", "failed", "unknown"],
+        choices=[state.value for state in AttemptState],
         help="(default: %(default)s)",
     )
     listing.add_argument("--provider", help="requested, or routed to by a failover")
