@@ -13,6 +13,7 @@ import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
@@ -47,6 +48,14 @@ class DaemonSettings(Section, frozen=True):
     drain_timeout_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    duty_restart_backoff_s: Annotated[list[PositiveFloat], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
+    )
+    """Wait before the n-th restart in a row of a crashed background duty; the last repeats."""
+    duty_failing_after: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Crashes in a row after which a duty is failing: /readyz red, the watchdog withheld if critical."""
+    duty_stable_after_s: PositiveFloat = 60.0
+    """A duty that runs this long without crashing has recovered: its streak starts again."""
 
 
 class GelfSettings(Section, frozen=True):
@@ -61,6 +70,21 @@ class GelfSettings(Section, frozen=True):
     """Log records buffered for the sender thread; when full, records are dropped and counted."""
 
 
+class TlsSettings(Section, frozen=True):
+    """``[mysql.tls]``, ``[rabbitmq.tls]``, ``[redis.tls]``: how payd verifies a server and proves
+    itself to it. One shape for every link, so a second node or a failover target reuses it."""
+
+    ca_file: str = ""
+    """PEM bundle of the CAs the server's certificate must chain to; empty: the system's store."""
+    cert_file: str = ""
+    """Client certificate (PEM) for servers that ask for one; empty: none is sent."""
+    key_file: str = ""
+    """The client certificate's private key; empty: it is in ``cert_file``. Its passphrase, if
+    any, is the secret ``LINK_tls_key_password``."""
+    verify_hostname: bool = True
+    """The certificate must name the host connected to; false still verifies the chain."""
+
+
 class MySQLSettings(Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 3306
@@ -68,6 +92,12 @@ class MySQLSettings(Section, frozen=True):
     database: str = "payd"
     pool_size: Annotated[int, msgspec.Meta(ge=2, le=200)] = 8
     connect_timeout_s: PositiveFloat = 5.0
+    tls: TlsSettings | None = None
+    """Present (even as an empty table): the link is encrypted and the server verified."""
+
+    @property
+    def effective_tls(self) -> TlsSettings | None:
+        return self.tls
 
 
 class RabbitMQSettings(Section, frozen=True):
@@ -77,12 +107,31 @@ class RabbitMQSettings(Section, frozen=True):
     prefetch: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
     delivery_limit: Annotated[int, msgspec.Meta(ge=2)] = 50
     reconnect_delay_s: PositiveFloat = 1.0
+    tls: TlsSettings | None = None
+    """How an ``amqps://`` link is verified; without it, against the system's CAs."""
+
+    @property
+    def effective_tls(self) -> TlsSettings | None:
+        return (self.tls or TlsSettings()) if _scheme(self.url) == "amqps" else None
 
 
 class RedisSettings(Section, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "payd"
     """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
+    halt_grace_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    """How long the last halt state read is kept when the halt keys cannot be read; after that
+    no provider is called until they can. Up to 1 s keeps "halted within one second" fleet-wide."""
+    tls: TlsSettings | None = None
+    """How a ``rediss://`` link is verified; without it, against the system's CAs."""
+
+    @property
+    def effective_tls(self) -> TlsSettings | None:
+        return (self.tls or TlsSettings()) if _scheme(self.url) == "rediss" else None
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower()
 
 
 class HttpSettings(Section, frozen=True):
@@ -91,14 +140,17 @@ class HttpSettings(Section, frozen=True):
 
 
 class MonitorSettings(Section, frozen=True):
-    """The aiomonitor console for live debugging (``daemon/monitor.py``); localhost only by default."""
+    """The aiomonitor console for live debugging (``daemon/monitor.py``): off unless asked for."""
 
-    enabled: bool = True
+    enabled: bool = False
+    """Every console session must give the control token first; without one the daemon won't start."""
     host: str = "127.0.0.1"
     port: Port = 20101
     """The terminal console (telnet); give each instance on a host its own."""
+    webui: bool = False
+    """aiomonitor's web view of the same tasks. It has no authentication and can cancel any task:
+    only for a development machine."""
     webui_port: Port = 20102
-    """aiomonitor's web view of the same tasks."""
 
 
 class PipelineSettings(Section, frozen=True):
@@ -328,6 +380,7 @@ def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
             "or live attempts would be taken for dead ones"
         )
     _check_subscriptions(raw.subscriptions, providers, source)
+    _check_tls(raw, source)
     return Config(
         daemon=raw.daemon,
         gelf=raw.gelf,
@@ -383,6 +436,19 @@ def _check_subscriptions(
         problem = schedule_problem(schedule, rules)
         if problem is not None:
             raise ConfigError(f"{source}: {key}: {problem}")
+
+
+def _check_tls(raw: _RawConfig, source: str) -> None:
+    """A TLS table must take effect: a plain URL with one would silently send in the clear."""
+    for link, section, scheme in (("rabbitmq", raw.rabbitmq, "amqps"), ("redis", raw.redis, "rediss")):
+        if section.tls is not None and section.effective_tls is None:
+            raise ConfigError(
+                f"{source}: {link}.tls: the url is not {scheme}://, so the link would not be encrypted; "
+                f"write {scheme}:// or drop [{link}.tls]"
+            )
+    for link, tls in (("mysql", raw.mysql.tls), ("rabbitmq", raw.rabbitmq.tls), ("redis", raw.redis.tls)):
+        if tls is not None and tls.key_file and not tls.cert_file:
+            raise ConfigError(f"{source}: {link}.tls.key_file: needs cert_file, the certificate of that key")
 
 
 def load_config(path: str | Path) -> Config:

@@ -29,7 +29,7 @@ from daemon.operator.settle import SettleAs, SettleOrder, SettleRefused, settle_
 from daemon.secrets import load_secret
 from daemon.storage.attempts import Record, record_outcomes, request_from_row
 from daemon.storage.db import close_pool, open_pool
-from daemon.subscriptions.policy import use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 from tests.support import (
     DATABASE,
     NAMESPACE,
@@ -45,6 +45,9 @@ from tests.support import (
 
 DEAD_QUEUE = f"{NAMESPACE}.attempts.dead"
 FAILED_RETRY_S = 3600
+POLICY = SubscriptionPolicy(
+    msgspec.convert({"dunning": {"failed_retry_s": FAILED_RETRY_S}}, SubscriptionSettings)
+)
 
 
 @pytest.fixture
@@ -54,7 +57,6 @@ async def pool(db: aiomysql.Pool) -> AsyncIterator[aiomysql.Pool]:
     daemon_like = await open_pool(
         MySQLSettings(database=DATABASE, pool_size=8), load_secret("mysql_password")
     )
-    use_policy(msgspec.convert({"dunning": {"failed_retry_s": FAILED_RETRY_S}}, SubscriptionSettings))
     yield daemon_like
     await close_pool(daemon_like)
 
@@ -189,7 +191,7 @@ async def test_settle_as_failed_schedules_a_new_try_like_a_failure_that_charged_
     await add_subscription(db, 8, pending="renew:8:1:0")
     await add_attempt(db, "renew:8:1:0", subscription=(8, 1))
 
-    settled = await settle_attempt(pool, order("renew:8:1:0", SettleAs.FAILED))
+    settled = await settle_attempt(pool, order("renew:8:1:0", SettleAs.FAILED), policy=POLICY)
 
     assert settled.state.value == "failed"
     assert await query(db, "SELECT state, decline_code FROM attempts") == [("failed", "operator_settled")]
@@ -224,7 +226,9 @@ async def test_settle_refuses_anything_not_unknown_and_changes_nothing(
     code, _, err = await payd(*settle, "stuck-1", env=anonymous)
     assert code == 2 and "--operator" in err
     with pytest.raises(SettleRefused, match="a reason is required"):
-        await settle_attempt(pool, msgspec.structs.replace(order("stuck-1", SettleAs.FAILED), reason=" "))
+        await settle_attempt(
+            pool, msgspec.structs.replace(order("stuck-1", SettleAs.FAILED), reason=" "), policy=POLICY
+        )
 
     assert await query(db, "SELECT idempotency_key, state FROM attempts ORDER BY id") == [
         ("done-1", "succeeded"),
@@ -257,11 +261,11 @@ async def test_settle_racing_the_reconciler_or_another_settle_makes_exactly_one_
         record = Record(
             attempt_id=ids[key], request=requests[key], result=ChargeResult(outcome=Outcome.APPROVED)
         )
-        return bool((await record_outcomes(pool, [record], unknown_recheck_s=0)).applied)
+        return bool((await record_outcomes(pool, [record], unknown_recheck_s=0, policy=POLICY)).applied)
 
     async def operator(key: str, settle_as: SettleAs, who: str) -> bool:
         try:
-            await settle_attempt(pool, order(key, settle_as, operator=who))
+            await settle_attempt(pool, order(key, settle_as, operator=who), policy=POLICY)
         except SettleRefused:
             return False
         return True

@@ -27,7 +27,7 @@ from daemon.operator.settle import SettleAs, SettleOrder, SettleRefused, settle_
 from daemon.operator.story import load_story, render_story
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool
-from daemon.subscriptions.policy import use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 UNREACHABLE: Final = (
     pymysql.err.OperationalError,
@@ -117,10 +117,9 @@ async def settle(
         via=f"cli@{socket.gethostname()}",
         provider_ref=provider_ref,
     )
-    use_policy(config.subscriptions)  # the subscription moves under this configuration's rules
     async with _database(config) as pool:
         try:
-            settled = await settle_attempt(pool, order)
+            settled = await settle_attempt(pool, order, policy=SubscriptionPolicy(config.subscriptions))
         except SettleRefused as refusal:
             print(f"payd attempts settle: refused: {refusal}", file=err)
             return 1

@@ -87,6 +87,8 @@ class ReplayReport(msgspec.Struct, frozen=True, kw_only=True):
     not_found: list[str]
     kept: int
     """Dead letters left where they were (not chosen)."""
+    complete: bool = True
+    """False when the pass stopped at its time bound; what was not read stays in the queue."""
 
 
 class DeadLetterQueueMissing(Exception):
@@ -190,6 +192,10 @@ async def _take(queue: AbstractQueue, limit: int | None = None) -> AsyncIterator
         yield message
 
 
+def _past(until: float | None) -> bool:
+    return until is not None and time.monotonic() >= until
+
+
 def _fresh_headers(message: AbstractIncomingMessage, extra: dict[str, Any]) -> dict[str, Any]:
     """The message's own headers without the broker's delivery bookkeeping, plus ``extra``."""
     kept = {k: v for k, v in (message.headers or {}).items() if not k.startswith(_BROKER_HEADERS)}
@@ -213,7 +219,8 @@ async def _publish(
     )
 
 
-async def list_dead(config: Config, *, limit: int) -> DeadList:
+async def list_dead(config: Config, *, limit: int, until: float | None = None) -> DeadList:
+    """At most ``limit`` dead letters, read until the queue is empty or ``until`` (monotonic)."""
     async with _open(config) as dead:
         held: list[AbstractIncomingMessage] = []
         worn: list[tuple[AbstractIncomingMessage, DeadLetter]] = []
@@ -221,7 +228,7 @@ async def list_dead(config: Config, *, limit: int) -> DeadList:
         truncated = False
         try:
             async for message in _take(dead.queue):
-                if len(shown) == limit:
+                if len(shown) == limit or _past(until):
                     held.append(message)
                     truncated = True
                     break
@@ -253,6 +260,7 @@ async def replay_dead(
     ids: Collection[str] | None,
     operator: str,
     progress: TextIO | None = sys.stderr,
+    until: float | None = None,
 ) -> ReplayReport:
     """Re-publish the chosen dead letters (``ids=None``: all) to the attempts queue."""
     wanted = None if ids is None else set(ids)
@@ -264,6 +272,7 @@ async def replay_dead(
         pending: set[asyncio.Task[str]] = set()
         last_report = time.monotonic()
         started = now_iso()
+        complete = True
 
         async def send(message: AbstractIncomingMessage, identity: str) -> str:
             headers = _fresh_headers(
@@ -286,6 +295,10 @@ async def replay_dead(
 
         try:
             async for message in _take(dead.queue):
+                if _past(until):
+                    held.append(message)
+                    complete = False
+                    break
                 identity = message_identity(message)
                 replayed_at = (message.headers or {}).get(REPLAYED_AT_HEADER)
                 again = isinstance(replayed_at, str) and replayed_at >= started  # refused again, this pass
@@ -308,7 +321,12 @@ async def replay_dead(
                 task.cancel()
             if held:
                 await held[-1].nack(multiple=True, requeue=True)
-        missing = sorted(set() if wanted is None else wanted - found)
+        # Cut short, an id not reached yet is not known to be missing.
+        missing = sorted(set() if wanted is None or not complete else wanted - found)
         return ReplayReport(
-            queue=dead.topology.attempts_queue, replayed=replayed, not_found=missing, kept=kept
+            queue=dead.topology.attempts_queue,
+            replayed=replayed,
+            not_found=missing,
+            kept=kept,
+            complete=complete,
         )

@@ -6,16 +6,16 @@
     GET  /admin/dead?limit=1000
     POST /admin/dead/replay                          {"all": true} or {"ids": ["..."]}
 
-Orders that change something need the operator's name, in an ``X-Payd-Operator``
-header or an ``operator`` field: the token says a holder may act, the name says
-who did, and it is recorded. Each handler checks the token itself as well, so
-the routes are never open whatever guards the application as a whole.
+Registered on the ``/admin/`` sub-application, whose middleware checks the
+bearer token for every route (``daemon.control``). Orders that change something
+also need the operator's name, in an ``X-Payd-Operator`` header or an
+``operator`` field: the token says a holder may act, the name says who did, and
+it is recorded.
 """
 
 from __future__ import annotations
 
-import hmac
-from collections.abc import Awaitable, Callable
+import time
 
 import aiomysql
 import msgspec
@@ -28,21 +28,27 @@ from daemon.operator.dead import DeadLetterQueueMissing, list_dead, replay_dead
 from daemon.operator.listing import AttemptFilter, list_attempts, parse_duration
 from daemon.operator.settle import AttemptNotFound, SettleAs, SettleOrder, SettleRefused, settle_attempt
 from daemon.operator.story import load_story
-from daemon.secrets import Secret
-from daemon.subscriptions.policy import use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 log = structlog.get_logger("payd.operator")
 
+PASS_S = 3.0
+"""How long one HTTP listing or replay pass reads: inside the admin routes' 5 s timeout. A
+replay cut short says ``"complete": false``; asking again continues (nothing is lost between)."""
+
 OPERATOR_HEADER = "X-Payd-Operator"
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 class OperatorTools:
     """What the operator routes need from the running daemon; owned by ``serve``."""
 
-    def __init__(self, *, pool: aiomysql.Pool, config: Config, instance_id: str) -> None:
+    def __init__(
+        self, *, pool: aiomysql.Pool, config: Config, policy: SubscriptionPolicy, instance_id: str
+    ) -> None:
         self.pool = pool
         self.config = config
+        self.policy = policy
+        """The daemon's own: a settle moves a subscription as the daemon's records do."""
         self.instance_id = instance_id
 
 
@@ -69,15 +75,8 @@ def _error(message: str, status: int) -> web.Response:
     return _json({"error": message}, status)
 
 
-def register_operator_routes(app: web.Application, tools: OperatorTools, token: Secret | None) -> None:
-    def guarded(handler: Handler) -> Handler:
-        async def check(request: web.Request) -> web.StreamResponse:
-            given = request.headers.get("Authorization", "")
-            if token is None or not hmac.compare_digest(given, f"Bearer {token.reveal()}"):
-                return _error("a valid bearer token is required", 401)
-            return await handler(request)
-
-        return check
+def register_operator_routes(admin: web.Application, tools: OperatorTools) -> None:
+    """Add the routes to ``admin``, the application mounted at ``/admin/`` behind the token."""
 
     def operator_of(request: web.Request, named: str | None) -> str | None:
         who = request.headers.get(OPERATOR_HEADER) or named
@@ -117,9 +116,8 @@ def register_operator_routes(app: web.Application, tools: OperatorTools, token: 
             via=f"control:{tools.instance_id}",
             provider_ref=body.provider_ref,
         )
-        use_policy(tools.config.subscriptions)
         try:
-            settled = await settle_attempt(tools.pool, order)
+            settled = await settle_attempt(tools.pool, order, policy=tools.policy)
         except AttemptNotFound as missing:
             return _error(str(missing), 404)
         except SettleRefused as refusal:
@@ -136,7 +134,7 @@ def register_operator_routes(app: web.Application, tools: OperatorTools, token: 
     async def dead(request: web.Request) -> web.StreamResponse:
         try:
             limit = int(request.query.get("limit", "1000"))
-            return _json(await list_dead(tools.config, limit=limit))
+            return _json(await list_dead(tools.config, limit=limit, until=time.monotonic() + PASS_S))
         except ValueError as error:
             return _error(str(error), 400)
         except DeadLetterQueueMissing as error:
@@ -158,14 +156,15 @@ def register_operator_routes(app: web.Application, tools: OperatorTools, token: 
                 ids=None if body.all else body.ids,
                 operator=f"{who} (control:{tools.instance_id})",
                 progress=None,
+                until=time.monotonic() + PASS_S,
             )
         except DeadLetterQueueMissing as error:
             return _error(str(error), 404)
         log.warning("dead_letters.replayed", count=len(report.replayed), operator=who)
         return _json(report)
 
-    app.router.add_get("/admin/attempts", guarded(list_))
-    app.router.add_get("/admin/attempts/{key}", guarded(show))
-    app.router.add_post("/admin/attempts/{key}/settle", guarded(settle))
-    app.router.add_get("/admin/dead", guarded(dead))
-    app.router.add_post("/admin/dead/replay", guarded(replay))
+    admin.router.add_get("/attempts", list_)
+    admin.router.add_get("/attempts/{key}", show)
+    admin.router.add_post("/attempts/{key}/settle", settle)
+    admin.router.add_get("/dead", dead)
+    admin.router.add_post("/dead/replay", replay)

@@ -23,6 +23,7 @@ from daemon.models import AttemptState, ChargeResult, Outcome
 from daemon.storage.attempts import REQUEST_COLUMNS, insert_outbox, request_from_row
 from daemon.storage.db import Cursor, transaction
 from daemon.subscriptions.effects import apply_subscription_effects
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 SETTLE_ACTION: Final = "settle"
 OPERATOR_SETTLED: Final = "operator_settled"
@@ -78,8 +79,9 @@ def _result(order: SettleOrder) -> ChargeResult:
     )
 
 
-async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder) -> Settled:
-    """Settle one unknown attempt as ``order`` says, or raise ``SettleRefused``."""
+async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder, *, policy: SubscriptionPolicy) -> Settled:
+    """Settle one unknown attempt as ``order`` says, or raise ``SettleRefused``; the subscription
+    moves under ``policy``, as the record path would move it."""
     if not order.reason.strip():
         raise SettleRefused("a reason is required: say what the provider's dashboard showed")
     if not order.operator.strip():
@@ -104,7 +106,9 @@ async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder) -> Settled:
         if not await _conditional_update(cursor, attempt_id, new_state, result):
             raise SettleRefused(f"attempt {order.idempotency_key} was settled by someone else meanwhile")
         occurred_at = now_iso()
-        await apply_subscription_effects(cursor, [(request, new_state, result)], occurred_at=occurred_at)
+        await apply_subscription_effects(
+            cursor, [(request, new_state, result)], occurred_at=occurred_at, policy=policy
+        )
         await insert_outbox(
             cursor,
             [
