@@ -299,7 +299,8 @@ async def test_show_names_a_deferred_renewal_try_that_has_no_attempt_row(
     db: aiomysql.Pool, daemons: DaemonFactory
 ) -> None:
     """``renew:SID:CYCLE:TRY`` without an attempt row: the story is the subscription's, with the card
-    network rule that holds the try back and until when; a key nobody knows exits 1."""
+    network rule that holds the try back and until when; a key nobody knows exits 1; a parked
+    attempt's story says why reconciliation left it."""
     await add_subscription(db, 9, status="past_due", pending=None)
     await query(
         db,
@@ -318,6 +319,15 @@ async def test_show_names_a_deferred_renewal_try_that_has_no_attempt_row(
     assert "has not been dispatched" in out and "visa_reattempts_30d" in out
     code, _, err = await payd("attempts", "show", "never-seen", "--config", str(config_path))
     assert code == 1 and "no attempt with key never-seen" in err
+
+    await add_attempt(db, "parked-1")
+    await query(
+        db,
+        "UPDATE attempts SET parked_at = NOW(6), reconcile_error = 'KeyError: id' "
+        "WHERE idempotency_key = 'parked-1'",
+    )
+    code, out, _ = await payd("attempts", "show", "parked-1", "--config", str(config_path))
+    assert code == 0 and "KeyError: id (payd attempts unpark)" in out
 
 
 async def test_list_filters_by_state_provider_and_age(db: aiomysql.Pool, daemons: DaemonFactory) -> None:

@@ -59,6 +59,9 @@ class Attempt(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_lookups: int
     recheck_at: datetime | None
     """While in_flight: the lease's end; while unknown: the next lookup."""
+    parked_at: datetime | None
+    """When automatic reconciliation stopped because a lookup raised (``payd attempts unpark``)."""
+    reconcile_error: str | None
     created_at: datetime
     updated_at: datetime
     finished_at: datetime | None
@@ -139,7 +142,8 @@ async def load_story(pool: aiomysql.Pool, key: str) -> AttemptStory:
             cursor,
             "SELECT id AS attempt_id, state, outcome, decline_code, provider_ref, reason, routed_provider, "
             "claimed_by, claimed_at, tries AS provider_calls, reconcile_tries AS reconcile_lookups, "
-            "recheck_at, created_at, updated_at, finished_at FROM attempts WHERE idempotency_key = %s",
+            "recheck_at, parked_at, reconcile_error, created_at, updated_at, finished_at FROM attempts "
+            "WHERE idempotency_key = %s",
             (key,),
         )
         attempt = msgspec.convert(row, Attempt)
@@ -267,6 +271,8 @@ def _reconciliation_section(story: AttemptStory, out: TextIO) -> None:
         return
     print("reconciliation", file=out)
     _line(out, "lookups", attempt.reconcile_lookups)
+    if attempt.parked_at is not None:
+        _line(out, "parked", f"{_when(attempt.parked_at)}: {attempt.reconcile_error} (payd attempts unpark)")
     if attempt.state is AttemptState.UNKNOWN:
         _line(out, "next lookup", _when(attempt.recheck_at))
     elif attempt.state is AttemptState.IN_FLIGHT:
