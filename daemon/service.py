@@ -25,6 +25,7 @@ from daemon.logs import set_log_level
 from daemon.metrics import Metrics
 from daemon.monitor import start_monitor
 from daemon.notify import SystemdNotifier
+from daemon.operator.http import OperatorTools
 from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
 from daemon.pipeline.execute import Lane, breaker_for
 from daemon.pipeline.limiter import ProviderLimiter
@@ -248,6 +249,7 @@ async def serve(
             halt=halt,
             redis=redis_client,
             control_token=load_secret("control_token"),
+            operator=OperatorTools(pool=pool, config=config, policy=policy, instance_id=instance_id),
         )
         await _open_control(config, control, stack, shutdown)
 
