@@ -22,7 +22,7 @@ PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
 
 
 class ConfigError(Exception):
@@ -73,7 +73,7 @@ class RabbitMQSettings(Section, frozen=True):
 
 class RedisSettings(Section, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "payd"
+    key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")] = "payd"
     """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
 
 
@@ -248,7 +248,7 @@ class Config(Section, frozen=True):
         return self.daemon.instance_id or f"{socket.gethostname()}:{os.getpid()}"
 
 
-_PATH_IN_MESSAGE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_PATH_IN_MESSAGE = re.compile(r" - at `\$(?P<path>[^`]*)`\Z")
 
 
 def _explain(error: msgspec.ValidationError | msgspec.DecodeError, prefix: str = "") -> str:
