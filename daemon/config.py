@@ -110,6 +110,8 @@ class PipelineSettings(Section, frozen=True):
     """An unknown attempt the provider has no record of is sent again (same key) only after this long."""
     not_found_grace_s: NonNegativeFloat = 300.0
     """An unknown attempt the provider has no record of becomes failed only after this long."""
+    queued_orphan_after_s: PositiveFloat = 3600.0
+    """A queued attempt nobody claimed for this long (its message is gone) fails as never_sent."""
 
 
 class OutboxSettings(Section, frozen=True):

@@ -27,13 +27,22 @@ from daemon.models import Attempt, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.execute import BREAKER_OPEN, AttemptRun, Lane, execute
 from daemon.pipeline.intake import Invalid, decode_request
-from daemon.storage.attempts import Record, claim_attempts, record_outcomes, route_attempt
+from daemon.storage.attempts import (
+    Record,
+    claim_attempts,
+    fail_orphaned_queued,
+    record_outcomes,
+    route_attempt,
+)
 
 log = structlog.get_logger("payd.pipeline")
 
 DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
 DECLINES: Final = frozenset({Outcome.SOFT_DECLINE, Outcome.HARD_DECLINE})
 MISMATCH_REASON: Final = "idempotency_key reused with different parameters; the first request stands"
+ALTERED_REASON: Final = (
+    "invalid request: the database cannot store it as sent (a value was altered); nothing charged"
+)
 
 
 class Delivery(msgspec.Struct, frozen=True):
@@ -188,6 +197,8 @@ class AttemptPipeline:
                 self._metrics.stale_settles.inc()
         for key in outcome.mismatched:
             self._spawn(self._dead_letter(first[key].message, MISMATCH_REASON))
+        for key in outcome.altered:
+            self._spawn(self._dead_letter(first[key].message, ALTERED_REASON))
 
     # -- execute --------------------------------------------------------------
 
@@ -370,3 +381,15 @@ class AttemptPipeline:
         if self._side_tasks:
             await asyncio.wait(self._side_tasks, timeout=max(0.1, deadline - time.monotonic()))
         log.info("drain.finished", **msgspec.structs.asdict(self.counters))
+
+
+async def sweep_orphans(pool: aiomysql.Pool, settings: PipelineSettings, metrics: Metrics) -> bool:
+    """Fail queued attempts whose message is gone (never sent, so nothing can be hidden);
+    True when some were, so their events go out. Loud: a warning and ``payd_orphans_failed``."""
+    failed = await fail_orphaned_queued(
+        pool, queued_for_s=settings.queued_orphan_after_s, limit=settings.reconcile_batch_size
+    )
+    if failed:
+        metrics.orphans_failed.inc(len(failed))
+        log.warning("attempts.orphans_failed", count=len(failed), attempt_ids=failed[:20])
+    return bool(failed)
