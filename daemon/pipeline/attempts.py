@@ -10,6 +10,7 @@ until then the broker keeps it, and a redelivery is stopped by the claim.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -20,7 +21,7 @@ import pymysql
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from daemon.broker import Broker, BrokerUnavailable, delivery_channel_open, settle
+from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable, delivery_channel_open, settle
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import Attempt, AttemptRequest, ChargeResult, Outcome
@@ -141,6 +142,13 @@ class AttemptPipeline:
                 if not delivery_channel_open(message):
                     return  # redelivered on the next connection, and judged again
                 await asyncio.sleep(0.5)
+            except Exception as error:  # the delivery cannot be published again as it came
+                # The queue's own dead-letter route still takes it (without the header), rather
+                # than it coming back on every restart; the reason is in this log line.
+                log.error("attempt.dead_letter_rejected", reason=reason, error=repr(error))
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await message.reject(requeue=False)
+                break
         self.counters.dead_lettered += 1
         self._metrics.dead_lettered.inc()
         self._metrics.messages.labels("dead_lettered").inc()
