@@ -6,6 +6,8 @@ import ast
 import asyncio
 import json
 import random
+import subprocess
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -244,3 +246,34 @@ async def test_a_delivery_on_a_closed_channel_is_recognised() -> None:
     assert not delivery_channel_open(message)
     assert await settle(message, ack=True) is False, "never acked on another channel"
     await test_broker.connection.close()
+
+
+def test_publish_check_judges_each_line_like_the_daemon(tmp_path: Path) -> None:
+    """``payd publish --check`` reads bytes, not text: a line that is not UTF-8 or nests too
+    deeply is reported with the daemon's reason (it crashed the command before), a trailing
+    newline inside a value is refused, a card number is never printed, a valid line passes."""
+    from tests.support import PAYD, config_text  # noqa: PLC0415
+
+    config = tmp_path / "payd.toml"
+    config.write_text(config_text(sandbox_url="http://127.0.0.1:1", http_port=0))
+    lines = [
+        body(),
+        body(currency="EUR\n"),
+        body(payment_method="pm_ok").replace(b"pm_ok", b"pm_\xff"),
+        body(extra=None).replace(b"null", b"[" * 5_000 + b"]" * 5_000),
+        body(customer_ref="4242 4242 4242 4242"),
+    ]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(b"\n".join(lines) + b"\n")
+    done = subprocess.run(
+        [PAYD, "publish", "--check", "--config", str(config), str(requests)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stderr
+    reported = done.stdout.splitlines()
+    assert [line.split(":")[0] for line in reported] == ["line 2", "line 3", "line 4", "line 5"], done.stdout
+    assert "currency" in reported[0] and "not UTF-8" in reported[1] and "nested too deeply" in reported[2]
+    assert "card number" in reported[3] and "4242" not in done.stdout
