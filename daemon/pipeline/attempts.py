@@ -391,13 +391,31 @@ class AttemptPipeline:
         log.info("drain.finished", **msgspec.structs.asdict(self.counters))
 
 
-async def sweep_orphans(pool: aiomysql.Pool, settings: PipelineSettings, metrics: Metrics) -> bool:
-    """Fail queued attempts whose message is gone (never sent, so nothing can be hidden);
-    True when some were, so their events go out. Loud: a warning and ``payd_orphans_failed``."""
-    failed = await fail_orphaned_queued(
-        pool, queued_for_s=settings.queued_orphan_after_s, limit=settings.reconcile_batch_size
-    )
-    if failed:
-        metrics.orphans_failed.inc(len(failed))
-        log.warning("attempts.orphans_failed", count=len(failed), attempt_ids=failed[:20])
-    return bool(failed)
+class OrphanSweep:
+    """Fails queued attempts whose message is gone: never sent, so nothing can be hidden.
+
+    It starts only once this instance has been running for ``queued_orphan_after_s``:
+    after a fleet-wide outage longer than that, released attempts are old while their
+    messages still wait in the queue, and the backlog must have its chance first.
+    """
+
+    def __init__(self, pool: aiomysql.Pool, settings: PipelineSettings, metrics: Metrics) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._metrics = metrics
+        self._first_sweep_at = time.monotonic() + settings.queued_orphan_after_s
+
+    async def sweep(self) -> bool:
+        """One pass; True when some were failed, so their events go out. Loud: a warning
+        and ``payd_orphans_failed``."""
+        if time.monotonic() < self._first_sweep_at:
+            return False
+        failed = await fail_orphaned_queued(
+            self._pool,
+            queued_for_s=self._settings.queued_orphan_after_s,
+            limit=self._settings.reconcile_batch_size,
+        )
+        if failed:
+            self._metrics.orphans_failed.inc(len(failed))
+            log.warning("attempts.orphans_failed", count=len(failed), attempt_ids=failed[:20])
+        return bool(failed)

@@ -23,7 +23,7 @@ import structlog
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
-from daemon.pipeline.attempts import DB_ERRORS, sweep_orphans
+from daemon.pipeline.attempts import DB_ERRORS, OrphanSweep
 from daemon.pipeline.execute import Lane
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
@@ -61,6 +61,7 @@ class Reconciler:
         self._metrics = metrics
         self._on_recorded = on_recorded
         self._waker = Waker(settings.reconcile_interval_s)
+        self._orphans = OrphanSweep(pool, settings, metrics)
 
     async def run(self) -> None:
         while True:
@@ -77,7 +78,7 @@ class Reconciler:
             self._metrics.leases_expired.inc(len(expired))
             log.warning("reconcile.leases_expired", count=len(expired))
             self._on_recorded()
-        if await sweep_orphans(self._pool, self._settings, self._metrics):
+        if await self._orphans.sweep():
             self._on_recorded()
         due = await take_due_unknown(
             self._pool,
