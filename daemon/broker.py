@@ -24,6 +24,7 @@ from yarl import URL
 from daemon.config import RabbitMQSettings
 from daemon.events import OutboxRow
 from daemon.secrets import Secret
+from daemon.tls import Link, TlsLinkError, client_context, naming_tls_failures, url_address
 
 log = structlog.get_logger("payd.broker")
 
@@ -88,6 +89,9 @@ class Broker:
         self.settings = settings
         self.topology = Topology.for_namespace(settings.namespace)
         self._url = broker_url(settings, password)
+        tls = settings.effective_tls
+        self._tls = client_context(Link.RABBITMQ, tls) if tls is not None else None
+        self._address = url_address(settings.url)
         self._connection: AbstractConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -100,7 +104,10 @@ class Broker:
 
     async def connect(self) -> None:
         """Connect, open channels, declare the topology, and resume consuming if we were."""
-        connection = await aio_pika.connect(self._url, client_properties={"connection_name": "payd"})
+        with naming_tls_failures(Link.RABBITMQ, self._address):
+            connection = await aio_pika.connect(
+                self._url, client_properties={"connection_name": "payd"}, ssl_context=self._tls
+            )
         try:
             consume_channel = await connection.channel(publisher_confirms=False)
             await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
@@ -143,8 +150,10 @@ class Broker:
                 await asyncio.sleep(delay)
                 try:
                     await self.connect()
-                except (TimeoutError, *BROKER_ERRORS, OSError) as error:
-                    log.warning("broker.reconnect_failed", error=type(error).__name__)
+                except (TimeoutError, TlsLinkError, *BROKER_ERRORS, OSError) as error:
+                    # A TLS failure says what is wrong (a CA, a name); other errors only their kind.
+                    reason = str(error) if isinstance(error, TlsLinkError) else type(error).__name__
+                    log.warning("broker.reconnect_failed", error=reason)
                     delay = min(delay * 2, 30.0)
                     continue
                 self.reconnects += 1

@@ -24,8 +24,10 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     from daemon.service import serve  # noqa: PLC0415 (keep light commands light)
+    from daemon.tls import log_plaintext_links  # noqa: PLC0415
 
     logging_handle = configure_logging(config.daemon.log_level, config.daemon.log_format, config.gelf)
+    log_plaintext_links(config)
 
     async def main() -> int:
         shutdown, force, reload = asyncio.Event(), asyncio.Event(), asyncio.Event()
@@ -65,11 +67,24 @@ def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.tls import check_links, plaintext_links  # noqa: PLC0415
+
+    try:
+        check_links(config)
+    except ConfigError as error:
+        print(f"payd: configuration error: {config.source}: {error}", file=sys.stderr)
+        return 2
     print(f"{config.source}: ok")
     print(msgspec.json.format(msgspec.json.encode(config)).decode())
     print("secrets:")
     for name, state in describe_secrets().items():
         print(f"  {name}: {state}")
+    for link, host in plaintext_links(config):
+        print(
+            f"warning: {link}: {host} is not this host and the link is not encrypted; "
+            f"see [{link}.tls] in docs/configuration.md",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -99,6 +114,12 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from daemon import operate  # noqa: PLC0415
 
     return _run(operate.status(config, as_json=args.json))
+
+
+def cmd_attempts_unpark(config: Config, args: argparse.Namespace) -> int:
+    from daemon import operate  # noqa: PLC0415
+
+    return _run(operate.unpark(config, args.keys, every=args.all))
 
 
 def cmd_retry(config: Config, args: argparse.Namespace) -> int:
@@ -177,6 +198,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     importing.add_argument("--batch-size", type=int, default=1000, help="rows per INSERT (%(default)s)")
     importing.set_defaults(handler=cmd_subscriptions_import)
+    attempts = add("attempts", cmd_attempts_unpark, "attempts: unpark")
+    attempt_commands = attempts.add_subparsers(dest="attempts_command", required=True)
+    unpark = attempt_commands.add_parser(
+        "unpark",
+        help="return parked unknown attempts (their lookup raised) to automatic reconciliation",
+        description="return parked unknown attempts to automatic reconciliation, once the cause is fixed",
+    )
+    unpark.add_argument("--config", default=argparse.SUPPRESS, help="configuration file")
+    unpark.add_argument("keys", nargs="*", metavar="KEY", help="idempotency keys")
+    unpark.add_argument("--all", action="store_true", help="every parked attempt")
+    unpark.set_defaults(handler=cmd_attempts_unpark)
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)
     from daemon.providers.sandbox import gateway  # noqa: PLC0415
@@ -194,7 +226,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"payd: configuration error: {error}", file=sys.stderr)
         return 2
-    return int(args.handler(config, args))
+    try:
+        return int(args.handler(config, args))
+    except ConfigError as error:  # found on use: a TLS file, a server that fails verification
+        print(f"payd: configuration error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

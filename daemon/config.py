@@ -13,10 +13,19 @@ import re
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import msgspec
 
-from daemon.subscriptions.networks import MASTERCARD_CEILING, VISA_CEILINGS, strictest_ceiling
+from daemon.subscriptions.networks import (
+    EVERY_RULE,
+    MASTERCARD_DAILY_LIMIT,
+    MASTERCARD_MONTHLY_LIMIT,
+    VISA_LIMITS,
+    NetworkRule,
+    network_rules,
+    schedule_problem,
+)
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
@@ -39,6 +48,14 @@ class DaemonSettings(Section, frozen=True):
     drain_timeout_s: PositiveFloat = 30.0
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    duty_restart_backoff_s: Annotated[list[PositiveFloat], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
+    )
+    """Wait before the n-th restart in a row of a crashed background duty; the last repeats."""
+    duty_failing_after: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Crashes in a row after which a duty is failing: /readyz red, the watchdog withheld if critical."""
+    duty_stable_after_s: PositiveFloat = 60.0
+    """A duty that runs this long without crashing has recovered: its streak starts again."""
 
 
 class GelfSettings(Section, frozen=True):
@@ -53,6 +70,21 @@ class GelfSettings(Section, frozen=True):
     """Log records buffered for the sender thread; when full, records are dropped and counted."""
 
 
+class TlsSettings(Section, frozen=True):
+    """``[mysql.tls]``, ``[rabbitmq.tls]``, ``[redis.tls]``: how payd verifies a server and proves
+    itself to it. One shape for every link, so a second node or a failover target reuses it."""
+
+    ca_file: str = ""
+    """PEM bundle of the CAs the server's certificate must chain to; empty: the system's store."""
+    cert_file: str = ""
+    """Client certificate (PEM) for servers that ask for one; empty: none is sent."""
+    key_file: str = ""
+    """The client certificate's private key; empty: it is in ``cert_file``. Its passphrase, if
+    any, is the secret ``LINK_tls_key_password``."""
+    verify_hostname: bool = True
+    """The certificate must name the host connected to; false still verifies the chain."""
+
+
 class MySQLSettings(Section, frozen=True):
     host: str = "127.0.0.1"
     port: Port = 3306
@@ -60,6 +92,12 @@ class MySQLSettings(Section, frozen=True):
     database: str = "payd"
     pool_size: Annotated[int, msgspec.Meta(ge=2, le=200)] = 8
     connect_timeout_s: PositiveFloat = 5.0
+    tls: TlsSettings | None = None
+    """Present (even as an empty table): the link is encrypted and the server verified."""
+
+    @property
+    def effective_tls(self) -> TlsSettings | None:
+        return self.tls
 
 
 class RabbitMQSettings(Section, frozen=True):
@@ -69,12 +107,31 @@ class RabbitMQSettings(Section, frozen=True):
     prefetch: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
     delivery_limit: Annotated[int, msgspec.Meta(ge=2)] = 50
     reconnect_delay_s: PositiveFloat = 1.0
+    tls: TlsSettings | None = None
+    """How an ``amqps://`` link is verified; without it, against the system's CAs."""
+
+    @property
+    def effective_tls(self) -> TlsSettings | None:
+        return (self.tls or TlsSettings()) if _scheme(self.url) == "amqps" else None
 
 
 class RedisSettings(Section, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
     key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")] = "payd"
     """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
+    halt_grace_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    """How long the last halt state read is kept when the halt keys cannot be read; after that
+    no provider is called until they can. Up to 1 s keeps "halted within one second" fleet-wide."""
+    tls: TlsSettings | None = None
+    """How a ``rediss://`` link is verified; without it, against the system's CAs."""
+
+    @property
+    def effective_tls(self) -> TlsSettings | None:
+        return (self.tls or TlsSettings()) if _scheme(self.url) == "rediss" else None
+
+
+def _scheme(url: str) -> str:
+    return urlsplit(url).scheme.lower()
 
 
 class HttpSettings(Section, frozen=True):
@@ -83,14 +140,17 @@ class HttpSettings(Section, frozen=True):
 
 
 class MonitorSettings(Section, frozen=True):
-    """The aiomonitor console for live debugging (``daemon/monitor.py``); localhost only by default."""
+    """The aiomonitor console for live debugging (``daemon/monitor.py``): off unless asked for."""
 
-    enabled: bool = True
+    enabled: bool = False
+    """Every console session must give the control token first; without one the daemon won't start."""
     host: str = "127.0.0.1"
     port: Port = 20101
     """The terminal console (telnet); give each instance on a host its own."""
+    webui: bool = False
+    """aiomonitor's web view of the same tasks. It has no authentication and can cancel any task:
+    only for a development machine."""
     webui_port: Port = 20102
-    """aiomonitor's web view of the same tasks."""
 
 
 class PipelineSettings(Section, frozen=True):
@@ -173,7 +233,7 @@ class DunningSettings(Section, frozen=True):
     """Wait before the retry after the 1st, 2nd, ... soft decline of a cycle; its length is the
     number of retries. A provider's earliest-retry advice (``retry_after_s``) lengthens a wait."""
     on_exhausted: NextStatus = "canceled"
-    """Where a subscription goes when the schedule or the retry budget runs out."""
+    """Where a subscription goes when the schedule runs out (a network limit defers, never stops)."""
     on_hard_decline: NextStatus = "canceled"
     """Where a hard decline or a never-retry code sends it (at once, no further try)."""
     failed_retry_s: PositiveFloat = 900.0
@@ -189,16 +249,28 @@ class DunningSettings(Section, frozen=True):
 
 
 class RetryBudgetSettings(Section, frozen=True):
-    """Attempts per payment method in the trailing 30 days, first tries included, all providers."""
+    """The card networks' retry limits as payd enforces them (docs/subscriptions.md): declines
+    and declined reattempts only, never approvals nor tries that never reached the issuer."""
 
     visa_rule: Literal["2021", "2026"] = "2021"
-    """Which Visa excessive-reattempt rule applies: 15 (2021) or 20 (2026) in 30 days."""
+    """Which Visa excessive-reattempt rule applies: 15 (2021) or 20 (2025 revision) in 30 days."""
     visa: PositiveInt | None = None
-    """Default: the ceiling of ``visa_rule``."""
+    """Declined reattempts per card, amount and currency in 30 days; default and ceiling: the rule's."""
+    mastercard_daily: PositiveInt | None = None
+    """Declines per card in 24 hours; default and ceiling: 10."""
     mastercard: PositiveInt | None = None
-    """Default and ceiling: 35."""
-    other: PositiveInt | None = None
-    """Any other or unknown brand; default and ceiling: the strictest of the above."""
+    """Declines per card in 30 days; default and ceiling: 35."""
+    pending_recheck_s: PositiveFloat = 60.0
+    """A try held back only because tries still under way on the card may yet be declines is
+    looked at again after this long."""
+
+    def rules(self) -> dict[str, NetworkRule]:
+        return network_rules(
+            visa_rule=self.visa_rule,
+            visa=self.visa or VISA_LIMITS[self.visa_rule],
+            mastercard_daily=self.mastercard_daily or MASTERCARD_DAILY_LIMIT,
+            mastercard=self.mastercard or MASTERCARD_MONTHLY_LIMIT,
+        )
 
 
 class SubscriptionSettings(Section, frozen=True):
@@ -310,6 +382,7 @@ def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
             "or live attempts would be taken for dead ones"
         )
     _check_subscriptions(raw.subscriptions, providers, source)
+    _check_tls(raw, source)
     return Config(
         daemon=raw.daemon,
         gelf=raw.gelf,
@@ -330,7 +403,7 @@ def _check_subscriptions(
     settings: SubscriptionSettings, providers: dict[str, ProviderConfig], source: str
 ) -> None:
     """Dunning overrides must be well-formed and name real providers; no retry budget may
-    exceed what its card network allows."""
+    exceed what its card network allows, and no schedule may break a network rule by itself."""
     dunning = settings.dunning
     for group, overrides in (("plans", dunning.plans), ("providers", dunning.providers)):
         for name, table in overrides.items():
@@ -342,17 +415,42 @@ def _check_subscriptions(
             except msgspec.ValidationError as error:
                 raise ConfigError(f"{source}: {_explain(error, prefix)}") from None
     budget = settings.retry_budget
-    visa = VISA_CEILINGS[budget.visa_rule]
+    visa_rule = f"Visa's {budget.visa_rule} excessive-reattempt rule"
     for key, value, ceiling, rule in (
-        ("visa", budget.visa, visa, f"Visa's {budget.visa_rule} excessive-reattempt rule allows"),
-        ("mastercard", budget.mastercard, MASTERCARD_CEILING, "Mastercard's excessive-attempts rule allows"),
-        ("other", budget.other, strictest_ceiling(budget.visa_rule), "the strictest network rule allows"),
+        ("visa", budget.visa, VISA_LIMITS[budget.visa_rule], visa_rule),
+        ("mastercard_daily", budget.mastercard_daily, MASTERCARD_DAILY_LIMIT, "Mastercard's 24-hour limit"),
+        ("mastercard", budget.mastercard, MASTERCARD_MONTHLY_LIMIT, "Mastercard's 30-day limit"),
     ):
         if value is not None and value > ceiling:
             raise ConfigError(
                 f"{source}: subscriptions.retry_budget.{key}: {value} exceeds {ceiling}, "
-                f"the most {rule} per payment method in 30 days"
+                f"the most {rule} allows"
             )
+    # A schedule that breaks a rule on its own would be deferred on every card it dunned.
+    rules = [budget.rules()[name] for name in EVERY_RULE]
+    schedules = [("subscriptions.dunning.schedule_s", dunning.schedule_s)] + [
+        (f"subscriptions.dunning.{group}.{name}.schedule_s", table["schedule_s"])
+        for group, overrides in (("plans", dunning.plans), ("providers", dunning.providers))
+        for name, table in overrides.items()
+        if table.get("schedule_s") is not None
+    ]
+    for key, schedule in schedules:
+        problem = schedule_problem(schedule, rules)
+        if problem is not None:
+            raise ConfigError(f"{source}: {key}: {problem}")
+
+
+def _check_tls(raw: _RawConfig, source: str) -> None:
+    """A TLS table must take effect: a plain URL with one would silently send in the clear."""
+    for link, section, scheme in (("rabbitmq", raw.rabbitmq, "amqps"), ("redis", raw.redis, "rediss")):
+        if section.tls is not None and section.effective_tls is None:
+            raise ConfigError(
+                f"{source}: {link}.tls: the url is not {scheme}://, so the link would not be encrypted; "
+                f"write {scheme}:// or drop [{link}.tls]"
+            )
+    for link, tls in (("mysql", raw.mysql.tls), ("rabbitmq", raw.rabbitmq.tls), ("redis", raw.redis.tls)):
+        if tls is not None and tls.key_file and not tls.cert_file:
+            raise ConfigError(f"{source}: {link}.tls.key_file: needs cert_file, the certificate of that key")
 
 
 def load_config(path: str | Path) -> Config:

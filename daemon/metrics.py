@@ -130,6 +130,29 @@ class Metrics:
             "Queued attempts nobody claimed within queued_orphan_after_s, failed as never_sent",
             registry=r,
         )
+        self.parked = Gauge(
+            "payd_attempts_parked",
+            "Unknown attempts parked after a lookup raised: no automatic lookups until an operator acts",
+            registry=r,
+        )
+        self.duty_up = Gauge(
+            "payd_duty_up",
+            "1 while the background duty runs; 0 crashed, restarting or stopped",
+            ["duty"],
+            registry=r,
+        )
+        self.duty_crashes = Counter(
+            "payd_duty_crashes",
+            "Background duty crashes (each logged with its traceback and restarted)",
+            ["duty"],
+            registry=r,
+        )
+        self.duty_failing = Gauge(
+            "payd_duty_failing",
+            "1 while the duty keeps crashing: /readyz is red (critical duties: the watchdog stops)",
+            ["duty"],
+            registry=r,
+        )
         self.halted = Gauge(
             "payd_halted",
             "1 while new calls to this provider are halted (global or per provider)",
@@ -138,7 +161,12 @@ class Metrics:
         )
         self.halt_state_stale = Gauge(
             "payd_halt_state_stale",
-            "1 while Redis is unreachable and the last halt state is kept",
+            "1 while the last read of the halt keys failed (the last state is kept for halt_grace_s)",
+            registry=r,
+        )
+        self.halt_state_unknown = Gauge(
+            "payd_halt_state_unknown",
+            "1 while the halt keys have not been read for longer than halt_grace_s: no provider is called",
             registry=r,
         )
         self.unknown_attempts = Gauge(

@@ -1,7 +1,8 @@
 """A periodic look at the things /readyz and the backlog metrics report on.
 
 Every couple of seconds: one database round trip that also measures the
-unknown-attempt backlog (served by the ``(state, recheck_at)`` index), and the
+unknown-attempt backlog and how much of it is parked (served by the
+``(state, recheck_at)`` index), and the
 depth of the attempts and dead-letter queues. A failure marks the database
 not ready; a broker that cannot answer leaves the last depths in place.
 """
@@ -24,6 +25,8 @@ class HealthProbe:
         self._broker = broker
         self._metrics = metrics
         self.database_ok = True
+        self.parked_attempts = 0
+        """Fleet-wide: unknown attempts parked for an operator (their lookup raised)."""
 
     async def run(self, interval_s: float = 2.0) -> None:
         while True:
@@ -34,11 +37,13 @@ class HealthProbe:
         try:
             async with transaction(self._pool) as cursor:
                 await cursor.execute(
-                    "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(updated_at), NOW(6)) "
-                    "FROM attempts WHERE state = 'unknown'"
+                    "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(updated_at), NOW(6)), "
+                    "COALESCE(SUM(parked_at IS NOT NULL), 0) FROM attempts WHERE state = 'unknown'"
                 )
-                count, oldest_us = await cursor.fetchone()
+                count, oldest_us, parked = await cursor.fetchone()
             self._metrics.unknown_attempts.set(count)
+            self._metrics.parked.set(parked)
+            self.parked_attempts = int(parked)
             self._metrics.unknown_oldest.set((oldest_us or 0) / 1_000_000)
             self.database_ok = True
         except DB_ERRORS:

@@ -17,6 +17,10 @@ SECRET_NAMES: Final = (
     "rabbitmq_password",
     "redis_password",
     "control_token",
+    # Passphrases of encrypted client keys in [mysql.tls], [rabbitmq.tls], [redis.tls].
+    "mysql_tls_key_password",
+    "rabbitmq_tls_key_password",
+    "redis_tls_key_password",
     # The built-in provider adapters' default credential names (each can be renamed per provider).
     "stripe_api_key",
     "adyen_api_key",

@@ -35,7 +35,7 @@ import aio_pika
 import aiohttp
 import msgspec
 import uvloop
-from benchkit import procfs, services, stacks, traffic
+from benchkit import peers, procfs, services, stacks, traffic
 from benchkit.report import (
     LedgerCheck,
     Result,
@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add = parser.add_argument
     add("--attempts", type=int, default=20_000, help="attempt requests to publish")
+    add(
+        "--system",
+        choices=peers.SYSTEMS,
+        default="payd",
+        help="what to measure: payd, or a peer doing the same job (load/peers/)",
+    )
+    add("--celery-threads", type=int, default=200, help="--system celery: the threads pool's size")
     add("--latency-ms", type=float, default=50.0, help="mean latency the sandbox adds to each charge")
     add(
         "--latency-dist",
@@ -120,6 +127,8 @@ class Options:
     """The command line, checked, with the derived defaults (prefetch, provider timeout) worked out."""
 
     attempts: int
+    system: str
+    celery_threads: int
     latency_ms: float
     latency_dist: str
     max_in_flight: int
@@ -166,6 +175,8 @@ class Options:
         timeout_s = args.timeout_s or max(10.0, 10 * args.latency_ms / 1000)
         return cls(
             attempts=args.attempts,
+            system=args.system,
+            celery_threads=args.celery_threads,
             latency_ms=args.latency_ms,
             latency_dist=args.latency_dist,
             max_in_flight=args.max_in_flight,
@@ -189,6 +200,7 @@ class Options:
 
     def params(self) -> dict[str, Any]:
         return {
+            "system": self.system,
             "attempts": self.attempts,
             "latency_ms": self.latency_ms,
             "latency_dist": self.latency_dist,
@@ -266,7 +278,7 @@ async def prepare(opts: Options, run: Services) -> None:
     await asyncio.to_thread(services.write_config, run.code, config_path, settings)
     await asyncio.to_thread(services.run_migrate, run.code, config_path)
     await asyncio.to_thread(services.truncate_tables)
-    purged = await services.purge_queues()
+    purged = {**await services.purge_queues(), **await peers.purge_peer_queues()}
     if any(purged.values()):
         say(opts, f"purged leftovers of an earlier run: {purged}")
     async with (
@@ -274,6 +286,23 @@ async def prepare(opts: Options, run: Services) -> None:
         session.post(f"{run.sandbox_url}/_sandbox/reset") as reply,
     ):
         reply.raise_for_status()
+    if opts.system != "payd":
+        run.control_url = ""  # a peer has no control endpoint
+        run.daemon, ready = peers.start_peer(
+            opts.system,
+            run.workdir,
+            peers.PeerSettings(
+                sandbox_url=run.sandbox_url,
+                prefetch=opts.prefetch,
+                pool_size=opts.pool_size,
+                batch_size=opts.batch_size,
+                timeout_s=opts.timeout_s,
+                drain_timeout_s=opts.drain_timeout_s,
+                celery_threads=opts.celery_threads,
+            ),
+        )
+        await peers.wait_peer_ready(run.daemon, ready)
+        return
     run.daemon = services.start_daemon(run.code, run.workdir, config_path)
     await services.wait_ready(run.daemon, run.control_url)
 
@@ -306,11 +335,12 @@ async def measure(
     publishing = asyncio.create_task(
         traffic.publish_requests(
             connection,
-            f"{services.NAMESPACE}.attempts",
+            peers.queue_of(opts.system),
             bodies,
             tracker,
             rate=opts.rate,
             window=PUBLISH_WINDOW,
+            message_for=peers.message_factory(opts.system),
         )
     )
     if opts.profile:
@@ -426,6 +456,8 @@ async def watch(
 
 async def daemon_status(session: aiohttp.ClientSession, control_url: str) -> dict[str, Any]:
     """The daemon's /status, or {} when it does not answer in time (a busy loop is data too)."""
+    if not control_url:
+        return {}  # a peer: nothing to ask
     try:
         status: dict[str, Any] = await services.get_json(session, f"{control_url}/status")
     except (aiohttp.ClientError, OSError, TimeoutError):

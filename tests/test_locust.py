@@ -59,6 +59,10 @@ async def test_headless_locust_run_reports_payd_outcomes(
         "20",
         "--payd-drain",
         "20",
+        # A sender stopped mid-publish may have had its message accepted by the broker but
+        # not yet tracked; letting each finish its task keeps locust's count equal to the ledger's.
+        "--stop-timeout",
+        "10",
         "--loglevel",
         "WARNING",
         stdout=asyncio.subprocess.PIPE,

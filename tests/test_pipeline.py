@@ -8,8 +8,10 @@ import random
 import aiomysql
 import msgspec
 
+from daemon.config import SubscriptionSettings
 from daemon.models import AttemptRequest
 from daemon.storage.attempts import Record, claim_attempts, record_outcomes
+from daemon.subscriptions.policy import SubscriptionPolicy
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request, states, wait_settled
 
 TOKENS = ["pm_ok"] * 6 + ["pm_insufficient_funds", "pm_stolen", "pm_error", "pm_rate_limited", "pm_random"]
@@ -242,6 +244,7 @@ async def test_a_queued_attempt_whose_message_is_gone_fails_as_never_sent(
         db,
         [Record(attempt_id=claimed.claimed[r.idempotency_key], request=r, result=None) for r in requests],
         unknown_recheck_s=1,
+        policy=SubscriptionPolicy(SubscriptionSettings()),
     )
     await query(
         db,
@@ -273,3 +276,25 @@ async def test_a_queued_attempt_whose_message_is_gone_fails_as_never_sent(
     assert event["type"] == "payment.failed" and event["decline_code"] == "never_sent"
     assert await broker.dead_letters() == []
     assert await sandbox.ledger() == [], "nothing was ever sent"
+
+
+async def test_a_queued_row_that_cannot_be_read_is_set_aside_not_swept_forever(db: aiomysql.Pool) -> None:
+    """A queued row payd cannot read back (metadata edited by hand) must not stop the sweep:
+    it leaves the sweep with the reason on the row, and a readable orphan next to it is failed."""
+    from daemon.storage.attempts import fail_orphaned_queued  # noqa: PLC0415
+
+    await query(
+        db,
+        "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, metadata, "
+        "state, recheck_at) VALUES ('bad-md', 'sandbox', 100, 'EUR', 'pm_ok', '{not json', 'queued', "
+        "NOW(6) - INTERVAL 2 HOUR), ('good', 'sandbox', 100, 'EUR', 'pm_ok', NULL, 'queued', "
+        "NOW(6) - INTERVAL 2 HOUR)",
+    )
+    failed, unreadable = await fail_orphaned_queued(db, queued_for_s=3600, limit=10)
+    assert len(failed) == 1 and [p.idempotency_key for p in unreadable] == ["bad-md"]
+    rows = await query(
+        db, "SELECT idempotency_key, state, recheck_at IS NULL, reason FROM attempts ORDER BY id"
+    )
+    assert [row[:3] for row in rows] == [("bad-md", "queued", 1), ("good", "failed", 1)]
+    assert str(rows[0][3]).startswith("row cannot be read")
+    assert await fail_orphaned_queued(db, queued_for_s=3600, limit=10) == ([], []), "nothing left to sweep"

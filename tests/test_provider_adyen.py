@@ -11,7 +11,9 @@ mapping directly at the end.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -120,6 +122,7 @@ def _adyen_body(**changes: Any) -> dict[str, Any]:
         "shopperReference": "shopper-17",
         "shopperInteraction": "ContAuth",
         "recurringProcessingModel": "Subscription",
+        "returnUrl": "https://shop.example/return",
     }
     for name, value in changes.items():
         if value is None:
@@ -142,6 +145,8 @@ KEYED = {"X-API-Key": "k"}
         pytest.param(KEYED, {"amount": None}, 422, "100", id="no-amount"),
         pytest.param(KEYED, {"merchantAccount": None}, 422, "901", id="no-merchant"),
         pytest.param(KEYED, {"paymentMethod": {"type": "scheme"}}, 422, "000", id="no-stored-id"),
+        # returnUrl is in PaymentRequest.required (Checkout API v71 OpenAPI); live Adyen 14_030.
+        pytest.param(KEYED, {"returnUrl": None}, 422, "14_030", id="no-return-url"),
         pytest.param(KEYED | {"Idempotency-Key": "k" * 65}, {}, 422, "000", id="key-too-long"),
     ],
 )
@@ -395,6 +400,73 @@ async def test_api_key_never_appears_in_results(adyen: AdyenProvider) -> None:
 
     assert API_KEY not in repr(adyen)
     assert all(API_KEY not in repr(r) for r in results)
+
+
+# -- Adyen's own specification ----------------------------------------------------------------
+
+# Adyen's Checkout API v71 OpenAPI specification, the fragment payd uses (source recorded inside).
+SPEC = json.loads((Path(__file__).parent / "fixtures/providers/adyen_checkout_v71.json").read_text())[
+    "schemas"
+]
+
+
+def test_the_request_has_every_field_the_v71_specification_requires() -> None:
+    """Every field ``PaymentRequest`` lists as required (amount, merchantAccount,
+    paymentMethod, reference, returnUrl) is sent, within the specification's lengths and
+    enumerations; without ``returnUrl`` live Adyen refuses every charge (422, 14_030)."""
+    body = json.loads(transform.payment_body(attempt("spec-1"), MERCHANT))
+    request_schema = SPEC["PaymentRequest"]
+    assert set(request_schema["required"]) <= body.keys(), set(request_schema["required"]) - body.keys()
+    assert set(SPEC["Amount"]["required"]) <= body["amount"].keys()
+    for name, rules in request_schema["properties"].items():
+        if name not in body or rules.get("type") != "string":
+            continue
+        value = body[name]
+        assert rules.get("minLength", 0) <= len(value) <= rules.get("maxLength", len(value)), name
+        assert value in rules.get("enum", [value]), name
+    card = SPEC["CardDetails"]["properties"]
+    assert body["paymentMethod"]["type"] in card["type"]["enum"]
+    assert len(body["paymentMethod"]["storedPaymentMethodId"]) <= card["storedPaymentMethodId"]["maxLength"]
+
+
+async def test_a_configured_return_url_is_sent(make_provider: ProviderFactory, gateway: Sandbox) -> None:
+    """``return_url`` from the configuration reaches Adyen's ``returnUrl``; the face, which
+    enforces the field, approves the charge."""
+    provider = make_provider(return_url="https://shop.example/adyen-return")
+    assert (await provider.charge(attempt("return-1"))).outcome is Outcome.APPROVED
+    body = json.loads(transform.payment_body(attempt("return-1"), MERCHANT, "https://shop.example/r"))
+    assert body["returnUrl"] == "https://shop.example/r"
+    with pytest.raises(msgspec.ValidationError, match="return_url"):
+        make_provider(return_url="shop.example/no-scheme")
+
+
+@pytest.mark.parametrize(
+    ("answer", "outcome"),
+    [
+        ({"amount": {"value": 1999, "currency": "EUR"}}, Outcome.APPROVED),
+        ({"amount": {"value": 2500, "currency": "EUR"}}, Outcome.UNKNOWN),
+        ({"amount": {"value": 1999, "currency": "USD"}}, Outcome.UNKNOWN),
+        ({"merchantReference": "7:7", "amount": {"value": 1999, "currency": "EUR"}}, Outcome.UNKNOWN),
+    ],
+)
+def test_a_stored_answer_for_another_payment_settles_nothing(
+    answer: dict[str, Any], outcome: Outcome
+) -> None:
+    """A resend is Adyen's only lookup: the stored answer it replays must be this attempt's.
+    ``PaymentResponse`` echoes ``merchantReference`` and the authorised ``amount`` (v71
+    specification); an Authorised answer for another amount or currency is UNKNOWN
+    (identity mismatch), never this attempt's approval."""
+    body = {"resultCode": "Authorised", "pspReference": "P1", "merchantReference": "42:3"} | answer
+    result = transform.charge_result(
+        200,
+        {},
+        msgspec.json.encode(body),
+        reference="42:3",
+        amount=transform.Amount(value=1999, currency="EUR"),
+    )
+    assert result.outcome is outcome, result
+    if outcome is Outcome.UNKNOWN:
+        assert result.reason is not None and result.reason.startswith("identity mismatch")
 
 
 # -- answers the sandbox does not give ------------------------------------------------------

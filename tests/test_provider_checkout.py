@@ -18,18 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import aiomysql
 import msgspec
 import pytest
 
 from daemon.config import ConfigError
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
+from daemon.providers import registry
 from daemon.providers.base import Provider
 from daemon.providers.checkout import transform
 from daemon.providers.checkout.client import CheckoutProvider, CheckoutProviderConfig
-from tests.support import Sandbox, free_port
+from tests.support import Broker, DaemonFactory, Sandbox, eventually, free_port, query, request
 
 SECRET_KEY = "sk_sbox_paydtestkey0001"
 CHANNEL = "pc_paydtest0001"
+# Checkout.com's response code ranges and idempotency rule (source recorded inside).
+SPEC = json.loads((Path(__file__).parent / "fixtures/providers/checkout_response_codes.json").read_text())
 DAY = 86400.0
 
 
@@ -181,6 +185,9 @@ async def test_the_dialect_refuses_what_checkout_would_refuse(sandbox: Sandbox) 
         ("pm_cko_lost", Outcome.HARD_DECLINE, "lost_card", None),
         ("pm_cko_revoked", Outcome.HARD_DECLINE, "stop_payment_order", None),
         ("pm_cko_risk", Outcome.HARD_DECLINE, "cko_41101", None),
+        # "4xxxx: the request triggered a risk response" (checkout.com/docs/resources/codes/
+        # api-response-codes); 40101 "Risk Blocked Transaction" used to stay unknown forever.
+        ("pm_cko_risk_40101", Outcome.HARD_DECLINE, "risk_blocked", None),
         ("pm_cko_mac_03", Outcome.HARD_DECLINE, "do_not_try_again", None),
         ("pm_cko_mac_21", Outcome.HARD_DECLINE, "recurring_payment_cancelled", None),
         ("pm_cko_mac_24", Outcome.SOFT_DECLINE, "insufficient_funds", 3600.0),
@@ -410,6 +417,11 @@ async def test_capabilities_and_the_secret(sandbox: Sandbox) -> None:
         assert capabilities.honours_idempotency_key and capabilities.lookup_by_reference
         assert not capabilities.lookup_by_key
         assert capabilities.idempotency_key_ttl_s == DAY
+        # "This key is cached in our system if the request returns a 2xx response code" and
+        # "If the original request returns a 4xx or 5xxx response code, no idempotent result is
+        # saved and the payment is reattempted" (checkout.com/docs/payments/manage-payments/
+        # idempotency): an unknown attempt (5xx, timeout) is never re-sent under its key.
+        assert capabilities.resend_only_after_2xx
         assert short.capabilities.idempotency_key_ttl_s == 3600
         assert SECRET_KEY not in repr(vars(provider))
 
@@ -507,3 +519,107 @@ def test_looked_up_statuses(status: str, outcome: Outcome) -> None:
     payment = transform.decode_payment(_payment(status=status))
     assert payment is not None
     assert transform.payment_result(payment, attempt()).outcome is outcome
+
+
+# --- what a lookup may settle, and when a key protects a resend ----------------------------
+
+
+@pytest.mark.parametrize("token", ["pm_ok", "pm_insufficient_funds"])
+async def test_a_lookup_never_settles_another_amounts_payment(sandbox: Sandbox, token: str) -> None:
+    """A payment found under the attempt's reference and key but for another amount is not
+    the attempt's: the lookup reports an anomaly and no result, for a decline as much as for
+    an approval (a decline settled this way would let dunning charge again)."""
+    key = f"cko-{uuid.uuid4().hex}"
+    async with checkout(sandbox) as provider:
+        await provider.charge(attempt(token, key=key, amount_minor=1000))
+        other = await provider.lookup(attempt(token, key=key, amount_minor=2500))
+        same = await provider.lookup(attempt(token, key=key, amount_minor=1000))
+    assert other is not None and other.found and other.result is None
+    assert other.anomaly is not None and "another amount" in other.anomaly
+    assert same is not None and same.anomaly is None and same.result is not None
+
+
+def test_a_looked_up_payment_must_carry_the_attempts_key_and_reference() -> None:
+    """Metadata without the attempt's key, or another reference, is an anomaly."""
+    request = attempt()
+    base = {"id": "pay_x", "status": "Captured", "approved": True, "amount": 1999, "currency": "EUR"}
+    ours = {"reference": "42:7", "metadata": {transform.IDEMPOTENCY_KEY_METADATA: request.idempotency_key}}
+    for changes in ({"metadata": {}}, {"reference": "42:8"}, {"currency": "USD"}):
+        payment = transform.decode_payment(json.dumps(base | ours | changes).encode())
+        assert payment is not None
+        assert transform.lookup_result(payment, request).anomaly is not None, changes
+    payment = transform.decode_payment(json.dumps(base | ours).encode())
+    assert payment is not None and transform.lookup_result(payment, request).result is not None
+
+
+async def test_the_dialect_processes_a_key_again_after_a_5xx(sandbox: Sandbox) -> None:
+    """Checkout.com caches a key only after a 2xx (checkout.com/docs/payments/manage-payments/
+    idempotency): a request repeated after a 500 is charged again. The dialect does the same,
+    so a resend after a 5xx shows up in the ledger as a second charge."""
+    request = attempt("pm_cko_server_error")
+    async with checkout(sandbox) as provider:
+        first = await provider.charge(request)
+        again = await provider.charge(request)
+    assert first.outcome is again.outcome is Outcome.UNKNOWN
+    ledger = await sandbox.ledger()
+    assert [(c["merchant_reference"], c["status"]) for c in ledger] == [("42:7", "approved")] * 2
+
+
+@pytest.fixture
+def checkout_kind() -> None:
+    """Kind "checkout" is installed through the payd.providers entry point."""
+    assert registry.factory("checkout") is CheckoutProvider
+
+
+@pytest.mark.usefixtures("checkout_kind")
+async def test_daemon_never_resends_a_checkout_attempt_after_a_5xx(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """End to end: a 500 after Checkout.com charged leaves the attempt unknown, and the payment
+    list does not show the payment yet. Checkout.com kept no answer under the key, so a resend
+    would charge again: payd keeps asking, never re-sends, and the attempt stays unknown for
+    an operator, with one request and one charge at the gateway."""
+    body = request("cko-5xx", payment_method="pm_cko_server_error_unlisted", subscription_id=5151)
+    body |= {"provider": "checkout"}
+    provider = {
+        "kind": "checkout",
+        "base_url": f"{sandbox.url}/checkout",
+        "max_in_flight": 5,
+        "timeout_s": 2,
+        "connect_timeout_s": 1,
+        "retry_backoff_s": 0.05,
+        "processing_channel_id": CHANNEL,
+    }
+    async with daemons.in_process(providers__checkout=provider, pipeline={"not_found_grace_s": 1}):
+        await broker.publish([body])
+
+        async def looked_up_three_times() -> bool:
+            rows = await query(db, "SELECT reconcile_tries FROM attempts WHERE idempotency_key = 'cko-5xx'")
+            return bool(rows) and rows[0][0] >= 3
+
+        await eventually(looked_up_three_times, timeout=30, what="three reconciliation passes")
+    (state,) = (await query(db, "SELECT state FROM attempts WHERE idempotency_key = 'cko-5xx'"))[0]
+    assert state == "unknown"
+    assert [c["status"] for c in await sandbox.ledger()] == ["approved"], "charged once, never re-sent"
+    assert (await sandbox.stats())["accounts"][CHANNEL]["requests"] == 1
+
+
+@pytest.mark.parametrize("prefix", sorted(SPEC["ranges"]))
+def test_every_documented_response_code_range_has_a_verdict(prefix: str) -> None:
+    """Each range of Checkout.com's "API response codes" page: on a declined payment 20xxx
+    is soft, 30xxx and every 4xxxx risk response hard (40xxx used to be UNKNOWN, so a risk
+    decline never settled); 10xxx (an approval code on a decline) and 50xxx (payouts)
+    contradict a card decline and stay UNKNOWN."""
+    wanted = {
+        "10": Outcome.UNKNOWN,
+        "20": Outcome.SOFT_DECLINE,
+        "30": Outcome.HARD_DECLINE,
+        "4": Outcome.HARD_DECLINE,
+        "50": Outcome.UNKNOWN,
+    }[prefix]
+    for code in (prefix.ljust(5, "9"), prefix.ljust(4, "0") + "1"):
+        body = _payment(approved=False, status="Declined", response_code=code, reference="42:7")
+        assert transform.charge_result(201, {}, body, attempt()).outcome is wanted, code
+    for code in SPEC["codes"]:
+        body = _payment(approved=False, status="Declined", response_code=code, reference="42:7")
+        assert transform.charge_result(201, {}, body, attempt()).outcome is Outcome.HARD_DECLINE

@@ -8,9 +8,12 @@ attempt twice.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import json
 from collections.abc import AsyncIterator, Iterator
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -486,3 +489,105 @@ async def test_daemon_never_resends_an_iyzico_attempt_the_provider_has_no_record
     assert stats["accounts"]["iyzico"]["requests"] == 1, "never re-sent"
     assert stats["lookups"] >= 1
     assert await sandbox.ledger() == []
+
+
+# -- what a lookup may settle ---------------------------------------------------------------------
+
+
+async def test_a_failed_payment_found_by_lookup_is_declined_not_unknown(sandbox: Sandbox) -> None:
+    """``/payment/detail`` reports a declined payment as found (``status: success``) with
+    ``paymentStatus: FAILURE`` and its errorCode (iyzico's Payment resource: paymentStatus
+    SUCCESS / FAILURE). That took no money: the lookup settles it by the code table, where
+    it used to stay UNKNOWN forever (iyzico attempts are never re-sent)."""
+    async with iyzico(f"{sandbox.url}/iyzico") as provider:
+        await provider.charge(attempt("failed-1", "iyz_10054"))
+        found = await provider.lookup(attempt("failed-1", "iyz_10054"))
+    assert found is not None and found.found and found.result is not None and found.anomaly is None
+    assert (found.result.outcome, found.result.decline_code) == (Outcome.HARD_DECLINE, "expired_card")
+    assert found.result.provider_ref == (await sandbox.ledger())[0]["id"]
+
+
+SIGNED_FIELDS = {
+    "status": "success",
+    "paymentId": "22416035",
+    "currency": "TRY",
+    "basketId": "7:3",
+    "conversationId": "k",
+    "paidPrice": 10.00000000,
+    "price": 10.00000000,
+    "paymentStatus": "SUCCESS",
+    "fraudStatus": 1,
+}
+EXPECTED = transform.Expected(
+    conversation_id="k", basket_id="7:3", paid_price=Decimal("10.0"), currency="TRY"
+)
+
+
+# How iyzico's official client verifies an answer's signature (source recorded inside).
+SIGNATURE_RULE = json.loads(
+    (Path(__file__).parent / "fixtures/providers/iyzico_response_signature.json").read_text()
+)["payment_answer"]
+
+
+def _rendered(value: object) -> str:
+    text = str(value)  # iyzipay-python: strip_zero(str(number))
+    return text.removesuffix(".0") if isinstance(value, float) else text
+
+
+def _signed(secret_key: str, **changes: Any) -> bytes:
+    """An answer signed by the rule iyzipay-python's samples verify, over SIGNED_FIELDS."""
+    message = SIGNATURE_RULE["separator"].join(_rendered(SIGNED_FIELDS[f]) for f in SIGNATURE_RULE["fields"])
+    assert message == "22416035:TRY:7:3:k:10:10"
+    signature = hmac.new(secret_key.encode(), message.encode(), hashlib.sha256).hexdigest()
+    return json.dumps(SIGNED_FIELDS | {"signature": signature} | changes).encode()
+
+
+def test_response_signatures_are_verified() -> None:
+    """A success whose signature holds is this attempt's payment; one whose signed fields were
+    altered (or signed with another key) is UNKNOWN to a charge and an anomaly to a lookup."""
+    none: frozenset[str] = frozenset()
+    good = _signed(SANDBOX_SECRET_KEY)
+    assert transform.charge_result(200, {}, good, EXPECTED, SANDBOX_SECRET_KEY).outcome is Outcome.APPROVED
+    found = transform.lookup_result(200, good, EXPECTED, none, SANDBOX_SECRET_KEY)
+    assert found is not None and found.result is not None and found.result.outcome is Outcome.APPROVED
+    for bad in (_signed("another-secret-key"), _signed(SANDBOX_SECRET_KEY, price=11.0)):
+        charged = transform.charge_result(200, {}, bad, EXPECTED, SANDBOX_SECRET_KEY)
+        assert charged.outcome is Outcome.UNKNOWN and "signature" in (charged.reason or "")
+        looked_up = transform.lookup_result(200, bad, EXPECTED, none, SANDBOX_SECRET_KEY)
+        assert looked_up is not None and looked_up.result is None and looked_up.anomaly is not None
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"paidPrice": 12.5},
+        {"currency": "EUR"},
+        {"basketId": "7:4"},
+        {"basketId": None},
+        {"conversationId": "x"},
+    ],
+)
+def test_a_lookup_never_settles_a_payment_that_is_not_the_attempts(change: dict[str, Any]) -> None:
+    """A looked-up payment must state the attempt's basketId, currency, paidPrice and
+    conversationId; another (or none) is an anomaly: no result, the attempt stays unknown."""
+    body = json.dumps({k: v for k, v in (SIGNED_FIELDS | change).items() if v is not None}).encode()
+    found = transform.lookup_result(200, body, EXPECTED, frozenset())
+    assert found is not None and found.found and found.result is None and found.anomaly is not None
+
+
+@pytest.mark.parametrize(("code", "outcome"), [(None, Outcome.SOFT_DECLINE), ("10043", Outcome.HARD_DECLINE)])
+def test_a_failed_payment_without_a_known_code_still_settles(code: str | None, outcome: Outcome) -> None:
+    """paymentStatus FAILURE took no money even without an errorCode: a soft ``payment_failed``."""
+    fields = SIGNED_FIELDS | {"paymentStatus": "FAILURE"} | ({"errorCode": code} if code else {})
+    found = transform.lookup_result(200, json.dumps(fields).encode(), EXPECTED, frozenset())
+    assert found is not None and found.result is not None and found.result.outcome is outcome
+
+
+def test_the_lookup_sends_the_payment_id_where_it_is_known() -> None:
+    """iyzico retrieves a payment by paymentId and paymentConversationId (official sample
+    ``retrieve_payment_result.py`` sends both); without a known paymentId it is left out."""
+    request = attempt("detail-1")
+    with_id = json.loads(transform.detail_body(request, "en", "22416035"))
+    without = json.loads(transform.detail_body(request, "en"))
+    assert with_id["paymentId"] == "22416035" and with_id["paymentConversationId"] == "detail-1"
+    assert "paymentId" not in without

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -28,6 +30,8 @@ from tests.support import Sandbox, free_port
 API_KEY = "sk_test_payd4sandbox"
 SOFT, HARD, UNKNOWN = Outcome.SOFT_DECLINE, Outcome.HARD_DECLINE, Outcome.UNKNOWN
 DAY = 24 * 3600.0
+# What stripe-python says of API versions and rate-limit answers (source recorded inside).
+SDK = json.loads((Path(__file__).parent / "fixtures/providers/stripe_api_version.json").read_text())
 
 
 @pytest.fixture(autouse=True)
@@ -230,6 +234,9 @@ DECLINES = [
     ("pm_stripe_mac_02", SOFT, "insufficient_funds", None),
     ("pm_stripe_mac_03", HARD, "insufficient_funds", None),
     ("pm_stripe_mac_03_visa", SOFT, "insufficient_funds", None),
+    # Mastercard MAC 04, "Token requirements not fulfilled for this token type": hard in every
+    # adapter (tests/test_provider_advice.py).
+    ("pm_stripe_mac_04", HARD, "do_not_honor", None),
     ("pm_stripe_mac_21", HARD, "do_not_honor", None),
     ("pm_stripe_mac_24", SOFT, "insufficient_funds", 3600.0),
     ("pm_stripe_mac_30", SOFT, "insufficient_funds", 10 * DAY),
@@ -476,6 +483,9 @@ def _error(kind: str, code: str | None = None) -> bytes:
         (409, {}, _error("invalid_request_error", "lock_timeout"), UNKNOWN, True),
         (424, {}, _error("api_error"), UNKNOWN, True),
         (429, {}, _error("invalid_request_error", "rate_limit"), Outcome.RATE_LIMITED, True),
+        # stripe-python, _api_requestor.specific_v1_api_error: "Rate limits were previously
+        # coded as 400's with code 'rate_limit'" (the same RateLimitError as a 429).
+        (400, {}, _error("invalid_request_error", "rate_limit"), Outcome.RATE_LIMITED, True),
         (500, {"Stripe-Should-Retry": "false"}, _error("api_error"), UNKNOWN, True),
         (502, {}, b"<html>bad gateway</html>", UNKNOWN, True),
         (504, {}, _error("api_error"), UNKNOWN, True),
@@ -494,3 +504,71 @@ def test_answers_the_dialect_does_not_produce(
     assert (result.outcome, result.retryable) == (outcome, retryable), result
     if outcome is Outcome.RATE_LIMITED:
         assert result.retry_after_s == 1.0
+
+
+async def test_the_api_version_is_pinned_when_the_config_names_none(sandbox: Sandbox) -> None:
+    """Without a ``Stripe-Version`` header Stripe answers in the account's default version, and
+    error objects before 2024-12-18.acacia carry no ``advice_code`` (Stripe changelog, "Network
+    advice and decline codes", 2024-12-18.acacia; docs.stripe.com/api/versioning). payd pins a
+    version by default, so Stripe's "do not try again" advice still makes the decline hard
+    instead of a soft decline that dunning would retry."""
+    settings = {"kind": "stripe", "base_url": f"{sandbox.url}/stripe", "max_in_flight": 2, "timeout_s": 2}
+    config = msgspec.convert(settings, StripeProviderConfig)
+    assert config.api_version == transform.DEFAULT_API_VERSION
+    provider = StripeProvider("stripe", config)
+    try:
+        result = await provider.charge(attempt("pm_stripe_do_not_try_again"))
+    finally:
+        await provider.close()
+    assert (result.outcome, result.retryable) == (HARD, False), result
+
+
+async def test_a_lookup_never_settles_a_payment_intent_of_another_amount(
+    sandbox: Sandbox, stripe: StripeProvider
+) -> None:
+    """A PaymentIntent found under the attempt's key but for another amount (or currency) is
+    not the attempt's payment: the lookup reports an anomaly and settles nothing, where it
+    used to report the other payment's approval as this attempt's."""
+    key = f"renewal-{uuid.uuid4().hex}"
+    assert (await stripe.charge(attempt(key=key, amount_minor=1999))).outcome is Outcome.APPROVED
+    for other in (attempt(key=key, amount_minor=2500), attempt(key=key, currency="USD")):
+        found = await stripe.lookup(other)
+        assert found is not None and found.found and found.result is None, found
+        assert found.anomaly is not None and found.anomaly.startswith("payment intent pi_")
+    same = await stripe.lookup(attempt(key=key, amount_minor=1999))
+    assert same is not None and same.anomaly is None and same.result is not None
+    assert same.result.outcome is Outcome.APPROVED
+
+
+def test_a_search_answering_with_another_key_is_an_anomaly() -> None:
+    """Stripe's search is matched on ``metadata["payd_key"]``; a result page that holds only
+    PaymentIntents under other keys (a query the HTTP stack altered, a key that lost a
+    character) is an anomaly, never "not found" (which would let payd re-send) nor a result."""
+    page = transform.PaymentIntentPage(
+        object="search_result",
+        data=[
+            transform.PaymentIntent(
+                id="pi_other",
+                object="payment_intent",
+                status="succeeded",
+                amount=1999,
+                currency="eur",
+                metadata={transform.KEY_METADATA: "renewal-1"},
+            )
+        ],
+    )
+    found = transform.search_lookup_result(page, attempt(key="renewal-1x"))
+    assert found.found and found.result is None and found.anomaly is not None
+    assert "renewal-1" in found.anomaly
+    assert transform.search_lookup_result(page, attempt(key="renewal-1")).result is not None
+
+
+def test_the_pinned_version_carries_network_advice_and_legacy_rate_limits_are_rate_limits() -> None:
+    """The default ``Stripe-Version`` is no older than the first version with
+    ``network_advice_code`` (stripe-python 11.4.0 changelog), and every answer stripe-python
+    raises as ``RateLimitError`` (429, and the legacy 400 ``rate_limit``) is RATE_LIMITED."""
+    assert transform.DEFAULT_API_VERSION[:10] >= SDK["network_advice_code_since"][:10]
+    for answer in SDK["rate_limit_answers"]:
+        body = _error("invalid_request_error", answer["code"])
+        result = transform.charge_result(answer["status"], {}, body)
+        assert (result.outcome, result.retryable) == (Outcome.RATE_LIMITED, True), answer

@@ -32,7 +32,7 @@ from daemon.secrets import load_secret
 from daemon.storage.attempts import Record, claim_attempts, record_outcomes
 from daemon.storage.db import close_pool, open_pool
 from daemon.subscriptions.periods import add_months
-from daemon.subscriptions.policy import SubscriptionPolicy, use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.scheduler import RenewalScheduler
 from tests.support import DATABASE, PAYD, Broker, DaemonFactory, Sandbox, eventually, query
 
@@ -304,13 +304,14 @@ async def test_population_renews_on_schedule_and_dunning_follows_the_outcomes(
     assert {c["merchant_reference"] for c in approved} == paid_refs
 
 
-async def test_soft_declines_follow_the_schedule_and_stop_at_the_budget(
+async def test_soft_declines_follow_the_schedule_and_defer_at_the_network_limit(
     db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
-    """A mastercard with a budget of 4, one attempt already spent elsewhere within 30 days (an
-    older one and an uncharged one do not count): three tries, each at least the scheduled wait
-    after the previous outcome, then dunning stops at the budget (canceled) although the schedule
-    had more. A plan override sends another subscription to past_due when its schedule ends."""
+    """A mastercard held to 4 declines in 30 days, one already declined elsewhere within 30 days
+    (an older one and an uncharged one do not count): three tries, each at least the scheduled
+    wait after the previous outcome; the fourth is deferred to when the oldest counted decline
+    leaves the window, still past due, with a subscription.retry_deferred event naming the rule.
+    A plan override sends another subscription to past_due when its schedule ends."""
     await sandbox.behave(mix={"soft_decline": 1})
     await add_history(
         db,
@@ -324,7 +325,7 @@ async def test_soft_declines_follow_the_schedule_and_stop_at_the_budget(
     await broker.follow_events()
     wait = 0.3
     config = sections(
-        subscriptions__dunning={**DUNNING, "schedule_s": [wait] * 5},
+        subscriptions__dunning={**DUNNING, "schedule_s": [wait] * 3},
         subscriptions__retry_budget={"mastercard": 4},
         subscriptions__dunning__plans__gold={"schedule_s": [0.05], "on_exhausted": "past_due"},
     )
@@ -338,18 +339,20 @@ async def test_soft_declines_follow_the_schedule_and_stop_at_the_budget(
     assert all(a["outcome"] == "soft_decline" for a in tries)
     for earlier, later in itertools.pairwise(tries):
         assert later["created"] - earlier["finished"] >= timedelta(seconds=wait), "the schedule's wait"
-    assert rows[1]["status"] == "canceled"
-    assert rows[1]["status_reason"] == "retry budget spent: 4 of 4 attempts in 30 days"
+    assert rows[1]["status"] == "past_due"
+    oldest_leaves = rows[1]["now"] + timedelta(days=20)
+    assert abs(rows[1]["next_attempt_at"] - oldest_leaves) < timedelta(minutes=1), "deferred, not dropped"
     ledger = [c for c in await sandbox.ledger() if c["merchant_reference"] == "1:1"]
-    assert len(ledger) == 3, "the gateway saw exactly the budgeted tries"
+    assert len(ledger) == 3, "the gateway saw exactly the allowed tries"
 
     assert [a["key"] for a in history[(2, 1)]] == ["renew:2:1:0", "renew:2:1:1"]
     assert (rows[2]["status"], rows[2]["next_attempt_at"]) == ("past_due", None)
     assert rows[2]["status_reason"] == "retry schedule exhausted"
     kinds = [e["type"] for e in subscription_events(broker)[2]]
     assert sorted(kinds) == ["subscription.dunning_exhausted", "subscription.past_due"]
-    canceled = [e for e in subscription_events(broker)[1] if e["type"] == "subscription.canceled"]
-    assert canceled and canceled[0]["idempotency_key"] == "renew:1:1:3", "names the refused dispatch"
+    deferred = [e for e in subscription_events(broker)[1] if e["type"] == "subscription.retry_deferred"]
+    assert deferred and deferred[0]["idempotency_key"] == "renew:1:1:3", "names the deferred try"
+    assert deferred[0]["deferred_by"] == "mastercard_declines_30d"
 
 
 async def test_hard_declines_are_never_retried(
@@ -375,7 +378,6 @@ async def test_never_retry_codes_and_retry_advice_through_the_record_path(
     code stop dunning at once although they arrive as soft declines; a provider's earliest-retry
     advice pushes the next try past the schedule; an approval pays and renews; all in the same
     commit as the attempt's outcome, with its event in the outbox."""
-    use_policy(settings())
     await add_subscriptions(db, [(sid, f"pm_code_{sid}", "mastercard") for sid in (1, 2, 3, 4)])
     scheduler = RenewalScheduler(
         pool=sched_pool, settings=settings(), policy=SubscriptionPolicy(settings()), providers={"sandbox"}
@@ -399,6 +401,7 @@ async def test_never_retry_codes_and_retry_advice_through_the_record_path(
             for sid, r in requests.items()
         ],
         unknown_recheck_s=1,
+        policy=SubscriptionPolicy(settings()),
     )
     rows = await subscription_rows(db)
     assert (rows[1]["status"], rows[1]["status_reason"]) == ("canceled", "do not retry")
@@ -620,13 +623,15 @@ async def test_import_reports_bad_rows_and_is_idempotent(
 async def test_retry_refuses_what_it_must_and_dispatches_the_rest(
     db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
-    """payd retry: a canceled subscription is refused with the reason, so is a spent budget and an
-    active one not yet due; a past-due one is dispatched through the outbox and recovers."""
+    """payd retry: a canceled subscription is refused with the reason, so is one whose card has
+    reached Visa's reattempt limit for its amount, and an active one not yet due; a past-due one is
+    dispatched through the outbox and recovers."""
     await add_subscriptions(db, [(1, "pm_ok", "visa")], status="canceled", due=False)
     await query(db, "UPDATE subscriptions SET status_reason = 'hard decline' WHERE id = 1")
     await add_subscriptions(db, [(2, "pm_ok", "visa")], status="past_due", due=False)
     await add_subscriptions(db, [(3, "pm_spent", "visa")], status="past_due", due=False)
-    await add_history(db, "pm_spent", *((f"spent-{i}", "soft_decline", 1) for i in range(15)))
+    await query(db, "UPDATE subscriptions SET amount_minor = 500 WHERE id = 3")  # add_history's amount
+    await add_history(db, "pm_spent", *((f"spent-{i}", "soft_decline", 1) for i in range(16)))
     await add_subscriptions(db, [(4, "pm_ok", "visa")], due=False)
     await query(db, "UPDATE subscriptions SET next_attempt_at = NOW(6) + INTERVAL 5 DAY WHERE id = 4")
     _, config_path, _ = daemons.config(**sections())
@@ -635,7 +640,7 @@ async def test_retry_refuses_what_it_must_and_dispatches_the_rest(
     assert code == 1
     assert "subscription 1 is canceled (hard decline); a canceled subscription is never charged again" in err
     code, _, err = await payd("retry", "--config", str(config_path), "3")
-    assert code == 1 and "retry budget spent" in err and "15 of 15" in err
+    assert code == 1 and "deferred by visa_reattempts_30d: 15 declined reattempts" in err
     code, _, err = await payd("retry", "--config", str(config_path), "4")
     assert code == 1 and "is active and cycle 1 is not due until" in err
     code, _, err = await payd("retry", "--config", str(config_path), "99")

@@ -219,12 +219,21 @@ def test_plan_overrides_provider_overrides_default() -> None:
     assert gold.schedule_s == (9, 9) and gold.on_exhausted is SubscriptionStatus.PAST_DUE
 
 
-def test_budgets_default_to_the_network_limits() -> None:
+def test_network_limits_default_to_the_published_ones() -> None:
+    """Visa 15 (20 under the 2026 rule), Mastercard 10 a day and 35 in 30 days; an unknown or
+    other brand is held to every rule, since it may be either card."""
     rules = SubscriptionPolicy(SubscriptionSettings())
-    assert (rules.budget_for("visa"), rules.budget_for("mastercard"), rules.budget_for(None)) == (15, 35, 15)
+
+    def limits(brand: str | None) -> dict[str, int]:
+        return {rule.name: rule.limit for rule in rules.rules_for(brand)}
+
+    assert limits("visa") == {"visa_reattempts_30d": 15}
+    assert limits("mastercard") == {"mastercard_declines_24h": 10, "mastercard_declines_30d": 35}
+    assert limits(None) == limits("amex") == {**limits("visa"), **limits("mastercard")}
     config = parse_config(PROVIDER + '[subscriptions.retry_budget]\nvisa_rule = "2026"\nmastercard = 20\n')
     rules = SubscriptionPolicy(config.subscriptions)
-    assert [rules.budget_for(brand) for brand in ("visa", "mastercard", "amex")] == [20, 20, 20]
+    assert limits("visa") == {"visa_reattempts_30d": 20}
+    assert limits("mastercard")["mastercard_declines_30d"] == 20
 
 
 @pytest.mark.parametrize(
@@ -233,7 +242,8 @@ def test_budgets_default_to_the_network_limits() -> None:
         ("[subscriptions.retry_budget]\nvisa = 16\n", "subscriptions.retry_budget.visa: 16 exceeds 15"),
         ('[subscriptions.retry_budget]\nvisa_rule = "2026"\nvisa = 21\n', "retry_budget.visa: 21 exceeds 20"),
         ("[subscriptions.retry_budget]\nmastercard = 36\n", "subscriptions.retry_budget.mastercard: 36"),
-        ("[subscriptions.retry_budget]\nother = 30\n", "subscriptions.retry_budget.other: 30"),
+        ("[subscriptions.retry_budget]\nmastercard_daily = 11\n", "mastercard_daily: 11 exceeds 10"),
+        ("[subscriptions.retry_budget]\nother = 15\n", "retry_budget: Object contains unknown field `other`"),
         ("[subscriptions.dunning.plans.gold]\nschedule_s = [1, -2]\n", "dunning.plans.gold.schedule_s"),
         ("[subscriptions.dunning.plans.gold]\nretries = 3\n", "subscriptions.dunning.plans.gold"),
         ("[subscriptions.dunning.providers.nope]\nschedule_s = [1]\n", "dunning.providers.nope: no provider"),

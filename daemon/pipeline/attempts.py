@@ -35,6 +35,7 @@ from daemon.storage.attempts import (
     record_outcomes,
     route_attempt,
 )
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 log = structlog.get_logger("payd.pipeline")
 
@@ -81,10 +82,12 @@ class AttemptPipeline:
         settings: PipelineSettings,
         metrics: Metrics,
         instance_id: str,
+        policy: SubscriptionPolicy,
         on_recorded: Callable[[], None] = lambda: None,
     ) -> None:
         self._pool = pool
         self._broker = broker
+        self._policy = policy
         self.lanes = lanes
         self._settings = settings
         self._metrics = metrics
@@ -288,7 +291,7 @@ class AttemptPipeline:
         while True:
             try:
                 outcome = await record_outcomes(
-                    self._pool, records, unknown_recheck_s=self._first_unknown_recheck_s
+                    self._pool, records, unknown_recheck_s=self._first_unknown_recheck_s, policy=self._policy
                 )
                 break
             except DB_ERRORS as error:
@@ -350,6 +353,11 @@ class AttemptPipeline:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
+    async def stop_intake(self) -> None:
+        """The drain's first step: no new delivery is taken (those still arriving are requeued)."""
+        self.stopping.set()
+        await self._broker.stop_consuming()
+
     async def drain(self, deadline: float, force: asyncio.Event) -> None:
         """Stop intake, let calls on the wire finish until ``deadline``, record, settle.
 
@@ -357,8 +365,8 @@ class AttemptPipeline:
         at the deadline (or at ``force``) are cancelled and recorded unknown, so
         reconciliation settles them.
         """
-        self.stopping.set()
-        await self._broker.stop_consuming()
+        if not self.stopping.is_set():
+            await self.stop_intake()
         await self._claims.close(flush_remaining=False)
         pending = self._claims.take_pending()
         if pending:
@@ -410,11 +418,13 @@ class OrphanSweep:
         and ``payd_orphans_failed``."""
         if time.monotonic() < self._first_sweep_at:
             return False
-        failed = await fail_orphaned_queued(
+        failed, unreadable = await fail_orphaned_queued(
             self._pool,
             queued_for_s=self._settings.queued_orphan_after_s,
             limit=self._settings.reconcile_batch_size,
         )
+        for row in unreadable:
+            log.error("attempts.orphan_unreadable", attempt_id=row.attempt_id, reason=row.reason)
         if failed:
             self._metrics.orphans_failed.inc(len(failed))
             log.warning("attempts.orphans_failed", count=len(failed), attempt_ids=failed[:20])

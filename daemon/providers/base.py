@@ -21,6 +21,9 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     """An earlier attempt can be found by the merchant reference (``SUBSCRIPTION_ID:CYCLE``)."""
     idempotency_key_ttl_s: float | None = None
     """How long the provider remembers a key; None when it does not expire (or keys are unused)."""
+    resend_only_after_2xx: bool = False
+    """The provider stores a key's answer only after a 2xx (Checkout.com): after a 5xx or a
+    timeout the same key is processed again, so an unknown attempt is never re-sent."""
 
 
 class LookupResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -29,6 +32,9 @@ class LookupResult(msgspec.Struct, frozen=True, kw_only=True):
     found: bool
     result: ChargeResult | None = None
     """The attempt's outcome when found; None when the lookup itself failed."""
+    anomaly: str | None = None
+    """Set when what was found is not this attempt's (another key, amount or currency): never
+    settled, it stays unknown for an operator."""
 
 
 @runtime_checkable

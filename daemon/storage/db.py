@@ -7,9 +7,11 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import aiomysql
+import pymysql
 
 from daemon.config import MySQLSettings
 from daemon.secrets import Secret
+from daemon.tls import Link, TlsLinkError, client_context, naming_tls_failures
 
 _SESSION_SETUP = (
     "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO', "
@@ -21,11 +23,37 @@ _SESSION_SETUP = (
 # runs once on each new connection.
 _ISOLATION = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
 _PREPARED = "_payd_prepared"
+_NOT_OFFERED = "the server did not offer TLS, so the connection was dropped unused"
 
 Cursor = Any  # aiomysql ships no type information
 
 
 async def open_pool(settings: MySQLSettings, password: Secret | None) -> aiomysql.Pool:
+    address = f"{settings.host}:{settings.port}"
+    with naming_tls_failures(Link.MYSQL, address):
+        pool = await _connect_pool(settings, password)
+    if settings.tls is not None:
+        connection = await pool.acquire()  # the one create_pool opened
+        pool.release(connection)
+        if _in_the_clear(connection):
+            await close_pool(pool)
+            raise TlsLinkError(Link.MYSQL, address, _NOT_OFFERED)
+    return pool
+
+
+def _in_the_clear(connection: Any) -> bool:
+    """aiomysql asked for TLS but carried on unencrypted: it does so when the server does not
+    offer TLS (``_request_authentication`` in aiomysql/connection.py), which is also what a
+    man in the middle would make it see. Such a connection must not carry payd's queries."""
+    return getattr(connection, "_ssl_context", None) is not None and not getattr(connection, "_secure", False)
+
+
+def _refuse_in_the_clear(connection: Any) -> None:
+    if _in_the_clear(connection):  # CR_SSL_CONNECTION_ERROR: callers treat it as any database error
+        raise pymysql.err.OperationalError(2026, f"mysql: {_NOT_OFFERED}")
+
+
+async def _connect_pool(settings: MySQLSettings, password: Secret | None) -> aiomysql.Pool:
     return await aiomysql.create_pool(
         host=settings.host,
         port=settings.port,
@@ -39,6 +67,7 @@ async def open_pool(settings: MySQLSettings, password: Secret | None) -> aiomysq
         init_command=_SESSION_SETUP,
         charset="utf8mb4",
         pool_recycle=3600,
+        ssl=client_context(Link.MYSQL, settings.tls) if settings.tls is not None else None,
     )
 
 
@@ -58,6 +87,7 @@ async def transaction(pool: aiomysql.Pool) -> AsyncIterator[Cursor]:
     try:
         async with connection.cursor() as cursor:
             if not getattr(connection, _PREPARED, False):
+                _refuse_in_the_clear(connection)
                 await cursor.execute(_ISOLATION)
                 setattr(connection, _PREPARED, True)
             yield cursor

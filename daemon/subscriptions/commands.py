@@ -40,9 +40,9 @@ async def retry(
         await close_pool(pool)
     print(
         f"dispatched {dispatched.idempotency_key}: subscription {dispatched.subscription_id} "
-        f"({dispatched.status.value}), cycle {dispatched.cycle}; {dispatched.budget_used} of "
-        f"{dispatched.budget} attempts in 30 days for its payment method. The running daemons "
-        "publish it from the outbox; its outcome arrives as payment.* and subscription.* events.",
+        f"({dispatched.status.value}), cycle {dispatched.cycle}, within the card networks' limits. "
+        "The running daemons publish it from the outbox; its outcome arrives as payment.* and "
+        "subscription.* events.",
         file=out,
     )
     return 0

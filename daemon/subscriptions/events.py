@@ -33,6 +33,10 @@ class SubscriptionEvent(msgspec.Struct, frozen=True, kw_only=True):
     next_attempt_at: str | None
     reason: str | None
     decline_code: str | None
+    deferred_by: str | None = None
+    """``subscription.retry_deferred``: the card-network rule that held the try back."""
+    retry_at: str | None = None
+    """``subscription.retry_deferred``: when the try is looked at again."""
 
 
 def event_id(idempotency_key: str, event_type: str) -> str:
@@ -47,7 +51,11 @@ def _iso(moment: datetime | None) -> str | None:
 def subscription_event(sub: Subscription, change: Change, *, occurred_at: str) -> OutboxRow:
     """The outbox row announcing ``change``; ``sub`` is the subscription after it."""
     event_type = f"subscription.{change.kind.value}"
-    identifier = event_id(change.idempotency_key, event_type)
+    # A try may be deferred more than once: each deferral is its own event.
+    cause = change.idempotency_key
+    if change.retry_at is not None:
+        cause = f"{cause}@{_iso(change.retry_at)}"
+    identifier = event_id(cause, event_type)
     event = SubscriptionEvent(
         event_id=identifier,
         type=event_type,
@@ -62,5 +70,7 @@ def subscription_event(sub: Subscription, change: Change, *, occurred_at: str) -
         next_attempt_at=_iso(sub.next_attempt_at),
         reason=change.reason,
         decline_code=change.decline_code,
+        deferred_by=change.deferred_by,
+        retry_at=_iso(change.retry_at),
     )
     return OutboxRow(identifier, "events", event_type, _encode(event))

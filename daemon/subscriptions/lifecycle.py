@@ -7,8 +7,9 @@ cause.
 
     active ──paid──> active (renewed)             past_due ──paid──> active (recovered)
     active|past_due ──soft decline, tries left──> past_due (past_due / retry_scheduled)
-    active|past_due ──soft decline, none left / budget spent──> on_exhausted
+    active|past_due ──soft decline, none left──> on_exhausted
     active|past_due ──hard decline / never-retry code──> on_hard_decline
+    active|past_due ──due, but a card-network limit reached──> unchanged, deferred (retry_deferred)
     paused, canceled: never dispatched; an attempt already under way still settles
 """
 
@@ -34,6 +35,10 @@ class Change(msgspec.Struct, frozen=True, kw_only=True):
     """The attempt (or the refused dispatch) that caused it."""
     reason: str | None = None
     decline_code: str | None = None
+    deferred_by: str | None = None
+    """For ``retry_deferred``: the network rule that held the try back."""
+    retry_at: datetime | None = None
+    """For ``retry_deferred``: when the try is looked at again."""
 
 
 def renewal_due(sub: Subscription, policy: SubscriptionPolicy) -> datetime | None:
@@ -98,6 +103,7 @@ def _paid(
     sub.pending_key = None
     sub.next_try = 0
     sub.dunning_step = 0
+    sub.deferred_by = sub.deferred_until = None
     if before in CHARGEABLE:
         sub.status = SubscriptionStatus.ACTIVE
         sub.status_reason = None
@@ -157,6 +163,7 @@ def stop(
     sub.status_reason = reason
     sub.next_attempt_at = None
     sub.pending_key = None
+    sub.deferred_by = sub.deferred_until = None
     if to is SubscriptionStatus.CANCELED:
         kind = ChangeKind.CANCELED
     elif before is SubscriptionStatus.PAST_DUE:
@@ -170,4 +177,24 @@ def stop(
         idempotency_key=key,
         reason=reason,
         decline_code=decline_code,
+    )
+
+
+def defer(sub: Subscription, *, rule: str, retry_at: datetime, key: str, reason: str) -> Change:
+    """A due try held back by a network limit: the same try is looked at again at ``retry_at``.
+
+    The status, the dunning step and the try number stay as they are: the
+    deferral is neither a decline nor a dunning step, and the try keeps its key.
+    """
+    sub.next_attempt_at = retry_at
+    sub.deferred_by = rule
+    sub.deferred_until = retry_at
+    return Change(
+        kind=ChangeKind.RETRY_DEFERRED,
+        status_before=sub.status,
+        cycle=sub.cycle,
+        idempotency_key=key,
+        reason=reason,
+        deferred_by=rule,
+        retry_at=retry_at,
     )

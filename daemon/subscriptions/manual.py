@@ -1,7 +1,7 @@
 """``payd retry SUBSCRIPTION_ID``: one try of the unpaid cycle, now, through the outbox.
 
 The same dispatch as the scheduler's (a queued attempt, its message in the
-outbox, one commit), under the same rules: the retry budget applies, and a
+outbox, one commit), under the same rules: the card networks' limits apply, and a
 canceled or paused subscription, or one with a try already under way, is
 refused with the reason. The outcome moves the subscription like any other.
 """
@@ -17,9 +17,9 @@ from daemon.models import TERMINAL_STATES
 from daemon.storage.db import transaction
 from daemon.subscriptions.dispatch import Undispatchable, existing_attempts, start_try
 from daemon.subscriptions.model import SubscriptionStatus
+from daemon.subscriptions.netbudget import NetworkCounters
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.store import (
-    budget_used,
     database_now,
     insert_outbox,
     insert_queued_attempts,
@@ -37,8 +37,6 @@ class RetryDispatched(msgspec.Struct, frozen=True, kw_only=True):
     cycle: int
     idempotency_key: str
     status: SubscriptionStatus
-    budget_used: int
-    budget: int
 
 
 async def retry_subscription(
@@ -70,16 +68,17 @@ async def retry_subscription(
             and sub.next_attempt_at is not None
             and sub.next_attempt_at > now
         ):
+            held = f" (held back by {sub.deferred_by})" if sub.deferred_by else ""
             raise RetryRefused(
                 f"{name} is active and cycle {sub.cycle} is not due until "
-                f"{sub.next_attempt_at.isoformat(timespec='seconds')}Z; nothing to retry"
+                f"{sub.next_attempt_at.isoformat(timespec='seconds')}Z{held}; nothing to retry"
             )
-        budget = policy.budget_for(sub.card_brand)
-        used = (await budget_used(cursor, [sub.payment_method], now=now)).get(sub.payment_method, 0)
-        if used >= budget:
+        counters = await NetworkCounters.load(cursor, [sub.payment_method], now=now)
+        deferral = counters.check_subscription(sub, policy)
+        if deferral is not None:
             raise RetryRefused(
-                f"{name}: retry budget spent for its payment method ({sub.card_brand or 'unknown brand'}): "
-                f"{used} of {budget} attempts in the last 30 days; it frees up as they age out"
+                f"{name}: {deferral.reason} ({deferral.rule.source}); "
+                f"it may be tried at {deferral.retry_at.isoformat(timespec='seconds')}Z"
             )
         try:
             request, message = start_try(sub, now=now, policy=policy, providers=providers)
@@ -93,6 +92,4 @@ async def retry_subscription(
         cycle=sub.cycle,
         idempotency_key=request.idempotency_key,
         status=sub.status,
-        budget_used=used + 1,
-        budget=budget,
     )

@@ -38,8 +38,10 @@ class ChangeKind(enum.StrEnum):
     """The cycle went unpaid: from active to past_due (with or without a retry scheduled)."""
     RETRY_SCHEDULED = "retry_scheduled"
     """Still unpaid; another try is scheduled (``next_attempt_at``)."""
+    RETRY_DEFERRED = "retry_deferred"
+    """A due try held back by a card network's limit until ``retry_at`` (``deferred_by`` names it)."""
     DUNNING_EXHAUSTED = "dunning_exhausted"
-    """Past due and no further try: the schedule or the retry budget ran out."""
+    """Past due and no further try: the retry schedule ran out."""
     CANCELED = "canceled"
     """Canceled by a hard decline, a never-retry code, or exhausted dunning."""
 
@@ -70,6 +72,10 @@ class Subscription(msgspec.Struct, kw_only=True):
     dunning_step: int
     """Soft declines so far in this cycle: the index into the retry schedule."""
     status_reason: str | None
+    deferred_by: str | None = None
+    """The network rule (``networks.NetworkRule.name``) that last held back a due try, if any."""
+    deferred_until: datetime | None = None
+    """When that rule lets the try go; cleared when a try is dispatched or the cycle is paid."""
 
     @property
     def cycle(self) -> int:

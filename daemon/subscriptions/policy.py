@@ -1,29 +1,21 @@
-"""The subscription rules in force: dunning per plan or provider, retry budgets, jitter.
+"""The subscription rules in force: dunning per plan or provider, card-network limits, jitter.
 
-Built once from ``[subscriptions]``. ``apply_subscription_effects`` runs deep in
-the record path, which carries no configuration, so the daemon installs its
-policy in a context variable when it starts (``use_policy``): every task it
-creates afterwards inherits it, and two daemons in one process (the tests)
-each keep their own.
+Built once from ``[subscriptions]`` when the daemon starts, and handed to what
+records outcomes (the pipeline, the reconciler) as an argument: every path
+down to ``apply_subscription_effects`` carries it, so no task can miss it, and
+two daemons in one process (the tests) each keep their own.
 """
 
 from __future__ import annotations
 
-import contextvars
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 
 from daemon.config import DunningOverride, SubscriptionSettings
 from daemon.models import ChargeResult
 from daemon.subscriptions.model import SubscriptionStatus
-from daemon.subscriptions.networks import (
-    MASTERCARD_CEILING,
-    NEVER_RETRY_CODES,
-    VISA_CEILINGS,
-    CardBrand,
-    strictest_ceiling,
-)
+from daemon.subscriptions.networks import EVERY_RULE, NEVER_RETRY_CODES, RULES_OF_BRAND, NetworkRule
 
 
 class Dunning(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,13 +40,11 @@ class SubscriptionPolicy:
         self._providers = {k: msgspec.convert(v, DunningOverride) for k, v in dunning.providers.items()}
         self._resolved: dict[tuple[str | None, str], Dunning] = {}
         self.never_retry_codes = NEVER_RETRY_CODES | {c.lower() for c in dunning.do_not_retry_codes}
-        budget = settings.retry_budget
-        visa = budget.visa or VISA_CEILINGS[budget.visa_rule]
-        self._budgets = {
-            CardBrand.VISA.value: visa,
-            CardBrand.MASTERCARD.value: budget.mastercard or MASTERCARD_CEILING,
+        self.rules = settings.retry_budget.rules()
+        self._rules_of_brand = {
+            brand: tuple(self.rules[name] for name in names) for brand, names in RULES_OF_BRAND.items()
         }
-        self._other_budget = budget.other or strictest_ceiling(budget.visa_rule)
+        self._every_rule = tuple(self.rules[name] for name in EVERY_RULE)
 
     @property
     def failed_retry_s(self) -> float:
@@ -63,6 +53,10 @@ class SubscriptionPolicy:
     @property
     def retry_jitter_s(self) -> float:
         return self.settings.dunning.retry_jitter_s
+
+    @property
+    def pending_recheck_s(self) -> float:
+        return self.settings.retry_budget.pending_recheck_s
 
     @property
     def renewal_jitter_s(self) -> float:
@@ -90,29 +84,12 @@ class SubscriptionPolicy:
             self._resolved[(plan, provider)] = resolved
         return resolved
 
-    def budget_for(self, card_brand: str | None) -> int:
-        """Attempts allowed per payment method in the trailing 30 days."""
-        return self._budgets.get(card_brand or "", self._other_budget)
+    def rules_for(self, card_brand: str | None) -> tuple[NetworkRule, ...]:
+        """The network limits a card of this brand is held to (every one for an unknown brand)."""
+        return self._rules_of_brand.get(card_brand, self._every_rule)
 
     def forbids_retry(self, result: ChargeResult) -> bool:
         """A decline after which no further try is allowed: the network or the provider said so."""
         if not result.retryable:
             return True
         return result.decline_code is not None and result.decline_code.lower() in self.never_retry_codes
-
-
-DEFAULT_POLICY: Final = SubscriptionPolicy(SubscriptionSettings())
-_current: contextvars.ContextVar[SubscriptionPolicy] = contextvars.ContextVar(
-    "payd_subscription_policy", default=DEFAULT_POLICY
-)
-
-
-def use_policy(settings: SubscriptionSettings) -> SubscriptionPolicy:
-    """Install the policy for this context and every task created from it from now on."""
-    policy = SubscriptionPolicy(settings)
-    _current.set(policy)
-    return policy
-
-
-def current_policy() -> SubscriptionPolicy:
-    return _current.get()

@@ -4,8 +4,9 @@ Runs in every ``payd run`` at once; the database shares the work out. One
 batch is one transaction:
 
     lock up to N due rows (SKIP LOCKED: rows another scheduler holds are its)
-    -> per row: dispatch a new try (budget permitting), re-send a queued one,
-       wait on one in flight, or stop dunning when the budget is spent
+    -> per row: dispatch a new try (the card networks' limits permitting),
+       re-send a queued one, wait on one in flight, or defer the try to when
+       the limits allow it
     -> write the queued attempt rows, the request messages and the events
        into the outbox, and push every row's ``next_attempt_at`` out
     -> commit, then wake the relay
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import Counter as Tally
 from collections.abc import Callable, Collection
 from datetime import datetime, timedelta
 
@@ -43,12 +43,12 @@ from daemon.subscriptions.dispatch import (
     start_try,
 )
 from daemon.subscriptions.events import subscription_event
-from daemon.subscriptions.lifecycle import stop
+from daemon.subscriptions.lifecycle import defer
 from daemon.subscriptions.model import CHARGEABLE, Subscription, dispatch_key
+from daemon.subscriptions.netbudget import NetworkCounters
 from daemon.subscriptions.pacing import TokenBucket
-from daemon.subscriptions.policy import SubscriptionPolicy, use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.store import (
-    budget_used,
     claim_due,
     database_now,
     insert_outbox,
@@ -60,7 +60,7 @@ from daemon.subscriptions.store import (
 log = structlog.get_logger("payd.scheduler")
 
 _UNDER_WAY = frozenset({AttemptState.IN_FLIGHT, AttemptState.UNKNOWN})
-_COUNTS = ("dispatched", "resent", "waiting", "budget_spent", "inactive", "no_provider", "undispatchable")
+_COUNTS = ("dispatched", "resent", "waiting", "deferred", "inactive", "no_provider", "undispatchable")
 
 
 class BatchResult(msgspec.Struct, kw_only=True):
@@ -73,14 +73,16 @@ class BatchResult(msgspec.Struct, kw_only=True):
     """Tries still queued after ``dispatch_timeout_s``: their message published again."""
     waiting: int = 0
     """Tries in flight or unknown: left to the pipeline and reconciliation."""
-    budget_spent: int = 0
-    """Stopped: the payment method's retry budget was spent."""
+    deferred: int = 0
+    """Held back by a card network's limit: looked at again when the limit allows."""
     inactive: int = 0
     """Paused or canceled rows that were still due: unscheduled."""
     no_provider: int = 0
     """Their provider is not configured here: looked at again later."""
     undispatchable: int = 0
     """Their data cannot make a valid request: unscheduled, the reason in ``status_reason``."""
+    deferred_by: dict[str, int] = msgspec.field(default_factory=dict)
+    """``deferred`` by network rule."""
     last: tuple[datetime, int] | None = None
     oldest_due: datetime | None = None
     now: datetime | None = None
@@ -98,6 +100,12 @@ class SchedulerMetrics:
         self.due_lag = Gauge(
             "payd_scheduler_due_lag_seconds", "How overdue the oldest row of the last batch was", registry=r
         )
+        self.deferrals = Counter(
+            "payd_network_deferrals",
+            "Due tries held back by a card network's retry limit, by rule",
+            ["rule"],
+            registry=r,
+        )
 
     def observe(self, result: BatchResult, seconds: float) -> None:
         self.batch_seconds.observe(seconds)
@@ -107,6 +115,8 @@ class SchedulerMetrics:
                 self.rows.labels(name).inc(count)
         if result.oldest_due is not None and result.now is not None:
             self.due_lag.set(max(0.0, (result.now - result.oldest_due).total_seconds()))
+        for rule, count in result.deferred_by.items():
+            self.deferrals.labels(rule).inc(count)
 
 
 class RenewalScheduler:
@@ -185,7 +195,7 @@ class RenewalScheduler:
         pending = await existing_attempts(cursor, [s.pending_key for s in subs if s.pending_key])
         fresh = [s for s in subs if s.status in CHARGEABLE and s.provider in self._providers]
         batch = _Writes(
-            used=Tally(await budget_used(cursor, [s.payment_method for s in fresh], now=now)),
+            counters=await NetworkCounters.load(cursor, [s.payment_method for s in fresh], now=now),
             occurred_at=now_iso(),
         )
         for sub in subs:
@@ -228,24 +238,30 @@ class RenewalScheduler:
             sub.next_attempt_at = now + timeout
             result.waiting += 1
         else:
-            # No try under way (or only a settled, stale one): open the next, budget permitting.
+            # No try under way (or only a settled, stale one): open the next, the network limits permitting.
             self._open_try(sub, batch, now=now, result=result)
 
     def _open_try(self, sub: Subscription, batch: _Writes, *, now: datetime, result: BatchResult) -> None:
         policy = self._policy
-        used, limit = batch.used[sub.payment_method], policy.budget_for(sub.card_brand)
-        if used >= limit:
-            before = sub.status
-            change = stop(
+        deferral = batch.counters.check_subscription(sub, policy)
+        if deferral is not None:
+            change = defer(
                 sub,
-                policy.dunning_for(sub.plan, sub.provider).on_exhausted,
+                rule=deferral.rule.name,
+                retry_at=deferral.retry_at,
                 key=dispatch_key(sub.id, sub.cycle, sub.next_try),
-                reason=f"retry budget spent: {used} of {limit} attempts in 30 days",
+                reason=deferral.reason,
             )
             batch.events.append(subscription_event(sub, change, occurred_at=batch.occurred_at))
-            if sub.status != before:
-                batch.status_changed.append(sub.id)
-            result.budget_spent += 1
+            result.deferred += 1
+            result.deferred_by[deferral.rule.name] = result.deferred_by.get(deferral.rule.name, 0) + 1
+            log.info(
+                "scheduler.deferred",
+                subscription_id=sub.id,
+                rule=deferral.rule.name,
+                counted=deferral.counted,
+                retry_at=deferral.retry_at.isoformat(),
+            )
             return
         try:
             request, message = start_try(sub, now=now, policy=policy, providers=self._providers)
@@ -257,7 +273,7 @@ class RenewalScheduler:
             result.undispatchable += 1
             log.error("scheduler.undispatchable", subscription_id=sub.id, reason=str(error))
             return
-        batch.used[sub.payment_method] += 1
+        batch.counters.dispatched(sub.payment_method, sub.amount_minor, sub.currency)
         batch.new.append(request)
         batch.messages.append(message)
         result.dispatched += 1
@@ -266,8 +282,8 @@ class RenewalScheduler:
 class _Writes(msgspec.Struct, kw_only=True):
     """What one batch writes, staged row by row, then sent in a few multi-row statements."""
 
-    used: Tally[str]
-    """Attempts per payment method in the budget window, counting this batch's own."""
+    counters: NetworkCounters
+    """The network counters of the batch's payment methods, counting this batch's own tries."""
     occurred_at: str
     new: list[AttemptRequest] = msgspec.field(default_factory=list)
     messages: list[OutboxRow] = msgspec.field(default_factory=list)
@@ -278,26 +294,23 @@ class _Writes(msgspec.Struct, kw_only=True):
 def _add(into: BatchResult, result: BatchResult) -> None:
     for name in ("claimed", *_COUNTS):
         setattr(into, name, getattr(into, name) + getattr(result, name))
+    for rule, count in result.deferred_by.items():
+        into.deferred_by[rule] = into.deferred_by.get(rule, 0) + count
 
 
-def start_subscriptions(
+def build_scheduler(
     config: Config,
     *,
     pool: aiomysql.Pool,
+    policy: SubscriptionPolicy,
     providers: Collection[str],
     metrics: Metrics,
     wake: Callable[[], None],
-) -> list[asyncio.Task[None]]:
-    """Install ``[subscriptions]`` for the outcomes this daemon records, start its scheduler.
-
-    The policy lives in a context variable, so this must run in ``serve`` before
-    the tasks that record outcomes are created (they inherit it). Returns the
-    scheduler task (none when ``scheduler = false``), a background duty.
-    """
-    policy = use_policy(config.subscriptions)
+) -> RenewalScheduler | None:
+    """This daemon's renewal scheduler (a background duty), or None when ``scheduler = false``."""
     if not config.subscriptions.scheduler:
-        return []
-    scheduler = RenewalScheduler(
+        return None
+    return RenewalScheduler(
         pool=pool,
         settings=config.subscriptions,
         policy=policy,
@@ -305,4 +318,3 @@ def start_subscriptions(
         metrics=metrics,
         on_dispatched=wake,
     )
-    return [asyncio.create_task(scheduler.run(), name="renewal-scheduler")]

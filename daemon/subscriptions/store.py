@@ -16,13 +16,12 @@ from daemon.events import OutboxRow
 from daemon.models import AttemptRequest, AttemptState
 from daemon.storage.db import Cursor, placeholders, union_rows
 from daemon.subscriptions.model import Subscription, SubscriptionStatus
-from daemon.subscriptions.networks import BUDGET_WINDOW_DAYS
 from daemon.subscriptions.periods import IntervalUnit
 
 SUBSCRIPTION_COLUMNS: Final = (
     "id, status, plan, provider, payment_method, card_brand, customer_ref, amount_minor, currency, "
     "interval_unit, interval_count, paid_cycle, billing_anchor, anchor_cycle, current_period_end, "
-    "next_attempt_at, pending_key, next_try, dunning_step, status_reason"
+    "next_attempt_at, pending_key, next_try, dunning_step, status_reason, deferred_by, deferred_until"
 )
 _SAVED: Final = (
     "status",
@@ -35,6 +34,8 @@ _SAVED: Final = (
     "next_try",
     "dunning_step",
     "status_reason",
+    "deferred_by",
+    "deferred_until",
 )
 _ATTEMPT_COLUMNS: Final = (
     "idempotency_key, subscription_id, cycle, provider, amount_minor, currency, "
@@ -65,7 +66,9 @@ def subscription_from_row(row: Sequence[Any]) -> Subscription:
         next_try,
         step,
         reason,
-    ) = row[:20]
+        deferred_by,
+        deferred_until,
+    ) = row[:22]
     return Subscription(
         id=sid,
         status=SubscriptionStatus(status),
@@ -87,6 +90,8 @@ def subscription_from_row(row: Sequence[Any]) -> Subscription:
         next_try=next_try,
         dunning_step=step,
         status_reason=reason,
+        deferred_by=deferred_by,
+        deferred_until=deferred_until,
     )
 
 
@@ -153,6 +158,8 @@ async def save_subscriptions(
             s.next_try,
             s.dunning_step,
             s.status_reason,
+            s.deferred_by,
+            s.deferred_until,
             1 if s.id in changed else 0,
         )
         for s in subs
@@ -180,30 +187,10 @@ async def mark_dispatched(cursor: Cursor, ids: Sequence[int], *, next_attempt_at
         await cursor.execute(
             "UPDATE subscriptions SET "  # noqa: S608 (placeholders only)
             "pending_key = CONCAT('renew:', id, ':', paid_cycle + 1, ':', next_try), "
-            f"next_try = next_try + 1, next_attempt_at = %s WHERE id IN ({placeholders(len(ids))})",
+            "next_try = next_try + 1, deferred_by = NULL, deferred_until = NULL, "
+            f"next_attempt_at = %s WHERE id IN ({placeholders(len(ids))})",
             [next_attempt_at, *ids],
         )
-
-
-async def budget_used(cursor: Cursor, payment_methods: Iterable[str], *, now: datetime) -> dict[str, int]:
-    """Attempts per payment method in the trailing 30 days, across providers and subscriptions.
-
-    Attempts that charged nothing because they never got an answer from the
-    issuer (``rate_limited``, ``provider_error``) do not count: a provider
-    outage must not spend a card's budget. Served by ``ix_attempts_budget``.
-    """
-    methods = sorted(set(payment_methods))
-    if not methods:
-        return {}
-    await cursor.execute(
-        "SELECT payment_method, COUNT(*) FROM attempts "  # noqa: S608
-        f"WHERE payment_method IN ({placeholders(len(methods))}) "
-        f"AND created_at > %s - INTERVAL {BUDGET_WINDOW_DAYS} DAY "
-        "AND (outcome IS NULL OR outcome NOT IN ('rate_limited', 'provider_error')) "
-        "GROUP BY payment_method",
-        [*methods, now],
-    )
-    return {method: count for method, count in await cursor.fetchall()}
 
 
 async def insert_queued_attempts(cursor: Cursor, requests: Sequence[AttemptRequest]) -> None:

@@ -156,6 +156,7 @@ def render_text(result: Result) -> str:
             f"{result.code.get('source')} {str(result.code.get('commit', ''))[:10]}"
             + (" + uncommitted daemon/ edits" if result.code.get("daemon_dirty") else ""),
         ),
+        ("system", str(p.get("system", "payd"))),
         (
             "load",
             f"{p['attempts']:,} attempts, latency {p['latency_ms']:g} ms {p['latency_dist']}, "

@@ -11,6 +11,7 @@ import math
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import aio_pika
@@ -188,6 +189,7 @@ async def publish_requests(
     *,
     rate: float,
     window: int,
+    message_for: Callable[[bytes], aio_pika.Message] | None = None,
 ) -> PublishStats:
     """Publish every body with confirms, at most ``window`` unconfirmed; pace to ``rate``/s if > 0.
 
@@ -220,8 +222,12 @@ async def publish_requests(
         await slots.acquire()
         if failures:
             raise failures[0]
-        message = aio_pika.Message(
-            body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        message = (
+            message_for(body)
+            if message_for is not None
+            else aio_pika.Message(
+                body, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            )
         )
         tracker.mark_published(index, time.monotonic())
         task: asyncio.Task[object] = asyncio.create_task(

@@ -31,6 +31,10 @@ class AdyenProviderConfig(ProviderConfig, frozen=True, kw_only=True):
     """Checkout API version, the first segment of the path: ``/v71/payments``."""
     credential_name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")] = "adyen_api_key"
     """Name of the secret holding the API key (``PAYD_<NAME>`` or ``$CREDENTIALS_DIRECTORY/<name>``)."""
+    return_url: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=1024)] = (
+        transform.DEFAULT_RETURN_URL
+    )
+    """Sent as ``returnUrl``, which Adyen requires on every payment; a ContAuth charge never uses it."""
 
 
 class AdyenProvider:
@@ -51,6 +55,7 @@ class AdyenProvider:
         self._api_key: Secret = api_key
         self._merchant_account = config.merchant_account
         self._path = f"{config.api_version}/payments"
+        self._return_url = config.return_url
         self._session: aiohttp.ClientSession = open_session(config)
 
     async def charge(self, request: AttemptRequest) -> ChargeResult:
@@ -71,12 +76,16 @@ class AdyenProvider:
             self._session,
             "POST",
             self._path,
-            body=transform.payment_body(request, self._merchant_account),
+            body=transform.payment_body(request, self._merchant_account, self._return_url),
             headers=headers,
         )
         if isinstance(answer, HttpResponse):
             return transform.charge_result(
-                answer.status, answer.headers, answer.body, reference=transform.payment_reference(request)
+                answer.status,
+                answer.headers,
+                answer.body,
+                reference=transform.payment_reference(request),
+                amount=transform.Amount(value=request.amount_minor, currency=request.currency),
             )
         return answer
 

@@ -29,6 +29,10 @@ MAX_IDEMPOTENCY_KEY: Final = 64  # Adyen: "a maximum of 64 characters"
 MAX_REFERENCE: Final = 80  # Adyen: reference "Maximum length: 80 characters"
 MIN_SHOPPER_REFERENCE: Final = 3  # Adyen: shopperReference "minimum length: 3 characters"
 MAX_SHOPPER_REFERENCE: Final = 256
+DEFAULT_RETURN_URL: Final = "https://payd.invalid/adyen/return"
+"""``returnUrl`` is required on every ``PaymentRequest`` (Checkout API v71 OpenAPI,
+``PaymentRequest.required``), though a ContAuth payment never redirects anyone: a
+reserved ``.invalid`` host (RFC 2606) says so, unless an operator configures a page."""
 
 
 class Amount(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,6 +53,7 @@ class PaymentRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     merchant_account: str
     payment_method: StoredCard
     shopper_reference: str
+    return_url: str
     shopper_interaction: str = "ContAuth"
     recurring_processing_model: str = "Subscription"
 
@@ -87,7 +92,9 @@ def shopper_reference_problem(request: AttemptRequest) -> str | None:
     return None
 
 
-def payment_body(request: AttemptRequest, merchant_account: str) -> bytes:
+def payment_body(
+    request: AttemptRequest, merchant_account: str, return_url: str = DEFAULT_RETURN_URL
+) -> bytes:
     assert request.customer_ref is not None  # checked by shopper_reference_problem first
     return _encode(
         PaymentRequest(
@@ -96,6 +103,7 @@ def payment_body(request: AttemptRequest, merchant_account: str) -> bytes:
             merchant_account=merchant_account,
             payment_method=StoredCard(type="scheme", stored_payment_method_id=request.payment_method),
             shopper_reference=request.customer_ref,
+            return_url=return_url,
         )
     )
 
@@ -108,6 +116,7 @@ class PaymentResponse(msgspec.Struct, frozen=True, kw_only=True, rename="camel")
 
     result_code: str
     psp_reference: str | None = None
+    amount: Amount | None = None
     refusal_reason: str | None = None
     refusal_reason_code: str | int | None = None
     merchant_reference: str | None = None
@@ -415,13 +424,28 @@ _BY_RESULT: Final[Mapping[Result, Callable[[PaymentResponse], ChargeResult]]] = 
 }
 
 
-def _from_payment(payment: PaymentResponse, reference: str) -> ChargeResult:
+def identity_problem(payment: PaymentResponse, reference: str, amount: Amount | None) -> str | None:
+    """Why an answer (a stored one, replayed for a resend) is not this attempt's payment.
+
+    Adyen echoes ``merchantReference`` and, since v52, the authorised ``amount``
+    (Checkout API v71 ``PaymentResponse``); either differing means the key's stored
+    answer belongs to another payment.
+    """
     if payment.merchant_reference is not None and payment.merchant_reference != reference:
+        return f"answer is for reference {_text(payment.merchant_reference, 80)}, not ours"
+    authorised = payment.amount
+    if payment.result_code != "Authorised" or amount is None or authorised is None:
+        return None
+    if authorised != amount:
+        return f"answer authorised {authorised.value} {_text(authorised.currency, 3)}, not ours"
+    return None
+
+
+def _from_payment(payment: PaymentResponse, reference: str, amount: Amount | None) -> ChargeResult:
+    problem = identity_problem(payment, reference, amount)
+    if problem is not None:
         # A stored answer for another payment under this key says nothing of ours.
-        return ChargeResult(
-            outcome=Outcome.UNKNOWN,
-            reason=f"answer is for reference {_text(payment.merchant_reference, 80)}, not ours",
-        )
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"identity mismatch: {problem}")
     meaning = RESULT_CODES.get(payment.result_code, Result.UNEXPECTED)
     return _BY_RESULT.get(meaning, _unexpected)(payment)
 
@@ -450,12 +474,15 @@ def _from_error(status: int, headers: Mapping[str, str], body: bytes) -> ChargeR
     )
 
 
-def charge_result(status: int, headers: Mapping[str, str], body: bytes, *, reference: str) -> ChargeResult:
-    """Map an Adyen answer to ``/payments`` to an outcome; ``reference`` is the one we sent."""
+def charge_result(
+    status: int, headers: Mapping[str, str], body: bytes, *, reference: str, amount: Amount | None = None
+) -> ChargeResult:
+    """Map an Adyen answer to ``/payments`` to an outcome; ``reference`` and ``amount`` are the
+    ones we sent."""
     if status != 200:
         return _from_error(status, headers, body)
     try:
         payment = _decode_payment(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return ChargeResult(outcome=Outcome.UNKNOWN, reason="unparseable 200 answer")
-    return _from_payment(payment, reference)
+    return _from_payment(payment, reference, amount)

@@ -55,6 +55,7 @@ class CheckoutProvider:
             lookup_by_key=False,
             lookup_by_reference=True,
             idempotency_key_ttl_s=config.idempotency_key_ttl_s,
+            resend_only_after_2xx=True,  # "only cached after a 2xx": never re-sent after a 5xx
         )
         self._secret: Secret = secret
         self._channel = config.processing_channel_id
@@ -101,7 +102,7 @@ class CheckoutProvider:
             if details is None:
                 return None
             payment = details
-        return LookupResult(found=True, result=transform.payment_result(payment, request))
+        return transform.lookup_result(payment, request)
 
     async def _get(self, path: str) -> bytes | None:
         answer = await exchange(self._session, "GET", path, headers=self._authorization())

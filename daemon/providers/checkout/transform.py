@@ -20,6 +20,7 @@ from typing import Final
 import msgspec
 
 from daemon.models import AttemptRequest, ChargeResult, Outcome
+from daemon.providers.base import LookupResult
 
 IDEMPOTENCY_KEY_METADATA: Final = "payd_idempotency_key"
 """Metadata key carrying payd's idempotency key, so a lookup by reference can tell attempts apart."""
@@ -241,22 +242,24 @@ RESPONSE_CODES: Final[Mapping[str, Decline]] = {
     "30043": Decline(_HARD, "stolen_card"),
     "30046": Decline(_HARD, "closed_account"),
     "43401": Decline(_HARD, "authentication_required"),
+    # 4xxxx "The request triggered a risk response" (API response codes): our own risk rules
+    # would block the same charge again, so it is never retried automatically.
+    "40101": Decline(_HARD, "risk_blocked"),
     "20003": Decline(_OURS, "merchant_configuration"),
     "20006": Decline(_OURS, "invalid_request"),
     "20102": Decline(_OURS, "merchant_configuration"),
     "20157": Decline(_OURS, "merchant_configuration"),
 }
 
-# The documented ranges, for codes without a row of their own: the first two characters.
-# 20xxx soft, 30xxx hard, 41xxx-43xxx risk rules (they would block the same charge again).
+# The documented ranges, for codes without a row of their own: the first two characters,
+# else the first. 20xxx soft, 30xxx hard, 4xxxx "the request triggered a risk response"
+# (the same risk rules would block the same charge again).
 # 10xxx (approved) on a declined payment contradicts itself, and 50xxx are payout codes:
 # neither has a row, so they are UNKNOWN.
 RESPONSE_CODE_RANGES: Final[Mapping[str, Outcome]] = {
     "20": _SOFT,
     "30": _HARD,
-    "41": _HARD,
-    "42": _HARD,
-    "43": _HARD,
+    "4": _HARD,
 }
 
 
@@ -315,7 +318,7 @@ def _decline(code: str) -> Decline | None:
     row = RESPONSE_CODES.get(code)
     if row is not None:
         return row
-    outcome = RESPONSE_CODE_RANGES.get(code[:2])
+    outcome = RESPONSE_CODE_RANGES.get(code[:2]) or RESPONSE_CODE_RANGES.get(code[:1])
     return None if outcome is None else Decline(outcome, f"cko_{code}"[:64])
 
 
@@ -378,20 +381,42 @@ def _declined_result(payment: Payment) -> ChargeResult:
     )
 
 
+def identity_problem(payment: Payment, request: AttemptRequest, *, looked_up: bool) -> str | None:
+    """Why ``payment`` is not ``request``'s (reference, amount, currency; the key in metadata
+    for a looked-up one), or None. A charge's 201 carries no metadata, and Checkout.com
+    answers a reused key with the original response whatever the new body said."""
+    checks: list[tuple[str, object, object]] = [
+        ("reference", payment.reference, request.merchant_reference),
+        ("amount", payment.amount, request.amount_minor),
+        ("currency", payment.currency, request.currency),
+    ]
+    if looked_up:
+        key = (payment.metadata or {}).get(IDEMPOTENCY_KEY_METADATA)
+        checks.insert(0, ("idempotency key", key, request.idempotency_key))
+    for name, found, wanted in checks:
+        # A looked-up payment must state each; a charge's answer may leave one out.
+        if found != wanted and (looked_up or found is not None):
+            return f"payment {payment.id} is for another {name}: {found!r}, not {wanted!r}"
+    return None
+
+
+def lookup_result(payment: Payment, request: AttemptRequest) -> LookupResult:
+    """A payment a lookup found: the attempt's result, or an anomaly when it is not the attempt's."""
+    problem = identity_problem(payment, request, looked_up=True)
+    if problem is not None:
+        return LookupResult(found=True, anomaly=problem)
+    return LookupResult(found=True, result=payment_result(payment, request))
+
+
 def payment_result(payment: Payment, request: AttemptRequest) -> ChargeResult:
     """What a payment (from a charge or a lookup) says of ``request``'s attempt."""
+    problem = identity_problem(payment, request, looked_up=False)
+    if problem is not None:
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN, provider_ref=payment.id, reason=_reason("identity mismatch:", problem)
+        )
     settled = PAYMENT_STATUSES.get(payment.status or "")
     if settled is Settled.APPROVED and payment.approved is not False:
-        if (payment.amount is not None and payment.amount != request.amount_minor) or (
-            payment.currency is not None and payment.currency != request.currency
-        ):
-            return ChargeResult(
-                outcome=Outcome.UNKNOWN,
-                provider_ref=payment.id,
-                reason=_reason(
-                    "approved for another amount:", f"{payment.amount} {payment.currency}", payment.status
-                ),
-            )
         return ChargeResult(outcome=Outcome.APPROVED, provider_ref=payment.id)
     if settled is Settled.DECLINED and payment.approved is not True:
         return _declined_result(payment)

@@ -100,7 +100,9 @@ class IyzicoProvider:
         body, expected = prepared
         answer = await self._post(transform.PAYMENT_PATH, body)
         if isinstance(answer, HttpResponse):
-            return transform.charge_result(answer.status, answer.headers, answer.body, expected)
+            return transform.charge_result(
+                answer.status, answer.headers, answer.body, expected, self._secret_key.reveal()
+            )
         return answer
 
     async def lookup(self, request: AttemptRequest) -> LookupResult | None:
@@ -113,7 +115,9 @@ class IyzicoProvider:
         )
         if not isinstance(answer, HttpResponse):
             return None
-        return transform.lookup_result(answer.status, answer.body, expected, self._not_found_codes)
+        return transform.lookup_result(
+            answer.status, answer.body, expected, self._not_found_codes, self._secret_key.reveal()
+        )
 
     async def _post(self, path: str, body: bytes) -> HttpResponse | ChargeResult:
         random_key = transform.random_key()

@@ -146,12 +146,14 @@ class PaymentRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     basket_items: list[BasketItem]
 
 
-class DetailRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
-    """``POST /payment/detail`` (retrieve payment result) by the payment's conversationId."""
+class DetailRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    """``POST /payment/detail`` (retrieve payment result) by the payment's conversationId, and
+    by its paymentId where payd knows it (the official samples send both)."""
 
     locale: str
     conversation_id: str
     payment_conversation_id: str
+    payment_id: str | None = None
 
 
 class PaymentDefaults(msgspec.Struct, frozen=True, kw_only=True):
@@ -258,12 +260,13 @@ def payment_body(request: AttemptRequest, defaults: PaymentDefaults) -> tuple[by
     return _encode(body), expected
 
 
-def detail_body(request: AttemptRequest, locale: str) -> bytes:
+def detail_body(request: AttemptRequest, locale: str, payment_id: str | None = None) -> bytes:
     return _encode(
         DetailRequest(
             locale=locale,
             conversation_id=request.idempotency_key,
             payment_conversation_id=request.idempotency_key,
+            payment_id=payment_id,
         )
     )
 
@@ -282,8 +285,10 @@ class Answer(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     payment_status: str | None = None
     fraud_status: int | None = None
     paid_price: Decimal | None = None
+    price: Decimal | None = None
     currency: str | None = None
     basket_id: str | None = None
+    signature: str | None = None
 
 
 _decode_answer = msgspec.json.Decoder(Answer).decode
@@ -389,14 +394,46 @@ FRAUD_STATUS: Final[Mapping[int | None, FraudVerdict]] = {
 }
 
 _SUCCESS_PAYMENT_STATUSES: Final = frozenset({None, "SUCCESS"})
+_FAILED_PAYMENT_STATUS: Final = "FAILURE"
+# A looked-up payment that failed without an errorCode: nothing was taken, and nothing says
+# the card is at fault, so dunning may try again (iyzico attempts are never re-sent).
+_FAILED_WITHOUT_CODE: Final = Row(Outcome.SOFT_DECLINE, "payment_failed", retryable=True, about_payment=True)
 
 # Without Retry-After, wait this long after a "Request Limit Exceeded": iyzico's limits are
 # per minute, so the next second would be refused too.
 RATE_LIMIT_WAIT_S: Final = 10.0
 
 
-def _mismatch(answer: Answer, expected: Expected) -> str | None:
-    """Why a success answer cannot be this attempt's payment, if it cannot."""
+def _price_text(value: Decimal) -> str:
+    """A price as iyzico's signature takes it: the JSON number without a trailing ``.0``
+    (iyzipay-python ``strip_zero(str(price))``)."""
+    return format(value.normalize(), "f")
+
+
+def response_signature(secret_key: str, answer: Answer) -> str | None:
+    """hex(HMAC-SHA256(secretKey, "paymentId:currency:basketId:conversationId:paidPrice:price")),
+    as iyzico signs payment answers (iyzipay-python samples, ``verify_signature``); None when
+    a field it covers is missing."""
+    fields = (answer.payment_id, answer.currency, answer.basket_id, answer.conversation_id)
+    if None in fields or answer.paid_price is None or answer.price is None:
+        return None
+    parts = [*(str(field) for field in fields), _price_text(answer.paid_price), _price_text(answer.price)]
+    return hmac.new(secret_key.encode(), ":".join(parts).encode(), hashlib.sha256).hexdigest()
+
+
+def _signature_problem(answer: Answer, secret_key: str | None) -> str | None:
+    """Why a signed answer's signature does not hold. Unsigned answers (older API versions) pass."""
+    if secret_key is None or answer.signature is None:
+        return None
+    expected = response_signature(secret_key, answer)
+    if expected is None or not hmac.compare_digest(expected, answer.signature):
+        return "iyzico answer with a signature that does not verify"
+    return None
+
+
+def _mismatch(answer: Answer, expected: Expected, *, looked_up: bool = False) -> str | None:
+    """Why an answer cannot be this attempt's payment, if it cannot. A looked-up payment must
+    state each field; a charge's answer may leave one out."""
     checks = (
         ("conversationId", answer.conversation_id, expected.conversation_id),
         ("basketId", answer.basket_id, expected.basket_id),
@@ -404,8 +441,8 @@ def _mismatch(answer: Answer, expected: Expected) -> str | None:
         ("paidPrice", answer.paid_price, expected.paid_price),
     )
     for name, got, wanted in checks:
-        if got is not None and got != wanted:
-            return f"iyzico success with another {name}"
+        if got != wanted and (looked_up or got is not None):
+            return f"iyzico answer with another {name}: {got!r}, not {wanted!r}"
     return None
 
 
@@ -455,8 +492,11 @@ def _readable(status: int) -> bool:
     return 200 <= status < 500 and status != 429
 
 
-def charge_result(status: int, headers: Mapping[str, str], body: bytes, expected: Expected) -> ChargeResult:
-    """Map a ``/payment/auth`` answer to an outcome; whatever is not plainly said is UNKNOWN."""
+def charge_result(
+    status: int, headers: Mapping[str, str], body: bytes, expected: Expected, secret_key: str | None = None
+) -> ChargeResult:
+    """Map a ``/payment/auth`` answer to an outcome; whatever is not plainly said is UNKNOWN.
+    With ``secret_key`` a signed success must carry iyzico's valid response signature."""
     if status == 429:
         retry_after = retry_after_seconds(headers, RATE_LIMIT_WAIT_S)
         return ChargeResult(outcome=Outcome.RATE_LIMITED, retry_after_s=retry_after, reason="iyzico 429")
@@ -467,6 +507,9 @@ def charge_result(status: int, headers: Mapping[str, str], body: bytes, expected
     except (msgspec.DecodeError, msgspec.ValidationError):
         return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable iyzico {status} answer")
     if answer.status == "success":
+        problem = _signature_problem(answer, secret_key)
+        if problem is not None:
+            return ChargeResult(outcome=Outcome.UNKNOWN, provider_ref=answer.payment_id, reason=problem)
         return _success(answer, expected)
     code = _error_code(answer)
     if answer.status == "failure" and code is not None:
@@ -474,8 +517,40 @@ def charge_result(status: int, headers: Mapping[str, str], body: bytes, expected
     return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"iyzico status {answer.status!r} without errorCode")
 
 
+def _looked_up(answer: Answer, expected: Expected, secret_key: str | None) -> LookupResult:
+    """A ``status: success`` detail answer: the payment iyzico holds under the attempt's
+    conversationId. It settles the attempt only if it is the attempt's payment (basketId,
+    currency, paidPrice, and a signature that holds); otherwise it is an anomaly. A payment
+    whose ``paymentStatus`` is FAILURE took no money: a decline by its errorCode, or a soft
+    ``payment_failed`` without one, never UNKNOWN (iyzico attempts are never re-sent, so
+    an unknown one would stay unknown forever)."""
+    problem = _signature_problem(answer, secret_key) or _mismatch(answer, expected, looked_up=True)
+    if problem is not None:
+        return LookupResult(found=True, anomaly=problem)
+    if answer.payment_status != _FAILED_PAYMENT_STATUS:
+        return LookupResult(found=True, result=_success(answer, expected))
+    code = _error_code(answer)
+    row = _FAILED_WITHOUT_CODE if code is None else error_row(code)
+    if row.outcome in (Outcome.UNKNOWN, Outcome.RATE_LIMITED):  # not a verdict on the payment
+        row = _FAILED_WITHOUT_CODE
+    return LookupResult(
+        found=True,
+        result=ChargeResult(
+            outcome=row.outcome,
+            provider_ref=answer.payment_id,
+            decline_code=row.decline_code,
+            retryable=row.retryable,
+            reason=f"iyzico paymentStatus FAILURE {code or ''} {answer.error_group or ''}".rstrip(),
+        ),
+    )
+
+
 def lookup_result(
-    status: int, body: bytes, expected: Expected, not_found_codes: frozenset[str]
+    status: int,
+    body: bytes,
+    expected: Expected,
+    not_found_codes: frozenset[str],
+    secret_key: str | None = None,
 ) -> LookupResult | None:
     """Map a ``/payment/detail`` answer: the payment found, not found, or None to ask again.
 
@@ -489,7 +564,7 @@ def lookup_result(
     except (msgspec.DecodeError, msgspec.ValidationError):
         return None
     if answer.status == "success":
-        return LookupResult(found=True, result=_success(answer, expected))
+        return _looked_up(answer, expected, secret_key)
     code = _error_code(answer)
     if answer.status != "failure" or code is None:
         return None

@@ -29,8 +29,8 @@ PaymentMethodType = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*\Z")]
 
 
 class StripeProviderConfig(ProviderConfig, frozen=True):
-    api_version: ApiVersion | None = None
-    """Sent as ``Stripe-Version`` (e.g. ``2024-12-18.acacia``); unset: the account's default."""
+    api_version: ApiVersion = transform.DEFAULT_API_VERSION
+    """Sent as ``Stripe-Version`` on every request, so payd never runs on the account's default."""
     secret_name: SecretName = "stripe_api_key"  # noqa: S105 -- the name of a secret, not one
     """The secret holding the secret (or restricted) API key: ``PAYD_STRIPE_API_KEY`` or a
     credential file of that name. One per Stripe account when several are configured."""
@@ -67,9 +67,7 @@ class StripeProvider:
         secret = require_secret(config.secret_name, needed_by=f"providers.{name} (the Stripe API key)")
         self.name = name
         self._config = config
-        read = _Headers({"Authorization": f"Bearer {secret.reveal()}"})
-        if config.api_version is not None:
-            read["Stripe-Version"] = config.api_version
+        read = _Headers({"Authorization": f"Bearer {secret.reveal()}", "Stripe-Version": config.api_version})
         self._read_headers = read
         self._session: aiohttp.ClientSession = open_session(config)
 
@@ -103,7 +101,7 @@ class StripeProvider:
                 return None
             matches, complete = listed
             if matches or complete:
-                return transform.lookup_result(matches)
+                return transform.lookup_result(matches, request)
         page = await self._get(
             "v1/payment_intents/search", {"query": transform.search_query(key), "limit": "100"}
         )
@@ -112,7 +110,7 @@ class StripeProvider:
         # Search trails writes by up to a minute (longer in an outage), so "not found" here
         # is not proof; payd resends under the same key, which Stripe answers from its
         # idempotency store for 24 hours, so a late-indexed payment is never charged twice.
-        return transform.lookup_result(transform.matching(page.data, key))
+        return transform.search_lookup_result(page, request)
 
     async def _list_customer(
         self, customer: str, key: str

@@ -32,6 +32,12 @@ REFERENCE_METADATA: Final = "payd_reference"
 """PaymentIntent metadata holding the merchant reference (``SUBSCRIPTION_ID:CYCLE`` or the key)."""
 MAX_METADATA_KEYS: Final = 50  # Stripe: "up to 50 keys"
 
+DEFAULT_API_VERSION: Final = "2024-12-18.acacia"
+"""The ``Stripe-Version`` payd sends unless configured otherwise: the first version whose error
+objects carry ``network_advice_code`` (stripe-python 11.4.0 changelog). Without a pinned
+version the account's default applies, and on older defaults the advice fields that turn a
+decline into "never retry" are absent."""
+
 _DAY_S: Final = 24 * 3600.0
 
 # --- wire types ---------------------------------------------------------------------------
@@ -65,6 +71,8 @@ class PaymentIntent(msgspec.Struct, frozen=True, kw_only=True):
     id: str
     object: str
     status: str
+    amount: int | None = None
+    currency: str | None = None
     created: int = 0
     metadata: dict[str, str] = {}
     last_payment_error: StripeError | None = None
@@ -226,6 +234,9 @@ MASTERCARD_ADVICE: Final[Mapping[str, tuple[Outcome, float | None]]] = {
     "01": (SOFT, None),
     "02": (SOFT, None),  # cannot approve at this time, try again later
     "03": (HARD, None),  # do not try again
+    # Token requirements not fulfilled for this token type: the same saved card fails again
+    # until its token is fixed (hard, as in the Adyen and Checkout.com tables).
+    "04": (HARD, None),
     "21": (HARD, None),  # payment cancellation: the cardholder stopped the recurring payment
     "24": (SOFT, 3600.0),  # retry after 1 hour
     "25": (SOFT, _DAY_S),  # retry after 24 hours
@@ -254,6 +265,8 @@ ERROR_TABLE: Final[Mapping[tuple[int, str | None], tuple[Outcome, bool]]] = {
     (424, None): (Outcome.UNKNOWN, True),  # "a failure in a dependency external to Stripe"
     # Rate limiters run before the idempotency layer: nothing was executed.
     (429, None): (Outcome.RATE_LIMITED, True),
+    # "Rate limits were previously coded as 400's with code 'rate_limit'" (stripe-python,
+    # _api_requestor.specific_v1_api_error): see ERROR_CODES.
     (500, None): (Outcome.UNKNOWN, True),  # Stripe: treat a 500 as indeterminate
     (502, None): (Outcome.UNKNOWN, True),
     (503, None): (Outcome.UNKNOWN, True),
@@ -264,6 +277,7 @@ ERROR_TABLE: Final[Mapping[tuple[int, str | None], tuple[Outcome, bool]]] = {
 ERROR_CODES: Final[Mapping[str, tuple[Outcome, bool]]] = {
     "lock_timeout": (Outcome.UNKNOWN, True),  # Stripe answers these with 429 (or 409)
     "idempotency_key_in_use": (Outcome.UNKNOWN, True),  # another request with the key runs
+    "rate_limit": (Outcome.RATE_LIMITED, True),  # 429, or 400 on older API versions
 }
 
 
@@ -425,14 +439,41 @@ def matching(intents: Iterable[PaymentIntent], idempotency_key: str) -> list[Pay
     return [intent for intent in intents if intent.metadata.get(KEY_METADATA) == idempotency_key]
 
 
-def lookup_result(intents: Sequence[PaymentIntent]) -> LookupResult:
-    """What the PaymentIntents carrying one idempotency key say of its attempt.
+def identity_problem(intent: PaymentIntent, request: AttemptRequest) -> str | None:
+    """Why ``intent`` is not ``request``'s payment (key, amount, currency), or None if it is."""
+    checks = (
+        ("metadata." + KEY_METADATA, intent.metadata.get(KEY_METADATA), request.idempotency_key),
+        ("amount", intent.amount, request.amount_minor),
+        ("currency", intent.currency, request.currency.lower()),
+    )
+    for name, found, wanted in checks:
+        if found != wanted:
+            return f"payment intent {intent.id} has {name} {found!r}, the attempt {wanted!r}"
+    return None
+
+
+def search_lookup_result(page: PaymentIntentPage, request: AttemptRequest) -> LookupResult:
+    """A search by the attempt's key: whatever it returns must carry exactly that key."""
+    ours = matching(page.data, request.idempotency_key)
+    if page.data and not ours:
+        problem = identity_problem(page.data[0], request)
+        return LookupResult(found=True, anomaly=f"the search for the attempt's key found another: {problem}")
+    return lookup_result(ours, request)
+
+
+def lookup_result(intents: Sequence[PaymentIntent], request: AttemptRequest) -> LookupResult:
+    """What the PaymentIntents carrying the attempt's idempotency key say of it.
 
     Normally there is one. Should a key have been reused after Stripe forgot it (24 h),
-    a success wins, then anything that may still move money, then the newest.
+    a success wins, then anything that may still move money, then the newest. One that
+    does not match the attempt's amount and currency settles nothing: an anomaly.
     """
     if not intents:
         return LookupResult(found=False)
+    for intent in intents:
+        problem = identity_problem(intent, request)
+        if problem is not None:
+            return LookupResult(found=True, anomaly=problem)
     results = [(intent.created, intent_result(intent)) for intent in intents]
     for wanted in (Outcome.APPROVED, Outcome.UNKNOWN):
         for _, result in results:

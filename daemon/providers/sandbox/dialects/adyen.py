@@ -1,7 +1,7 @@
 """The sandbox gateway's Adyen face: Checkout ``POST /adyen/{version}/payments``.
 
 It checks a request against the documented shape of a stored-card subscription
-charge (``X-API-Key``, ``merchantAccount``, ``reference``, ``amount``,
+charge (``X-API-Key``, ``merchantAccount``, ``reference``, ``amount``, ``returnUrl``,
 ``paymentMethod.storedPaymentMethodId``, ``shopperReference``,
 ``shopperInteraction: ContAuth``, ``recurringProcessingModel: Subscription``,
 ``Idempotency-Key`` of at most 64 characters) and answers with Adyen's
@@ -56,6 +56,7 @@ _JSON: Final = "application/json"
 _MAX_KEY: Final = 64  # Adyen: idempotency keys of at most 64 characters
 _MAX_REFERENCE: Final = 80
 _MIN_SHOPPER_REFERENCE: Final = 3
+_MAX_RETURN_URL: Final = 8000
 
 # --- wire types ------------------------------------------------------------------------------
 
@@ -80,6 +81,7 @@ class _PaymentRequest(msgspec.Struct, frozen=True, rename="camel"):
     shopper_reference: str | None = None
     shopper_interaction: str | None = None
     recurring_processing_model: str | None = None
+    return_url: str | None = None
 
 
 class _PaymentResponse(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -341,6 +343,11 @@ def _shape_problem(payment: _PaymentRequest) -> web.Response | None:
         return _invalid("Invalid Merchant Account", "901")
     if not payment.reference or len(payment.reference) > _MAX_REFERENCE:
         return _invalid(f"Field 'reference' is required and holds at most {_MAX_REFERENCE} characters")
+    if not payment.return_url:
+        # Required on every PaymentRequest (Checkout API v71 OpenAPI); live Adyen: 422 14_030.
+        return _invalid("Required field 'returnUrl' is not provided.", "14_030")
+    if len(payment.return_url) > _MAX_RETURN_URL:
+        return _invalid(f"Field 'returnUrl' holds at most {_MAX_RETURN_URL} characters")
     method = payment.payment_method
     if method is None or not method.stored_payment_method_id:
         return _invalid("paymentDetails not supplied")

@@ -13,6 +13,13 @@ the ``pm_cko_*`` tokens in ``SCENARIOS``, each one row of the adapter's tables. 
 ``pm_cko_*`` token is charged in the core as the core token with the same verdict
 (approved, soft or hard decline) and rendered with its Checkout.com codes.
 
+Checkout.com stores a ``Cko-Idempotency-Key``'s answer only after a 2xx; after a 4xx or
+5xx the same key is processed again. ``pm_cko_server_error`` charges and then answers 500,
+so the key stays free here too: a request repeating it is charged again under a core key
+of its own (``KEY~N``), and the ledger shows both charges under one reference.
+``pm_cko_server_error_unlisted`` is the same, and its payment is missing from the payment
+list (the list has not caught up), so a lookup by reference finds nothing.
+
 Where Checkout.com documents no body (401, 404, 409, 429, 5xx) the answer has none.
 How faults look here: rate limited is 429 with ``Retry-After``; an API error is 502
 (Bad gateway, the 5xx Checkout.com documents); an injected hang ends in 503.
@@ -60,6 +67,10 @@ class Scenario(msgspec.Struct, frozen=True, kw_only=True):
     merchant_advice_code: str | None = None
     pending: bool = False
     """Answer ``202 Pending`` to the charge (lookups later show the core's verdict)."""
+    server_error: bool = False
+    """Charge, then answer 500: the key's answer is not stored, a repeat is charged again."""
+    unlisted: bool = False
+    """The payment list does not show this payment yet."""
 
 
 def _declined(
@@ -91,6 +102,7 @@ SCENARIOS: Final[dict[str, Scenario]] = {
     "pm_cko_lost": _hard("30041", "Lost card - Pick up"),
     "pm_cko_revoked": _hard("200R1", "Issuer initiated a stop payment (revocation order)"),
     "pm_cko_risk": _hard("41101", "Risk Blocked Transaction"),
+    "pm_cko_risk_40101": _hard("40101", "Risk Blocked Transaction"),
     "pm_cko_merchant_config": _hard("20157", "Invalid merchant configurations - Contact Support"),
     "pm_cko_unrecognised": _hard("60000", "Sandbox: a code in no documented range"),
     "pm_cko_mac_03": _soft("20051", "Insufficient Funds", mac="03"),
@@ -100,6 +112,12 @@ SCENARIOS: Final[dict[str, Scenario]] = {
         for mac in ("24", "25", "26", "27", "28", "29", "30")
     },
     "pm_cko_pending": Scenario(charged_as="pm_ok", response_code="10000", summary="Approved", pending=True),
+    "pm_cko_server_error": Scenario(
+        charged_as="pm_ok", response_code="10000", summary="Approved", server_error=True
+    ),
+    "pm_cko_server_error_unlisted": Scenario(
+        charged_as="pm_ok", response_code="10000", summary="Approved", server_error=True, unlisted=True
+    ),
 }
 INVALID_SOURCE: Final = "pm_cko_invalid"
 """Refused with 422 ``source_id_invalid`` before anything is charged."""
@@ -160,10 +178,17 @@ class Received(msgspec.Struct, kw_only=True):
 
 
 class _Received:
-    """Per idempotency key, the request that made (or is making) the charge."""
+    """Per core key, the request that made (or is making) the charge."""
 
     def __init__(self) -> None:
         self.by_key: dict[str, Received] = {}
+        self.uncached: dict[str, int] = {}
+        """Keys whose charge answered a 5xx (not stored), and how many times."""
+
+    def core_key(self, key: str) -> str:
+        """The key the core charges under: a key whose answer was never stored starts afresh."""
+        times = self.uncached.get(key)
+        return key if times is None else f"{key}~{times}"
 
 
 _RECEIVED_KEY: Final = web.AppKey("checkout_dialect_received", _Received)
@@ -453,8 +478,10 @@ async def _post_payment(request: web.Request) -> web.Response:
         gateway.depart(stats)
 
 
-async def _charge(request: web.Request, gateway: Gateway, key: str, received: Received) -> web.Response:
-    state = request.app[_RECEIVED_KEY].by_key
+async def _charge(request: web.Request, gateway: Gateway, given_key: str, received: Received) -> web.Response:
+    book = request.app[_RECEIVED_KEY]
+    state = book.by_key
+    key = book.core_key(given_key)
     scenario = SCENARIOS.get(received.token)
     charge_request = ChargeRequest(
         amount_minor=received.amount,
@@ -473,6 +500,9 @@ async def _charge(request: web.Request, gateway: Gateway, key: str, received: Re
     if isinstance(result, Executed):
         if not result.replayed:
             state[key] = received
+            if scenario is not None and scenario.server_error:
+                book.uncached[given_key] = book.uncached.get(given_key, 0) + 1
+                return _response(500)
         return _charge_response(request, result.charge, state.get(key, received))
     if registered and result in (Refusal.RATE_LIMITED, Refusal.API_ERROR, Refusal.UNAVAILABLE):
         del state[key]  # nothing was charged and the key stays free
@@ -497,12 +527,15 @@ async def _refusal_response(
     return _response(409)  # another request with this key is being processed
 
 
-def _ours(request: web.Request, charges: list[Charge]) -> list[tuple[Charge, Received]]:
+def _ours(
+    request: web.Request, charges: list[Charge], *, listing: bool = False
+) -> list[tuple[Charge, Received]]:
     state = request.app[_RECEIVED_KEY].by_key
     found = []
     for charge in charges:
         received = state.get(charge.idempotency_key)
-        if received is not None:
+        scenario = SCENARIOS.get(received.token) if received is not None else None
+        if received is not None and not (listing and scenario is not None and scenario.unlisted):
             found.append((charge, received))
     return found
 
@@ -524,7 +557,9 @@ async def _list_payments(request: web.Request) -> web.Response:
     keys = dict.fromkeys(c.idempotency_key for c in gateway.ledger() if c.merchant_reference == reference)
     # The core looks up by key only: one lookup per payment keeps its stats counting reads.
     current = [charge for key in keys if (charge := await gateway.lookup(key)) is not None]
-    matching = sorted(_ours(request, current), key=lambda pair: pair[0].created_at, reverse=True)
+    matching = sorted(
+        _ours(request, current, listing=True), key=lambda pair: pair[0].created_at, reverse=True
+    )
     page = [
         _details(request, charge, received, actions=False)
         for charge, received in matching[skip : skip + limit]

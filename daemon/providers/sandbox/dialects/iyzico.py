@@ -18,6 +18,12 @@ The cardToken half of the payment method picks the outcome through the core
 ``iyz_<errorCode>`` a declined payment answered with that errorCode,
 ``iyz_fraud_review`` approved with fraudStatus 0, and ``iyz_garbled`` approved,
 then answered with a body that is not JSON.
+
+Answers are iyzico's: a declined payment is ``status: failure`` with its errorCode to
+``/payment/auth``, but ``/payment/detail`` reports it as ``status: success`` (the
+retrieval worked) with ``paymentStatus: FAILURE`` and the errorCode. Success answers
+carry iyzico's response ``signature``: hex HMAC-SHA256 with the secret key over
+``paymentId:currency:basketId:conversationId:paidPrice:price`` (iyzipay-python samples).
 """
 
 from __future__ import annotations
@@ -234,16 +240,44 @@ def _eight(value: Decimal) -> Decimal:
     return value.quantize(Decimal("0.00000001"))  # iyzico answers amounts with 8 decimals
 
 
-def _success(charge: Charge, sent: _Sent, conversation_id: str) -> web.Response:
-    body = {
+def _price_text(value: Decimal) -> str:
+    return format(value.normalize(), "f")  # the number without a trailing ".0"
+
+
+def _signature(*fields: str) -> str:
+    return hmac.new(SANDBOX_SECRET_KEY.encode(), ":".join(fields).encode(), hashlib.sha256).hexdigest()
+
+
+def _payment(charge: Charge, sent: _Sent, conversation_id: str) -> dict[str, object]:
+    """What every answer about a payment says of it, found or failed."""
+    return {
         "status": "success",
         "locale": "en",
         "systemTime": int(time.time() * 1000),
         "conversationId": conversation_id or None,
         "price": _eight(sent.price),
         "paidPrice": _eight(sent.paid_price),
-        "installment": 1,
         "paymentId": charge.id,
+        "basketId": sent.basket_id or None,
+        "currency": sent.currency,
+    }
+
+
+def _failed_payment(charge: Charge, sent: _Sent, conversation_id: str, code: str) -> web.Response:
+    """``/payment/detail`` of a declined payment: found (``status: success``), and failed."""
+    group, message = _ERRORS.get(code, (None, "Error"))
+    body = _payment(charge, sent, conversation_id) | {
+        "paymentStatus": "FAILURE",
+        "errorCode": code,
+        "errorMessage": message,
+        "errorGroup": group,
+    }
+    return web.Response(body=_encode(body), content_type="application/json")
+
+
+def _success(charge: Charge, sent: _Sent, conversation_id: str) -> web.Response:
+    body = _payment(charge, sent, conversation_id) | {
+        "installment": 1,
         "paymentStatus": "SUCCESS",
         "fraudStatus": 0 if sent.special == "iyz_fraud_review" else 1,
         "cardType": "CREDIT_CARD",
@@ -252,19 +286,27 @@ def _success(charge: Charge, sent: _Sent, conversation_id: str) -> web.Response:
         "cardToken": sent.card.card_token,
         "binNumber": "552879",
         "lastFourDigits": "0008",
-        "basketId": sent.basket_id or None,
-        "currency": sent.currency,
         "phase": "AUTH",
         "authCode": "000000",
+        "signature": _signature(
+            charge.id,
+            sent.currency,
+            sent.basket_id,
+            conversation_id,
+            _price_text(sent.paid_price),
+            _price_text(sent.price),
+        ),
     }
     return web.Response(body=_encode(body), content_type="application/json")
 
 
-def _answer(charge: Charge, sent: _Sent, conversation_id: str) -> web.Response:
+def _answer(charge: Charge, sent: _Sent, conversation_id: str, *, detail: bool = False) -> web.Response:
     if charge.status is ChargeStatus.APPROVED:
         return _success(charge, sent, conversation_id)
     token = _ERROR_TOKEN.match(sent.special or "")
     code = token["code"] if token else _CORE_DECLINES.get(charge.decline_code or "", "10005")
+    if detail:
+        return _failed_payment(charge, sent, conversation_id, code)
     return _failure(code, conversation_id=conversation_id)
 
 
@@ -413,7 +455,7 @@ async def _post_detail(request: web.Request) -> web.Response:
     if charge is None or sent is None:
         message = "Payment not found (sandbox)"
         return _failure(NOT_FOUND_ERROR_CODE, message, conversation_id=detail.conversation_id)
-    return _answer(charge, sent, detail.conversation_id)
+    return _answer(charge, sent, detail.conversation_id, detail=True)
 
 
 def add_routes(app: web.Application) -> None:

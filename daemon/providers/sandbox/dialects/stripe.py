@@ -21,6 +21,12 @@ required (the core charges by key); ``confirm=true`` and a ``payment_method`` wi
 ``customer`` are required (only saved-card charges are modelled); the ledger's merchant
 reference is ``metadata[payd_reference]``, or the idempotency key without it. The
 idempotency check compares the whole form once a key has executed, like Stripe's.
+
+API versions: a request without ``Stripe-Version`` is answered in the account's default
+version, ``ACCOUNT_DEFAULT_VERSION`` (an older one, as on long-standing accounts). Error
+objects of versions before ``2024-12-18.acacia`` lack ``advice_code``,
+``network_advice_code`` and ``network_decline_code`` (Stripe changelog, "Network advice
+and decline codes", 2024-12-18.acacia), so a client that pins no version loses them.
 """
 
 from __future__ import annotations
@@ -29,8 +35,8 @@ import base64
 import binascii
 import re
 import urllib.parse
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final
 
 import msgspec
 from aiohttp import web
@@ -121,6 +127,13 @@ TOKENS: Final[Mapping[str, Scenario]] = {
         decline_code="insufficient_funds",
         network_advice_code="03",
         network_decline_code="51",
+        brand="mastercard",
+    ),
+    "pm_stripe_mac_04": _declined(
+        _HARD,
+        decline_code="do_not_honor",
+        network_advice_code="04",
+        network_decline_code="05",
         brand="mastercard",
     ),
     "pm_stripe_mac_03_visa": _declined(
@@ -657,13 +670,48 @@ async def _retrieve(request: web.Request) -> web.Response:
     return _json(200, intents[0])
 
 
+ACCOUNT_DEFAULT_VERSION: Final = "2022-11-15"
+"""The version Stripe applies to a request without ``Stripe-Version``: the account's default."""
+_ADVICE_SINCE: Final = "2024-12-18"
+_ADVICE_FIELDS: Final = ("advice_code", "network_advice_code", "network_decline_code")
+_Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def _without_advice(value: Any) -> None:
+    """Drop the advice fields from every error object in a decoded body, in place."""
+    if isinstance(value, dict):
+        for name in _ADVICE_FIELDS:
+            value.pop(name, None)
+        for item in value.values():
+            _without_advice(item)
+    elif isinstance(value, list):
+        for item in value:
+            _without_advice(item)
+
+
+def _versioned(handler: _Handler) -> _Handler:
+    """Answers in the request's API version: before 2024-12-18, errors carry no advice."""
+
+    async def handle(request: web.Request) -> web.Response:
+        response = await handler(request)
+        version = request.headers.get("Stripe-Version") or ACCOUNT_DEFAULT_VERSION
+        if version[:10] >= _ADVICE_SINCE or not isinstance(response.body, bytes):
+            return response
+        body = msgspec.json.decode(response.body)
+        _without_advice(body)
+        response.body = _encode(body)
+        return response
+
+    return handle
+
+
 def add_routes(app: web.Application) -> None:
     app[_STATE_KEY] = _State()
     app.add_routes(
         [
-            web.post(f"{PREFIX}/v1/payment_intents", _create),
-            web.get(f"{PREFIX}/v1/payment_intents", _list),
-            web.get(f"{PREFIX}/v1/payment_intents/search", _search),
-            web.get(f"{PREFIX}/v1/payment_intents/{{intent}}", _retrieve),
+            web.post(f"{PREFIX}/v1/payment_intents", _versioned(_create)),
+            web.get(f"{PREFIX}/v1/payment_intents", _versioned(_list)),
+            web.get(f"{PREFIX}/v1/payment_intents/search", _versioned(_search)),
+            web.get(f"{PREFIX}/v1/payment_intents/{{intent}}", _versioned(_retrieve)),
         ]
     )
