@@ -24,6 +24,7 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     from daemon.service import serve  # noqa: PLC0415 (keep light commands light)
+    from daemon.startup import DependencyUnavailable  # noqa: PLC0415
     from daemon.tls import log_plaintext_links  # noqa: PLC0415
 
     logging_handle = configure_logging(config.daemon.log_level, config.daemon.log_format, config.gelf)
@@ -47,23 +48,37 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     except ConfigError as error:  # a provider found its credentials missing, say
         print(f"payd: configuration error: {error}", file=sys.stderr)
         return 2
+    except DependencyUnavailable as error:
+        print(f"payd: {error}", file=sys.stderr)
+        return 1
     finally:
         logging_handle.close()  # send what is queued for Graylog, for at most 5 s
 
 
 def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.pipeline.attempts import DB_ERRORS  # noqa: PLC0415
+    from daemon.startup import DependencyUnavailable  # noqa: PLC0415
     from daemon.storage.db import close_pool, open_pool  # noqa: PLC0415
     from daemon.storage.migrate import migrate  # noqa: PLC0415
 
     async def main() -> int:
-        pool = await open_pool(config.mysql, load_secret("mysql_password"))
+        address = f"{config.mysql.host}:{config.mysql.port}"
+        try:
+            # Unbounded statements: a migration's DDL on a large table may take a while.
+            pool = await open_pool(config.mysql, load_secret("mysql_password"), bounded=False)
+        except DB_ERRORS as error:
+            raise DependencyUnavailable("mysql", address, error) from error
         try:
             await migrate(pool)
         finally:
             await close_pool(pool)
         return 0
 
-    return _run(main())
+    try:
+        return _run(main())
+    except DependencyUnavailable as error:
+        print(f"payd: {error}", file=sys.stderr)
+        return 1
 
 
 def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:

@@ -46,6 +46,8 @@ class DaemonSettings(Section, frozen=True):
     instance_id: str = ""
     """Identifies this process in attempt claims; empty means ``HOSTNAME:PID``."""
     drain_timeout_s: PositiveFloat = 30.0
+    startup_timeout_s: PositiveFloat = 30.0
+    """How long start-up waits for MySQL, RabbitMQ and Redis before exiting non-zero."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
     duty_restart_backoff_s: Annotated[list[PositiveFloat], msgspec.Meta(min_length=1)] = msgspec.field(
@@ -92,6 +94,12 @@ class MySQLSettings(Section, frozen=True):
     database: str = "payd"
     pool_size: Annotated[int, msgspec.Meta(ge=2, le=200)] = 8
     connect_timeout_s: PositiveFloat = 5.0
+    acquire_timeout_s: PositiveFloat = 10.0
+    """Waiting for a pooled connection, opening one (TCP, handshake, session set-up) included."""
+    query_timeout_s: PositiveFloat = 30.0
+    """Each round trip of a transaction (a statement, the commit); the connection is then closed."""
+    probe_timeout_s: PositiveFloat = 3.0
+    """The health probe's whole look at the database; beyond it ``/readyz`` turns red."""
     tls: TlsSettings | None = None
     """Present (even as an empty table): the link is encrypted and the server verified."""
 
@@ -187,6 +195,9 @@ class ProviderConfig(Section, frozen=True):
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=100000)]
     timeout_s: PositiveFloat = 10.0
     connect_timeout_s: PositiveFloat = 2.0
+    slot_hold_s: NonNegativeFloat = 30.0
+    """A call payd gave up on (timeout, connection lost) keeps its ``max_in_flight`` slot this
+    much longer: the provider may still be working on it. 0 frees it at once."""
     max_tries: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     """Tries per attempt for provider errors that charged nothing."""
     retry_backoff_s: PositiveFloat = 0.5

@@ -97,6 +97,7 @@ class ControlState:
                     "limit": lane.limiter.limit,
                     "in_flight": lane.limiter.in_flight,
                     "waiting": lane.limiter.waiting,
+                    "held": lane.limiter.held,
                     "peak_in_flight": lane.limiter.peak,
                     "halted": self.halt.blocks(name),
                     "breaker": lane.breaker.state.name.lower(),

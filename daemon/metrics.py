@@ -184,6 +184,20 @@ class Metrics:
         self.draining = Gauge("payd_draining", "1 while the daemon drains", registry=r)
         self.broker_connected = Gauge("payd_broker_connected", "1 while connected to RabbitMQ", registry=r)
         self.broker_reconnects = Counter("payd_broker_reconnects", "Reconnections to RabbitMQ", registry=r)
+        self.database_ok = Gauge(
+            "payd_database_ok", "1 while the health probe's database round trip answers in time", registry=r
+        )
+        self.slots_held = Gauge(
+            "payd_provider_slots_held",
+            "In-flight slots kept after a call ended unknown: the provider may still be working on it",
+            ["provider"],
+            registry=r,
+        )
+        self.claims_taken_over = Counter(
+            "payd_claims_taken_over",
+            "In-flight attempts of this instance's previous process made unknown at start-up",
+            registry=r,
+        )
 
         # CPU seconds, resident memory and open descriptors of this process; the Python version.
         ProcessCollector(registry=r)

@@ -13,7 +13,6 @@ import functools
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
@@ -21,7 +20,7 @@ import structlog
 from daemon.broker import BROKER_ERRORS, Broker
 from daemon.config import Config, DaemonSettings
 from daemon.control import ControlState, start_control
-from daemon.halt import HaltKeys, HaltState
+from daemon.halt import REDIS_ERRORS, HaltKeys, HaltState
 from daemon.logs import set_log_level
 from daemon.metrics import Metrics
 from daemon.monitor import start_monitor
@@ -37,29 +36,14 @@ from daemon.providers.registry import create_provider
 from daemon.redis_link import open_redis
 from daemon.reload import watch_reloads
 from daemon.secrets import load_secret
+from daemon.startup import url_address, with_retries
 from daemon.storage.db import close_pool, open_pool
+from daemon.storage.identity import instance_identity
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.scheduler import build_scheduler
 from daemon.supervisor import FaultInjector, RestartPolicy, Supervisor, Tier
 
 log = structlog.get_logger("payd")
-
-STARTUP_RETRY_S = 30.0
-
-
-async def _with_retries(what: str, action: Callable[[], Awaitable[Any]], give_up_after: float) -> Any:
-    """Start-up dependencies get a bounded grace period, then payd exits non-zero for systemd."""
-    deadline = time.monotonic() + give_up_after
-    delay = 0.5
-    while True:
-        try:
-            return await action()
-        except (*DB_ERRORS, *BROKER_ERRORS) as error:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("startup.waiting", dependency=what, error=repr(error), retry_in_s=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 async def _cancel(task: asyncio.Task[None]) -> None:
@@ -183,14 +167,27 @@ async def serve(
         # Pinged while the loop turns and no critical duty keeps crashing.
         watchdog = asyncio.create_task(notifier.watchdog_loop(lambda: duties.critical_ok), name="watchdog")
         stack.push_async_callback(_cancel, watchdog)
-        pool = await _with_retries(
+        pool = await with_retries(
             "mysql",
+            f"{config.mysql.host}:{config.mysql.port}",
             lambda: open_pool(config.mysql, load_secret("mysql_password")),
-            STARTUP_RETRY_S,
+            give_up_after=config.daemon.startup_timeout_s,
+            errors=DB_ERRORS,
         )
         stack.push_async_callback(close_pool, pool)
+        await stack.enter_async_context(
+            instance_identity(
+                config.mysql, load_secret("mysql_password"), pool, instance_id=instance_id, metrics=metrics
+            )
+        )
 
-        redis_client = await open_redis(config.redis, load_secret("redis_password"))
+        redis_client = await with_retries(
+            "redis",
+            url_address(config.redis.url),
+            lambda: open_redis(config.redis, load_secret("redis_password")),
+            give_up_after=config.daemon.startup_timeout_s,
+            errors=REDIS_ERRORS,
+        )
         stack.push_async_callback(redis_client.aclose)
         halt = HaltState(
             config.providers, HaltKeys(config.redis.key_prefix), grace_s=config.redis.halt_grace_s
@@ -198,7 +195,13 @@ async def serve(
         lanes = _open_lanes(config, stack, redis_client, halt)
 
         broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
-        await _with_retries("rabbitmq", broker.connect, STARTUP_RETRY_S)
+        await with_retries(
+            "rabbitmq",
+            url_address(config.rabbitmq.url),
+            broker.connect,
+            give_up_after=config.daemon.startup_timeout_s,
+            errors=BROKER_ERRORS,
+        )
         stack.push_async_callback(broker.close)
 
         relay = OutboxRelay(pool=pool, broker=broker, settings=config.outbox, metrics=metrics)

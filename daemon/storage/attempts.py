@@ -357,7 +357,6 @@ class ParkedAttempt(msgspec.Struct, frozen=True, kw_only=True):
 
 async def expire_leases(pool: aiomysql.Pool, *, limit: int) -> list[int]:
     """In_flight rows whose claimer stopped renewing become unknown: they may have been sent."""
-    reason = "lease expired: the instance that claimed it stopped"
     async with transaction(pool) as cursor:
         await cursor.execute(
             f"SELECT id, {_REQUEST_COLUMNS} FROM attempts "  # noqa: S608
@@ -365,32 +364,59 @@ async def expire_leases(pool: aiomysql.Pool, *, limit: int) -> list[int]:
             "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
-        rows = await cursor.fetchall()
-        if not rows:
-            return []
-        ids = [row[0] for row in rows]
+        return await _make_unknown(cursor, await cursor.fetchall(), LEASE_EXPIRED)
+
+
+LEASE_EXPIRED: Final = "lease expired: the instance that claimed it stopped"
+TAKEN_OVER: Final = "taken over at start-up: the previous process of this instance stopped"
+
+
+async def take_over_claims(pool: aiomysql.Pool, instance_id: str, *, limit: int) -> list[int]:
+    """This instance's in_flight rows from an earlier process, made unknown now, lease or not.
+
+    Only for a process that holds its instance's lock (``daemon.storage.identity``)
+    and has claimed nothing yet: every such row belongs to a process that is gone,
+    and may have reached the provider. Claims are ``INSTANCE_ID/SEQUENCE``.
+    """
+    prefix = f"{instance_id}/"
+    async with transaction(pool) as cursor:
         await cursor.execute(
-            "UPDATE attempts SET state = 'unknown', outcome = 'unknown', reason = %s, "  # noqa: S608
-            f"recheck_at = NOW(6) WHERE id IN ({placeholders(len(ids))})",
-            (reason, *ids),
+            f"SELECT id, {_REQUEST_COLUMNS} FROM attempts "  # noqa: S608
+            "WHERE state = 'in_flight' AND LEFT(claimed_by, %s) = %s "
+            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (len(prefix), prefix, limit),
         )
-        unknown = ChargeResult(outcome=Outcome.UNKNOWN, reason=reason)
-        occurred_at = now_iso()
-        readable, unreadable = _read_requests(rows, first=1)
-        await insert_outbox(
-            cursor,
-            (
-                payment_event(
-                    attempt_id=row[0],
-                    request=request,
-                    state=AttemptState.UNKNOWN,
-                    result=unknown,
-                    occurred_at=occurred_at,
-                )
-                for row, request in readable
-            ),
-        )
-        await _park(cursor, [(p.attempt_id, p.reason) for p in unreadable])
+        return await _make_unknown(cursor, await cursor.fetchall(), TAKEN_OVER)
+
+
+async def _make_unknown(cursor: Cursor, rows: Sequence[Sequence[Any]], reason: str) -> list[int]:
+    """In_flight rows (id + request columns) to unknown, due a lookup now, with their events;
+    a row whose request cannot be read back is parked instead of stopping the scan."""
+    if not rows:
+        return []
+    ids = [row[0] for row in rows]
+    await cursor.execute(
+        "UPDATE attempts SET state = 'unknown', outcome = 'unknown', reason = %s, "  # noqa: S608
+        f"recheck_at = NOW(6) WHERE id IN ({placeholders(len(ids))})",
+        (reason, *ids),
+    )
+    unknown = ChargeResult(outcome=Outcome.UNKNOWN, reason=reason)
+    occurred_at = now_iso()
+    readable, unreadable = _read_requests(rows, first=1)
+    await insert_outbox(
+        cursor,
+        (
+            payment_event(
+                attempt_id=row[0],
+                request=request,
+                state=AttemptState.UNKNOWN,
+                result=unknown,
+                occurred_at=occurred_at,
+            )
+            for row, request in readable
+        ),
+    )
+    await _park(cursor, [(p.attempt_id, p.reason) for p in unreadable])
     return ids
 
 
