@@ -121,7 +121,7 @@ async def serve(
         halt = HaltState(config.providers, HaltKeys(config.redis.key_prefix))
         lanes = _open_lanes(config, stack, redis_client, halt)
 
-        broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
+        broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"), metrics.broker_reconnects.inc)
         await _with_retries("rabbitmq", broker.connect, STARTUP_RETRY_S)
         stack.push_async_callback(broker.close)
 
