@@ -46,7 +46,11 @@ async def test_the_halt_follows_the_redis_master_through_a_sentinel_failover(
     issued after the failover stops every provider call on the daemon, `payd resume` lets the
     requests finish, each charged once. Fails on the code that took one Redis URL only
     (``sentinels`` is an unknown key there, and a client of the old master never sees the halt)."""
-    redis_section = {"url": "redis://ignored.invalid/0", "sentinels": sentinels.addresses, "sentinel_service": "payd"}
+    redis_section = {
+        "url": "redis://ignored.invalid/0",
+        "sentinels": sentinels.addresses,
+        "sentinel_service": "payd",
+    }
     daemon = await daemons.process(redis=redis_section, providers__sandbox={"max_in_flight": 5})
     config_path = next(daemons.workdir.glob(f"payd-{daemon.port}.toml"))
     assert (await daemon.status())["halt"]["stale"] is False
