@@ -24,6 +24,7 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     from daemon.service import serve  # noqa: PLC0415 (keep light commands light)
+    from daemon.startup import DependencyUnavailable  # noqa: PLC0415
     from daemon.tls import log_plaintext_links  # noqa: PLC0415
 
     logging_handle = configure_logging(config.daemon.log_level, config.daemon.log_format, config.gelf)
@@ -47,23 +48,37 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
     except ConfigError as error:  # a provider found its credentials missing, say
         print(f"payd: configuration error: {error}", file=sys.stderr)
         return 2
+    except DependencyUnavailable as error:
+        print(f"payd: {error}", file=sys.stderr)
+        return 1
     finally:
         logging_handle.close()  # send what is queued for Graylog, for at most 5 s
 
 
 def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.pipeline.attempts import DB_ERRORS  # noqa: PLC0415
+    from daemon.startup import DependencyUnavailable  # noqa: PLC0415
     from daemon.storage.db import close_pool, open_pool  # noqa: PLC0415
     from daemon.storage.migrate import migrate  # noqa: PLC0415
 
     async def main() -> int:
-        pool = await open_pool(config.mysql, load_secret("mysql_password"))
+        address = f"{config.mysql.host}:{config.mysql.port}"
+        try:
+            # Unbounded statements: a migration's DDL on a large table may take a while.
+            pool = await open_pool(config.mysql, load_secret("mysql_password"), bounded=False)
+        except DB_ERRORS as error:
+            raise DependencyUnavailable("mysql", address, error) from error
         try:
             await migrate(pool)
         finally:
             await close_pool(pool)
         return 0
 
-    return _run(main())
+    try:
+        return _run(main())
+    except DependencyUnavailable as error:
+        print(f"payd: {error}", file=sys.stderr)
+        return 1
 
 
 def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
@@ -114,6 +129,12 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     from daemon import operate  # noqa: PLC0415
 
     return _run(operate.status(config, as_json=args.json))
+
+
+def cmd_attempts_unpark(config: Config, args: argparse.Namespace) -> int:
+    from daemon import operate  # noqa: PLC0415
+
+    return _run(operate.unpark(config, args.keys, every=args.all))
 
 
 def cmd_retry(config: Config, args: argparse.Namespace) -> int:
@@ -192,6 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     importing.add_argument("--batch-size", type=int, default=1000, help="rows per INSERT (%(default)s)")
     importing.set_defaults(handler=cmd_subscriptions_import)
+    attempts = add("attempts", cmd_attempts_unpark, "attempts: unpark")
+    attempt_commands = attempts.add_subparsers(dest="attempts_command", required=True)
+    unpark = attempt_commands.add_parser(
+        "unpark",
+        help="return parked unknown attempts (their lookup raised) to automatic reconciliation",
+        description="return parked unknown attempts to automatic reconciliation, once the cause is fixed",
+    )
+    unpark.add_argument("--config", default=argparse.SUPPRESS, help="configuration file")
+    unpark.add_argument("keys", nargs="*", metavar="KEY", help="idempotency keys")
+    unpark.add_argument("--all", action="store_true", help="every parked attempt")
+    unpark.set_defaults(handler=cmd_attempts_unpark)
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)
     from daemon.providers.sandbox import gateway  # noqa: PLC0415

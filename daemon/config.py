@@ -46,8 +46,18 @@ class DaemonSettings(Section, frozen=True):
     instance_id: str = ""
     """Identifies this process in attempt claims; empty means ``HOSTNAME:PID``."""
     drain_timeout_s: PositiveFloat = 30.0
+    startup_timeout_s: PositiveFloat = 30.0
+    """How long start-up waits for MySQL, RabbitMQ and Redis before exiting non-zero."""
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "console"] = "json"
+    duty_restart_backoff_s: Annotated[list[PositiveFloat], msgspec.Meta(min_length=1)] = msgspec.field(
+        default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0, 30.0]
+    )
+    """Wait before the n-th restart in a row of a crashed background duty; the last repeats."""
+    duty_failing_after: Annotated[int, msgspec.Meta(ge=1)] = 3
+    """Crashes in a row after which a duty is failing: /readyz red, the watchdog withheld if critical."""
+    duty_stable_after_s: PositiveFloat = 60.0
+    """A duty that runs this long without crashing has recovered: its streak starts again."""
 
 
 class GelfSettings(Section, frozen=True):
@@ -87,6 +97,12 @@ class MySQLSettings(Section, frozen=True):
     pool_recycle_s: PositiveFloat = 300.0
     """A pooled connection older than this is closed, not reused: after a failover behind a
     virtual address, connections opened before it may still reach the old primary."""
+    acquire_timeout_s: PositiveFloat = 10.0
+    """Waiting for a pooled connection, opening one (TCP, handshake, session set-up) included."""
+    query_timeout_s: PositiveFloat = 30.0
+    """Each round trip of a transaction (a statement, the commit); the connection is then closed."""
+    probe_timeout_s: PositiveFloat = 3.0
+    """The health probe's whole look at the database; beyond it ``/readyz`` turns red."""
     tls: TlsSettings | None = None
     """Present (even as an empty table): the link is encrypted and the server verified."""
 
@@ -137,6 +153,9 @@ class RedisSettings(Section, frozen=True):
     """The master's name in the Sentinels' configuration (``sentinel monitor NAME ...``)."""
     key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "payd"
     """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
+    halt_grace_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
+    """How long the last halt state read is kept when the halt keys cannot be read; after that
+    no provider is called until they can. Up to 1 s keeps "halted within one second" fleet-wide."""
     tls: TlsSettings | None = None
     """How a ``rediss://`` link is verified; without it, against the system's CAs."""
 
@@ -155,14 +174,17 @@ class HttpSettings(Section, frozen=True):
 
 
 class MonitorSettings(Section, frozen=True):
-    """The aiomonitor console for live debugging (``daemon/monitor.py``); localhost only by default."""
+    """The aiomonitor console for live debugging (``daemon/monitor.py``): off unless asked for."""
 
-    enabled: bool = True
+    enabled: bool = False
+    """Every console session must give the control token first; without one the daemon won't start."""
     host: str = "127.0.0.1"
     port: Port = 20101
     """The terminal console (telnet); give each instance on a host its own."""
+    webui: bool = False
+    """aiomonitor's web view of the same tasks. It has no authentication and can cancel any task:
+    only for a development machine."""
     webui_port: Port = 20102
-    """aiomonitor's web view of the same tasks."""
 
 
 class PipelineSettings(Section, frozen=True):
@@ -197,6 +219,9 @@ class ProviderConfig(Section, frozen=True):
     max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=100000)]
     timeout_s: PositiveFloat = 10.0
     connect_timeout_s: PositiveFloat = 2.0
+    slot_hold_s: NonNegativeFloat = 30.0
+    """A call payd gave up on (timeout, connection lost) keeps its ``max_in_flight`` slot this
+    much longer: the provider may still be working on it. 0 frees it at once."""
     max_tries: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     """Tries per attempt for provider errors that charged nothing."""
     retry_backoff_s: PositiveFloat = 0.5

@@ -1,4 +1,9 @@
-"""The control endpoint: /healthz, /readyz, /metrics, /status on localhost by default."""
+"""The control endpoint: /healthz, /readyz, /metrics, /status on localhost by default.
+
+``/admin/*`` is a sub-application behind one middleware: the bearer token
+(compared in constant time, as bytes), and a clear 503 when the halt store
+cannot be reached or refuses the command. No handler checks for itself.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +15,22 @@ from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from aiohttp import web
+import structlog
+from aiohttp import hdrs, web
+from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon.broker import Broker
-from daemon.halt import HaltState, clear_halt, set_halt
+from daemon.halt import REDIS_ERRORS, HaltState, clear_halt, set_halt
 from daemon.metrics import Metrics
 from daemon.pipeline.attempts import AttemptPipeline
 from daemon.secrets import Secret
+from daemon.supervisor import Supervisor
+
+log = structlog.get_logger("payd.control")
+
+ADMIN_TIMEOUT_S = 5.0
+"""An admin action that Redis has not answered by then gets a 503, not a hung request."""
 
 
 class ControlState:
@@ -31,6 +44,8 @@ class ControlState:
         pipeline: AttemptPipeline,
         metrics: Metrics,
         database_ok: Callable[[], bool],
+        duties: Supervisor,
+        parked: Callable[[], dict[str, Any]],
         halt: HaltState,
         redis: aioredis.Redis,
         control_token: Secret | None,
@@ -40,6 +55,8 @@ class ControlState:
         self.pipeline = pipeline
         self.metrics = metrics
         self.database_ok = database_ok
+        self.duties = duties
+        self.parked = parked
         self.halt = halt
         self.redis = redis
         self.control_token = control_token
@@ -50,8 +67,13 @@ class ControlState:
             "broker_connected": self.broker.connected.is_set(),
             "database_ok": self.database_ok(),
             "not_draining": not self.pipeline.stopping.is_set(),
-            "halt_state_fresh": not self.halt.stale,
+            "halt_state_fresh": self.halt.fresh(),
+            "duties_ok": self.duties.ready,
         }
+
+    def unready_reasons(self) -> dict[str, str]:
+        """Why a failing check fails, where there is more to say than its name."""
+        return {"halt_state_fresh": self.halt.describe()} if not self.halt.fresh() else {}
 
     def status(self) -> dict[str, Any]:
         lanes = self.pipeline.lanes
@@ -62,6 +84,8 @@ class ControlState:
             "ready": self.readiness(),
             "in_flight": self.pipeline.in_flight,
             "halt": self.halt.snapshot(),
+            "duties": self.duties.snapshot(),
+            "parked_attempts": msgspec.to_builtins(self.parked()),
             "broker_reconnects": self.broker.reconnects,
             "broker_node": self.broker.node,
             "broker_nodes": list(self.broker.nodes),
@@ -75,6 +99,7 @@ class ControlState:
                     "limit": lane.limiter.limit,
                     "in_flight": lane.limiter.in_flight,
                     "waiting": lane.limiter.waiting,
+                    "held": lane.limiter.held,
                     "peak_in_flight": lane.limiter.peak,
                     "halted": self.halt.blocks(name),
                     "breaker": lane.breaker.state.name.lower(),
@@ -105,10 +130,10 @@ def build_control_app(state: ControlState) -> web.Application:
 
     async def readyz(_: web.Request) -> web.Response:
         checks = state.readiness()
-        return web.json_response(
-            {"ready": all(checks.values()), "checks": checks},
-            status=200 if all(checks.values()) else 503,
-        )
+        body: dict[str, object] = {"ready": all(checks.values()), "checks": checks}
+        if reasons := state.unready_reasons():
+            body["reasons"] = reasons
+        return web.json_response(body, status=200 if all(checks.values()) else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         for name, lane in state.pipeline.lanes.items():
@@ -118,6 +143,7 @@ def build_control_app(state: ControlState) -> web.Application:
             state.metrics.breaker_trips.labels(name).set(lane.breaker.trips)
             state.metrics.halted.labels(name).set(1 if state.halt.blocks(name) else 0)
         state.metrics.halt_state_stale.set(1 if state.halt.stale else 0)
+        state.metrics.halt_state_unknown.set(0 if state.halt.known() else 1)
         state.metrics.draining.set(1 if state.pipeline.stopping.is_set() else 0)
         state.metrics.broker_connected.set(1 if state.broker.connected.is_set() else 0)
         for node in state.broker.nodes:
@@ -128,14 +154,7 @@ def build_control_app(state: ControlState) -> web.Application:
     async def status(_: web.Request) -> web.Response:
         return web.json_response(state.status())
 
-    def authorised(request: web.Request) -> bool:
-        token = state.control_token
-        given = request.headers.get("Authorization", "")
-        return token is not None and hmac.compare_digest(given, f"Bearer {token.reveal()}")
-
     async def admin_halt(request: web.Request) -> web.Response:
-        if not authorised(request):
-            return web.json_response({"error": "a valid bearer token is required"}, status=401)
         order = _decode_admin(await request.read())
         if isinstance(order, str):
             return web.json_response({"error": order}, status=400)
@@ -151,8 +170,6 @@ def build_control_app(state: ControlState) -> web.Application:
         return web.json_response({"halted": order.provider or "all"})
 
     async def admin_resume(request: web.Request) -> web.Response:
-        if not authorised(request):
-            return web.json_response({"error": "a valid bearer token is required"}, status=401)
         order = _decode_admin(await request.read())
         if isinstance(order, str):
             return web.json_response({"error": order}, status=400)
@@ -164,9 +181,50 @@ def build_control_app(state: ControlState) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
-    app.router.add_post("/admin/halt", admin_halt)
-    app.router.add_post("/admin/resume", admin_resume)
+    admin = web.Application(middlewares=[_admin_guard(state.control_token)])
+    admin.router.add_post("/halt", admin_halt)
+    admin.router.add_post("/resume", admin_resume)
+    app.add_subapp("/admin/", admin)
     return app
+
+
+def token_matches(given: bytes, token: Secret | None) -> bool:
+    """Constant-time comparison of what a client sent with the control token, as bytes: any
+    byte sequence is an answer (a wrong one), never an error. No token configured: no match."""
+    return token is not None and hmac.compare_digest(given, token.reveal().encode())
+
+
+def _admin_guard(token: Secret | None) -> Middleware:
+    """The one place admin requests are authorised and Redis failures become a clear 503."""
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        # aiohttp decodes header bytes as UTF-8 with surrogateescape: this gives the bytes back.
+        given = request.headers.get(hdrs.AUTHORIZATION, "").encode("utf-8", "surrogateescape")
+        scheme, _, credential = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not token_matches(credential.strip(), token):
+            log.warning("control.unauthorised", path=request.path, remote=request.remote)
+            return web.json_response(
+                {"error": "a valid bearer token is required"},
+                status=401,
+                headers={hdrs.WWW_AUTHENTICATE: "Bearer"},
+            )
+        try:
+            async with asyncio.timeout(ADMIN_TIMEOUT_S):
+                response = await handler(request)
+        except REDIS_ERRORS as error:
+            log.error("control.redis_failed", path=request.path, error=f"{type(error).__name__}: {error}")
+            return web.json_response(
+                {
+                    "error": f"the halt store (Redis) failed: {type(error).__name__}: {error}",
+                    "changed": "unknown: check with payd status once Redis answers, and retry",
+                },
+                status=503,
+                headers={hdrs.RETRY_AFTER: "1"},
+            )
+        return response
+
+    return guard
 
 
 async def start_control(state: ControlState, host: str, port: int) -> web.AppRunner:

@@ -125,6 +125,29 @@ class Metrics:
             "In-flight attempts turned unknown after their claimer stopped",
             registry=r,
         )
+        self.parked = Gauge(
+            "payd_attempts_parked",
+            "Unknown attempts parked after a lookup raised: no automatic lookups until an operator acts",
+            registry=r,
+        )
+        self.duty_up = Gauge(
+            "payd_duty_up",
+            "1 while the background duty runs; 0 crashed, restarting or stopped",
+            ["duty"],
+            registry=r,
+        )
+        self.duty_crashes = Counter(
+            "payd_duty_crashes",
+            "Background duty crashes (each logged with its traceback and restarted)",
+            ["duty"],
+            registry=r,
+        )
+        self.duty_failing = Gauge(
+            "payd_duty_failing",
+            "1 while the duty keeps crashing: /readyz is red (critical duties: the watchdog stops)",
+            ["duty"],
+            registry=r,
+        )
         self.halted = Gauge(
             "payd_halted",
             "1 while new calls to this provider are halted (global or per provider)",
@@ -133,7 +156,12 @@ class Metrics:
         )
         self.halt_state_stale = Gauge(
             "payd_halt_state_stale",
-            "1 while Redis is unreachable and the last halt state is kept",
+            "1 while the last read of the halt keys failed (the last state is kept for halt_grace_s)",
+            registry=r,
+        )
+        self.halt_state_unknown = Gauge(
+            "payd_halt_state_unknown",
+            "1 while the halt keys have not been read for longer than halt_grace_s: no provider is called",
             registry=r,
         )
         self.unknown_attempts = Gauge(
@@ -155,6 +183,20 @@ class Metrics:
             "payd_broker_node_info",
             "1 for the RabbitMQ node in use, 0 for the other nodes",
             ["node"],
+            registry=r,
+        )
+        self.database_ok = Gauge(
+            "payd_database_ok", "1 while the health probe's database round trip answers in time", registry=r
+        )
+        self.slots_held = Gauge(
+            "payd_provider_slots_held",
+            "In-flight slots kept after a call ended unknown: the provider may still be working on it",
+            ["provider"],
+            registry=r,
+        )
+        self.claims_taken_over = Counter(
+            "payd_claims_taken_over",
+            "In-flight attempts of this instance's previous process made unknown at start-up",
             registry=r,
         )
 

@@ -1,7 +1,9 @@
 """systemd's notify protocol: READY, STOPPING, WATCHDOG and EXTEND_TIMEOUT over $NOTIFY_SOCKET.
 
 A no-op outside systemd. The watchdog is pinged from the event loop itself, so
-a loop that stops turning stops pinging and systemd restarts the process.
+a loop that stops turning stops pinging and systemd restarts the process. It
+is also withheld while ``healthy`` says no (a critical duty keeps crashing):
+a restart is then the best systemd can do for us.
 """
 
 from __future__ import annotations
@@ -10,6 +12,11 @@ import asyncio
 import contextlib
 import os
 import socket
+from collections.abc import Callable
+
+import structlog
+
+log = structlog.get_logger("payd.notify")
 
 
 class SystemdNotifier:
@@ -50,11 +57,17 @@ class SystemdNotifier:
     def watchdog(self) -> None:
         self.send("WATCHDOG=1")
 
-    async def watchdog_loop(self) -> None:
+    async def watchdog_loop(self, healthy: Callable[[], bool] = lambda: True) -> None:
         if self.watchdog_interval_s is None or self._socket is None:
             return
+        withheld = False
         while True:
-            self.watchdog()
+            if healthy():
+                self.watchdog()
+                withheld = False
+            elif not withheld:
+                log.critical("watchdog.withheld", reason="a critical duty keeps crashing")
+                withheld = True
             await asyncio.sleep(self.watchdog_interval_s)
 
     def close(self) -> None:

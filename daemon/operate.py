@@ -1,4 +1,4 @@
-"""``payd halt``, ``payd resume`` and ``payd status``: operating a running fleet."""
+"""``payd halt``, ``payd resume``, ``payd status`` and ``payd attempts unpark``: operating a running fleet."""
 
 from __future__ import annotations
 
@@ -83,6 +83,10 @@ async def status(config: Config, *, as_json: bool) -> int:
     print(f"ready      {json.dumps(snapshot['ready'])}")
     print(f"draining   {snapshot['draining']}")
     print(f"halt       global={'yes' if halt_state['global'] else 'no'}  stale={halt_state['stale']}")
+    unwell = {name: d["state"] for name, d in snapshot.get("duties", {}).items() if d["state"] != "running"}
+    print(f"duties     {json.dumps(unwell) if unwell else 'all running'}")
+    parked = snapshot.get("parked_attempts", {}).get("fleet", 0)
+    print(f"parked     {parked} unknown attempts wait for an operator")
     print(f"{'provider':<16}{'in flight':>10}{'limit':>7}{'waiting':>9}  breaker    halted")
     for name, lane in snapshot["providers"].items():
         print(
@@ -90,3 +94,24 @@ async def status(config: Config, *, as_json: bool) -> int:
             f"{lane['breaker']:<10} {'yes' if lane['halted'] else 'no'}"
         )
     return 0
+
+
+async def unpark(config: Config, keys: list[str], *, every: bool) -> int:
+    """``payd attempts unpark``: parked attempts go back to automatic reconciliation."""
+    from daemon.storage.attempts import unpark_attempts  # noqa: PLC0415 (keep halt/resume light)
+    from daemon.storage.db import close_pool, open_pool  # noqa: PLC0415
+
+    if bool(keys) == every:
+        print("payd attempts unpark: name idempotency keys, or --all", file=sys.stderr)
+        return 2
+    pool = await open_pool(config.mysql, load_secret("mysql_password"))
+    try:
+        found = await unpark_attempts(pool, None if every else keys)
+    finally:
+        await close_pool(pool)
+    for key in found:
+        print(f"unparked {key}: looked up again at the next reconciliation pass")
+    missing = sorted(set(keys) - set(found))
+    for key in missing:
+        print(f"payd attempts unpark: {key} is not a parked unknown attempt", file=sys.stderr)
+    return 1 if missing else 0

@@ -1,9 +1,12 @@
 """A periodic look at the things /readyz and the backlog metrics report on.
 
 Every couple of seconds: one database round trip that also measures the
-unknown-attempt backlog (served by the ``(state, recheck_at)`` index), and the
+unknown-attempt backlog and how much of it is parked (served by the
+``(state, recheck_at)`` index), and the
 depth of the attempts and dead-letter queues. A failure marks the database
-not ready; a broker that cannot answer leaves the last depths in place.
+not ready; so does a database that does not answer within the pool's
+``probe_s`` (frozen, or every connection stuck): a hung server is as unready
+as a refused one. A broker that cannot answer leaves the last depths in place.
 """
 
 from __future__ import annotations
@@ -11,11 +14,14 @@ from __future__ import annotations
 import asyncio
 
 import aiomysql
+import structlog
 
 from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable
 from daemon.metrics import Metrics
 from daemon.pipeline.attempts import DB_ERRORS
-from daemon.storage.db import transaction
+from daemon.storage.db import timeouts_of, transaction
+
+log = structlog.get_logger("payd.probe")
 
 
 class HealthProbe:
@@ -24,6 +30,9 @@ class HealthProbe:
         self._broker = broker
         self._metrics = metrics
         self.database_ok = True
+        self.parked_attempts = 0
+        """Fleet-wide: unknown attempts parked for an operator (their lookup raised)."""
+        metrics.database_ok.set(1)
 
     async def run(self, interval_s: float = 2.0) -> None:
         while True:
@@ -32,19 +41,37 @@ class HealthProbe:
 
     async def look(self) -> None:
         try:
-            async with transaction(self._pool) as cursor:
-                await cursor.execute(
-                    "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(updated_at), NOW(6)) "
-                    "FROM attempts WHERE state = 'unknown'"
-                )
-                count, oldest_us = await cursor.fetchone()
-            self._metrics.unknown_attempts.set(count)
-            self._metrics.unknown_oldest.set((oldest_us or 0) / 1_000_000)
-            self.database_ok = True
-        except DB_ERRORS:
-            self.database_ok = False
+            async with asyncio.timeout(timeouts_of(self._pool).probe_s):
+                await self._look_at_database()
+        except DB_ERRORS as error:  # TimeoutError included
+            self._set_database_ok(False, error)
+        else:
+            self._set_database_ok(True)
         try:
             for queue, depth in (await self._broker.queue_depths()).items():
                 self._metrics.queue_messages.labels(queue).set(depth)
         except (BrokerUnavailable, *BROKER_ERRORS):
             pass  # reconnection is the supervisor's business; /readyz already says so
+
+    async def _look_at_database(self) -> None:
+        async with transaction(self._pool) as cursor:
+            await cursor.execute(
+                "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(updated_at), NOW(6)), "
+                "COALESCE(SUM(parked_at IS NOT NULL), 0) FROM attempts WHERE state = 'unknown'"
+            )
+            count, oldest_us, parked = await cursor.fetchone()
+        self._metrics.unknown_attempts.set(count)
+        self._metrics.parked.set(parked)
+        self.parked_attempts = int(parked)
+        self._metrics.unknown_oldest.set((oldest_us or 0) / 1_000_000)
+
+    def _set_database_ok(self, ok: bool, error: BaseException | None = None) -> None:
+        if ok != self.database_ok:
+            if ok:
+                log.warning("database.answering_again")
+            else:
+                log.error(
+                    "database.not_answering", error=repr(error), timeout_s=timeouts_of(self._pool).probe_s
+                )
+        self.database_ok = ok
+        self._metrics.database_ok.set(1 if ok else 0)

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
-import redis.exceptions
 from redis.asyncio.sentinel import Sentinel
 from yarl import URL
 
@@ -74,16 +73,17 @@ def redis_address(settings: RedisSettings) -> str:
 
 
 async def open_redis(settings: RedisSettings, password: Secret | None) -> aioredis.Redis:
-    """A client whose TLS link has been tried once: a server that fails verification is a
-    ``TlsLinkError``. Redis merely being down is not an error here; the halt watch copes."""
+    """A client that has answered once (``from_url`` alone connects lazily).
+
+    A server that fails TLS verification is a ``TlsLinkError`` (a configuration
+    problem: not retried); Redis not answering raises its own error, which
+    start-up retries until ``[daemon] startup_timeout_s``. A new instance has no
+    last halt state to keep, so it makes no provider call before Redis answers.
+    """
     client = redis_client(settings, password)
-    if settings.effective_tls is None:
-        return client
     try:
         with naming_tls_failures(Link.REDIS, redis_address(settings)):
             await client.ping()
-    except (redis.exceptions.RedisError, OSError):
-        pass  # unreachable: the same as without TLS
     except BaseException:
         await client.aclose()
         raise

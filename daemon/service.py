@@ -1,25 +1,26 @@
 """``payd run``: open everything in order, serve until told to stop, drain, close in reverse.
 
 Signals only set events (see ``daemon.cli``), so tests drive the same code by
-setting ``shutdown`` themselves.
+setting ``shutdown`` themselves. Background duties live in a service tree
+(``daemon.supervisor``): declared below with their tier, started together,
+stopped tier by tier as the drain proceeds.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import time
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
-from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
 
 from daemon.broker import BROKER_ERRORS, Broker
-from daemon.config import Config
+from daemon.config import Config, DaemonSettings
 from daemon.control import ControlState, start_control
-from daemon.halt import HaltKeys, HaltState
+from daemon.halt import REDIS_ERRORS, HaltKeys, HaltState
 from daemon.logs import set_log_level
 from daemon.metrics import Metrics
 from daemon.monitor import start_monitor
@@ -32,36 +33,30 @@ from daemon.pipeline.reconcile import Reconciler
 from daemon.pipeline.relay import OutboxRelay
 from daemon.probe import HealthProbe
 from daemon.providers.registry import create_provider
-from daemon.redis_link import open_redis
+from daemon.redis_link import open_redis, redis_address
 from daemon.reload import watch_reloads
 from daemon.secrets import load_secret
+from daemon.startup import url_address, with_retries
 from daemon.storage.db import close_pool, open_pool
-from daemon.subscriptions.scheduler import start_subscriptions
+from daemon.storage.identity import instance_identity
+from daemon.subscriptions.policy import SubscriptionPolicy
+from daemon.subscriptions.scheduler import build_scheduler
+from daemon.supervisor import FaultInjector, RestartPolicy, Supervisor, Tier
 
 log = structlog.get_logger("payd")
 
-STARTUP_RETRY_S = 30.0
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
-async def _with_retries(what: str, action: Callable[[], Awaitable[Any]], give_up_after: float) -> Any:
-    """Start-up dependencies get a bounded grace period, then payd exits non-zero for systemd."""
-    deadline = time.monotonic() + give_up_after
-    delay = 0.5
-    while True:
-        try:
-            return await action()
-        except (*DB_ERRORS, *BROKER_ERRORS) as error:
-            if time.monotonic() + delay > deadline:
-                raise
-            log.warning("startup.waiting", dependency=what, error=repr(error), retry_in_s=delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+def _restart_policy(settings: DaemonSettings) -> RestartPolicy:
+    return RestartPolicy(
+        backoff_s=tuple(settings.duty_restart_backoff_s),
+        failing_after=settings.duty_failing_after,
+        stable_after_s=settings.duty_stable_after_s,
+    )
 
 
 def _open_lanes(
@@ -84,6 +79,63 @@ def _open_lanes(
     return lanes
 
 
+def _reloader(
+    config: Config, lanes: dict[str, Lane], redis_client: aioredis.Redis, reload: asyncio.Event
+) -> Callable[[], Awaitable[None]]:
+    """The SIGHUP duty: re-read the configuration whenever ``reload`` is set."""
+    return functools.partial(
+        watch_reloads,
+        reload,
+        config,
+        lanes,
+        rate_factory=lambda name, provider: rate_limit_for(
+            name, provider, redis_client, config.redis.key_prefix
+        ),
+        set_log_level=set_log_level,
+    )
+
+
+async def _open_control(
+    config: Config, state: ControlState, stack: AsyncExitStack, shutdown: asyncio.Event
+) -> None:
+    """The control endpoint, and the aiomonitor console when enabled."""
+    runner = await start_control(state, config.http.host, config.http.port)
+    stack.push_async_callback(runner.cleanup)
+    if config.monitor.enabled:
+        monitor = start_monitor(
+            state,
+            shutdown,
+            host=config.monitor.host,
+            port=config.monitor.port,
+            webui_port=config.monitor.webui_port if config.monitor.webui else None,
+        )
+        stack.callback(monitor.close)
+
+
+async def _drain(
+    config: Config,
+    *,
+    pipeline: AttemptPipeline,
+    duties: Supervisor,
+    notifier: SystemdNotifier,
+    force: asyncio.Event,
+) -> None:
+    """The drain, step by step; the exit stack then closes connections in reverse order of opening."""
+    deadline = time.monotonic() + config.daemon.drain_timeout_s
+    log.info("daemon.draining", drain_timeout_s=config.daemon.drain_timeout_s)
+    notifier.stopping(config.daemon.drain_timeout_s)
+    # Intake stops, and with it every duty that makes new work.
+    await pipeline.stop_intake()
+    await duties.stop(Tier.WORK)
+    # The pipeline drains: calls on the wire finish, outcomes commit, deliveries are settled.
+    await pipeline.drain(deadline, force)
+    # The relay flushes what those commits wrote, and stops (a second signal: it is cut short).
+    remaining = max(0.5, deadline - time.monotonic())
+    await duties.stop(Tier.EVENTS, graceful=not force.is_set(), finish_within_s=remaining)
+    # The links close last: acks and the last events needed them.
+    await duties.stop(Tier.LINKS)
+
+
 async def serve(
     config: Config,
     *,
@@ -91,12 +143,14 @@ async def serve(
     force: asyncio.Event | None = None,
     reload: asyncio.Event | None = None,
     on_ready: Callable[[], None] = lambda: None,
+    faults: FaultInjector | None = None,
 ) -> int:
     """Run the daemon until ``shutdown`` is set; return the process exit status.
 
     ``force`` (a second signal) cuts the drain short: the process exits at
     once, leaving unfinished attempts to leases and redelivery. ``reload``
     (SIGHUP) re-reads the configuration and applies what can change live.
+    ``faults`` is for tests only: it makes named duties crash on demand.
     """
     force = force or asyncio.Event()
     reload = reload or asyncio.Event()
@@ -104,25 +158,50 @@ async def serve(
     structlog.contextvars.bind_contextvars(instance=instance_id)
     metrics = Metrics()
     notifier = SystemdNotifier()
+    duties = Supervisor(metrics=metrics, policy=_restart_policy(config.daemon), faults=faults)
+    # Passed to everything that records outcomes, as an argument: no task can miss it.
+    policy = SubscriptionPolicy(config.subscriptions)
 
     async with AsyncExitStack() as stack:
         stack.callback(notifier.close)
-        watchdog = asyncio.create_task(notifier.watchdog_loop(), name="systemd-watchdog")
-        stack.push_async_callback(_cancel, [watchdog])
-        pool = await _with_retries(
+        # Pinged while the loop turns and no critical duty keeps crashing.
+        watchdog = asyncio.create_task(notifier.watchdog_loop(lambda: duties.critical_ok), name="watchdog")
+        stack.push_async_callback(_cancel, watchdog)
+        pool = await with_retries(
             "mysql",
+            f"{config.mysql.host}:{config.mysql.port}",
             lambda: open_pool(config.mysql, load_secret("mysql_password")),
-            STARTUP_RETRY_S,
+            give_up_after=config.daemon.startup_timeout_s,
+            errors=DB_ERRORS,
         )
         stack.push_async_callback(close_pool, pool)
+        await stack.enter_async_context(
+            instance_identity(
+                config.mysql, load_secret("mysql_password"), pool, instance_id=instance_id, metrics=metrics
+            )
+        )
 
-        redis_client = await open_redis(config.redis, load_secret("redis_password"))
+        redis_client = await with_retries(
+            "redis",
+            redis_address(config.redis),
+            lambda: open_redis(config.redis, load_secret("redis_password")),
+            give_up_after=config.daemon.startup_timeout_s,
+            errors=REDIS_ERRORS,
+        )
         stack.push_async_callback(redis_client.aclose)
-        halt = HaltState(config.providers, HaltKeys(config.redis.key_prefix))
+        halt = HaltState(
+            config.providers, HaltKeys(config.redis.key_prefix), grace_s=config.redis.halt_grace_s
+        )
         lanes = _open_lanes(config, stack, redis_client, halt)
 
         broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"), metrics.broker_reconnects.inc)
-        await _with_retries("rabbitmq", broker.connect, STARTUP_RETRY_S)
+        await with_retries(
+            "rabbitmq",
+            ", ".join(url_address(node) for node in config.rabbitmq.nodes),
+            broker.connect,
+            give_up_after=config.daemon.startup_timeout_s,
+            errors=BROKER_ERRORS,
+        )
         stack.push_async_callback(broker.close)
 
         relay = OutboxRelay(pool=pool, broker=broker, settings=config.outbox, metrics=metrics)
@@ -133,6 +212,7 @@ async def serve(
             settings=config.pipeline,
             metrics=metrics,
             instance_id=instance_id,
+            policy=policy,
             on_recorded=relay.wake,
         )
         reconciler = Reconciler(
@@ -140,57 +220,40 @@ async def serve(
             lanes=lanes,
             settings=config.pipeline,
             metrics=metrics,
+            policy=policy,
             on_recorded=relay.wake,
         )
         probe = HealthProbe(pool, broker, metrics)
+        scheduler = build_scheduler(
+            config, pool=pool, policy=policy, providers=lanes, metrics=metrics, wake=relay.wake
+        )
+        # The service tree: a new duty is one line, in the tier that says when it stops. Critical
+        # duties keep payd's promises (the broker link, the emergency stop, events out, unknowns
+        # settled): when one keeps crashing, systemd restarts the process.
+        duties.add("broker-link", broker.supervise, tier=Tier.LINKS, critical=True)
+        duties.add("halt-watcher", lambda: halt.watch(redis_client), tier=Tier.LINKS, critical=True)
+        duties.add("outbox-relay", relay.run, tier=Tier.EVENTS, critical=True, stop=relay.stop)
+        duties.add("reconciler", reconciler.run, tier=Tier.WORK, critical=True)
+        duties.add("health-probe", probe.run, tier=Tier.WORK)
+        duties.add("config-reloader", _reloader(config, lanes, redis_client, reload), tier=Tier.WORK)
+        if scheduler is not None:
+            duties.add("renewal-scheduler", scheduler.run, tier=Tier.WORK)
+        duties.start()
+        stack.push_async_callback(duties.stop_all)
 
-        # Before any task that records outcomes starts: they follow this daemon's [subscriptions].
-        renewals = start_subscriptions(config, pool=pool, providers=lanes, metrics=metrics, wake=relay.wake)
-        # Background duties; the relay outlives the drain so the last events go out.
-        duties = [
-            asyncio.create_task(broker.supervise(), name="broker-supervisor"),
-            asyncio.create_task(halt.watch(redis_client), name="halt-watcher"),
-            asyncio.create_task(reconciler.run(), name="reconciler"),
-            asyncio.create_task(probe.run(), name="health-probe"),
-            asyncio.create_task(
-                watch_reloads(
-                    reload,
-                    config,
-                    lanes,
-                    rate_factory=lambda name, provider: rate_limit_for(
-                        name, provider, redis_client, config.redis.key_prefix
-                    ),
-                    set_log_level=set_log_level,
-                ),
-                name="config-reloader",
-            ),
-            *renewals,
-        ]
-        relay_task = asyncio.create_task(relay.run(), name="outbox-relay")
-        stack.push_async_callback(_cancel, [relay_task])
-        stack.push_async_callback(_cancel, duties)
-
-        state = ControlState(
+        control = ControlState(
             instance_id=instance_id,
             broker=broker,
             pipeline=pipeline,
             metrics=metrics,
             database_ok=lambda: probe.database_ok,
+            duties=duties,
+            parked=lambda: {"fleet": probe.parked_attempts, "recent": list(reconciler.parked)},
             halt=halt,
             redis=redis_client,
             control_token=load_secret("control_token"),
         )
-        runner = await start_control(state, config.http.host, config.http.port)
-        stack.push_async_callback(runner.cleanup)
-        if config.monitor.enabled:
-            monitor = start_monitor(
-                state,
-                shutdown,
-                host=config.monitor.host,
-                port=config.monitor.port,
-                webui_port=config.monitor.webui_port,
-            )
-            stack.callback(monitor.close)
+        await _open_control(config, control, stack, shutdown)
 
         pipeline.start()
         await broker.start_consuming(pipeline.on_message)
@@ -204,13 +267,6 @@ async def serve(
         on_ready()
 
         await shutdown.wait()
-        deadline = time.monotonic() + config.daemon.drain_timeout_s
-        log.info("daemon.draining", drain_timeout_s=config.daemon.drain_timeout_s)
-        notifier.stopping(config.daemon.drain_timeout_s)
-        await _cancel(duties[2:])  # reconciliation and probing stop; the broker link and halt watch stay
-        await pipeline.drain(deadline, force)
-        if not force.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(relay.publish_pending(), max(0.5, deadline - time.monotonic()))
+        await _drain(config, pipeline=pipeline, duties=duties, notifier=notifier, force=force)
     log.info("daemon.stopped", forced=force.is_set())
     return 1 if force.is_set() else 0

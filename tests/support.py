@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from daemon.providers.sandbox.behaviour import SandboxBehaviour
 from daemon.providers.sandbox.gateway import build_app
 from daemon.secrets import load_secret
 from daemon.service import serve
+from daemon.supervisor import FaultInjector
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYD = str(Path(sys.executable).with_name("payd"))
@@ -277,9 +278,10 @@ class DaemonFactory:
 
 
 class InProcessDaemon:
-    def __init__(self, config: Config, port: int) -> None:
+    def __init__(self, config: Config, port: int, faults: FaultInjector | None = None) -> None:
         self.config = config
         self.port = port
+        self.faults = faults
         self.shutdown = asyncio.Event()
         self.force = asyncio.Event()
         self.task: asyncio.Task[int] | None = None
@@ -287,7 +289,9 @@ class InProcessDaemon:
     async def start(self) -> None:
         ready = asyncio.Event()
         self.task = asyncio.create_task(
-            serve(self.config, shutdown=self.shutdown, force=self.force, on_ready=ready.set)
+            serve(
+                self.config, shutdown=self.shutdown, force=self.force, on_ready=ready.set, faults=self.faults
+            )
         )
         done, _ = await asyncio.wait(
             [self.task, asyncio.create_task(ready.wait())], timeout=30, return_when=asyncio.FIRST_COMPLETED
@@ -365,6 +369,21 @@ class DaemonProcess:
     def log(self) -> str:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-4000:]
+
+
+@contextlib.contextmanager
+def notify_socket(path: Path, *, watchdog_usec: int = 200_000) -> Iterator[socket.socket]:
+    """A datagram socket standing in for systemd's $NOTIFY_SOCKET, with a watchdog interval."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    listener.setblocking(False)
+    os.environ["NOTIFY_SOCKET"] = str(path)
+    os.environ["WATCHDOG_USEC"] = str(watchdog_usec)
+    try:
+        yield listener
+    finally:
+        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
+        listener.close()
 
 
 def request(

@@ -133,3 +133,53 @@ async def test_unreachable_redis_keeps_the_last_halt_state() -> None:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await unreachable.aclose()
+
+
+async def test_a_running_state_is_kept_through_the_grace_and_then_no_provider_is_called() -> None:
+    """Redis unreachable: within ``halt_grace_s`` the last state read (running) holds, so a blip
+    stops nothing; once the grace has run out every provider is blocked until a read succeeds."""
+    from daemon.halt import HaltState  # noqa: PLC0415
+
+    unreachable = aioredis.from_url("redis://127.0.0.1:1/0", socket_connect_timeout=0.2)
+    patient = HaltState(["sandbox"], KEYS, grace_s=60)
+    brief = HaltState(["sandbox"], KEYS, grace_s=0.3)
+    for state in (patient, brief):
+        state.apply(None, {"sandbox": None})
+        assert not state.blocks("sandbox")
+        await state.read(unreachable)
+        assert state.stale, "the failed read is seen"
+    assert not patient.blocks("sandbox"), "within the grace the last state read holds"
+
+    async def blocked() -> bool:
+        return brief.blocks("sandbox")
+
+    await eventually(blocked, timeout=10, what="the grace to run out")
+    assert brief.snapshot()["known"] is False
+    await unreachable.aclose()
+
+
+async def test_a_halt_watcher_that_stops_leaves_the_instance_halted() -> None:
+    """However the watcher ends (cancelled from a console, a bug), its reads stop, and after the
+    grace no provider is called: freshness is the age of the last read, not the absence of errors."""
+    from daemon.halt import HaltState  # noqa: PLC0415
+
+    await clear_halts()
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    state = HaltState(["sandbox"], KEYS, grace_s=0.5)
+    assert state.blocks("sandbox"), "before the first read the state is unknown"
+    watcher = asyncio.create_task(state.watch(client))
+    try:
+
+        async def running() -> bool:
+            return not state.blocks("sandbox")
+
+        await eventually(running, timeout=10, what="the first read")
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+
+    async def blocked() -> bool:
+        return state.blocks("sandbox")
+
+    await eventually(blocked, timeout=10, what="the instance to stop calling")
+    await client.aclose()

@@ -30,7 +30,7 @@ import pytest
 from daemon.config import ConfigError, parse_config
 from daemon.models import AttemptRequest, ChargeResult, Outcome
 from daemon.storage.attempts import Record, claim_attempts, record_outcomes
-from daemon.subscriptions.policy import SubscriptionPolicy, use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.scheduler import BatchResult, RenewalScheduler
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query
 from tests.test_subscriptions import (
@@ -219,7 +219,6 @@ async def test_category_1_and_mac_03_21_are_never_retried(
     due rather than canceled, no later pass dispatches them again. A plain soft decline on the
     same schedule is retried."""
     policy_settings = settings(dunning={**DUNNING, "on_hard_decline": "past_due"})
-    use_policy(policy_settings)
     codes = {
         1: "visa:04",
         2: "visa:14",
@@ -252,6 +251,7 @@ async def test_category_1_and_mac_03_21_are_never_retried(
             for r in requests
         ],
         unknown_recheck_s=1,
+        policy=SubscriptionPolicy(policy_settings),
     )
     await query(db, "UPDATE subscriptions SET next_attempt_at = NOW(6) WHERE next_attempt_at IS NOT NULL")
     again = await scheduler.run_pass()

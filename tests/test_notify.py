@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
 from pathlib import Path
 
 import aiomysql
 
 from daemon.notify import SystemdNotifier
-from tests.support import Broker, DaemonFactory, InProcessDaemon
+from tests.support import Broker, DaemonFactory, InProcessDaemon, notify_socket
 
 
 async def test_daemon_sends_ready_watchdog_stopping_in_order(
@@ -18,27 +16,18 @@ async def test_daemon_sends_ready_watchdog_stopping_in_order(
 ) -> None:
     """READY once consuming, WATCHDOG pings while alive, STOPPING (with a timeout extension
     covering the drain) when the drain starts."""
-    path = tmp_path / "notify.sock"
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    listener.bind(str(path))
-    listener.setblocking(False)
-    os.environ["NOTIFY_SOCKET"] = str(path)
-    os.environ["WATCHDOG_USEC"] = "200000"
-    try:
+    with notify_socket(tmp_path / "notify.sock") as listener:
         config, _, port = daemons.config()
         daemon = InProcessDaemon(config, port)
         await daemon.start()
         await asyncio.sleep(0.5)
         assert await daemon.stop() == 0
-    finally:
-        del os.environ["NOTIFY_SOCKET"], os.environ["WATCHDOG_USEC"]
-    messages = []
-    while True:
-        try:
-            messages.append(listener.recv(4096).decode())
-        except BlockingIOError:
-            break
-    listener.close()
+        messages = []
+        while True:
+            try:
+                messages.append(listener.recv(4096).decode())
+            except BlockingIOError:
+                break
     kinds = [m.splitlines()[0] for m in messages]
     assert "READY=1" in kinds and "STOPPING=1" in kinds
     ready, stopping = kinds.index("READY=1"), kinds.index("STOPPING=1")

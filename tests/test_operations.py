@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import re
 import signal
 
 import aiohttp
 import aiomysql
 import redis.asyncio as aioredis
-import telnetlib3
 
 from daemon.halt import HaltKeys
+from daemon.secrets import load_secret
+from tests.faults.console import logged_in_console
 from tests.support import NAMESPACE, Broker, DaemonFactory, Sandbox, eventually, free_port
 
 
@@ -52,37 +51,25 @@ async def _contains(text: str, needle: str) -> bool:
 async def test_aiomonitor_commands_answer_over_a_real_connection(
     db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
-    """`providers` shows the lanes; `limit` changes one; `halt`/`resume` write the fleet-wide key."""
+    """After logging in with the control token: `providers` shows the lanes; `limit` changes one;
+    `halt`/`resume` write the fleet-wide key."""
     port = free_port()
+    token = load_secret("control_token")
+    assert token is not None
     redis = aioredis.from_url("redis://127.0.0.1:6379/0")
     await redis.delete(HaltKeys(NAMESPACE).provider_key("sandbox"))
-    async with daemons.in_process(
-        monitor={"enabled": True, "port": port, "webui_port": free_port()}
-    ) as daemon:
-        reader, writer = await telnetlib3.open_connection(
-            "127.0.0.1", port, term="dumb", cols=200, rows=50, connect_minwait=0.2
-        )
-
-        async def run(command: str, until: str) -> str:
-            writer.write(command + "\r\n")
-            seen = ""
-            deadline = asyncio.get_running_loop().time() + 10
-            while until not in seen and asyncio.get_running_loop().time() < deadline:
-                with contextlib.suppress(TimeoutError):
-                    seen += await asyncio.wait_for(reader.read(65536), 0.5)
-            return re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", seen)
-
-        await run("", "payd >>>")
-        table = await run("providers", "draining:")
+    async with daemons.in_process(monitor={"enabled": True, "port": port}) as daemon:
+        console = await logged_in_console(port, token.reveal())
+        table = await console.send("providers", "draining:")
         assert re.search(r"\| sandbox\s+\| 50\s+\|", table), table
         assert "in flight 1" not in table
-        await run("limit sandbox 9", "in-flight limit 9")
+        await console.send("limit sandbox 9", "in-flight limit 9")
         assert (await daemon.status())["providers"]["sandbox"]["limit"] == 9
-        await run("halt --provider sandbox --reason from-test", "halted")
+        await console.send("halt --provider sandbox --reason from-test", "halted")
         assert b"from-test" in (await redis.get(HaltKeys(NAMESPACE).provider_key("sandbox")) or b"")
-        await run("resume --provider sandbox", "resumed")
+        await console.send("resume --provider sandbox", "resumed")
         assert await redis.get(HaltKeys(NAMESPACE).provider_key("sandbox")) is None
-        writer.close()
+        console.close()
     await redis.aclose()
 
 

@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 
 from daemon.models import Outcome
 from daemon.pipeline.breaker import BreakerState, CircuitBreaker
+from daemon.pipeline.limiter import ProviderLimiter
 from daemon.pipeline.ratelimit import FleetTokenBucket
 from tests.support import (
     PAYD,
@@ -299,3 +300,38 @@ async def test_breaker_waiters_sleep_until_a_probe_reports() -> None:
     breaker.record(Outcome.APPROVED)
     await asyncio.wait_for(asyncio.gather(*waiters), timeout=5)
     assert breaker.state is BreakerState.CLOSED
+
+
+async def test_provider_never_sees_more_than_max_in_flight_when_calls_time_out(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Calls that time out at payd keep running at the provider (the sandbox answers pm_timeout
+    only after hang_s). If a timeout freed its slot at once, the next calls would start while
+    the abandoned ones still run, and the gateway's peak concurrency would exceed
+    max_in_flight. Holding the slot for slot_hold_s keeps the gateway's view within the limit,
+    and every hold ends: all attempts are reconciled to the one charge each."""
+    await sandbox.behave(hang_s=2.5)
+    keys = [f"hold-{i}" for i in range(20)]
+    lane = {"max_in_flight": 5, "timeout_s": 0.5, "slot_hold_s": 3, "breaker_min_calls": 10_000}
+    async with daemons.in_process(providers__sandbox=lane):
+        await broker.publish(request(key, payment_method="pm_timeout") for key in keys)
+        settled = await wait_settled(db, keys, timeout=120)
+    assert set(settled.values()) == {"succeeded"}
+    assert len(await sandbox.assert_no_double_charge()) == 20
+    peak = (await sandbox.stats())["peak_in_flight"]
+    assert peak <= 5, f"the gateway saw {peak} concurrent charges against max_in_flight = 5"
+
+
+async def test_a_held_slot_is_released_when_its_hold_ends() -> None:
+    """A stuck provider cannot wedge a lane: a held slot counts against the limit (the next
+    caller waits) and is handed on when the hold ends."""
+    limiter = ProviderLimiter(1)
+    released: list[bool] = []
+    assert await limiter.acquire()
+    limiter.hold(0.2, on_release=lambda: released.append(True))
+    assert (limiter.in_flight, limiter.held) == (1, 1)
+    waiter = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    assert not waiter.done(), "a held slot is still taken"
+    assert await asyncio.wait_for(waiter, timeout=10)
+    assert (limiter.in_flight, limiter.held, released) == (1, 0, [True])

@@ -32,7 +32,7 @@ from daemon.secrets import load_secret
 from daemon.storage.attempts import Record, claim_attempts, record_outcomes
 from daemon.storage.db import close_pool, open_pool
 from daemon.subscriptions.periods import add_months
-from daemon.subscriptions.policy import SubscriptionPolicy, use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.scheduler import RenewalScheduler
 from tests.support import DATABASE, PAYD, Broker, DaemonFactory, Sandbox, eventually, query
 
@@ -378,7 +378,6 @@ async def test_never_retry_codes_and_retry_advice_through_the_record_path(
     code stop dunning at once although they arrive as soft declines; a provider's earliest-retry
     advice pushes the next try past the schedule; an approval pays and renews; all in the same
     commit as the attempt's outcome, with its event in the outbox."""
-    use_policy(settings())
     await add_subscriptions(db, [(sid, f"pm_code_{sid}", "mastercard") for sid in (1, 2, 3, 4)])
     scheduler = RenewalScheduler(
         pool=sched_pool, settings=settings(), policy=SubscriptionPolicy(settings()), providers={"sandbox"}
@@ -402,6 +401,7 @@ async def test_never_retry_codes_and_retry_advice_through_the_record_path(
             for sid, r in requests.items()
         ],
         unknown_recheck_s=1,
+        policy=SubscriptionPolicy(settings()),
     )
     rows = await subscription_rows(db)
     assert (rows[1]["status"], rows[1]["status_reason"]) == ("canceled", "do not retry")

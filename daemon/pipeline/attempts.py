@@ -28,6 +28,7 @@ from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.execute import BREAKER_OPEN, AttemptRun, Lane, execute
 from daemon.pipeline.intake import Invalid, decode_request
 from daemon.storage.attempts import Record, claim_attempts, record_outcomes, route_attempt
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 log = structlog.get_logger("payd.pipeline")
 
@@ -71,10 +72,12 @@ class AttemptPipeline:
         settings: PipelineSettings,
         metrics: Metrics,
         instance_id: str,
+        policy: SubscriptionPolicy,
         on_recorded: Callable[[], None] = lambda: None,
     ) -> None:
         self._pool = pool
         self._broker = broker
+        self._policy = policy
         self.lanes = lanes
         self._settings = settings
         self._metrics = metrics
@@ -269,7 +272,7 @@ class AttemptPipeline:
         while True:
             try:
                 outcome = await record_outcomes(
-                    self._pool, records, unknown_recheck_s=self._first_unknown_recheck_s
+                    self._pool, records, unknown_recheck_s=self._first_unknown_recheck_s, policy=self._policy
                 )
                 break
             except DB_ERRORS as error:
@@ -331,6 +334,11 @@ class AttemptPipeline:
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
 
+    async def stop_intake(self) -> None:
+        """The drain's first step: no new delivery is taken (those still arriving are requeued)."""
+        self.stopping.set()
+        await self._broker.stop_consuming()
+
     async def drain(self, deadline: float, force: asyncio.Event) -> None:
         """Stop intake, let calls on the wire finish until ``deadline``, record, settle.
 
@@ -338,8 +346,8 @@ class AttemptPipeline:
         at the deadline (or at ``force``) are cancelled and recorded unknown, so
         reconciliation settles them.
         """
-        self.stopping.set()
-        await self._broker.stop_consuming()
+        if not self.stopping.is_set():
+            await self.stop_intake()
         await self._claims.close(flush_remaining=False)
         pending = self._claims.take_pending()
         if pending:

@@ -114,7 +114,7 @@ async def _wait_for_gate(
 
 
 async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> ChargeResult:
-    """One call, holding a limiter slot the caller acquired; released here."""
+    """One call, holding a limiter slot the caller acquired; released (or held) here."""
     config = lane.config
     in_flight = metrics.in_flight.labels(lane.name)
     in_flight.inc()
@@ -123,19 +123,35 @@ async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> Charg
         # Halt, 429 pause, breaker, rate limit and limiter together: how long the first call
         # waited for its turn (later tries wait for backoffs, which are chosen, not suffered).
         metrics.provider_wait_seconds.labels(lane.name).observe(started - run.started)
+    result: ChargeResult | None = None
     try:
         # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
         async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
-            return await lane.provider.charge(run.request)
+            result = await lane.provider.charge(run.request)
+            return result
     except TimeoutError:
-        return ChargeResult(outcome=Outcome.UNKNOWN, reason="adapter overran its timeout")
+        result = ChargeResult(outcome=Outcome.UNKNOWN, reason="adapter overran its timeout")
+        return result
     except Exception as error:  # an adapter bug must not crash the attempt
         # It may have failed after sending: only a lookup can say.
-        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"adapter raised {type(error).__name__}")
+        result = ChargeResult(outcome=Outcome.UNKNOWN, reason=f"adapter raised {type(error).__name__}")
+        return result
     finally:
-        lane.limiter.release()
+        # Cancelled (result None) or unknown: the provider may still be working on it.
+        _free_slot(lane, metrics, abandoned=result is None or result.outcome is Outcome.UNKNOWN)
         in_flight.dec()
         metrics.provider_call_seconds.labels(lane.name).observe(time.monotonic() - started)
+
+
+def _free_slot(lane: Lane, metrics: Metrics, *, abandoned: bool) -> None:
+    """Release the call's limiter slot, or hold it for ``slot_hold_s`` when payd gave up on a
+    call the provider may still be running, so the provider never sees more than the limit."""
+    if not abandoned or lane.config.slot_hold_s <= 0:
+        lane.limiter.release()
+        return
+    held = metrics.slots_held.labels(lane.name)
+    held.inc()
+    lane.limiter.hold(lane.config.slot_hold_s, on_release=held.dec)
 
 
 async def execute(

@@ -3,12 +3,20 @@
 ``asyncio.Semaphore`` cannot change its size or turn waiters away, and payd
 needs both: limits change on reload, and a drain must tell waiting attempts
 to go back to the queue instead of calling the provider.
+
+The limit is what the provider sees, not what payd is waiting on. A call payd
+gave up on (timeout, connection lost) may still be running at the provider,
+and payd cannot observe when it ends: closing our socket does not stop the
+provider's work. So such a call ``hold``s its slot for a while before it is
+released; the hold always ends, so a provider that never answers cannot wedge
+the lane for good.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 
 
 class ProviderLimiter:
@@ -17,6 +25,7 @@ class ProviderLimiter:
             raise ValueError("limit must be at least 1")
         self._limit = limit
         self._in_flight = 0
+        self._held = 0
         self._peak = 0
         self._waiters: deque[asyncio.Future[bool]] = deque()
         self._closed = False
@@ -28,6 +37,11 @@ class ProviderLimiter:
     @property
     def in_flight(self) -> int:
         return self._in_flight
+
+    @property
+    def held(self) -> int:
+        """Slots of calls payd gave up on, counted in ``in_flight`` until their hold ends."""
+        return self._held
 
     @property
     def peak(self) -> int:
@@ -62,6 +76,21 @@ class ProviderLimiter:
     def release(self) -> None:
         self._in_flight -= 1
         self._wake()
+
+    def hold(self, seconds: float, on_release: Callable[[], None] = lambda: None) -> None:
+        """Release the caller's slot after ``seconds`` instead of now (``seconds <= 0``: now)."""
+        if seconds <= 0:
+            self.release()
+            on_release()
+            return
+        self._held += 1
+
+        def end_hold() -> None:
+            self._held -= 1
+            self.release()
+            on_release()
+
+        asyncio.get_running_loop().call_later(seconds, end_hold)
 
     def set_limit(self, limit: int) -> None:
         if limit < 1:

@@ -11,18 +11,27 @@ with SKIP LOCKED and pushed back by their next backoff before any lookup):
   stores a key only after a 2xx (``resend_only_after_2xx``); without idempotency
   keys it becomes failed (``not_received``) after ``not_found_grace_s``. A lookup
   that finds another attempt's payment (``anomaly``) settles nothing.
+
+Every provider call here is contained as a charge is in ``execute``: bounded by
+a timeout, and an exception from the adapter (a bug: adapters answer, they do
+not raise) cannot stop the pass. The attempt it concerned is *parked*: it stays
+unknown, with the reason, out of automatic passes until an operator acts, so
+one poisoned row cannot re-kill reconciliation on every instance.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import aiomysql
+import msgspec
 import structlog
 
 from daemon.config import PipelineSettings
+from daemon.logs import redact_text
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.attempts import DB_ERRORS
@@ -30,11 +39,14 @@ from daemon.pipeline.execute import Lane
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
     DueUnknown,
+    ParkedAttempt,
     Record,
     expire_leases,
+    park_attempts,
     record_outcomes,
     take_due_unknown,
 )
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 log = structlog.get_logger("payd.reconcile")
 T = TypeVar("T")
@@ -47,6 +59,12 @@ NOT_RECEIVED = ChargeResult(
 )
 
 
+class Poisoned(msgspec.Struct, frozen=True):
+    """The adapter raised while asked about this attempt: park it."""
+
+    reason: str
+
+
 class Reconciler:
     def __init__(
         self,
@@ -55,14 +73,18 @@ class Reconciler:
         lanes: dict[str, Lane],
         settings: PipelineSettings,
         metrics: Metrics,
+        policy: SubscriptionPolicy,
         on_recorded: Callable[[], None] = lambda: None,
     ) -> None:
         self._pool = pool
         self._lanes = lanes
         self._settings = settings
         self._metrics = metrics
+        self._policy = policy
         self._on_recorded = on_recorded
         self._waker = Waker(settings.reconcile_interval_s)
+        self.parked: deque[ParkedAttempt] = deque(maxlen=20)
+        """The latest attempts this instance parked, for /status."""
 
     async def run(self) -> None:
         while True:
@@ -79,14 +101,17 @@ class Reconciler:
             self._metrics.leases_expired.inc(len(expired))
             log.warning("reconcile.leases_expired", count=len(expired))
             self._on_recorded()
-        due = await take_due_unknown(
+        due, unreadable = await take_due_unknown(
             self._pool,
             limit=self._settings.reconcile_batch_size,
             backoff_s=self._settings.reconcile_backoff_s,
         )
+        self._note_parked(unreadable)
         if not due:
             return 0
-        verdicts = await asyncio.gather(*(self._look_up(item) for item in due))
+        verdicts = await asyncio.gather(*(self._contained(item) for item in due))
+        paired = list(zip(due, verdicts, strict=True))
+        await self._park([(item, verdict) for item, verdict in paired if isinstance(verdict, Poisoned)])
         records = [
             Record(
                 attempt_id=item.attempt_id,
@@ -94,11 +119,11 @@ class Reconciler:
                 result=verdict,
                 provider=item.routed_provider,
             )
-            for item, verdict in zip(due, verdicts, strict=True)
-            if verdict is not None
+            for item, verdict in paired
+            if isinstance(verdict, ChargeResult)
         ]
         if records:
-            outcome = await record_outcomes(self._pool, records, unknown_recheck_s=0)
+            outcome = await record_outcomes(self._pool, records, unknown_recheck_s=0, policy=self._policy)
             for record in outcome.applied:
                 assert record.result is not None
                 log.info(
@@ -111,6 +136,47 @@ class Reconciler:
                 )
             self._on_recorded()
         return len(records)
+
+    async def _contained(self, item: DueUnknown) -> ChargeResult | Poisoned | None:
+        """``_look_up``, with whatever the adapter raises turned into a reason to park the attempt."""
+        try:
+            return await self._look_up(item)
+        except Exception as error:  # an adapter bug: contained here, as a charge's is in execute
+            reason = redact_text(f"{type(error).__name__}: {error}")[:255]
+            log.error(
+                "reconcile.lookup_raised",
+                idempotency_key=item.request.idempotency_key,
+                attempt_id=item.attempt_id,
+                provider=item.provider,
+                reason=reason,
+                exc_info=error,
+            )
+            return Poisoned(reason)
+
+    async def _park(self, poisoned: list[tuple[DueUnknown, Poisoned]]) -> None:
+        parked = [
+            ParkedAttempt(
+                attempt_id=item.attempt_id,
+                idempotency_key=item.request.idempotency_key,
+                provider=item.provider,
+                reason=p.reason,
+            )
+            for item, p in poisoned
+        ]
+        await park_attempts(self._pool, [(p.attempt_id, p.reason) for p in parked])
+        self._note_parked(parked)
+
+    def _note_parked(self, parked: list[ParkedAttempt]) -> None:
+        for attempt in parked:
+            self._metrics.reconciled.labels("parked").inc()
+            self.parked.append(attempt)
+            log.error(
+                "attempt.parked",
+                idempotency_key=attempt.idempotency_key,
+                attempt_id=attempt.attempt_id,
+                provider=attempt.provider,
+                reason=attempt.reason,
+            )
 
     async def _look_up(self, item: DueUnknown) -> ChargeResult | None:
         """A definitive result for ``item``, or None to ask again after its backoff."""
@@ -181,10 +247,16 @@ class Reconciler:
     async def _call(
         lane: Lane, call: Callable[[AttemptRequest], Awaitable[T]], request: AttemptRequest
     ) -> T | None:
-        """One provider call within the provider's in-flight limit; None if it may not be made now."""
+        """One provider call within the provider's in-flight limit; None if it may not be made now
+        or did not answer in time (asked again after the backoff)."""
         if not lane.may_call() or not await lane.limiter.acquire():
             return None
+        config = lane.config
         try:
-            return await call(request)
+            # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
+            async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
+                return await call(request)
+        except TimeoutError:
+            return None
         finally:
             lane.limiter.release()

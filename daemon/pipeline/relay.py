@@ -27,15 +27,28 @@ class OutboxRelay:
         self._settings = settings
         self._metrics = metrics
         self._waker = Waker(settings.poll_interval_s)
+        self._stopping = False
 
     def wake(self) -> None:
         """Called after a commit that wrote events, so they go out without waiting for the poll."""
         self._waker.wake()
 
+    def stop(self) -> None:
+        """Make ``run`` publish what is pending once more, then return (the drain's last flush).
+
+        Cancelling a round instead would close its connection with rows still
+        locked, and a flush right after would skip them.
+        """
+        self._stopping = True
+        self._waker.wake()
+
     async def run(self) -> None:
         while True:
             await self._waker.next_round()
+            stopping = self._stopping  # read before the round: the last round starts after stop()
             await self.publish_pending()
+            if stopping:
+                return
 
     async def publish_pending(self) -> int:
         """Publish until the outbox is empty or publishing fails; return how many went out."""

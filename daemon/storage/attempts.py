@@ -26,6 +26,7 @@ from daemon.models import (
 )
 from daemon.storage.db import Cursor, placeholders, transaction, union_rows
 from daemon.subscriptions.effects import apply_subscription_effects
+from daemon.subscriptions.policy import SubscriptionPolicy
 
 _ER_DUP_ENTRY: Final = 1062
 _encode_metadata = msgspec.json.Encoder().encode
@@ -216,17 +217,26 @@ async def _mark_in_flight(
 
 
 async def record_outcomes(
-    pool: aiomysql.Pool, records: Sequence[Record], *, unknown_recheck_s: float
+    pool: aiomysql.Pool,
+    records: Sequence[Record],
+    *,
+    unknown_recheck_s: float,
+    policy: SubscriptionPolicy,
 ) -> RecordOutcome:
-    """Write results, releases, subscription changes and events in one commit."""
+    """Write results, releases, subscription changes (under ``policy``) and events in one commit."""
     result = RecordOutcome()
     async with transaction(pool) as cursor:
-        await write_outcomes(cursor, records, result, unknown_recheck_s=unknown_recheck_s)
+        await write_outcomes(cursor, records, result, unknown_recheck_s=unknown_recheck_s, policy=policy)
     return result
 
 
 async def write_outcomes(
-    cursor: Cursor, records: Sequence[Record], into: RecordOutcome, *, unknown_recheck_s: float
+    cursor: Cursor,
+    records: Sequence[Record],
+    into: RecordOutcome,
+    *,
+    unknown_recheck_s: float,
+    policy: SubscriptionPolicy,
 ) -> None:
     ids = [record.attempt_id for record in records]
     await cursor.execute(
@@ -296,7 +306,7 @@ async def write_outcomes(
             params,
         )
     if changes:
-        await apply_subscription_effects(cursor, changes, occurred_at=occurred_at)
+        await apply_subscription_effects(cursor, changes, occurred_at=occurred_at, policy=policy)
     await insert_outbox(cursor, events)
 
 
@@ -310,9 +320,17 @@ async def insert_outbox(cursor: Cursor, rows: Iterable[OutboxRow]) -> None:
         )
 
 
+class ParkedAttempt(msgspec.Struct, frozen=True, kw_only=True):
+    """An unknown attempt taken out of automatic reconciliation, and why."""
+
+    attempt_id: int
+    idempotency_key: str
+    provider: str
+    reason: str
+
+
 async def expire_leases(pool: aiomysql.Pool, *, limit: int) -> list[int]:
     """In_flight rows whose claimer stopped renewing become unknown: they may have been sent."""
-    reason = "lease expired: the instance that claimed it stopped"
     async with transaction(pool) as cursor:
         await cursor.execute(
             f"SELECT id, {_REQUEST_COLUMNS} FROM attempts "  # noqa: S608
@@ -320,31 +338,85 @@ async def expire_leases(pool: aiomysql.Pool, *, limit: int) -> list[int]:
             "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
-        rows = await cursor.fetchall()
-        if not rows:
-            return []
-        ids = [row[0] for row in rows]
+        return await _make_unknown(cursor, await cursor.fetchall(), LEASE_EXPIRED)
+
+
+LEASE_EXPIRED: Final = "lease expired: the instance that claimed it stopped"
+TAKEN_OVER: Final = "taken over at start-up: the previous process of this instance stopped"
+
+
+async def take_over_claims(pool: aiomysql.Pool, instance_id: str, *, limit: int) -> list[int]:
+    """This instance's in_flight rows from an earlier process, made unknown now, lease or not.
+
+    Only for a process that holds its instance's lock (``daemon.storage.identity``)
+    and has claimed nothing yet: every such row belongs to a process that is gone,
+    and may have reached the provider. Claims are ``INSTANCE_ID/SEQUENCE``.
+    """
+    prefix = f"{instance_id}/"
+    async with transaction(pool) as cursor:
         await cursor.execute(
-            "UPDATE attempts SET state = 'unknown', outcome = 'unknown', reason = %s, "  # noqa: S608
-            f"recheck_at = NOW(6) WHERE id IN ({placeholders(len(ids))})",
-            (reason, *ids),
+            f"SELECT id, {_REQUEST_COLUMNS} FROM attempts "  # noqa: S608
+            "WHERE state = 'in_flight' AND LEFT(claimed_by, %s) = %s "
+            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (len(prefix), prefix, limit),
         )
-        unknown = ChargeResult(outcome=Outcome.UNKNOWN, reason=reason)
-        occurred_at = now_iso()
-        await insert_outbox(
-            cursor,
-            (
-                payment_event(
-                    attempt_id=row[0],
-                    request=request_from_row(row[1:]),
-                    state=AttemptState.UNKNOWN,
-                    result=unknown,
-                    occurred_at=occurred_at,
-                )
-                for row in rows
-            ),
-        )
+        return await _make_unknown(cursor, await cursor.fetchall(), TAKEN_OVER)
+
+
+async def _make_unknown(cursor: Cursor, rows: Sequence[Sequence[Any]], reason: str) -> list[int]:
+    """In_flight rows (id + request columns) to unknown, due a lookup now, with their events;
+    a row whose request cannot be read back is parked instead of stopping the scan."""
+    if not rows:
+        return []
+    ids = [row[0] for row in rows]
+    await cursor.execute(
+        "UPDATE attempts SET state = 'unknown', outcome = 'unknown', reason = %s, "  # noqa: S608
+        f"recheck_at = NOW(6) WHERE id IN ({placeholders(len(ids))})",
+        (reason, *ids),
+    )
+    unknown = ChargeResult(outcome=Outcome.UNKNOWN, reason=reason)
+    occurred_at = now_iso()
+    readable, unreadable = _read_requests(rows, first=1)
+    await insert_outbox(
+        cursor,
+        (
+            payment_event(
+                attempt_id=row[0],
+                request=request,
+                state=AttemptState.UNKNOWN,
+                result=unknown,
+                occurred_at=occurred_at,
+            )
+            for row, request in readable
+        ),
+    )
+    await _park(cursor, [(p.attempt_id, p.reason) for p in unreadable])
     return ids
+
+
+def _read_requests(
+    rows: Sequence[Sequence[Any]], *, first: int
+) -> tuple[list[tuple[Sequence[Any], AttemptRequest]], list[ParkedAttempt]]:
+    """Each row's request (its ``_REQUEST_COLUMNS`` start at ``first``), or why it cannot be read.
+
+    A row payd cannot read back (metadata edited by hand, say) must not stop a
+    scan that found it, on this instance or any other: it is parked instead.
+    """
+    readable: list[tuple[Sequence[Any], AttemptRequest]] = []
+    unreadable: list[ParkedAttempt] = []
+    for row in rows:
+        try:
+            readable.append((row, request_from_row(row[first:])))
+        except (msgspec.MsgspecError, ValueError, TypeError) as error:
+            unreadable.append(
+                ParkedAttempt(
+                    attempt_id=row[0],
+                    idempotency_key=row[first],
+                    provider=row[first + 3],
+                    reason=f"row cannot be read: {type(error).__name__}: {error}"[:255],
+                )
+            )
+    return readable, unreadable
 
 
 async def route_attempt(pool: aiomysql.Pool, attempt_id: int, provider: str) -> None:
@@ -371,13 +443,16 @@ class DueUnknown(msgspec.Struct, frozen=True, kw_only=True):
 
 async def take_due_unknown(
     pool: aiomysql.Pool, *, limit: int, backoff_s: Sequence[float]
-) -> list[DueUnknown]:
-    """Unknown attempts due a lookup, pushed back by their next backoff so no one else takes them."""
+) -> tuple[list[DueUnknown], list[ParkedAttempt]]:
+    """Unknown attempts due a lookup, pushed back by their next backoff so no one else takes them.
+
+    Rows that cannot be read back are parked in the same transaction and returned second.
+    """
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), routed_provider, "  # noqa: S608
             f"{_REQUEST_COLUMNS} "
-            "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) "
+            "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) AND parked_at IS NULL "
             "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
@@ -393,16 +468,67 @@ async def take_due_unknown(
                 f"WHERE id IN ({placeholders(len(ids))})",
                 (wait_us, *ids),
             )
-    return [
-        DueUnknown(
-            attempt_id=row[0],
-            reconcile_tries=row[1],
-            seconds_since_claim=(row[2] or 0) / 1_000_000,
-            routed_provider=row[3],
-            request=request_from_row(row[4:]),
-        )
-        for row in rows
-    ]
+        readable, unreadable = _read_requests(rows, first=4)
+        due = [
+            DueUnknown(
+                attempt_id=row[0],
+                reconcile_tries=row[1],
+                seconds_since_claim=(row[2] or 0) / 1_000_000,
+                routed_provider=row[3],
+                request=request,
+            )
+            for row, request in readable
+        ]
+        await _park(cursor, [(p.attempt_id, p.reason) for p in unreadable])
+    return due, unreadable
+
+
+async def park_attempts(pool: aiomysql.Pool, parked: Sequence[tuple[int, str]]) -> None:
+    """Take unknown attempts (id, reason) out of automatic reconciliation.
+
+    They stay unknown (they may have charged); ``recheck_at`` NULL keeps every
+    scan away until an operator settles them or unparks them.
+    """
+    if parked:
+        async with transaction(pool) as cursor:
+            await _park(cursor, parked)
+
+
+async def _park(cursor: Cursor, parked: Sequence[tuple[int, str]]) -> None:
+    if not parked:
+        return
+    derived, params = union_rows(parked, ("id", "reason"))
+    await cursor.execute(
+        f"UPDATE attempts a JOIN ({derived}) v ON a.id = v.id SET "  # noqa: S608
+        "a.parked_at = NOW(6), a.reconcile_error = v.reason, a.recheck_at = NULL "
+        "WHERE a.state = 'unknown'",
+        params,
+    )
+
+
+async def unpark_attempts(pool: aiomysql.Pool, keys: Sequence[str] | None) -> list[str]:
+    """Return parked attempts (``keys``, or all when None) to automatic reconciliation, due now.
+
+    For after the cause is fixed (a new adapter release, say); their backoff
+    starts again from its first step.
+    """
+    where = "state = 'unknown' AND parked_at IS NOT NULL"
+    params: list[Any] = []
+    if keys is not None:
+        if not keys:
+            return []
+        where += f" AND idempotency_key IN ({placeholders(len(keys))})"
+        params.extend(keys)
+    async with transaction(pool) as cursor:
+        await cursor.execute(f"SELECT idempotency_key FROM attempts WHERE {where} FOR UPDATE", params)  # noqa: S608
+        found = [key for (key,) in await cursor.fetchall()]
+        if found:
+            await cursor.execute(
+                "UPDATE attempts SET parked_at = NULL, reconcile_error = NULL, reconcile_tries = 0, "  # noqa: S608
+                f"recheck_at = NOW(6) WHERE {where}",
+                params,
+            )
+    return found
 
 
 async def count_by_state(pool: aiomysql.Pool) -> dict[str, int]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import aiomysql
+import msgspec
 import pymysql
 import structlog
 
@@ -28,20 +31,55 @@ _SESSION_SETUP = (
 _ISOLATION = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
 _PREPARED = "_payd_prepared"
 _NOT_OFFERED = "the server did not offer TLS, so the connection was dropped unused"
+_TIMEOUTS = "_payd_timeouts"
 
 Cursor = Any  # aiomysql ships no type information
 
 
-async def open_pool(settings: MySQLSettings, password: Secret | None) -> aiomysql.Pool:
+class DatabaseTimeouts(msgspec.Struct, frozen=True, kw_only=True):
+    """Bounds on waiting for the database, so a server that stops answering (frozen, a
+    half-open connection) turns into errors instead of callers that wait forever.
+
+    aiomysql bounds only the TCP connect; the handshake and every read wait forever
+    without these.
+    """
+
+    acquire_s: float | None
+    """A pooled connection, or a new one through its handshake."""
+    query_s: float | None
+    """One round trip: a statement with its result, or the commit."""
+    probe_s: float
+    """The health probe's whole transaction."""
+
+
+UNBOUNDED: Final = DatabaseTimeouts(acquire_s=None, query_s=None, probe_s=3.0)
+"""For pools opened elsewhere (tests, tools), and for migrations whose DDL may run long."""
+
+
+def timeouts_of(pool: aiomysql.Pool) -> DatabaseTimeouts:
+    timeouts: DatabaseTimeouts = getattr(pool, _TIMEOUTS, UNBOUNDED)
+    return timeouts
+
+
+async def open_pool(
+    settings: MySQLSettings, password: Secret | None, *, bounded: bool = True
+) -> aiomysql.Pool:
+    """The pool every query uses; ``bounded=False`` lifts the query timeout (``payd migrate``)."""
     address = f"{settings.host}:{settings.port}"
     with naming_tls_failures(Link.MYSQL, address):
-        pool = await _connect_pool(settings, password)
+        pool = await _create_pool(settings, password)
     if settings.tls is not None:
         connection = await pool.acquire()  # the one create_pool opened
         pool.release(connection)
         if _in_the_clear(connection):
             await close_pool(pool)
             raise TlsLinkError(Link.MYSQL, address, _NOT_OFFERED)
+    timeouts = DatabaseTimeouts(
+        acquire_s=settings.acquire_timeout_s,
+        query_s=settings.query_timeout_s if bounded else None,
+        probe_s=settings.probe_timeout_s,
+    )
+    setattr(pool, _TIMEOUTS, timeouts)
     return pool
 
 
@@ -57,22 +95,24 @@ def _refuse_in_the_clear(connection: Any) -> None:
         raise pymysql.err.OperationalError(2026, f"mysql: {_NOT_OFFERED}")
 
 
-async def _connect_pool(settings: MySQLSettings, password: Secret | None) -> aiomysql.Pool:
-    return await aiomysql.create_pool(
-        host=settings.host,
-        port=settings.port,
-        user=settings.user,
-        password=password.reveal() if password else "",
-        db=settings.database,
-        minsize=1,
-        maxsize=settings.pool_size,
-        autocommit=False,
-        connect_timeout=settings.connect_timeout_s,
-        init_command=_SESSION_SETUP,
-        charset="utf8mb4",
-        pool_recycle=settings.pool_recycle_s,
-        ssl=client_context(Link.MYSQL, settings.tls) if settings.tls is not None else None,
-    )
+async def _create_pool(settings: MySQLSettings, password: Secret | None) -> aiomysql.Pool:
+    # The first connection is opened here; its handshake gets the acquire bound too.
+    async with asyncio.timeout(settings.acquire_timeout_s):
+        return await aiomysql.create_pool(
+            host=settings.host,
+            port=settings.port,
+            user=settings.user,
+            password=password.reveal() if password else "",
+            db=settings.database,
+            minsize=1,
+            maxsize=settings.pool_size,
+            autocommit=False,
+            connect_timeout=settings.connect_timeout_s,
+            init_command=_SESSION_SETUP,
+            charset="utf8mb4",
+            pool_recycle=settings.pool_recycle_s,
+            ssl=client_context(Link.MYSQL, settings.tls) if settings.tls is not None else None,
+        )
 
 
 async def close_pool(pool: aiomysql.Pool) -> None:
@@ -85,27 +125,63 @@ async def transaction(pool: aiomysql.Pool) -> AsyncIterator[Cursor]:
     """One transaction on a pooled connection: committed on success, rolled back on error.
 
     A connection whose transaction failed is closed rather than returned, so a
-    half-broken socket never serves the next caller.
+    half-broken socket never serves the next caller. Waiting for a connection and
+    each round trip are bounded by the pool's ``DatabaseTimeouts``: past them the
+    caller gets ``TimeoutError`` (one of ``DB_ERRORS``).
     """
-    connection = await pool.acquire()
+    timeouts = timeouts_of(pool)
+    async with asyncio.timeout(timeouts.acquire_s):
+        connection = await pool.acquire()
     try:
-        async with connection.cursor() as cursor:
+        async with connection.cursor() as raw_cursor:
+            cursor = raw_cursor if timeouts.query_s is None else _TimedCursor(raw_cursor, timeouts.query_s)
             if not getattr(connection, _PREPARED, False):
                 _refuse_in_the_clear(connection)
                 await cursor.execute(_ISOLATION)
                 setattr(connection, _PREPARED, True)
             yield cursor
-        await connection.commit()
+        async with asyncio.timeout(timeouts.query_s):
+            await connection.commit()
     except BaseException as error:
         connection.close()
         if classify(error) is DbFault.READ_ONLY:
             # A demoted primary: the idle connections reach it too. Dropped, the next ones go
             # through the virtual address to whichever server is primary now.
             log.warning("mysql.primary_read_only", error=repr(error), dropped_idle=pool.freesize)
-            await pool.clear()
+            with contextlib.suppress(TimeoutError):  # the dropped ones are closed anyway, unsaid
+                async with asyncio.timeout(timeouts.acquire_s):
+                    await pool.clear()
         raise
     finally:
         pool.release(connection)
+
+
+class _TimedCursor:
+    """A cursor whose round trips give up after ``limit_s``; everything else is the cursor's own.
+
+    A timed-out statement leaves the connection mid-protocol, so ``transaction``
+    closes it (the server rolls the transaction back when the socket goes).
+    """
+
+    __slots__ = ("_cursor", "_limit_s")
+
+    def __init__(self, cursor: Cursor, limit_s: float) -> None:
+        self._cursor = cursor
+        self._limit_s = limit_s
+
+    async def execute(self, query: str, args: Any = None) -> int:
+        async with asyncio.timeout(self._limit_s):
+            count: int = await self._cursor.execute(query, args)
+            return count
+
+    async def executemany(self, query: str, args: Any) -> int:
+        async with asyncio.timeout(self._limit_s):
+            count: int = await self._cursor.executemany(query, args)
+            return count
+
+    def __getattr__(self, name: str) -> Any:
+        # fetchone/fetchall/rowcount/lastrowid read what execute already received.
+        return getattr(self._cursor, name)
 
 
 def placeholders(count: int, width: int = 1) -> str:

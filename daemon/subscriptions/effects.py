@@ -12,7 +12,7 @@ from daemon.storage.db import Cursor
 from daemon.subscriptions.events import subscription_event
 from daemon.subscriptions.lifecycle import settle_outcome
 from daemon.subscriptions.model import Subscription
-from daemon.subscriptions.policy import current_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.store import database_now, insert_outbox, lock_subscriptions, save_subscriptions
 
 
@@ -21,6 +21,7 @@ async def apply_subscription_effects(
     outcomes: Sequence[tuple[AttemptRequest, AttemptState, ChargeResult]],
     *,
     occurred_at: str,
+    policy: SubscriptionPolicy,
 ) -> None:
     """Called by ``write_outcomes`` with every state change it is about to commit.
 
@@ -38,7 +39,6 @@ async def apply_subscription_effects(
     if not subs:
         return
     now = await database_now(cursor)
-    policy = current_policy()
     before: dict[int, Subscription] = {}
     events: list[OutboxRow] = []
     for request, state, result in relevant:

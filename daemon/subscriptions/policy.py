@@ -1,16 +1,14 @@
 """The subscription rules in force: dunning per plan or provider, card-network limits, jitter.
 
-Built once from ``[subscriptions]``. ``apply_subscription_effects`` runs deep in
-the record path, which carries no configuration, so the daemon installs its
-policy in a context variable when it starts (``use_policy``): every task it
-creates afterwards inherits it, and two daemons in one process (the tests)
-each keep their own.
+Built once from ``[subscriptions]`` when the daemon starts, and handed to what
+records outcomes (the pipeline, the reconciler) as an argument: every path
+down to ``apply_subscription_effects`` carries it, so no task can miss it, and
+two daemons in one process (the tests) each keep their own.
 """
 
 from __future__ import annotations
 
-import contextvars
-from typing import Any, Final
+from typing import Any
 
 import msgspec
 
@@ -95,20 +93,3 @@ class SubscriptionPolicy:
         if not result.retryable:
             return True
         return result.decline_code is not None and result.decline_code.lower() in self.never_retry_codes
-
-
-DEFAULT_POLICY: Final = SubscriptionPolicy(SubscriptionSettings())
-_current: contextvars.ContextVar[SubscriptionPolicy] = contextvars.ContextVar(
-    "payd_subscription_policy", default=DEFAULT_POLICY
-)
-
-
-def use_policy(settings: SubscriptionSettings) -> SubscriptionPolicy:
-    """Install the policy for this context and every task created from it from now on."""
-    policy = SubscriptionPolicy(settings)
-    _current.set(policy)
-    return policy
-
-
-def current_policy() -> SubscriptionPolicy:
-    return _current.get()

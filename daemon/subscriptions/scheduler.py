@@ -47,7 +47,7 @@ from daemon.subscriptions.lifecycle import defer
 from daemon.subscriptions.model import CHARGEABLE, Subscription, dispatch_key
 from daemon.subscriptions.netbudget import NetworkCounters
 from daemon.subscriptions.pacing import TokenBucket
-from daemon.subscriptions.policy import SubscriptionPolicy, use_policy
+from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.store import (
     claim_due,
     database_now,
@@ -298,24 +298,19 @@ def _add(into: BatchResult, result: BatchResult) -> None:
         into.deferred_by[rule] = into.deferred_by.get(rule, 0) + count
 
 
-def start_subscriptions(
+def build_scheduler(
     config: Config,
     *,
     pool: aiomysql.Pool,
+    policy: SubscriptionPolicy,
     providers: Collection[str],
     metrics: Metrics,
     wake: Callable[[], None],
-) -> list[asyncio.Task[None]]:
-    """Install ``[subscriptions]`` for the outcomes this daemon records, start its scheduler.
-
-    The policy lives in a context variable, so this must run in ``serve`` before
-    the tasks that record outcomes are created (they inherit it). Returns the
-    scheduler task (none when ``scheduler = false``), a background duty.
-    """
-    policy = use_policy(config.subscriptions)
+) -> RenewalScheduler | None:
+    """This daemon's renewal scheduler (a background duty), or None when ``scheduler = false``."""
     if not config.subscriptions.scheduler:
-        return []
-    scheduler = RenewalScheduler(
+        return None
+    return RenewalScheduler(
         pool=pool,
         settings=config.subscriptions,
         policy=policy,
@@ -323,4 +318,3 @@ def start_subscriptions(
         metrics=metrics,
         on_dispatched=wake,
     )
-    return [asyncio.create_task(scheduler.run(), name="renewal-scheduler")]

@@ -383,7 +383,7 @@ async def get_json(session: aiohttp.ClientSession, url: str) -> Any:
 # --- state left by earlier runs -------------------------------------------------------------
 
 
-def _connect_mysql() -> pymysql.connections.Connection[Any]:
+def connect_mysql() -> pymysql.connections.Connection[Any]:
     return pymysql.connect(
         host="127.0.0.1",
         port=3306,
@@ -396,7 +396,7 @@ def _connect_mysql() -> pymysql.connections.Connection[Any]:
 
 def truncate_tables() -> None:
     """Empty ``attempts`` and ``outbox``: every run starts from the same table sizes."""
-    connection = _connect_mysql()
+    connection = connect_mysql()
     try:
         with connection.cursor() as cursor:
             for table in ("attempts", "outbox"):
@@ -411,7 +411,7 @@ def attempt_states(key_prefix: str) -> dict[str, int]:
     Read after the daemon stopped. Rows with other keys mean something else
     wrote to payd_bench during the run, and the figures are not this run's alone.
     """
-    connection = _connect_mysql()
+    connection = connect_mysql()
     try:
         with connection.cursor() as cursor:
             cursor.execute(
@@ -441,7 +441,7 @@ class DatabaseLock:
         self._connection: pymysql.connections.Connection[Any] | None = None
 
     def acquire(self) -> None:
-        connection = _connect_mysql()
+        connection = connect_mysql()
         with connection.cursor() as cursor:
             cursor.execute("SELECT GET_LOCK(%s, 0)", (self.NAME,))
             row = cursor.fetchone()
@@ -486,7 +486,7 @@ def commit_times(key_prefix: str) -> dict[str, float]:
 
     payd's sessions run with time_zone +00:00, so the naive DATETIME is UTC.
     """
-    connection = _connect_mysql()
+    connection = connect_mysql()
     try:
         with connection.cursor() as cursor:
             cursor.execute(
@@ -500,7 +500,7 @@ def commit_times(key_prefix: str) -> dict[str, float]:
 
 
 def mysql_version() -> str:
-    connection = _connect_mysql()
+    connection = connect_mysql()
     try:
         with connection.cursor() as cursor:
             cursor.execute("SELECT VERSION()")
