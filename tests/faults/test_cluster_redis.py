@@ -10,6 +10,7 @@ import asyncio
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -55,6 +56,7 @@ async def test_the_halt_follows_the_redis_master_through_a_sentinel_failover(
     config_path = next(daemons.workdir.glob(f"payd-{daemon.port}.toml"))
     assert (await daemon.status())["halt"]["stale"] is False
 
+    killed = time.monotonic()
     os.killpg(sentinels.master.process.pid, signal.SIGKILL)  # a crashed master: no goodbye
     sentinels.master.process.wait(timeout=10)
 
@@ -73,6 +75,9 @@ async def test_the_halt_follows_the_redis_master_through_a_sentinel_failover(
         return (await daemon.status())["halt"]["stale"] is False
 
     await eventually(fresh, timeout=30, what="the daemon to read the halt from the new master")
+    print(
+        f"halt state fresh again {time.monotonic() - killed:.1f} s after the master was killed"
+    )  # docs/scaling.md
 
     halt = [PAYD, "halt", "--config", str(config_path), "--reason", "after failover"]
     await asyncio.to_thread(subprocess.run, halt, check=True, timeout=30)
