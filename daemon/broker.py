@@ -28,7 +28,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 from yarl import URL
 
 from daemon.config import RabbitMQSettings
-from daemon.events import OutboxRow
+from daemon.events import OutboxRow, now_iso
 from daemon.secrets import Secret
 from daemon.tls import Link, TlsLinkError, client_context, naming_tls_failures, url_address
 
@@ -37,6 +37,8 @@ log = structlog.get_logger("payd.broker")
 OnMessage = Callable[[AbstractIncomingMessage], Awaitable[None]]
 
 ERROR_HEADER: Final = "x-payd-error"
+DEAD_AT_HEADER: Final = "x-payd-dead-at"
+"""When payd dead-lettered the message (ISO 8601, UTC): ``payd dead list`` shows its age."""
 
 # What a failed ack/nack/publish on a closed or closing channel can raise.
 BROKER_ERRORS: Final = (
@@ -327,6 +329,7 @@ class Broker:
         """Move an invalid request to the dead-letter queue with its reason, then ack it."""
         headers = dict(message.headers or {})
         headers[ERROR_HEADER] = reason
+        headers[DEAD_AT_HEADER] = now_iso()
         headers["x-payd-instance"] = instance_id
         await self.publish(
             "",

@@ -151,6 +151,53 @@ def cmd_subscriptions_import(config: Config, args: argparse.Namespace) -> int:
     )
 
 
+def cmd_attempts(config: Config, args: argparse.Namespace) -> int:
+    from daemon.models import AttemptState  # noqa: PLC0415
+    from daemon.operator import commands  # noqa: PLC0415
+    from daemon.operator.listing import AttemptFilter, parse_duration  # noqa: PLC0415
+    from daemon.operator.settle import SettleAs  # noqa: PLC0415
+
+    name = f"attempts {args.attempts_command}"
+    if args.attempts_command == "show":
+        return _run(commands.reporting(name, commands.show(config, args.key, as_json=args.json)))
+    if args.attempts_command == "settle":
+        settling = commands.settle(
+            config,
+            args.key,
+            settle_as=SettleAs(args.settle_as),
+            reason=args.reason,
+            operator=args.operator,
+            provider_ref=args.provider_ref,
+        )
+        return _run(commands.reporting(name, settling))
+    try:
+        older_than = None if args.older_than is None else parse_duration(args.older_than)
+    except ValueError as error:
+        print(f"payd attempts list: --older-than: {error}", file=sys.stderr)
+        return 2
+    wanted = AttemptFilter(
+        state=AttemptState(args.state), provider=args.provider, older_than_s=older_than, limit=args.limit
+    )
+    return _run(commands.reporting(name, commands.list_(config, wanted, as_json=args.json)))
+
+
+def cmd_dead(config: Config, args: argparse.Namespace) -> int:
+    from daemon.operator import commands  # noqa: PLC0415
+
+    name = f"dead {args.dead_command}"
+    if args.dead_command == "list":
+        return _run(commands.reporting(name, commands.dead_list(config, limit=args.limit, as_json=args.json)))
+    if not args.all and not args.ids:
+        print(
+            "payd dead replay: name the dead letters to replay (IDs from payd dead list) or --all",
+            file=sys.stderr,
+        )
+        return 2
+    ids = None if args.all else args.ids
+    replaying = commands.dead_replay(config, ids, operator=args.operator, as_json=args.json)
+    return _run(commands.reporting(name, replaying))
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
     from daemon.providers.sandbox import gateway  # noqa: PLC0415
 
@@ -213,8 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     importing.add_argument("--batch-size", type=int, default=1000, help="rows per INSERT (%(default)s)")
     importing.set_defaults(handler=cmd_subscriptions_import)
-    attempts = add("attempts", cmd_attempts_unpark, "attempts: unpark")
-    attempt_commands = attempts.add_subparsers(dest="attempts_command", required=True)
+    attempt_commands = add_operator_commands(commands)
     unpark = attempt_commands.add_parser(
         "unpark",
         help="return parked unknown attempts (their lookup raised) to automatic reconciliation",
@@ -230,6 +276,55 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway.add_arguments(sandbox)
     return parser
+
+
+def add_operator_commands(commands: Any) -> Any:
+    """``payd attempts show|list|settle`` and ``payd dead list|replay`` (docs/runbook.md);
+    returns the ``attempts`` group for its other subcommands."""
+    from daemon.models import AttemptState  # noqa: PLC0415 (keep light commands light)
+
+    def sub(group: Any, name: str, handler: Callable[..., int], help_text: str) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = group.add_parser(name, help=help_text, description=help_text)
+        parser.add_argument("--config", default=argparse.SUPPRESS, help="configuration file")
+        parser.set_defaults(handler=handler)
+        return parser
+
+    attempts = commands.add_parser("attempts", help="inspect attempts; settle a stuck unknown; unpark")
+    attempts_commands = attempts.add_subparsers(dest="attempts_command", required=True)
+    show = sub(attempts_commands, "show", cmd_attempts, "an attempt's whole story")
+    show.add_argument("key", metavar="KEY", help="the idempotency key")
+    show.add_argument("--json", action="store_true", help="the story as JSON (docs/runbook.md)")
+    listing = sub(attempts_commands, "list", cmd_attempts, "attempts in one state, oldest first")
+    listing.add_argument(
+        "--state",
+        default="unknown",
+        choices=[state.value for state in AttemptState],
+        help="(default: %(default)s)",
+    )
+    listing.add_argument("--provider", help="requested, or routed to by a failover")
+    listing.add_argument("--older-than", metavar="D", help="created at least D ago: 15m, 2h, 3d")
+    listing.add_argument("--limit", type=int, default=100, help="at most this many (%(default)s)")
+    listing.add_argument("--json", action="store_true", help="as JSON (docs/runbook.md)")
+    settling = sub(
+        attempts_commands, "settle", cmd_attempts, "close a stuck unknown attempt as the provider shows it"
+    )
+    settling.add_argument("key", metavar="KEY", help="the idempotency key")
+    settling.add_argument("--as", dest="settle_as", required=True, choices=["succeeded", "failed"])
+    settling.add_argument("--reason", required=True, help="what the provider's dashboard showed (recorded)")
+    settling.add_argument("--operator", help="who you are (default: $SUDO_USER, then $USER)")
+    settling.add_argument("--provider-ref", help="the provider's reference for the charge, if shown")
+
+    dead = commands.add_parser("dead", help="the dead-letter queue: list, replay")
+    dead_commands = dead.add_subparsers(dest="dead_command", required=True)
+    dead_listing = sub(dead_commands, "list", cmd_dead, "show dead letters with their reasons (removes none)")
+    dead_listing.add_argument("--limit", type=int, default=1000, help="at most this many (%(default)s)")
+    dead_listing.add_argument("--json", action="store_true", help="as JSON (docs/runbook.md)")
+    replay = sub(dead_commands, "replay", cmd_dead, "re-publish dead letters to the attempts queue")
+    replay.add_argument("ids", nargs="*", metavar="ID", help="ids from payd dead list")
+    replay.add_argument("--all", action="store_true", help="every dead letter")
+    replay.add_argument("--operator", help="who you are (default: $SUDO_USER, then $USER)")
+    replay.add_argument("--json", action="store_true", help="the report as JSON")
+    return attempts_commands
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from daemon.broker import Broker
 from daemon.halt import REDIS_ERRORS, HaltState, clear_halt, set_halt
 from daemon.metrics import Metrics
+from daemon.operator.http import OperatorTools, register_operator_routes
 from daemon.pipeline.attempts import AttemptPipeline
 from daemon.secrets import Secret
 from daemon.supervisor import Supervisor
@@ -49,6 +50,7 @@ class ControlState:
         halt: HaltState,
         redis: aioredis.Redis,
         control_token: Secret | None,
+        operator: OperatorTools | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.broker = broker
@@ -60,6 +62,7 @@ class ControlState:
         self.halt = halt
         self.redis = redis
         self.control_token = control_token
+        self.operator = operator
         self.started = time.time()
 
     def readiness(self) -> dict[str, bool]:
@@ -184,6 +187,8 @@ def build_control_app(state: ControlState) -> web.Application:
     admin = web.Application(middlewares=[_admin_guard(state.control_token)])
     admin.router.add_post("/halt", admin_halt)
     admin.router.add_post("/resume", admin_resume)
+    if state.operator is not None:
+        register_operator_routes(admin, state.operator)
     app.add_subapp("/admin/", admin)
     return app
 

@@ -12,12 +12,16 @@ from __future__ import annotations
 from typing import Any
 
 import redis.asyncio as aioredis
+import redis.exceptions
+import structlog
 from redis.asyncio.sentinel import Sentinel
 from yarl import URL
 
 from daemon.config import RedisSettings
 from daemon.secrets import Secret, load_secret
 from daemon.tls import Link, naming_tls_failures, redis_tls_options, url_address
+
+log = structlog.get_logger("payd.redis")
 
 # A Sentinel that does not answer within this long is skipped for the next one.
 SENTINEL_TIMEOUT_S = 2.0
@@ -73,17 +77,24 @@ def redis_address(settings: RedisSettings) -> str:
 
 
 async def open_redis(settings: RedisSettings, password: Secret | None) -> aioredis.Redis:
-    """A client that has answered once (``from_url`` alone connects lazily).
+    """A client that has been tried once (``from_url`` alone connects lazily).
 
-    A server that fails TLS verification is a ``TlsLinkError`` (a configuration
-    problem: not retried); Redis not answering raises its own error, which
-    start-up retries until ``[daemon] startup_timeout_s``. A new instance has no
-    last halt state to keep, so it makes no provider call before Redis answers.
+    A server that fails TLS verification is a ``TlsLinkError``: a configuration
+    problem, fatal at start-up. Redis merely not answering is not: the instance
+    starts with its halt state unknown, which stops every provider call until
+    the halt watch reads the keys (``daemon.halt``), and ``/readyz`` says why.
     """
     client = redis_client(settings, password)
     try:
         with naming_tls_failures(Link.REDIS, redis_address(settings)):
             await client.ping()
+    except (redis.exceptions.RedisError, OSError) as error:
+        log.warning(
+            "startup.redis_unreachable",
+            address=redis_address(settings),
+            error=repr(error),
+            consequence="no provider call until the halt state is read",
+        )
     except BaseException:
         await client.aclose()
         raise

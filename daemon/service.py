@@ -20,11 +20,12 @@ import structlog
 from daemon.broker import BROKER_ERRORS, Broker
 from daemon.config import Config, DaemonSettings
 from daemon.control import ControlState, start_control
-from daemon.halt import REDIS_ERRORS, HaltKeys, HaltState
+from daemon.halt import HaltKeys, HaltState
 from daemon.logs import set_log_level
 from daemon.metrics import Metrics
 from daemon.monitor import start_monitor
 from daemon.notify import SystemdNotifier
+from daemon.operator.http import OperatorTools
 from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
 from daemon.pipeline.execute import Lane, breaker_for
 from daemon.pipeline.limiter import ProviderLimiter
@@ -33,7 +34,7 @@ from daemon.pipeline.reconcile import Reconciler
 from daemon.pipeline.relay import OutboxRelay
 from daemon.probe import HealthProbe
 from daemon.providers.registry import create_provider
-from daemon.redis_link import open_redis, redis_address
+from daemon.redis_link import open_redis
 from daemon.reload import watch_reloads
 from daemon.secrets import load_secret
 from daemon.startup import url_address, with_retries
@@ -181,13 +182,9 @@ async def serve(
             )
         )
 
-        redis_client = await with_retries(
-            "redis",
-            redis_address(config.redis),
-            lambda: open_redis(config.redis, load_secret("redis_password")),
-            give_up_after=config.daemon.startup_timeout_s,
-            errors=REDIS_ERRORS,
-        )
+        # Redis not answering is no reason to exit: the halt state starts unknown, and an
+        # instance that cannot read it calls no provider (daemon.halt); /readyz says why.
+        redis_client = await open_redis(config.redis, load_secret("redis_password"))
         stack.push_async_callback(redis_client.aclose)
         halt = HaltState(
             config.providers, HaltKeys(config.redis.key_prefix), grace_s=config.redis.halt_grace_s
@@ -252,6 +249,7 @@ async def serve(
             halt=halt,
             redis=redis_client,
             control_token=load_secret("control_token"),
+            operator=OperatorTools(pool=pool, config=config, policy=policy, instance_id=instance_id),
         )
         await _open_control(config, control, stack, shutdown)
 

@@ -265,11 +265,14 @@ class DaemonFactory:
         finally:
             await daemon.stop()
 
-    async def process(self, **sections: dict[str, Any]) -> DaemonProcess:
+    async def process(self, *, ready: bool = True, **sections: dict[str, Any]) -> DaemonProcess:
+        """``payd run`` as a process; by default once ``/readyz`` is 200 (``ready=False``: at once,
+        for daemons that must start but cannot be ready)."""
         _, path, port = self.config(**sections)
         daemon = DaemonProcess(path, port)
         self.started.append(daemon)
-        await daemon.wait_ready()
+        if ready:
+            await daemon.wait_ready()
         return daemon
 
     def kill_all(self) -> None:

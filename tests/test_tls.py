@@ -28,7 +28,7 @@ from daemon.broker import Broker, broker_url
 from daemon.config import Config, ConfigError, TlsSettings, parse_config
 from daemon.redis_link import open_redis
 from daemon.secrets import Secret, load_secret
-from daemon.storage.db import _connect_pool, close_pool, open_pool, transaction
+from daemon.storage.db import _create_pool, close_pool, open_pool, transaction
 from daemon.tls import Link, TlsLinkError, client_context, log_plaintext_links
 from tests.support import (
     NAMESPACE,
@@ -321,7 +321,7 @@ async def test_mysql_refuses_a_server_that_does_not_offer_tls(tmp_path: Path, pk
             await open_pool(settings, password)
         # A connection the pool opens later (after a restart of the server, say) is refused by
         # the transaction helper, as a database error the pipeline already copes with.
-        pool = await _connect_pool(settings, password)  # the pool before open_pool's own check
+        pool = await _create_pool(settings, password)  # the pool before open_pool's own check
         try:
             with pytest.raises(pymysql.err.OperationalError, match="did not offer TLS"):
                 async with transaction(pool) as cursor:

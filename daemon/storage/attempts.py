@@ -536,3 +536,7 @@ async def count_by_state(pool: aiomysql.Pool) -> dict[str, int]:
     async with transaction(pool) as cursor:
         await cursor.execute("SELECT state, COUNT(*) FROM attempts GROUP BY state")
         return {state: count for state, count in await cursor.fetchall()}
+
+
+REQUEST_COLUMNS: Final = _REQUEST_COLUMNS
+"""The nine columns ``request_from_row`` reads, for queries outside this module."""

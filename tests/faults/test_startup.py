@@ -7,14 +7,30 @@ address says more than a page of asyncio frames.
 
 from __future__ import annotations
 
+import asyncio
 import re
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiomysql
 import pytest
 
-from tests.support import PAYD, ROOT, config_text, free_port
+from tests.faults.private_redis import PrivateRedis
+from tests.support import (
+    PAYD,
+    ROOT,
+    Broker,
+    DaemonFactory,
+    Sandbox,
+    config_text,
+    eventually,
+    free_port,
+    request,
+    wait_settled,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -60,8 +76,38 @@ def test_rabbitmq_on_a_closed_port(tmp_path: Path) -> None:
     assert "hunter2" not in result.stderr + result.stdout
 
 
-def test_redis_on_a_closed_port(tmp_path: Path) -> None:
-    """Redis holds the fleet-wide halt; a new instance has no last state to keep, so it must not
-    start calling providers without reading it: it exits with a line naming redis."""
-    port = free_port()
-    _assert_one_line(_payd(tmp_path, "run", redis={"url": f"redis://127.0.0.1:{port}/0"}), "redis", port)
+async def test_redis_absent_at_start_up_means_no_provider_call_until_it_answers(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory, tmp_path: Path
+) -> None:
+    """Redis holds the fleet-wide halt, and a new instance has no last state to keep. It starts
+    anyway (so /readyz can say what is wrong), but calls no provider until it has read the halt
+    keys: /readyz is 503 naming the halt state, the gateway sees nothing, and once Redis
+    answers the attempt is charged once."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    server = PrivateRedis(tmp_path)  # its port is chosen; nothing listens there yet
+    try:
+        daemon = await daemons.process(ready=False, redis={"url": server.url})
+        await broker.publish([request("redis-absent-1", subscription_id=81_000)])
+
+        async def unready_for_the_halt_state() -> bool:
+            assert daemon.process.poll() is None, daemon.log()
+            try:
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(f"http://127.0.0.1:{daemon.port}/readyz") as response,
+                ):
+                    body = await response.json()
+            except aiohttp.ClientError:
+                return False  # not listening yet
+            return response.status == 503 and "halt_state_fresh" in body.get("reasons", {})
+
+        await eventually(unready_for_the_halt_state, timeout=30, what="/readyz naming the halt state")
+        await asyncio.sleep(2)
+        assert (await sandbox.stats())["requests"] == 0, "a provider was called before the halt was read"
+        await server.start()
+        settled = await wait_settled(db, ["redis-absent-1"], timeout=60)
+        assert settled == {"redis-absent-1": "succeeded"}
+        assert len(await sandbox.assert_no_double_charge()) == 1
+    finally:
+        server.stop()

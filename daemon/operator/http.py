@@ -1,0 +1,170 @@
+"""The operator commands behind the control endpoint's bearer token, under ``/admin/``.
+
+    GET  /admin/attempts?state=unknown&provider=P&older_than=2h&limit=100
+    GET  /admin/attempts/{key}                       the story (as ``payd attempts show --json``)
+    POST /admin/attempts/{key}/settle                {"as": "failed", "reason": "...", "operator": "..."}
+    GET  /admin/dead?limit=1000
+    POST /admin/dead/replay                          {"all": true} or {"ids": ["..."]}
+
+Registered on the ``/admin/`` sub-application, whose middleware checks the
+bearer token for every route (``daemon.control``). Orders that change something
+also need the operator's name, in an ``X-Payd-Operator`` header or an
+``operator`` field: the token says a holder may act, the name says who did, and
+it is recorded.
+"""
+
+from __future__ import annotations
+
+import time
+
+import aiomysql
+import msgspec
+import structlog
+from aiohttp import web
+
+from daemon.config import Config
+from daemon.models import AttemptState
+from daemon.operator.dead import DeadLetterQueueMissing, list_dead, replay_dead
+from daemon.operator.listing import AttemptFilter, list_attempts, parse_duration
+from daemon.operator.settle import AttemptNotFound, SettleAs, SettleOrder, SettleRefused, settle_attempt
+from daemon.operator.story import load_story
+from daemon.subscriptions.policy import SubscriptionPolicy
+
+log = structlog.get_logger("payd.operator")
+
+PASS_S = 3.0
+"""How long one HTTP listing or replay pass reads: inside the admin routes' 5 s timeout. A
+replay cut short says ``"complete": false``; asking again continues (nothing is lost between)."""
+
+OPERATOR_HEADER = "X-Payd-Operator"
+
+
+class OperatorTools:
+    """What the operator routes need from the running daemon; owned by ``serve``."""
+
+    def __init__(
+        self, *, pool: aiomysql.Pool, config: Config, policy: SubscriptionPolicy, instance_id: str
+    ) -> None:
+        self.pool = pool
+        self.config = config
+        self.policy = policy
+        """The daemon's own: a settle moves a subscription as the daemon's records do."""
+        self.instance_id = instance_id
+
+
+class SettleBody(
+    msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True, rename={"settle_as": "as"}
+):
+    settle_as: SettleAs
+    reason: str
+    operator: str | None = None
+    provider_ref: str | None = None
+
+
+class ReplayBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    all: bool = False
+    ids: list[str] = msgspec.field(default_factory=list)
+    operator: str | None = None
+
+
+def _json(value: object, status: int = 200) -> web.Response:
+    return web.Response(body=msgspec.json.encode(value), status=status, content_type="application/json")
+
+
+def _error(message: str, status: int) -> web.Response:
+    return _json({"error": message}, status)
+
+
+def register_operator_routes(admin: web.Application, tools: OperatorTools) -> None:
+    """Add the routes to ``admin``, the application mounted at ``/admin/`` behind the token."""
+
+    def operator_of(request: web.Request, named: str | None) -> str | None:
+        who = request.headers.get(OPERATOR_HEADER) or named
+        return who.strip() if who and who.strip() else None
+
+    async def show(request: web.Request) -> web.StreamResponse:
+        story = await load_story(tools.pool, request.match_info["key"])
+        return _json(story, 200 if story.found or story.subscription is not None else 404)
+
+    async def list_(request: web.Request) -> web.StreamResponse:
+        query = request.query
+        try:
+            older = query.get("older_than")
+            wanted = AttemptFilter(
+                state=AttemptState(query.get("state", "unknown")),
+                provider=query.get("provider"),
+                older_than_s=None if older is None else parse_duration(older),
+                limit=int(query.get("limit", "100")),
+            )
+        except ValueError as error:
+            return _error(str(error), 400)
+        return _json(await list_attempts(tools.pool, wanted))
+
+    async def settle(request: web.Request) -> web.StreamResponse:
+        try:
+            body = msgspec.json.decode(await request.read(), type=SettleBody)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            return _error(f"invalid body: {error}", 400)
+        who = operator_of(request, body.operator)
+        if who is None:
+            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+        order = SettleOrder(
+            idempotency_key=request.match_info["key"],
+            settle_as=body.settle_as,
+            reason=body.reason,
+            operator=who,
+            via=f"control:{tools.instance_id}",
+            provider_ref=body.provider_ref,
+        )
+        try:
+            settled = await settle_attempt(tools.pool, order, policy=tools.policy)
+        except AttemptNotFound as missing:
+            return _error(str(missing), 404)
+        except SettleRefused as refusal:
+            return _error(str(refusal), 409)
+        log.warning(
+            "attempt.settled_by_operator",
+            idempotency_key=settled.idempotency_key,
+            attempt_id=settled.attempt_id,
+            state=settled.state.value,
+            operator=who,
+        )
+        return _json(settled)
+
+    async def dead(request: web.Request) -> web.StreamResponse:
+        try:
+            limit = int(request.query.get("limit", "1000"))
+            return _json(await list_dead(tools.config, limit=limit, until=time.monotonic() + PASS_S))
+        except ValueError as error:
+            return _error(str(error), 400)
+        except DeadLetterQueueMissing as error:
+            return _error(str(error), 404)
+
+    async def replay(request: web.Request) -> web.StreamResponse:
+        try:
+            body = msgspec.json.decode(await request.read() or b"{}", type=ReplayBody)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            return _error(f"invalid body: {error}", 400)
+        who = operator_of(request, body.operator)
+        if who is None:
+            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+        if not body.all and not body.ids:
+            return _error("name the dead letters to replay (ids) or all: true", 400)
+        try:
+            report = await replay_dead(
+                tools.config,
+                ids=None if body.all else body.ids,
+                operator=f"{who} (control:{tools.instance_id})",
+                progress=None,
+                until=time.monotonic() + PASS_S,
+            )
+        except DeadLetterQueueMissing as error:
+            return _error(str(error), 404)
+        log.warning("dead_letters.replayed", count=len(report.replayed), operator=who)
+        return _json(report)
+
+    admin.router.add_get("/attempts", list_)
+    admin.router.add_get("/attempts/{key}", show)
+    admin.router.add_post("/attempts/{key}/settle", settle)
+    admin.router.add_get("/dead", dead)
+    admin.router.add_post("/dead/replay", replay)

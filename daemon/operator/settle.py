@@ -1,0 +1,166 @@
+"""``payd attempts settle``: an operator closes a stuck unknown attempt, audited.
+
+Only an ``unknown`` attempt can be settled: the operator has looked it up on
+the provider's dashboard and says what happened. The settle is the same
+transition the reconciler would have recorded, in one commit: the attempt
+row, the subscription moved as a real outcome would move it, the ordinary
+``payment.*`` and ``subscription.*`` events, and an ``attempt_audit`` row
+naming who, when and why. The UPDATE is conditional on ``state = 'unknown'``
+and its row count checked, so a reconciler settling the same row at the same
+moment makes exactly one of the two win and the other change nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Final
+
+import aiomysql
+import msgspec
+
+from daemon.events import now_iso, payment_event
+from daemon.models import AttemptState, ChargeResult, Outcome
+from daemon.storage.attempts import REQUEST_COLUMNS, insert_outbox, request_from_row
+from daemon.storage.db import Cursor, transaction
+from daemon.subscriptions.effects import apply_subscription_effects
+from daemon.subscriptions.policy import SubscriptionPolicy
+
+SETTLE_ACTION: Final = "settle"
+OPERATOR_SETTLED: Final = "operator_settled"
+"""The decline code a settled-as-failed attempt carries: nothing charged, by an operator's word."""
+
+
+class SettleAs(enum.StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class SettleOrder(msgspec.Struct, frozen=True, kw_only=True):
+    """What the operator says happened, and who says it."""
+
+    idempotency_key: str
+    settle_as: SettleAs
+    reason: str
+    operator: str
+    via: str
+    """Where the order came from: ``cli@HOST`` or ``control:INSTANCE``."""
+    provider_ref: str | None = None
+    """The provider's reference for the charge, when the dashboard shows one."""
+
+
+class Settled(msgspec.Struct, frozen=True, kw_only=True):
+    attempt_id: int
+    idempotency_key: str
+    state: AttemptState
+    subscription_id: int | None
+    cycle: int | None
+
+
+class SettleRefused(Exception):
+    """Nothing was changed; the message says why."""
+
+
+class AttemptNotFound(SettleRefused):
+    """No attempt has this key."""
+
+
+def _result(order: SettleOrder) -> ChargeResult:
+    said = f"settled by {order.operator} ({order.via}): {order.reason}"[:255]
+    if order.settle_as is SettleAs.SUCCEEDED:
+        return ChargeResult(outcome=Outcome.APPROVED, provider_ref=order.provider_ref, reason=said)
+    # Nothing was charged: for the subscription, like any failure that charged nothing
+    # (a new try after ``failed_retry_s``), not a decline or a dunning step.
+    return ChargeResult(
+        outcome=Outcome.PROVIDER_ERROR,
+        retryable=True,
+        decline_code=OPERATOR_SETTLED,
+        provider_ref=order.provider_ref,
+        reason=said,
+    )
+
+
+async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder, *, policy: SubscriptionPolicy) -> Settled:
+    """Settle one unknown attempt as ``order`` says, or raise ``SettleRefused``; the subscription
+    moves under ``policy``, as the record path would move it."""
+    if not order.reason.strip():
+        raise SettleRefused("a reason is required: say what the provider's dashboard showed")
+    if not order.operator.strip():
+        raise SettleRefused("the operator is unknown: name yourself (--operator NAME)")
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            f"SELECT id, state, routed_provider, {REQUEST_COLUMNS} FROM attempts "  # noqa: S608
+            "WHERE idempotency_key = %s FOR UPDATE",
+            (order.idempotency_key,),
+        )
+        row = await cursor.fetchone()
+        if row is None:
+            raise AttemptNotFound(f"no attempt with key {order.idempotency_key}")
+        attempt_id, state, routed_provider = row[0], AttemptState(row[1]), row[2]
+        if state is not AttemptState.UNKNOWN:
+            raise SettleRefused(
+                f"attempt {order.idempotency_key} is {state.value}; only an unknown attempt can be settled"
+            )
+        request = request_from_row(row[3:])
+        new_state = AttemptState(order.settle_as.value)
+        result = _result(order)
+        if not await _conditional_update(cursor, attempt_id, new_state, result):
+            raise SettleRefused(f"attempt {order.idempotency_key} was settled by someone else meanwhile")
+        occurred_at = now_iso()
+        await apply_subscription_effects(
+            cursor, [(request, new_state, result)], occurred_at=occurred_at, policy=policy
+        )
+        await insert_outbox(
+            cursor,
+            [
+                payment_event(
+                    attempt_id=attempt_id,
+                    request=request,
+                    state=new_state,
+                    result=result,
+                    occurred_at=occurred_at,
+                    provider=routed_provider,
+                )
+            ],
+        )
+        await cursor.execute(
+            "INSERT INTO attempt_audit (attempt_id, idempotency_key, action, state_before, state_after, "
+            "operator, via, reason, provider_ref) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                attempt_id,
+                order.idempotency_key,
+                SETTLE_ACTION,
+                state.value,
+                new_state.value,
+                order.operator[:128],
+                order.via[:128],
+                order.reason[:255],
+                order.provider_ref,
+            ),
+        )
+    return Settled(
+        attempt_id=attempt_id,
+        idempotency_key=order.idempotency_key,
+        state=new_state,
+        subscription_id=request.subscription_id,
+        cycle=request.cycle,
+    )
+
+
+async def _conditional_update(
+    cursor: Cursor, attempt_id: int, state: AttemptState, result: ChargeResult
+) -> bool:
+    """The transition itself, only from unknown: False if the row is no longer unknown."""
+    await cursor.execute(
+        "UPDATE attempts SET state = %s, outcome = %s, decline_code = %s, "
+        "provider_ref = COALESCE(%s, provider_ref), reason = %s, recheck_at = NULL, "
+        "finished_at = NOW(6) WHERE id = %s AND state = 'unknown'",
+        (
+            state.value,
+            result.outcome.value,
+            result.decline_code,
+            result.provider_ref,
+            result.reason,
+            attempt_id,
+        ),
+    )
+    return bool(cursor.rowcount == 1)
