@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.support import free_port
-from tests.tls_servers import RABBITMQ_SERVER, _stop_group, _wait_until_ready
+from tests.tls_servers import RABBITMQ_SERVER, _stop_group, _wait_until_ready, rabbitmq_node_env
 
 # The bare CLI, not /usr/sbin's wrapper: that one switches to the rabbitmq user and its cookie.
 RABBITMQCTL = "/usr/lib/rabbitmq/bin/rabbitmqctl"
@@ -120,21 +120,7 @@ def _rabbit_node(root: Path, index: int, home: Path, user: str, password: str) -
         # A node that lost its peers keeps running; the quorum queues decide what it may do.
         "cluster_partition_handling = ignore\n"
     )
-    (directory / "enabled_plugins").write_text("[].\n")
-    (directory / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's, which names the shared node
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf"),
-        "RABBITMQ_NODENAME": name,
-        "RABBITMQ_NODE_PORT": str(port),
-        "RABBITMQ_DIST_PORT": str(free_port()),
-        "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(directory / "log"),
-        "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
-    }
+    env = rabbitmq_node_env(directory, home, name, port)
     return RabbitNode(name=name, port=port, directory=directory, env=env)
 
 

@@ -118,7 +118,7 @@ async def test_a_read_only_primary_drops_every_idle_connection_of_the_pool(
 
 
 async def test_a_connection_killed_mid_transaction_is_a_lost_connection(
-    primary: Primary, pool: aiomysql.Pool
+    pool: aiomysql.Pool, reader: aiomysql.Pool
 ) -> None:
     """A connection the server kills mid-transaction (as a failover does to clients of the old
     primary) raises an error classified LOST_CONNECTION, and the next transaction runs on a fresh
@@ -127,18 +127,7 @@ async def test_a_connection_killed_mid_transaction_is_a_lost_connection(
         async with transaction(pool) as cursor:
             await cursor.execute("SELECT CONNECTION_ID()")
             (own_id,) = await cursor.fetchone()
-            killer = await aiomysql.connect(
-                host="127.0.0.1",
-                port=primary.server.port,
-                user="payd",
-                password=primary.server.password,
-                db=DATABASE,
-            )
-            try:
-                async with killer.cursor() as other:
-                    await other.execute(f"KILL {int(own_id)}")
-            finally:
-                killer.close()
+            await query(reader, f"KILL {int(own_id)}")
             await cursor.execute("DELETE FROM outbox")
     assert classify(lost.value) is DbFault.LOST_CONNECTION, repr(lost.value)
     async with transaction(pool) as cursor:
