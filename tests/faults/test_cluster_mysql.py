@@ -185,3 +185,32 @@ async def test_a_primary_switched_read_only_mid_run_and_back_loses_nothing_and_c
     settled = await wait_settled(reader, keys, timeout=120)
     assert set(settled.values()) == {"succeeded"}
     assert len(await sandbox.assert_no_double_charge()) == len(keys)
+
+
+async def test_a_deadlock_is_a_conflict_that_rolls_back_one_side_only(
+    pool: aiomysql.Pool, reader: aiomysql.Pool
+) -> None:
+    """Two transactions locking two rows in opposite orders: the server picks one to roll back
+    with error 1213 (https://mariadb.com/kb/en/mariadb-error-code-reference/, ER_LOCK_DEADLOCK),
+    classified CONFLICT; the other commits, and the pool keeps its idle connections (only a
+    read-only primary empties it). Fails if the classification loses the deadlock code."""
+    await query(reader, "CREATE TABLE IF NOT EXISTS lock_probe (id INT PRIMARY KEY, n INT NOT NULL)")
+    await query(reader, "REPLACE INTO lock_probe VALUES (1, 0), (2, 0)")
+    await _fill(pool, 3)
+    holds = {1: asyncio.Event(), 2: asyncio.Event()}
+
+    async def cross(first: int, second: int) -> None:
+        async with transaction(pool) as cursor:
+            await cursor.execute("UPDATE lock_probe SET n = n + 1 WHERE id = %s", (first,))
+            holds[first].set()
+            await holds[second].wait()
+            await cursor.execute("UPDATE lock_probe SET n = n + 1 WHERE id = %s", (second,))
+
+    results = await asyncio.gather(cross(1, 2), cross(2, 1), return_exceptions=True)
+    errors = [result for result in results if isinstance(result, BaseException)]
+    assert len(errors) == 1, results
+    assert classify(errors[0]) is DbFault.CONFLICT, repr(errors[0])
+    assert await query(reader, "SELECT SUM(n) FROM lock_probe") == [(2,)], (
+        "one side committed, one rolled back"
+    )
+    assert pool.freesize >= 1
