@@ -64,7 +64,8 @@ class Topology(msgspec.Struct, frozen=True):
 
 
 def broker_url(settings: RabbitMQSettings, password: Secret | None, node: str | None = None) -> str:
-    url = URL(node or settings.url)
+    """``node`` (default: the first configured) with the password; one-shot tools use the default."""
+    url = URL(node or settings.nodes[0])
     if password is not None:
         url = url.with_password(password.reveal())
     return str(url)

@@ -82,6 +82,8 @@ async def status(config: Config, *, as_json: bool) -> int:
     print(f"in flight  {snapshot['in_flight']}")
     print(f"ready      {json.dumps(snapshot['ready'])}")
     print(f"draining   {snapshot['draining']}")
+    node = snapshot.get("broker_node") or "disconnected"
+    print(f"broker     {node}  reconnects={snapshot['broker_reconnects']}")
     print(f"halt       global={'yes' if halt_state['global'] else 'no'}  stale={halt_state['stale']}")
     unwell = {name: d["state"] for name, d in snapshot.get("duties", {}).items() if d["state"] != "running"}
     print(f"duties     {json.dumps(unwell) if unwell else 'all running'}")

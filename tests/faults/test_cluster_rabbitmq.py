@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -22,6 +23,7 @@ from daemon.secrets import load_secret
 from tests.faults.clusters import RabbitCluster, RabbitNode, rabbitmq_cluster, wait_cluster_member
 from tests.support import (
     NAMESPACE,
+    PAYD,
     DaemonFactory,
     DaemonProcess,
     Sandbox,
@@ -159,6 +161,15 @@ async def test_each_instance_works_through_a_surviving_node_when_its_node_stops_
         status = await daemon.status()
         assert status["broker_reconnects"] >= 1 and status["broker_node"] in {c1.address, c2.address}
         assert status["ready"]["broker_connected"]
+    config_path = next(daemons.workdir.glob(f"payd-{a.port}.toml"))
+    printed = await asyncio.to_thread(
+        subprocess.run,
+        [PAYD, "status", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert f"broker     {(await a.status())['broker_node']}  reconnects=" in printed.stdout
 
 
 def _moved_off(daemon: DaemonProcess, node: RabbitNode, reconnects: int) -> Callable[[], Awaitable[bool]]:
