@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import aio_pika
 import aiohttp
@@ -73,13 +74,14 @@ async def _metrics(daemon: DaemonProcess) -> str:
         return await response.text()
 
 
-async def _leader(node: RabbitNode) -> str:
-    """The node leading the attempts queue (``rabbitmqctl list_queues name leader``)."""
-    listing = await asyncio.to_thread(node.ctl, "list_queues", "-q", "--no-table-headers", "name", "leader")
-    for line in listing.splitlines():
-        name, _, leader = line.partition("\t")
-        if name == f"{CLUSTER_NAMESPACE}.attempts":
-            return leader.strip()
+async def _attempts_queue(node: RabbitNode) -> dict[str, Any]:
+    """The attempts queue's leader and members, as ``rabbitmqctl list_queues`` reports them."""
+    listing = await asyncio.to_thread(
+        node.ctl, "list_queues", "-q", "--formatter", "json", "name", "leader", "members"
+    )
+    for queue in json.loads(listing):
+        if queue["name"] == f"{CLUSTER_NAMESPACE}.attempts":
+            return dict(queue)
     raise AssertionError(f"no attempts queue in {listing!r}")
 
 
@@ -110,7 +112,10 @@ async def test_each_instance_works_through_a_surviving_node_when_its_node_stops_
     assert (await a.status())["broker_node"] == c1.address
     assert (await b.status())["broker_node"] == c2.address
     assert f'payd_broker_node_info{{node="{c1.address}"}} 1.0' in await _metrics(a)
-    assert await _leader(c2) == c1.name, "the attempts queue is led by the node that declared it"
+    queue = await _attempts_queue(c2)
+    assert queue["leader"] == c1.name, "the attempts queue is led by the node that declared it"
+    # A replica on each node (quorum_initial_group_size = 3): any one of them may go.
+    assert sorted(queue["members"]) == sorted(n.name for n in rabbit.nodes)
 
     run = uuid.uuid4().hex[:8]
     keys: list[str] = []
