@@ -328,7 +328,7 @@ class Broker:
 
     async def dead_letter(self, message: AbstractIncomingMessage, reason: str, instance_id: str) -> None:
         """Move an invalid request to the dead-letter queue with its reason, then ack it."""
-        headers = dict(message.headers or {})
+        headers = {key: _republishable(value) for key, value in (message.headers or {}).items()}
         headers[ERROR_HEADER] = reason
         headers[DEAD_AT_HEADER] = now_iso()
         headers["x-payd-instance"] = instance_id
@@ -349,6 +349,18 @@ class Broker:
         if connection is not None:
             with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
                 await asyncio.wait_for(connection.close(), timeout=5)
+
+
+def _republishable(value: Any) -> Any:
+    """A sender's header value as it can be published again: pamqp decodes a long string
+    that is not UTF-8 to bytes, which it cannot encode; as a byte array it travels unchanged."""
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {key: _republishable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_republishable(item) for item in value]
+    return value
 
 
 def delivery_channel_open(message: AbstractIncomingMessage) -> bool:

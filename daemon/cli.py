@@ -106,7 +106,7 @@ def cmd_check_config(config: Config, _args: argparse.Namespace) -> int:
 def cmd_publish(config: Config, args: argparse.Namespace) -> int:
     from daemon.publish import check_lines, publish_lines, read_lines  # noqa: PLC0415
 
-    stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")  # noqa: SIM115
+    stream = sys.stdin.buffer if args.file == "-" else open(args.file, "rb")  # noqa: SIM115
     with stream:
         if args.check:
             return check_lines(config, read_lines(stream), sys.stdout)

@@ -31,7 +31,7 @@ PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
-Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
 
 
 class ConfigError(Exception):
@@ -151,7 +151,7 @@ class RedisSettings(Section, frozen=True):
     and follows it through a failover."""
     sentinel_service: str = "payd"
     """The master's name in the Sentinels' configuration (``sentinel monitor NAME ...``)."""
-    key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}$")] = "payd"
+    key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")] = "payd"
     """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
     halt_grace_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
     """How long the last halt state read is kept when the halt keys cannot be read; after that
@@ -204,6 +204,8 @@ class PipelineSettings(Section, frozen=True):
     """An unknown attempt the provider has no record of is sent again (same key) only after this long."""
     not_found_grace_s: NonNegativeFloat = 300.0
     """An unknown attempt the provider has no record of becomes failed only after this long."""
+    queued_orphan_after_s: PositiveFloat = 3600.0
+    """A queued attempt nobody claimed for this long (its message is gone) fails as never_sent."""
 
 
 class OutboxSettings(Section, frozen=True):
@@ -357,7 +359,7 @@ class Config(Section, frozen=True):
         return self.daemon.instance_id or f"{socket.gethostname()}:{os.getpid()}"
 
 
-_PATH_IN_MESSAGE = re.compile(r" - at `\$(?P<path>[^`]*)`$")
+_PATH_IN_MESSAGE = re.compile(r" - at `\$(?P<path>[^`]*)`\Z")
 
 
 def _explain(error: msgspec.ValidationError | msgspec.DecodeError, prefix: str = "") -> str:

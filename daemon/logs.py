@@ -42,6 +42,8 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from structlog.typing import EventDict, WrappedLogger
 
+from daemon.cards import luhn_ok
+
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
@@ -104,21 +106,11 @@ def is_secret_key(key: str) -> bool:
     return normal in _SECRET_KEYS or normal.endswith(_SECRET_KEY_ENDINGS)
 
 
-def _luhn_ok(digits: str) -> bool:
-    total = 0
-    for position, char in enumerate(reversed(digits)):
-        digit = ord(char) - 48
-        if position % 2:
-            digit = digit * 2 - 9 if digit > 4 else digit * 2
-        total += digit
-    return total % 10 == 0
-
-
 def _mask(match: re.Match[str]) -> str:
     kind = match.lastgroup
     if kind == "card":
         digits = re.sub(r"[ -]", "", match.group())
-        return REDACTED if _luhn_ok(digits) else match.group()
+        return REDACTED if luhn_ok(digits) else match.group()
     assert kind is not None
     return match.group(kind) + REDACTED
 

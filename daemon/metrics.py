@@ -125,6 +125,11 @@ class Metrics:
             "In-flight attempts turned unknown after their claimer stopped",
             registry=r,
         )
+        self.orphans_failed = Counter(
+            "payd_orphans_failed",
+            "Queued attempts nobody claimed within queued_orphan_after_s, failed as never_sent",
+            registry=r,
+        )
         self.parked = Gauge(
             "payd_attempts_parked",
             "Unknown attempts parked after a lookup raised: no automatic lookups until an operator acts",

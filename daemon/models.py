@@ -8,8 +8,10 @@ from typing import Annotated, Final
 
 import msgspec
 
-IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:_-]+$")]
-Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}$")]
+# Every pattern ends in \Z, never $: Python's $ also matches before a trailing newline,
+# so "EUR\n" would pass ^[A-Z]{3}$ (msgspec applies patterns with re.search).
+IdempotencyKey = Annotated[str, msgspec.Meta(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9:_-]+\Z")]
+Currency = Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}\Z")]
 PositiveAmount = Annotated[int, msgspec.Meta(gt=0, le=10**15)]
 Id = Annotated[int, msgspec.Meta(ge=1, le=2**63 - 1)]
 ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
@@ -19,7 +21,8 @@ Metadata = Annotated[
 ]
 
 # A payment method is a provider's stored token. Anything that looks like a card
-# number is refused before it can be stored, logged or forwarded.
+# number is refused before it can be stored, logged or forwarded (intake screens
+# the other fields for Luhn-valid card numbers).
 _CARD_NUMBER: Final = re.compile(r"(?:\d[ -]?){12,18}\d")
 
 

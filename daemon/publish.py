@@ -1,9 +1,9 @@
 """``payd publish FILE|-``: attempt requests from JSON lines onto ``payd.attempts``.
 
-Lines are published as they are: validation is the daemon's job, and an
-invalid line ends in the dead-letter queue with its reason, which is what a
-sender would see too. ``--check`` validates locally instead and publishes
-nothing.
+Lines are published as they are, byte for byte: validation is the daemon's
+job, and an invalid line ends in the dead-letter queue with its reason, which
+is what a sender would see too. ``--check`` validates locally instead, with
+the daemon's own ``decode_request``, and publishes nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import sys
 import time
 from collections.abc import Iterable, Iterator
-from typing import TextIO
+from typing import BinaryIO, TextIO
 
 from daemon.broker import Broker
 from daemon.config import Config
@@ -23,11 +23,12 @@ WINDOW = 256
 """Publishes awaiting their confirm at once: enough to keep the broker busy."""
 
 
-def read_lines(stream: TextIO) -> Iterator[tuple[int, bytes]]:
+def read_lines(stream: BinaryIO) -> Iterator[tuple[int, bytes]]:
+    """Non-blank lines as bytes: a line that is not UTF-8 is the daemon's to judge, not a crash here."""
     for number, line in enumerate(stream, start=1):
         stripped = line.strip()
         if stripped:
-            yield number, stripped.encode()
+            yield number, stripped
 
 
 def check_lines(config: Config, lines: Iterable[tuple[int, bytes]], out: TextIO) -> int:

@@ -6,8 +6,13 @@ import json
 import random
 
 import aiomysql
+import msgspec
 
-from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
+from daemon.config import SubscriptionSettings
+from daemon.models import AttemptRequest
+from daemon.storage.attempts import Record, claim_attempts, record_outcomes
+from daemon.subscriptions.policy import SubscriptionPolicy
+from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request, states, wait_settled
 
 TOKENS = ["pm_ok"] * 6 + ["pm_insufficient_funds", "pm_stolen", "pm_error", "pm_rate_limited", "pm_random"]
 
@@ -166,3 +171,130 @@ async def test_reused_key_with_other_parameters_is_dead_lettered(
         await eventually(collect, timeout=10, what="the dead letter")
     assert "different parameters" in str(dead[0][1]["x-payd-error"])
     assert [c["amount_minor"] for c in await sandbox.ledger()] == [100]
+
+
+async def test_a_trailing_newline_is_dead_lettered_as_such_and_leaves_no_row(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Currency "EUR\\n" once passed validation, was stored as "EUR" (MariaDB's CHAR(3) drops
+    the newline), read back as another request under this key, dead-lettered as a reused key
+    and left queued forever; key "nl-key\\n" was charged. Both are now refused at intake for
+    what they are, no row is left, and the corrected request under the same key is charged."""
+    async with daemons.in_process():
+        await broker.publish([{**request("nl-cur"), "currency": "EUR\n"}, request("nl-key\n")])
+        dead: list[tuple[bytes, dict[str, object]]] = []
+
+        async def both_dead() -> bool:
+            dead.extend(await broker.dead_letters())
+            return len(dead) >= 2
+
+        await eventually(both_dead, timeout=20, what="both dead letters")
+        reasons = sorted(str(headers["x-payd-error"]) for _, headers in dead)
+        assert [reason.rsplit(" - at ", 1)[-1] for reason in reasons] == [
+            "`$.currency`",
+            "`$.idempotency_key`",
+        ], reasons
+        assert not any("different parameters" in reason for reason in reasons)
+        assert await query(db, "SELECT idempotency_key, state FROM attempts") == []
+
+        await broker.publish([request("nl-cur")])
+        assert await wait_settled(db, ["nl-cur"]) == {"nl-cur": "succeeded"}
+    assert [c["currency"] for c in await sandbox.ledger()] == ["EUR"]
+
+
+async def test_claim_removes_a_row_the_database_stored_differently(db: aiomysql.Pool) -> None:
+    """Should a value ever pass validation that its column cannot hold, the claim tells it
+    apart from a reused key (the row is its own), reports it as altered and leaves no row;
+    a key truly reused with other parameters still keeps the first request."""
+
+    def make(key: str, currency: str, amount: int = 100) -> AttemptRequest:
+        # Constructing a Struct runs no Meta constraint: this is what intake would once let by.
+        return AttemptRequest(
+            idempotency_key=key,
+            amount_minor=amount,
+            currency=currency,
+            provider="sandbox",
+            payment_method="pm_ok",
+        )
+
+    first = await claim_attempts(db, [make("kept", "EUR")], claimed_by="t/1", lease_s=30)
+    assert set(first.claimed) == {"kept"}
+    outcome = await claim_attempts(
+        db, [make("altered", "EUR\n"), make("kept", "EUR", amount=999)], claimed_by="t/2", lease_s=30
+    )
+    assert outcome.altered == {"altered"} and outcome.mismatched == {"kept"}
+    assert not outcome.claimed and not outcome.already
+    assert await query(db, "SELECT idempotency_key, amount_minor, state FROM attempts") == [
+        ("kept", 100, "in_flight")
+    ]
+
+
+async def test_a_queued_attempt_whose_message_is_gone_fails_as_never_sent(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Released attempts (never sent) wait queued for their message. When it never comes back
+    (dead-lettered at the delivery limit, purged), the sweep fails them as never_sent with a
+    payment.failed event; a subscription's pending try is left to the scheduler; and a copy of
+    the message that turns up after all changes nothing and charges nothing."""
+    orphan, pending = request("orphan-1"), request("pending-1", subscription_id=4242, cycle=2)
+    # Claimed, then released unsent (as a drain or an open breaker does): queued again.
+    requests = [msgspec.convert(body, AttemptRequest) for body in (orphan, pending)]
+    claimed = await claim_attempts(db, requests, claimed_by="t/1", lease_s=30)
+    await record_outcomes(
+        db,
+        [Record(attempt_id=claimed.claimed[r.idempotency_key], request=r, result=None) for r in requests],
+        unknown_recheck_s=1,
+        policy=SubscriptionPolicy(SubscriptionSettings()),
+    )
+    await query(
+        db,
+        "INSERT INTO subscriptions (id, provider, payment_method, amount_minor, currency, paid_cycle, "
+        "next_attempt_at, pending_key) VALUES (4242, 'sandbox', 'pm_ok', 1000, 'EUR', 1, "
+        "NOW(6) + INTERVAL 1 DAY, 'pending-1')",
+    )
+    await broker.follow_events()
+    async with daemons.in_process(pipeline={"queued_orphan_after_s": 1}) as daemon:
+
+        async def swept() -> bool:
+            return (await states(db)).get("orphan-1") == "failed"
+
+        async def event_out() -> bool:
+            return any(e["idempotency_key"] == "orphan-1" for e in broker.events)
+
+        await eventually(swept, timeout=20, what="the orphan to be failed")
+        await eventually(event_out, timeout=10, what="its payment.failed event")
+        await broker.publish([orphan])  # the lost message turns up after all
+
+        async def acked_as_duplicate() -> bool:
+            return int((await daemon.status())["counters"]["duplicates"]) >= 1
+
+        await eventually(acked_as_duplicate, timeout=10, what="the late copy to be acked")
+
+    rows = await query(db, "SELECT idempotency_key, state, decline_code, tries FROM attempts ORDER BY id")
+    assert rows == [("orphan-1", "failed", "never_sent", 0), ("pending-1", "queued", None, 0)]
+    (event,) = [e for e in broker.events if e["idempotency_key"] == "orphan-1"]
+    assert event["type"] == "payment.failed" and event["decline_code"] == "never_sent"
+    assert await broker.dead_letters() == []
+    assert await sandbox.ledger() == [], "nothing was ever sent"
+
+
+async def test_a_queued_row_that_cannot_be_read_is_set_aside_not_swept_forever(db: aiomysql.Pool) -> None:
+    """A queued row payd cannot read back (metadata edited by hand) must not stop the sweep:
+    it leaves the sweep with the reason on the row, and a readable orphan next to it is failed."""
+    from daemon.storage.attempts import fail_orphaned_queued  # noqa: PLC0415
+
+    await query(
+        db,
+        "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, metadata, "
+        "state, recheck_at) VALUES ('bad-md', 'sandbox', 100, 'EUR', 'pm_ok', '{not json', 'queued', "
+        "NOW(6) - INTERVAL 2 HOUR), ('good', 'sandbox', 100, 'EUR', 'pm_ok', NULL, 'queued', "
+        "NOW(6) - INTERVAL 2 HOUR)",
+    )
+    failed, unreadable = await fail_orphaned_queued(db, queued_for_s=3600, limit=10)
+    assert len(failed) == 1 and [p.idempotency_key for p in unreadable] == ["bad-md"]
+    rows = await query(
+        db, "SELECT idempotency_key, state, recheck_at IS NULL, reason FROM attempts ORDER BY id"
+    )
+    assert [row[:3] for row in rows] == [("bad-md", "queued", 1), ("good", "failed", 1)]
+    assert str(rows[0][3]).startswith("row cannot be read")
+    assert await fail_orphaned_queued(db, queued_for_s=3600, limit=10) == ([], []), "nothing left to sweep"

@@ -29,7 +29,7 @@ from daemon.storage.db import Cursor, placeholders, transaction
 from daemon.subscriptions.events import event_id as subscription_event_id
 from daemon.subscriptions.model import ChangeKind
 
-_RENEWAL_KEY: Final = re.compile(r"^renew:(?P<sid>\d+):(?P<cycle>\d+):(?P<try>\d+)$")
+_RENEWAL_KEY: Final = re.compile(r"^renew:(?P<sid>\d+):(?P<cycle>\d+):(?P<try>\d+)\Z")
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True):

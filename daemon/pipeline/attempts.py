@@ -10,6 +10,7 @@ until then the broker keeps it, and a redelivery is stopped by the claim.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -20,14 +21,20 @@ import pymysql
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from daemon.broker import Broker, BrokerUnavailable, delivery_channel_open, settle
+from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable, delivery_channel_open, settle
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import Attempt, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.execute import BREAKER_OPEN, AttemptRun, Lane, execute
 from daemon.pipeline.intake import Invalid, decode_request
-from daemon.storage.attempts import Record, claim_attempts, record_outcomes, route_attempt
+from daemon.storage.attempts import (
+    Record,
+    claim_attempts,
+    fail_orphaned_queued,
+    record_outcomes,
+    route_attempt,
+)
 from daemon.subscriptions.policy import SubscriptionPolicy
 
 log = structlog.get_logger("payd.pipeline")
@@ -35,6 +42,9 @@ log = structlog.get_logger("payd.pipeline")
 DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
 DECLINES: Final = frozenset({Outcome.SOFT_DECLINE, Outcome.HARD_DECLINE})
 MISMATCH_REASON: Final = "idempotency_key reused with different parameters; the first request stands"
+ALTERED_REASON: Final = (
+    "invalid request: the database cannot store it as sent (a value was altered); nothing charged"
+)
 
 
 class Delivery(msgspec.Struct, frozen=True):
@@ -135,6 +145,13 @@ class AttemptPipeline:
                 if not delivery_channel_open(message):
                     return  # redelivered on the next connection, and judged again
                 await asyncio.sleep(0.5)
+            except Exception as error:  # the delivery cannot be published again as it came
+                # The queue's own dead-letter route still takes it (without the header), rather
+                # than it coming back on every restart; the reason is in this log line.
+                log.error("attempt.dead_letter_rejected", reason=reason, error=repr(error))
+                with contextlib.suppress(*BROKER_ERRORS):
+                    await message.reject(requeue=False)
+                break
         self.counters.dead_lettered += 1
         self._metrics.dead_lettered.inc()
         self._metrics.messages.labels("dead_lettered").inc()
@@ -191,6 +208,8 @@ class AttemptPipeline:
                 self._metrics.stale_settles.inc()
         for key in outcome.mismatched:
             self._spawn(self._dead_letter(first[key].message, MISMATCH_REASON))
+        for key in outcome.altered:
+            self._spawn(self._dead_letter(first[key].message, ALTERED_REASON))
 
     # -- execute --------------------------------------------------------------
 
@@ -378,3 +397,35 @@ class AttemptPipeline:
         if self._side_tasks:
             await asyncio.wait(self._side_tasks, timeout=max(0.1, deadline - time.monotonic()))
         log.info("drain.finished", **msgspec.structs.asdict(self.counters))
+
+
+class OrphanSweep:
+    """Fails queued attempts whose message is gone: never sent, so nothing can be hidden.
+
+    It starts only once this instance has been running for ``queued_orphan_after_s``:
+    after a fleet-wide outage longer than that, released attempts are old while their
+    messages still wait in the queue, and the backlog must have its chance first.
+    """
+
+    def __init__(self, pool: aiomysql.Pool, settings: PipelineSettings, metrics: Metrics) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._metrics = metrics
+        self._first_sweep_at = time.monotonic() + settings.queued_orphan_after_s
+
+    async def sweep(self) -> bool:
+        """One pass; True when some were failed, so their events go out. Loud: a warning
+        and ``payd_orphans_failed``."""
+        if time.monotonic() < self._first_sweep_at:
+            return False
+        failed, unreadable = await fail_orphaned_queued(
+            self._pool,
+            queued_for_s=self._settings.queued_orphan_after_s,
+            limit=self._settings.reconcile_batch_size,
+        )
+        for row in unreadable:
+            log.error("attempts.orphan_unreadable", attempt_id=row.attempt_id, reason=row.reason)
+        if failed:
+            self._metrics.orphans_failed.inc(len(failed))
+            log.warning("attempts.orphans_failed", count=len(failed), attempt_ids=failed[:20])
+        return bool(failed)

@@ -1,16 +1,30 @@
-"""Intake: decode and validate one delivery. Never raises: bad input becomes a reason."""
+"""Intake: decode and validate one delivery. Never raises: bad input becomes a reason.
+
+Whatever arrives on the queue comes back either as an ``AttemptRequest`` or as
+``Invalid(reason)``, which the pipeline dead-letters with that reason; an
+exception here would leave the message neither acked nor dead-lettered, to be
+redelivered on every restart. The reason travels in a header and into logs,
+so it never echoes a card number and never grows with the input.
+"""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Container
 from typing import Final
 
 import msgspec
 
+from daemon.cards import holds_card_number, mask_card_numbers
 from daemon.models import AttemptRequest
 
 MAX_BODY_BYTES: Final = 64 * 1024
+MAX_REASON_CHARS: Final = 300
 _decode = msgspec.json.Decoder(AttemptRequest).decode
+_UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
+# A card number's digits reach the body as ASCII digits (possibly grouped), a \u escape or
+# non-ASCII digits; a body with none of these cannot hold one, and most bodies have none.
+_DIGIT_RUN: Final = re.compile(rb"\d[\d -]{11,}\d")
 
 
 class Invalid(msgspec.Struct, frozen=True):
@@ -18,16 +32,66 @@ class Invalid(msgspec.Struct, frozen=True):
 
     reason: str
 
+    @classmethod
+    def because(cls, reason: str) -> Invalid:
+        """A reason fit for a header and a log line: printable ASCII, short, no card number."""
+        text = _UNPRINTABLE.sub("?", mask_card_numbers(reason))
+        if len(text) > MAX_REASON_CHARS:
+            text = text[: MAX_REASON_CHARS - 3] + "..."
+        return cls(text)
+
 
 def decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | Invalid:
+    try:
+        return _decode_request(body, providers)
+    except Exception as error:  # the contract: a bad message is a dead letter, never a crash
+        return Invalid.because(f"cannot decode the request ({type(error).__name__})")
+
+
+def _decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | Invalid:
     if len(body) > MAX_BODY_BYTES:
-        return Invalid(f"request is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+        return Invalid.because(f"request is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
+    try:
+        # JSON text exchanged between systems is UTF-8 (RFC 8259, section 8.1). msgspec
+        # checks only the strings it keeps, so bad bytes in an ignored field would pass.
+        body.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return Invalid.because(f"not a JSON object: not UTF-8 (byte {error.start})")
     try:
         request = _decode(body)
     except msgspec.ValidationError as error:
-        return Invalid(f"invalid request: {error}")
+        return Invalid.because(f"invalid request: {error}")
     except msgspec.DecodeError as error:
-        return Invalid(f"not a JSON object: {error}")
+        return Invalid.because(f"not a JSON object: {error}")
+    except RecursionError:
+        # msgspec stops at Python's recursion limit, cleanly, before the stack runs out.
+        return Invalid.because("not a JSON object: nested too deeply")
+    field = _field_holding_a_card_number(request) if _may_hold_a_card_number(body) else None
+    if field is not None:
+        # Names the field, never the value.
+        return Invalid.because(
+            f"invalid request: {field} holds what looks like a card number - at `$.{field}`"
+        )
     if request.provider not in providers:
-        return Invalid(f"invalid request: unknown provider {request.provider!r} - at `$.provider`")
+        return Invalid.because(f"invalid request: unknown provider {request.provider!r} - at `$.provider`")
     return request
+
+
+def _may_hold_a_card_number(body: bytes) -> bool:
+    """A first look at the whole body, in C, that clears most requests at once."""
+    return not body.isascii() or b"\\u" in body or _DIGIT_RUN.search(body) is not None
+
+
+def _field_holding_a_card_number(request: AttemptRequest) -> str | None:
+    """The first text field holding a Luhn-valid card number (``payment_method`` is checked
+    stricter by the model itself)."""
+    for name, text in (
+        ("idempotency_key", request.idempotency_key),
+        ("provider", request.provider),
+        ("customer_ref", request.customer_ref or ""),
+    ):
+        if holds_card_number(text):
+            return name
+    if any(holds_card_number(key) or holds_card_number(value) for key, value in request.metadata.items()):
+        return "metadata"
+    return None

@@ -34,7 +34,7 @@ from daemon.config import PipelineSettings
 from daemon.logs import redact_text
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
-from daemon.pipeline.attempts import DB_ERRORS
+from daemon.pipeline.attempts import DB_ERRORS, OrphanSweep
 from daemon.pipeline.execute import Lane
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
@@ -83,6 +83,7 @@ class Reconciler:
         self._policy = policy
         self._on_recorded = on_recorded
         self._waker = Waker(settings.reconcile_interval_s)
+        self._orphans = OrphanSweep(pool, settings, metrics)
         self.parked: deque[ParkedAttempt] = deque(maxlen=20)
         """The latest attempts this instance parked, for /status."""
 
@@ -100,6 +101,8 @@ class Reconciler:
         if expired:
             self._metrics.leases_expired.inc(len(expired))
             log.warning("reconcile.leases_expired", count=len(expired))
+            self._on_recorded()
+        if await self._orphans.sweep():
             self._on_recorded()
         due, unreadable = await take_due_unknown(
             self._pool,

@@ -49,6 +49,9 @@ class ClaimOutcome(msgspec.Struct, kw_only=True):
     """The key exists with other parameters: the request is refused, the old attempt stands."""
     cycle_taken: set[str] = msgspec.field(default_factory=set)
     """Another attempt holds this (subscription, cycle): sending would risk a double charge."""
+    altered: set[str] = msgspec.field(default_factory=set)
+    """The row this claim wrote reads back different from the request (the database altered
+    a value it cannot hold): the row is removed again and the request is invalid."""
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -122,22 +125,31 @@ async def claim_attempts(
     by_key = {request.idempotency_key: request for request in requests}
     keys = list(by_key)
     async with transaction(pool) as cursor:
+        # New rows carry this claim's name (unique per batch), so a row that reads back
+        # different from its request is told apart below from a reused key.
         await cursor.execute(
-            f"INSERT INTO attempts ({_REQUEST_COLUMNS}, state) VALUES "  # noqa: S608 (placeholders only)
-            f"{placeholders(len(requests), 10)} ON DUPLICATE KEY UPDATE id = id",
-            [value for r in requests for value in (*_request_row(r), AttemptState.QUEUED.value)],
+            f"INSERT INTO attempts ({_REQUEST_COLUMNS}, state, claimed_by) VALUES "  # noqa: S608 (placeholders only)
+            f"{placeholders(len(requests), 11)} ON DUPLICATE KEY UPDATE id = id",
+            [value for r in requests for value in (*_request_row(r), AttemptState.QUEUED.value, claimed_by)],
         )
         await cursor.execute(
             "SELECT idempotency_key, id, subscription_id, cycle, provider, amount_minor, currency, "  # noqa: S608
-            f"payment_method, state FROM attempts WHERE idempotency_key IN ({placeholders(len(keys))}) "
-            "FOR UPDATE",
+            "payment_method, state, claimed_by FROM attempts "
+            f"WHERE idempotency_key IN ({placeholders(len(keys))}) FOR UPDATE",
             keys,
         )
         claimable: dict[str, int] = {}
+        altered: list[int] = []
         for row in await cursor.fetchall():
             key, attempt_id, state = row[0], row[1], AttemptState(row[8])
             if not _same_charge(by_key[key], row):
-                outcome.mismatched.add(key)
+                if state is AttemptState.QUEUED and row[9] == claimed_by:
+                    # Written by this very statement, yet it reads back different: not a reused
+                    # key but a value the column could not hold. Leave no row behind.
+                    outcome.altered.add(key)
+                    altered.append(attempt_id)
+                else:
+                    outcome.mismatched.add(key)
             elif state is AttemptState.QUEUED:
                 claimable[key] = attempt_id
             else:
@@ -145,7 +157,12 @@ async def claim_attempts(
         if claimable:
             await _mark_in_flight(cursor, claimable, outcome, claimed_by=claimed_by, lease_s=lease_s)
         if outcome.cycle_taken:
-            await _refuse_taken_cycles(cursor, [(claimable[k], by_key[k]) for k in outcome.cycle_taken])
+            await fail_unsent(cursor, [(claimable[k], by_key[k]) for k in outcome.cycle_taken], CYCLE_TAKEN)
+        if altered:
+            await cursor.execute(
+                f"DELETE FROM attempts WHERE id IN ({placeholders(len(altered))}) AND state = 'queued'",  # noqa: S608
+                altered,
+            )
     return outcome
 
 
@@ -157,13 +174,21 @@ CYCLE_TAKEN: Final = ChargeResult(
 )
 
 
-async def _refuse_taken_cycles(cursor: Cursor, rows: Sequence[tuple[int, AttemptRequest]]) -> None:
-    """Never sent, never will be: these attempts end failed, in the claim's own commit."""
+async def fail_unsent(
+    cursor: Cursor, rows: Sequence[tuple[int, AttemptRequest]], result: ChargeResult
+) -> None:
+    """Queued attempts that were never sent and never will be end failed, with their events.
+
+    Kill Bill's CANCELED ("never submitted"), as opposed to UNDEFINED: a queued
+    row has not reached a provider (the claim moves it to in_flight first), so
+    finishing it cannot hide a charge.
+    """
     ids = [attempt_id for attempt_id, _ in rows]
     await cursor.execute(
         "UPDATE attempts SET state = 'failed', outcome = %s, decline_code = %s, reason = %s, "  # noqa: S608
-        f"finished_at = NOW(6) WHERE id IN ({placeholders(len(ids))}) AND state = 'queued'",
-        (CYCLE_TAKEN.outcome.value, CYCLE_TAKEN.decline_code, CYCLE_TAKEN.reason, *ids),
+        "recheck_at = NULL, finished_at = NOW(6) "
+        f"WHERE id IN ({placeholders(len(ids))}) AND state = 'queued'",
+        (result.outcome.value, result.decline_code, result.reason, *ids),
     )
     occurred_at = now_iso()
     await insert_outbox(
@@ -173,7 +198,7 @@ async def _refuse_taken_cycles(cursor: Cursor, rows: Sequence[tuple[int, Attempt
                 attempt_id=attempt_id,
                 request=request,
                 state=AttemptState.FAILED,
-                result=CYCLE_TAKEN,
+                result=result,
                 occurred_at=occurred_at,
             )
             for attempt_id, request in rows
@@ -257,7 +282,8 @@ async def write_outcomes(
             if state_now is not AttemptState.IN_FLIGHT:
                 into.skipped.append(record)
                 continue
-            updates.append((record.attempt_id, "queued", None, None, None, None, None, record.tries))
+            # recheck_at becomes the queued-since time the orphan sweep looks at.
+            updates.append((record.attempt_id, "queued", None, None, None, None, 0, record.tries))
             into.applied.append(record)
             continue
         new_state = STATE_OF_OUTCOME[record.result.outcome]
@@ -417,6 +443,73 @@ def _read_requests(
                 )
             )
     return readable, unreadable
+
+
+NEVER_SENT: Final = ChargeResult(
+    outcome=Outcome.PROVIDER_ERROR,
+    retryable=False,
+    decline_code="never_sent",
+    reason="queued with no owner (its message was lost or dead-lettered): never sent, nothing charged",
+)
+
+
+async def fail_orphaned_queued(
+    pool: aiomysql.Pool, *, queued_for_s: float, limit: int
+) -> tuple[list[int], list[ParkedAttempt]]:
+    """Queued attempts nobody will claim end failed as ``never_sent``: their ids, and the
+    rows that cannot be read back (left queued, out of the sweep, the reason on the row).
+
+    A row is queued after a release (its message went back to the broker) and
+    ``recheck_at`` holds since when. Past ``queued_for_s`` without a claim, its
+    message is taken to be gone (dead-lettered at the delivery limit, purged).
+    A subscription's pending try is the scheduler's: it publishes the request
+    again, so such rows are only looked at again later. A copy of the message
+    that turns up after all finds the attempt settled and changes nothing.
+    """
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            f"SELECT id, {_REQUEST_COLUMNS} FROM attempts "  # noqa: S608
+            "WHERE state = 'queued' AND recheck_at < NOW(6) - INTERVAL %s MICROSECOND "
+            "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
+            (int(queued_for_s * 1_000_000), limit),
+        )
+        readable, unreadable = _read_requests(await cursor.fetchall(), first=1)
+        if unreadable:
+            # Out of the sweep (recheck_at NULL), the reason on the row for an operator.
+            derived, params = union_rows([(p.attempt_id, p.reason) for p in unreadable], ("id", "reason"))
+            await cursor.execute(
+                f"UPDATE attempts a JOIN ({derived}) v ON a.id = v.id "  # noqa: S608
+                "SET a.recheck_at = NULL, a.reason = v.reason WHERE a.state = 'queued'",
+                params,
+            )
+        rows = [(row[0], request) for row, request in readable]
+        owned = await _scheduler_owned(cursor, [request for _, request in rows])
+        if owned:
+            await cursor.execute(
+                "UPDATE attempts SET recheck_at = NOW(6) "  # noqa: S608
+                f"WHERE idempotency_key IN ({placeholders(len(owned))}) AND state = 'queued'",
+                sorted(owned),
+            )
+        orphans = [
+            (attempt_id, request) for attempt_id, request in rows if request.idempotency_key not in owned
+        ]
+        if orphans:
+            await fail_unsent(cursor, orphans, NEVER_SENT)
+    return [attempt_id for attempt_id, _ in orphans], unreadable
+
+
+async def _scheduler_owned(cursor: Cursor, requests: Sequence[AttemptRequest]) -> set[str]:
+    """Keys that are the pending try of a scheduled subscription (a plain read, no locks)."""
+    ids = sorted({r.subscription_id for r in requests if r.subscription_id is not None})
+    if not ids:
+        return set()
+    await cursor.execute(
+        "SELECT pending_key FROM subscriptions "  # noqa: S608
+        f"WHERE id IN ({placeholders(len(ids))}) AND next_attempt_at IS NOT NULL AND pending_key IS NOT NULL",
+        ids,
+    )
+    pending = {key for (key,) in await cursor.fetchall()}
+    return {r.idempotency_key for r in requests if r.idempotency_key in pending}
 
 
 async def route_attempt(pool: aiomysql.Pool, attempt_id: int, provider: str) -> None:

@@ -21,7 +21,7 @@ import pymysql
 
 from daemon.storage.db import transaction
 
-_FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql$")
+_FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql\Z")
 _LOCK_NAME = "payd.migrate"
 
 

@@ -29,10 +29,10 @@ from daemon.subscriptions.policy import SubscriptionPolicy
 
 # The same guard as on attempt requests: a token, never a card number.
 _CARD_NUMBER: Final = re.compile(r"(?:\d[ -]?){12,18}\d")
-_PATH_IN_MESSAGE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`$")
+_PATH_IN_MESSAGE: Final = re.compile(r" - at `\$\.?(?P<path>[^`]*)`\Z")
 _ER_DATA_ERRORS: Final = (pymysql.err.DataError, pymysql.err.IntegrityError)
 
-AsciiName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$")]
+AsciiName = Annotated[str, msgspec.Meta(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+\Z")]
 
 
 class ImportRow(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -76,7 +76,7 @@ _COLUMNS: Final = (
 )
 _decode_json = msgspec.json.Decoder().decode
 _TIMES: Final = ("billing_anchor", "next_attempt_at")
-_DATE_ONLY: Final = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_DATE_ONLY: Final = re.compile(r"^\d{4}-\d{2}-\d{2}\Z")
 
 
 class FileProblem(Exception):

@@ -27,9 +27,9 @@ IDEMPOTENCY_KEY_TTL_S: Final = 7 * 24 * 3600.0
 class AdyenProviderConfig(ProviderConfig, frozen=True, kw_only=True):
     merchant_account: Annotated[str, msgspec.Meta(min_length=1)]
     """The Adyen merchant account the payments are made on (``merchantAccount``)."""
-    api_version: Annotated[str, msgspec.Meta(pattern=r"^v[0-9]{2,3}$")] = "v71"
+    api_version: Annotated[str, msgspec.Meta(pattern=r"^v[0-9]{2,3}\Z")] = "v71"
     """Checkout API version, the first segment of the path: ``/v71/payments``."""
-    credential_name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")] = "adyen_api_key"
+    credential_name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")] = "adyen_api_key"
     """Name of the secret holding the API key (``PAYD_<NAME>`` or ``$CREDENTIALS_DIRECTORY/<name>``)."""
     return_url: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=1024)] = (
         transform.DEFAULT_RETURN_URL

@@ -27,11 +27,11 @@ _PAGE_SIZE: Final = 10
 _MAX_PAGES: Final = 10
 """More payments than this under one reference and the lookup gives up (asks again later)."""
 
-SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
 
 
 class CheckoutProviderConfig(ProviderConfig, frozen=True, kw_only=True):
-    processing_channel_id: Annotated[str, msgspec.Meta(pattern=r"^pc_[a-z0-9]+$")]
+    processing_channel_id: Annotated[str, msgspec.Meta(pattern=r"^pc_[a-z0-9]+\Z")]
     """The processing channel every payment is made on (``pc_...``), from the Dashboard."""
     api_key_secret: SecretName = "checkout_api_key"  # noqa: S105 -- the secret's name, not its value
     """Name of the secret holding the secret API key (``sk_...``): ``PAYD_<NAME>`` or a credential file."""

@@ -30,7 +30,7 @@ PaymentChannel = Literal[
     "MOBILE_PHONE",
 ]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
+SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
 
 
 class IyzicoProviderConfig(ProviderConfig, frozen=True):

@@ -36,7 +36,7 @@ DETAIL_PATH: Final = "/payment/detail"
 
 # payd's payment_method for iyzico is "<cardUserKey>:<cardToken>", both as iyzico's card
 # storage returned them. They are base64-ish or UUID strings, never containing ':'.
-_STORED_CARD: Final = re.compile(r"^(?P<user>[A-Za-z0-9+/=_.-]{1,126}):(?P<card>[A-Za-z0-9+/=_.-]{1,126})$")
+_STORED_CARD: Final = re.compile(r"^(?P<user>[A-Za-z0-9+/=_.-]{1,126}):(?P<card>[A-Za-z0-9+/=_.-]{1,126})\Z")
 
 
 class StoredCard(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):

@@ -82,7 +82,7 @@ class ChargeRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A charge as the gateway understands it; unknown JSON fields are ignored."""
 
     amount_minor: Annotated[int, msgspec.Meta(gt=0)]
-    currency: Annotated[str, msgspec.Meta(pattern="^[A-Z]{3}$")]
+    currency: Annotated[str, msgspec.Meta(pattern=r"^[A-Z]{3}\Z")]
     payment_method: Annotated[str, msgspec.Meta(min_length=1)]
     merchant_reference: Annotated[str, msgspec.Meta(min_length=1)]
     customer_ref: str | None = None

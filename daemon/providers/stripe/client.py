@@ -23,9 +23,9 @@ from daemon.secrets import require_secret
 
 IDEMPOTENCY_KEY_TTL_S: Final = 24 * 3600.0  # Stripe prunes keys once they are 24 hours old
 
-ApiVersion = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")]
-SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")]
-PaymentMethodType = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*$")]
+ApiVersion = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?\Z")]
+SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
+PaymentMethodType = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*\Z")]
 
 
 class StripeProviderConfig(ProviderConfig, frozen=True):

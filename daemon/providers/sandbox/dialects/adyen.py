@@ -219,9 +219,9 @@ _ALIASES: Final[Mapping[str, str]] = {
     "pm_adyen_expired": "pm_adyen_refused_6",
     "pm_adyen_pending": "pm_adyen_result_Pending",
 }
-_REFUSED_TOKEN: Final = re.compile(r"^pm_adyen_refused_([0-9]{1,3})$")
-_ADVICE_TOKEN: Final = re.compile(r"^pm_adyen_mac_([0-9]{2})$")
-_RESULT_TOKEN: Final = re.compile(r"^pm_adyen_result_([A-Za-z]+)$")
+_REFUSED_TOKEN: Final = re.compile(r"^pm_adyen_refused_([0-9]{1,3})\Z")
+_ADVICE_TOKEN: Final = re.compile(r"^pm_adyen_mac_([0-9]{2})\Z")
+_RESULT_TOKEN: Final = re.compile(r"^pm_adyen_result_([A-Za-z]+)\Z")
 _SERVER_ERROR: Final = _Script(core_method="pm_ok", result_code="Authorised", fail_status=500)
 
 

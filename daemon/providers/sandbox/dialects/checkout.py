@@ -51,8 +51,8 @@ PREFIX: Final = "/checkout"
 
 _JSON: Final = "application/json"
 _DEFAULT_ACCOUNT: Final = "checkout"
-_SECRET_KEY: Final = re.compile(r"^Bearer sk_(?:sbox_)?[A-Za-z0-9_-]{4,}$")
-_CURRENCY: Final = re.compile(r"^[A-Z]{3}$")
+_SECRET_KEY: Final = re.compile(r"^Bearer sk_(?:sbox_)?[A-Za-z0-9_-]{4,}\Z")
+_CURRENCY: Final = re.compile(r"^[A-Z]{3}\Z")
 _PAYMENT_TYPES: Final = frozenset({"Regular", "Recurring", "MOTO", "Installment", "PayLater", "Unscheduled"})
 _MAX_PAGE: Final = 100
 

@@ -64,8 +64,10 @@ its own code for this, so the sandbox uses one no one could mistake for iyzico's
 _ACCOUNT: Final = "iyzico"
 _CURRENCY_EXPONENTS: Final[Mapping[str, int]] = {"TRY": 2, "EUR": 2, "USD": 2, "GBP": 2, "IRR": 2}
 _INSTALLMENTS: Final = frozenset({1, 2, 3, 6, 9, 12})
-_DECIMAL: Final = re.compile(r"^\d{1,12}(\.\d{1,8})?$")
-_AUTH: Final = re.compile(r"^apiKey:(?P<api>[^&]+)&randomKey:(?P<rnd>[^&]+)&signature:(?P<sig>[0-9a-f]{64})$")
+_DECIMAL: Final = re.compile(r"^\d{1,12}(\.\d{1,8})?\Z")
+_AUTH: Final = re.compile(
+    r"^apiKey:(?P<api>[^&]+)&randomKey:(?P<rnd>[^&]+)&signature:(?P<sig>[0-9a-f]{64})\Z"
+)
 
 # --- the documented request shapes -----------------------------------------------------------
 
@@ -210,7 +212,7 @@ _ERRORS: Final[Mapping[str, tuple[str, str]]] = {
 _CORE_DECLINES: Final[Mapping[str, str]] = {"insufficient_funds": "10051", "stolen_card": "10043"}
 # Dialect tokens that are not an errorCode, and the core token each charges as.
 _SPECIAL_TOKENS: Final[Mapping[str, str]] = {"iyz_fraud_review": "pm_ok", "iyz_garbled": "pm_ok"}
-_ERROR_TOKEN: Final = re.compile(r"^iyz_(?P<code>\d{1,6})$")
+_ERROR_TOKEN: Final = re.compile(r"^iyz_(?P<code>\d{1,6})\Z")
 _GARBLED: Final = b"<html><body>upstream sent an invalid response</body></html>"
 
 

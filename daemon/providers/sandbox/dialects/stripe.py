@@ -207,11 +207,11 @@ _STATE_KEY: Final = web.AppKey("stripe_dialect_state", _State)
 _JSON: Final = "application/json"
 _FORM: Final = "application/x-www-form-urlencoded"
 _MAX_KEY_LENGTH: Final = 255  # Stripe: "Idempotency keys are up to 255 characters long"
-_API_KEY: Final = re.compile(r"^(sk|rk)_(test|live)_[A-Za-z0-9_]{4,}$")
-_API_VERSION: Final = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?$")
-_METADATA: Final = re.compile(r"^metadata\[([^\[\]]{1,40})\]$")
-_LISTED: Final = re.compile(r"^(payment_method_types|expand)\[(\d+)\]$")
-_CURRENCY: Final = re.compile(r"^[a-z]{3}$")
+_API_KEY: Final = re.compile(r"^(sk|rk)_(test|live)_[A-Za-z0-9_]{4,}\Z")
+_API_VERSION: Final = re.compile(r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?\Z")
+_METADATA: Final = re.compile(r"^metadata\[([^\[\]]{1,40})\]\Z")
+_LISTED: Final = re.compile(r"^(payment_method_types|expand)\[(\d+)\]\Z")
+_CURRENCY: Final = re.compile(r"^[a-z]{3}\Z")
 _OFF_SESSION: Final = frozenset({"true", "false", "one_off", "recurring"})
 _BOOLEANS: Final = frozenset({"true", "false"})
 _MAX_AMOUNT: Final = 99_999_999  # Stripe: "supports up to eight digits"
@@ -604,7 +604,7 @@ async def _list(request: web.Request) -> web.Response:
 # A clause of Stripe's search query language that the dialect understands.
 _CLAUSE: Final = re.compile(
     r"""^(?:metadata\[(?P<q1>["'])(?P<field>.+?)(?P=q1)\]|(?P<plain>customer|status))"""
-    r"""\s*:\s*(?P<q2>["'])(?P<value>(?:\\.|(?!(?P=q2)).)*)(?P=q2)$"""
+    r"""\s*:\s*(?P<q2>["'])(?P<value>(?:\\.|(?!(?P=q2)).)*)(?P=q2)\Z"""
 )
 _AND: Final = re.compile(r"\s+(?:AND\s+)?", re.IGNORECASE)
 
