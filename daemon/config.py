@@ -95,7 +95,7 @@ class MySQLSettings(Section, frozen=True):
     pool_size: Annotated[int, msgspec.Meta(ge=2, le=200)] = 8
     connect_timeout_s: PositiveFloat = 5.0
     pool_recycle_s: PositiveFloat = 300.0
-    """A pooled connection older than this is closed, not reused: after a failover behind a
+    """A pooled connection idle longer than this is closed, not reused: after a failover behind a
     virtual address, connections opened before it may still reach the old primary."""
     acquire_timeout_s: PositiveFloat = 10.0
     """Waiting for a pooled connection, opening one (TCP, handshake, session set-up) included."""
