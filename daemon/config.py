@@ -94,6 +94,9 @@ class MySQLSettings(Section, frozen=True):
     database: str = "payd"
     pool_size: Annotated[int, msgspec.Meta(ge=2, le=200)] = 8
     connect_timeout_s: PositiveFloat = 5.0
+    pool_recycle_s: PositiveFloat = 300.0
+    """A pooled connection idle longer than this is closed, not reused: after a failover behind a
+    virtual address, connections opened before it may still reach the old primary."""
     acquire_timeout_s: PositiveFloat = 10.0
     """Waiting for a pooled connection, opening one (TCP, handshake, session set-up) included."""
     query_timeout_s: PositiveFloat = 30.0
@@ -110,6 +113,17 @@ class MySQLSettings(Section, frozen=True):
 
 class RabbitMQSettings(Section, frozen=True):
     url: str = "amqp://payd@127.0.0.1:5672/"
+    """The broker, when there is one node; ``urls`` takes its place for a cluster."""
+    urls: list[str] = msgspec.field(default_factory=list)
+    """The cluster's nodes, each an ``amqp(s)://`` URL; tried in ``node_order``, the first that
+    answers is used, and on losing it payd moves to another. Empty: ``url`` alone."""
+    node_order: Literal["listed", "shuffled"] = "listed"
+    """``shuffled`` spreads a fleet sharing one list over the nodes at random."""
+    connect_timeout_s: PositiveFloat = 5.0
+    """How long one node may take to accept a connection before the next is tried."""
+    quorum_initial_group_size: Annotated[int, msgspec.Meta(ge=1, le=99)] | None = None
+    """Replicas of a newly declared quorum queue (``x-quorum-initial-group-size``); unset: the
+    broker's default (every node). Odd, and at most the cluster's size (docs/scaling.md)."""
     namespace: Name = "payd"
     """Prefix of every queue and exchange: ``payd`` gives ``payd.attempts``, ``payd.events``."""
     prefetch: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
@@ -119,12 +133,24 @@ class RabbitMQSettings(Section, frozen=True):
     """How an ``amqps://`` link is verified; without it, against the system's CAs."""
 
     @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(self.urls) if self.urls else (self.url,)
+
+    @property
     def effective_tls(self) -> TlsSettings | None:
-        return (self.tls or TlsSettings()) if _scheme(self.url) == "amqps" else None
+        """One TLS setting for every node: a cluster is encrypted throughout or not at all."""
+        return (self.tls or TlsSettings()) if _scheme(self.nodes[0]) == "amqps" else None
 
 
 class RedisSettings(Section, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
+    """The Redis server; with ``sentinels``, only its scheme (TLS), credentials' user and database
+    number count, the master's address coming from the Sentinels."""
+    sentinels: list[str] = msgspec.field(default_factory=list)
+    """``host:port`` of each Redis Sentinel; set, payd asks them for ``sentinel_service``'s master
+    and follows it through a failover."""
+    sentinel_service: str = "payd"
+    """The master's name in the Sentinels' configuration (``sentinel monitor NAME ...``)."""
     key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")] = "payd"
     """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
     halt_grace_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
@@ -459,6 +485,13 @@ def _check_tls(raw: _RawConfig, source: str) -> None:
                 f"{source}: {link}.tls: the url is not {scheme}://, so the link would not be encrypted; "
                 f"write {scheme}:// or drop [{link}.tls]"
             )
+    schemes = {_scheme(url) for url in raw.rabbitmq.nodes}
+    if len(schemes) > 1:
+        mixed = " and ".join(sorted(schemes))
+        raise ConfigError(f"{source}: rabbitmq.urls: mixes {mixed}; use one scheme for every node")
+    for sentinel in raw.redis.sentinels:
+        if not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+:\d{1,5}", sentinel):
+            raise ConfigError(f"{source}: redis.sentinels: {sentinel!r} is not host:port")
     for link, tls in (("mysql", raw.mysql.tls), ("rabbitmq", raw.rabbitmq.tls), ("redis", raw.redis.tls)):
         if tls is not None and tls.key_file and not tls.cert_file:
             raise ConfigError(f"{source}: {link}.tls.key_file: needs cert_file, the certificate of that key")

@@ -191,10 +191,10 @@ async def serve(
         )
         lanes = _open_lanes(config, stack, redis_client, halt)
 
-        broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
+        broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"), metrics.broker_reconnects.inc)
         await with_retries(
             "rabbitmq",
-            url_address(config.rabbitmq.url),
+            ", ".join(url_address(node) for node in config.rabbitmq.nodes),
             broker.connect,
             give_up_after=config.daemon.startup_timeout_s,
             errors=BROKER_ERRORS,
