@@ -11,8 +11,7 @@ import functools
 from importlib.metadata import entry_points
 from typing import cast
 
-from daemon.config import ProviderConfig
-from daemon.providers.base import Provider, ProviderFactory
+from daemon.providers.base import Provider, ProviderConfig, ProviderFactory
 
 ENTRY_POINT_GROUP = "payd.providers"
 
