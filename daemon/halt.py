@@ -25,13 +25,13 @@ from typing import Final
 
 import msgspec
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
+
+from daemon.redis_errors import REDIS_ERRORS
 
 log = structlog.get_logger("payd.halt")
 
 POLL_INTERVAL_S: Final = 0.25
-REDIS_ERRORS: Final = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError)
 
 
 class HaltKeys(msgspec.Struct, frozen=True):

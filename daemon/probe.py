@@ -14,8 +14,7 @@ import aiomysql
 
 from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable
 from daemon.metrics import Metrics
-from daemon.pipeline.attempts import DB_ERRORS
-from daemon.storage.db import transaction
+from daemon.storage.db import DB_ERRORS, transaction
 
 
 class HealthProbe:

@@ -24,7 +24,7 @@ from daemon.logs import set_log_level
 from daemon.metrics import Metrics
 from daemon.monitor import start_monitor
 from daemon.notify import SystemdNotifier
-from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
+from daemon.pipeline.attempts import AttemptPipeline
 from daemon.pipeline.execute import Lane, breaker_for
 from daemon.pipeline.limiter import ProviderLimiter
 from daemon.pipeline.ratelimit import rate_limit_for
@@ -34,7 +34,7 @@ from daemon.probe import HealthProbe
 from daemon.providers.registry import create_provider
 from daemon.reload import watch_reloads
 from daemon.secrets import Secret, load_secret
-from daemon.storage.db import close_pool, open_pool
+from daemon.storage.db import DB_ERRORS, close_pool, open_pool
 from daemon.subscriptions.scheduler import start_subscriptions
 
 log = structlog.get_logger("payd")

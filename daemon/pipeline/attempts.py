@@ -16,7 +16,6 @@ from typing import Any, Final
 
 import aiomysql
 import msgspec
-import pymysql
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -28,10 +27,10 @@ from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.execute import BREAKER_OPEN, AttemptRun, Lane, execute
 from daemon.pipeline.intake import Invalid, decode_request
 from daemon.storage.attempts import Record, claim_attempts, record_outcomes, route_attempt
+from daemon.storage.db import DB_ERRORS
 
 log = structlog.get_logger("payd.pipeline")
 
-DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
 DECLINES: Final = frozenset({Outcome.SOFT_DECLINE, Outcome.HARD_DECLINE})
 MISMATCH_REASON: Final = "idempotency_key reused with different parameters; the first request stands"
 

@@ -23,7 +23,6 @@ import structlog
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
-from daemon.pipeline.attempts import DB_ERRORS
 from daemon.pipeline.execute import Lane
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
@@ -33,6 +32,7 @@ from daemon.storage.attempts import (
     record_outcomes,
     take_due_unknown,
 )
+from daemon.storage.db import DB_ERRORS
 
 log = structlog.get_logger("payd.reconcile")
 T = TypeVar("T")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Final
 
 import aiomysql
+import pymysql
 
 from daemon.config import MySQLSettings
 from daemon.secrets import Secret
@@ -23,6 +25,9 @@ _ISOLATION = "SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED"
 _PREPARED = "_payd_prepared"
 
 Cursor = Any  # aiomysql ships no type information
+
+# What a query can raise when the database is down, restarting or unreachable.
+DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
 
 
 async def open_pool(settings: MySQLSettings, password: Secret | None) -> aiomysql.Pool:
