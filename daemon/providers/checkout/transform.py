@@ -19,7 +19,7 @@ from typing import Final
 
 import msgspec
 
-from daemon.models import AttemptRequest, ChargeResult, Outcome
+from daemon.providers.api import AttemptRequest, ChargeResult, Outcome
 
 IDEMPOTENCY_KEY_METADATA: Final = "payd_idempotency_key"
 """Metadata key carrying payd's idempotency key, so a lookup by reference can tell attempts apart."""
