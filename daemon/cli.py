@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"payd: configuration error: {error}", file=sys.stderr)
         return 2
+    for renamed in config.deprecations:  # stderr: the journal under systemd, the terminal otherwise
+        print(f"payd: deprecated: {renamed}; the old name goes in the next release", file=sys.stderr)
     return int(args.handler(config, args))
 
 

@@ -24,6 +24,7 @@ from daemon.providers.api import (
     Outcome,
     ProviderConfig,
     Secret,
+    SecretName,
     require_secret,
 )
 
@@ -36,8 +37,12 @@ class AdyenProviderConfig(ProviderConfig, frozen=True, kw_only=True):
     """The Adyen merchant account the payments are made on (``merchantAccount``)."""
     api_version: Annotated[str, msgspec.Meta(pattern=r"^v[0-9]{2,3}$")] = "v71"
     """Checkout API version, the first segment of the path: ``/v71/payments``."""
-    credential_name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}$")] = "adyen_api_key"
+    secret_name: SecretName = "adyen_api_key"  # noqa: S105 -- the secret's name, not its value
     """Name of the secret holding the API key (``PAYD_<NAME>`` or ``$CREDENTIALS_DIRECTORY/<name>``)."""
+    credential_name: SecretName | None = None
+    """Deprecated spelling of ``secret_name``, accepted for one release."""
+
+    renamed_keys: ClassVar[Mapping[str, str]] = {"credential_name": "secret_name"}
 
 
 class AdyenProvider(HttpAdapter[bytes]):
@@ -53,7 +58,7 @@ class AdyenProvider(HttpAdapter[bytes]):
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, AdyenProviderConfig)
-        api_key = require_secret(config.credential_name, needed_by=f"providers.{name} (the Adyen API key)")
+        api_key = require_secret(config.secret_name, needed_by=f"providers.{name} (the Adyen API key)")
         super().__init__(name, config, charge_path=f"{config.api_version}/payments")
         self._api_key: Secret = api_key
         self._merchant_account = config.merchant_account

@@ -39,10 +39,14 @@ _MAX_PAGES: Final = 10
 class CheckoutProviderConfig(ProviderConfig, frozen=True, kw_only=True):
     processing_channel_id: Annotated[str, msgspec.Meta(pattern=r"^pc_[a-z0-9]+$")]
     """The processing channel every payment is made on (``pc_...``), from the Dashboard."""
-    api_key_secret: SecretName = "checkout_api_key"  # noqa: S105 -- the secret's name, not its value
+    secret_name: SecretName = "checkout_api_key"  # noqa: S105 -- the secret's name, not its value
     """Name of the secret holding the secret API key (``sk_...``): ``PAYD_<NAME>`` or a credential file."""
+    api_key_secret: SecretName | None = None
+    """Deprecated spelling of ``secret_name``, accepted for one release."""
     idempotency_key_ttl_s: PositiveFloat = 86400.0
     """How long Checkout.com remembers a ``Cko-Idempotency-Key``: 24 h unless changed for the account."""
+
+    renamed_keys: ClassVar[Mapping[str, str]] = {"api_key_secret": "secret_name"}
 
 
 class CheckoutProvider(HttpAdapter[bytes]):
@@ -52,7 +56,7 @@ class CheckoutProvider(HttpAdapter[bytes]):
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, CheckoutProviderConfig)
         secret = require_secret(
-            config.api_key_secret, needed_by=f"providers.{name} (the Checkout.com secret key)"
+            config.secret_name, needed_by=f"providers.{name} (the Checkout.com secret key)"
         )
         super().__init__(name, config, charge_path="payments")
         # Keys live a day (or what the account has); a lookup by reference finds the rest.

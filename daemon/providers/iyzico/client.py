@@ -42,10 +42,14 @@ Text = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
 class IyzicoProviderConfig(ProviderConfig, frozen=True):
     """``[providers.NAME]`` keys of kind ``iyzico``; the API keys are secrets, never here."""
 
-    api_key_secret: SecretName = "iyzico_api_key"  # noqa: S105 -- the secret's name, not its value
+    secret_name: SecretName = "iyzico_api_key"  # noqa: S105 -- the secret's name, not its value
     """Name of the secret holding the API key: ``PAYD_<NAME>`` or a credential file."""
-    secret_key_secret: SecretName = "iyzico_secret_key"  # noqa: S105 -- likewise a name
+    signing_secret_name: SecretName = "iyzico_secret_key"  # noqa: S105 -- likewise a name
     """Name of the secret holding the secret key that signs every request."""
+    api_key_secret: SecretName | None = None
+    """Deprecated spelling of ``secret_name``, accepted for one release."""
+    secret_key_secret: SecretName | None = None
+    """Deprecated spelling of ``signing_secret_name``, accepted for one release."""
     locale: Literal["tr", "en"] = "en"
     payment_channel: PaymentChannel = "WEB"
     payment_group: Literal["PRODUCT", "LISTING", "SUBSCRIPTION"] = "SUBSCRIPTION"
@@ -63,6 +67,11 @@ class IyzicoProviderConfig(ProviderConfig, frozen=True):
     lookup_not_found_error_codes: tuple[str, ...] = ()
     """errorCodes of a ``/payment/detail`` failure that mean "no such payment". Empty (the
     default) means payd never concludes an attempt was not received: it stays unknown."""
+
+    renamed_keys: ClassVar[Mapping[str, str]] = {
+        "api_key_secret": "secret_name",
+        "secret_key_secret": "signing_secret_name",
+    }
 
 
 def _secret(provider: str, name: str) -> Secret:
@@ -96,8 +105,8 @@ class IyzicoProvider(HttpAdapter[_Prepared]):
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, IyzicoProviderConfig)
         # Secrets first: a missing one fails here, before a session exists to leak.
-        self._api_key = _secret(name, config.api_key_secret)
-        self._secret_key = _secret(name, config.secret_key_secret)
+        self._api_key = _secret(name, config.secret_name)
+        self._secret_key = _secret(name, config.signing_secret_name)
         super().__init__(name, config, charge_path=transform.PAYMENT_PATH)
         self._defaults = _defaults(config)
         self._not_found_codes = frozenset(config.lookup_not_found_error_codes)
