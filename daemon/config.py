@@ -3,7 +3,8 @@
 Unknown or mistyped keys fail with the key's dotted path and the reason. Each
 provider's table is decoded by the configuration type its ``kind`` registers
 (see ``daemon.providers.registry``), so a plugin provider brings its own keys.
-Secrets are not configuration: see ``daemon.secrets``.
+Secrets are not configuration: see ``daemon.secrets``. The provider base table
+(``ProviderConfig``) belongs to the provider API, ``daemon.providers.base``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+# Re-exported (the alias tells mypy so): callers import both from here, as before.
+from daemon.errors import ConfigError as ConfigError  # noqa: PLC0414
+from daemon.providers.base import PositiveFloat
+from daemon.providers.base import ProviderConfig as ProviderConfig  # noqa: PLC0414
+from daemon.providers.registry import provider_config_type
 from daemon.subscriptions.networks import (
     EVERY_RULE,
     MASTERCARD_DAILY_LIMIT,
@@ -28,14 +34,9 @@ from daemon.subscriptions.networks import (
 )
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the key and the problem."""
 
 
 class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -213,41 +214,6 @@ class OutboxSettings(Section, frozen=True):
     poll_interval_s: PositiveFloat = 0.5
 
 
-class ProviderConfig(Section, frozen=True):
-    """Keys every provider has. A provider kind subclasses this with its own keys."""
-
-    kind: str
-    base_url: str
-    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=100000)]
-    timeout_s: PositiveFloat = 10.0
-    connect_timeout_s: PositiveFloat = 2.0
-    slot_hold_s: NonNegativeFloat = 30.0
-    """A call payd gave up on (timeout, connection lost) keeps its ``max_in_flight`` slot this
-    much longer: the provider may still be working on it. 0 frees it at once."""
-    max_tries: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
-    """Tries per attempt for provider errors that charged nothing."""
-    retry_backoff_s: PositiveFloat = 0.5
-    max_rate_limited_tries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
-    """Tries per attempt answered 429; each waits the provider's Retry-After (the whole lane pauses)."""
-    rate_per_s: PositiveFloat | None = None
-    """Calls per second this instance may start; unset: no local rate limit."""
-    fleet_rate_per_s: PositiveFloat | None = None
-    """Calls per second all instances together may start, enforced through Redis."""
-    fallback_rate_per_s: PositiveFloat | None = None
-    """Per-instance rate while Redis is unreachable; default a quarter of fleet_rate_per_s."""
-    burst: PositiveFloat | None = None
-    """Calls that may start at once after a quiet spell; default one second's worth of rate."""
-    breaker_failure_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
-    breaker_min_calls: Annotated[int, msgspec.Meta(ge=1)] = 20
-    breaker_window_s: PositiveFloat = 10.0
-    breaker_open_s: PositiveFloat = 5.0
-    breaker_max_open_s: PositiveFloat = 60.0
-    breaker_probes: Annotated[int, msgspec.Meta(ge=1)] = 3
-    failover_to: str | None = None
-    """Another provider of the same kind to send to when this one was never reached: its breaker
-    is open, or it cannot be connected to. Only where payment methods are valid at both."""
-
-
 # -- subscriptions: renewals, dunning and the retry budget (docs/subscriptions.md) --
 
 NextStatus = Literal["canceled", "past_due"]
@@ -353,6 +319,8 @@ class Config(Section, frozen=True):
     providers: dict[str, ProviderConfig]
     subscriptions: SubscriptionSettings = SubscriptionSettings()
     source: str = "<memory>"
+    deprecations: tuple[str, ...] = ()
+    """Old spellings of keys this file still uses (``providers.NAME.KEY is now NEW``), to warn of."""
 
     @property
     def instance_id(self) -> str:
@@ -377,8 +345,6 @@ def _explain(error: msgspec.ValidationError | msgspec.DecodeError, prefix: str =
 
 def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
     """Decode a TOML document into a ``Config``; raise ``ConfigError`` naming the bad key."""
-    from daemon.providers.registry import provider_config_type  # noqa: PLC0415 (registry imports providers)
-
     try:
         raw = msgspec.toml.decode(text, type=_RawConfig)
     except msgspec.ValidationError as error:
@@ -433,6 +399,11 @@ def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
         providers=providers,
         subscriptions=raw.subscriptions,
         source=source,
+        deprecations=tuple(
+            f"providers.{name}.{renamed}"
+            for name, table in providers.items()
+            for renamed in table.deprecated_keys()
+        ),
     )
 
 

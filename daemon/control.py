@@ -21,10 +21,11 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon.broker import Broker
-from daemon.halt import REDIS_ERRORS, HaltState, clear_halt, set_halt
+from daemon.halt import HaltState, clear_halt, set_halt
 from daemon.metrics import Metrics
 from daemon.operator.http import OperatorTools, register_operator_routes
 from daemon.pipeline.attempts import AttemptPipeline
+from daemon.redis_errors import REDIS_ERRORS
 from daemon.secrets import Secret
 from daemon.supervisor import Supervisor
 

@@ -12,7 +12,8 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from daemon.config import Config
-from daemon.halt import REDIS_ERRORS, HaltKeys, clear_halt, set_halt
+from daemon.halt import HaltKeys, clear_halt, set_halt
+from daemon.redis_errors import REDIS_ERRORS
 from daemon.redis_link import redis_address, redis_client
 from daemon.secrets import load_secret
 

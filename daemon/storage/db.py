@@ -35,6 +35,9 @@ _TIMEOUTS = "_payd_timeouts"
 
 Cursor = Any  # aiomysql ships no type information
 
+# What a query can raise when the database is down, restarting or unreachable.
+DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
+
 
 class DatabaseTimeouts(msgspec.Struct, frozen=True, kw_only=True):
     """Bounds on waiting for the database, so a server that stops answering (frozen, a
