@@ -20,6 +20,7 @@ import msgspec
 import pymysql
 
 from daemon.storage.db import transaction
+from daemon.storage.sqlsplit import split_statements
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql\Z")
 _LOCK_NAME = "payd.migrate"
@@ -35,10 +36,7 @@ class Migration(msgspec.Struct, frozen=True, kw_only=True):
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
     def statements(self) -> list[str]:
-        without_comments = "\n".join(
-            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
-        )
-        return [s.strip() for s in without_comments.split(";") if s.strip()]
+        return split_statements(self.sql)
 
 
 class MigrationError(Exception):
