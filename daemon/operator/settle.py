@@ -20,8 +20,9 @@ import msgspec
 
 from daemon.events import now_iso, payment_event
 from daemon.models import AttemptState, ChargeResult, Outcome
-from daemon.storage.attempts import REQUEST_COLUMNS, insert_outbox, request_from_row
+from daemon.storage.attempts import REQUEST_COLUMNS, request_from_row
 from daemon.storage.db import Cursor, transaction
+from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.effects import apply_subscription_effects
 from daemon.subscriptions.policy import SubscriptionPolicy
 

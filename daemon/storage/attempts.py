@@ -8,7 +8,7 @@ outbox events in one commit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final
 
 import aiomysql
@@ -25,6 +25,7 @@ from daemon.models import (
     Outcome,
 )
 from daemon.storage.db import Cursor, placeholders, transaction, union_rows
+from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.effects import apply_subscription_effects
 from daemon.subscriptions.policy import SubscriptionPolicy
 
@@ -334,16 +335,6 @@ async def write_outcomes(
     if changes:
         await apply_subscription_effects(cursor, changes, occurred_at=occurred_at, policy=policy)
     await insert_outbox(cursor, events)
-
-
-async def insert_outbox(cursor: Cursor, rows: Iterable[OutboxRow]) -> None:
-    values = [(row.event_id, row.target, row.routing_key, row.payload) for row in rows]
-    if values:
-        await cursor.execute(
-            "INSERT INTO outbox (event_id, target, routing_key, payload) VALUES "  # noqa: S608
-            + placeholders(len(values), 4),
-            [value for row in values for value in row],
-        )
 
 
 class ParkedAttempt(msgspec.Struct, frozen=True, kw_only=True):

@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import aiomysql
 
 from daemon.events import OutboxRow
-from daemon.storage.db import placeholders, transaction
+from daemon.storage.db import Cursor, placeholders, transaction
 
 Publish = Callable[[Sequence[OutboxRow]], Awaitable[None]]
+
+
+async def insert_outbox(cursor: Cursor, rows: Iterable[OutboxRow]) -> None:
+    """Queue events for the relay, in the transaction of the change they announce."""
+    values = [value for row in rows for value in (row.event_id, row.target, row.routing_key, row.payload)]
+    if values:
+        await cursor.execute(
+            "INSERT INTO outbox (event_id, target, routing_key, payload) VALUES "  # noqa: S608
+            + placeholders(len(values) // 4, 4),
+            values,
+        )
 
 
 async def relay_batch(pool: aiomysql.Pool, publish: Publish, *, limit: int) -> int:

@@ -9,11 +9,12 @@ import msgspec
 from daemon.events import OutboxRow
 from daemon.models import AttemptRequest, AttemptState, ChargeResult
 from daemon.storage.db import Cursor
+from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.events import subscription_event
 from daemon.subscriptions.lifecycle import settle_outcome
 from daemon.subscriptions.model import Subscription
 from daemon.subscriptions.policy import SubscriptionPolicy
-from daemon.subscriptions.store import database_now, insert_outbox, lock_subscriptions, save_subscriptions
+from daemon.subscriptions.store import database_now, lock_subscriptions, save_subscriptions
 
 
 async def apply_subscription_effects(

@@ -15,13 +15,13 @@ import msgspec
 
 from daemon.models import TERMINAL_STATES
 from daemon.storage.db import transaction
+from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.dispatch import Undispatchable, existing_attempts, start_try
 from daemon.subscriptions.model import SubscriptionStatus
 from daemon.subscriptions.netbudget import NetworkCounters
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.store import (
     database_now,
-    insert_outbox,
     insert_queued_attempts,
     lock_subscriptions,
     save_subscriptions,

@@ -34,6 +34,7 @@ from daemon.events import OutboxRow, now_iso
 from daemon.metrics import LATENCY_BUCKETS, Metrics
 from daemon.models import AttemptRequest, AttemptState
 from daemon.storage.db import DB_ERRORS, Cursor, transaction
+from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.dispatch import (
     ExistingAttempt,
     Undispatchable,
@@ -50,7 +51,6 @@ from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.store import (
     claim_due,
     database_now,
-    insert_outbox,
     insert_queued_attempts,
     mark_dispatched,
     save_subscriptions,

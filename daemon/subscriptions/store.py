@@ -12,7 +12,6 @@ from typing import Any, Final
 
 import msgspec
 
-from daemon.events import OutboxRow
 from daemon.models import AttemptRequest, AttemptState
 from daemon.storage.db import Cursor, placeholders, union_rows
 from daemon.subscriptions.model import Subscription, SubscriptionStatus
@@ -216,12 +215,3 @@ async def insert_queued_attempts(cursor: Cursor, requests: Sequence[AttemptReque
         "ON DUPLICATE KEY UPDATE id = id",
         values,
     )
-
-
-async def insert_outbox(cursor: Cursor, rows: Sequence[OutboxRow]) -> None:
-    if rows:
-        await cursor.execute(
-            "INSERT INTO outbox (event_id, target, routing_key, payload) VALUES "  # noqa: S608
-            + placeholders(len(rows), 4),
-            [value for row in rows for value in (row.event_id, row.target, row.routing_key, row.payload)],
-        )
