@@ -12,9 +12,9 @@ from daemon.models import AttemptRequest, AttemptState, ChargeResult, Outcome
 from daemon.subscriptions.importer import FileProblem, ImportRow, read_csv, read_json_lines
 from daemon.subscriptions.lifecycle import settle_outcome, stop
 from daemon.subscriptions.model import ChangeKind, Subscription, SubscriptionStatus
-from daemon.subscriptions.pacing import TokenBucket
 from daemon.subscriptions.periods import IntervalUnit, add_months, period_end, spread
 from daemon.subscriptions.policy import SubscriptionPolicy
+from daemon.tokenbucket import TokenBucket
 
 NOW = datetime(2026, 3, 10, 12, 0, 0)
 PROVIDER = '[providers.sandbox]\nkind = "sandbox"\nbase_url = "http://127.0.0.1:1"\nmax_in_flight = 1\n'

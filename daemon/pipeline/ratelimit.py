@@ -11,7 +11,6 @@ metrics, rather than either stopping or exceeding the quota on its own.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Final, Protocol
 
 import redis.asyncio as aioredis
@@ -19,49 +18,19 @@ import structlog
 
 from daemon.config import ProviderConfig
 from daemon.redis_errors import REDIS_ERRORS
+from daemon.tokenbucket import TokenBucket
 
 log = structlog.get_logger("payd.ratelimit")
 
 
 class RateLimit(Protocol):
-    async def take(self) -> None:
-        """Wait until one call may start."""
+    async def take(self) -> object:
+        """Wait until one call may start (what it returns is not used)."""
 
 
 class Unlimited:
     async def take(self) -> None:
         return None
-
-
-class TokenBucket:
-    """``rate_per_s`` tokens a second, at most ``burst`` saved up; waiters queue fairly."""
-
-    def __init__(self, rate_per_s: float, burst: float) -> None:
-        self.rate_per_s = rate_per_s
-        self._burst = max(1.0, burst)
-        self._tokens = self._burst
-        self._stamp = time.monotonic()
-        self._lock = asyncio.Lock()
-
-    def _refill(self) -> None:
-        now = time.monotonic()
-        self._tokens = min(self._burst, self._tokens + (now - self._stamp) * self.rate_per_s)
-        self._stamp = now
-
-    def try_take(self) -> bool:
-        self._refill()
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
-
-    async def take(self) -> None:
-        if self.try_take():
-            return
-        async with self._lock:
-            # Tokens arrive with time, not with an event: sleep until the next one is due.
-            while not self.try_take():  # noqa: ASYNC110
-                await asyncio.sleep((1 - self._tokens) / self.rate_per_s)
 
 
 # Server-side token bucket; Redis' own clock, so instances' clocks do not matter.
@@ -103,7 +72,7 @@ class FleetTokenBucket:
         self._chunk = max(1, int(rate_per_s / 20))
         self._local = 0
         self._lock = asyncio.Lock()
-        self._fallback = TokenBucket(fallback_rate_per_s, fallback_rate_per_s)
+        self._fallback = TokenBucket(fallback_rate_per_s)
         self._script = client.register_script(_TAKE_SCRIPT)
         self.redis_ok = True
 
@@ -149,5 +118,5 @@ def rate_limit_for(name: str, config: ProviderConfig, client: aioredis.Redis, ke
             fallback_rate_per_s=config.fallback_rate_per_s or config.fleet_rate_per_s / 4,
         )
     if config.rate_per_s is not None:
-        return TokenBucket(config.rate_per_s, config.burst or config.rate_per_s)
+        return TokenBucket(config.rate_per_s, capacity=config.burst)
     return Unlimited()

@@ -46,7 +46,6 @@ from daemon.subscriptions.events import subscription_event
 from daemon.subscriptions.lifecycle import defer
 from daemon.subscriptions.model import CHARGEABLE, Subscription, dispatch_key
 from daemon.subscriptions.netbudget import NetworkCounters
-from daemon.subscriptions.pacing import TokenBucket
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.store import (
     claim_due,
@@ -55,6 +54,7 @@ from daemon.subscriptions.store import (
     mark_dispatched,
     save_subscriptions,
 )
+from daemon.tokenbucket import TokenBucket
 
 log = structlog.get_logger("payd.scheduler")
 
