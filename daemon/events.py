@@ -1,4 +1,5 @@
-"""Payment events as they go into the outbox, and from there to ``payd.events``."""
+"""Events as they go into the outbox, and from there to ``payd.events``: how every event
+is built (a stable id, one timestamp format, the row), and the ``payment.*`` events."""
 
 from __future__ import annotations
 
@@ -28,13 +29,30 @@ class OutboxRow(msgspec.Struct, frozen=True):
     payload: bytes
 
 
+def stable_id(namespace: uuid.UUID, cause: str, kind: str) -> str:
+    """Deterministic: the same cause and kind always give the same id, so re-publishing dedupes."""
+    return str(uuid.uuid5(namespace, f"{cause}/{kind}"))
+
+
+def event_row(identifier: str, routing_key: str, event: msgspec.Struct) -> OutboxRow:
+    """The outbox row of one event for ``payd.events``."""
+    return OutboxRow(identifier, "events", routing_key, _encode(event))
+
+
 def event_id(idempotency_key: str, state: AttemptState) -> str:
-    """Deterministic: the same transition always carries the same id, so re-publishing dedupes."""
-    return str(uuid.uuid5(_NAMESPACE, f"{idempotency_key}/{state.value}"))
+    return stable_id(_NAMESPACE, idempotency_key, state.value)
+
+
+def iso_utc(moment: datetime) -> str:
+    """Every timestamp in an event: ISO 8601, UTC, microseconds, ``Z``. A naive datetime is
+    UTC already (read from the database, whose sessions run at ``+00:00``)."""
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(UTC).replace(tzinfo=None)
+    return moment.isoformat(timespec="microseconds") + "Z"
 
 
 def now_iso() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return iso_utc(datetime.now(UTC))
 
 
 def payment_event(
@@ -66,4 +84,4 @@ def payment_event(
         state=state.value,
         reason=result.reason,
     )
-    return OutboxRow(identifier, "events", routing_key, _encode(event))
+    return event_row(identifier, routing_key, event)

@@ -7,6 +7,7 @@ import asyncio
 import json
 import random
 import subprocess
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import msgspec
@@ -14,6 +15,7 @@ import pytest
 
 from daemon.cards import holds_card_number, mask_card_numbers
 from daemon.config import RabbitMQSettings
+from daemon.events import iso_utc, now_iso
 from daemon.models import AttemptRequest, Outcome
 from daemon.pipeline.intake import MAX_BODY_BYTES, MAX_REASON_CHARS, Invalid, decode_request
 from daemon.pipeline.limiter import ProviderLimiter
@@ -277,3 +279,13 @@ def test_publish_check_judges_each_line_like_the_daemon(tmp_path: Path) -> None:
     assert [line.split(":")[0] for line in reported] == ["line 2", "line 3", "line 4", "line 5"], done.stdout
     assert "currency" in reported[0] and "not UTF-8" in reported[1] and "nested too deeply" in reported[2]
     assert "card number" in reported[3] and "4242" not in done.stdout
+
+
+def test_event_timestamps_have_one_format_whatever_the_clock() -> None:
+    """Payment events (Python's aware clock) and subscription events (the database's naive
+    UTC datetimes) write the same ISO 8601 form; an aware non-UTC time is converted, not
+    suffixed (the old subscription formatter wrote ``+02:00Z`` for one)."""
+    moment = datetime(2026, 3, 1, 12, 0, 0, 5, tzinfo=UTC)
+    assert iso_utc(moment) == iso_utc(moment.replace(tzinfo=None)) == "2026-03-01T12:00:00.000005Z"
+    assert iso_utc(moment.astimezone(timezone(timedelta(hours=2)))) == "2026-03-01T12:00:00.000005Z"
+    assert now_iso().endswith("Z") and len(now_iso()) == len("2026-03-01T12:00:00.000005Z")

@@ -16,7 +16,7 @@ from typing import Final
 
 import msgspec
 
-from daemon.events import OutboxRow
+from daemon.events import OutboxRow, stable_id
 from daemon.models import AttemptRequest, AttemptState
 from daemon.pipeline.intake import Invalid, decode_request
 from daemon.storage.attempts import request_from_row
@@ -95,5 +95,5 @@ def start_try(
 
 def request_message(request: AttemptRequest) -> OutboxRow:
     """The outbox row that puts ``request`` on ``payd.attempts``; the same key, the same message id."""
-    message_id = str(uuid.uuid5(_NAMESPACE, f"{request.idempotency_key}/dispatch"))
+    message_id = stable_id(_NAMESPACE, request.idempotency_key, "dispatch")
     return OutboxRow(message_id, "attempts", "attempts", _encode(request))

@@ -8,12 +8,11 @@ from typing import Final
 
 import msgspec
 
-from daemon.events import OutboxRow
+from daemon.events import OutboxRow, event_row, iso_utc, stable_id
 from daemon.subscriptions.lifecycle import Change
 from daemon.subscriptions.model import Subscription
 
 _NAMESPACE: Final = uuid.UUID("0b9c8f7e-2a41-4d3b-9e1c-5d7a6f4e3b20")
-_encode = msgspec.json.Encoder().encode
 
 
 class SubscriptionEvent(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,12 +39,12 @@ class SubscriptionEvent(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def event_id(idempotency_key: str, event_type: str) -> str:
-    """Deterministic: one attempt moves its subscription at most once, so re-publishing dedupes."""
-    return str(uuid.uuid5(_NAMESPACE, f"{idempotency_key}/{event_type}"))
+    """One attempt moves its subscription at most once, so its key names the change."""
+    return stable_id(_NAMESPACE, idempotency_key, event_type)
 
 
 def _iso(moment: datetime | None) -> str | None:
-    return None if moment is None else moment.isoformat(timespec="microseconds") + "Z"
+    return None if moment is None else iso_utc(moment)
 
 
 def subscription_event(sub: Subscription, change: Change, *, occurred_at: str) -> OutboxRow:
@@ -73,4 +72,4 @@ def subscription_event(sub: Subscription, change: Change, *, occurred_at: str) -
         deferred_by=change.deferred_by,
         retry_at=_iso(change.retry_at),
     )
-    return OutboxRow(identifier, "events", event_type, _encode(event))
+    return event_row(identifier, event_type, event)
