@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgspec
@@ -19,6 +19,8 @@ import structlog
 from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from daemon.broker import Broker
 from daemon.halt import HaltState, clear_halt, set_halt
@@ -65,6 +67,7 @@ class ControlState:
         self.control_token = control_token
         self.operator = operator
         self.started = time.time()
+        metrics.registry.register(LiveStateCollector(self))
 
     def readiness(self) -> dict[str, bool]:
         return {
@@ -115,6 +118,70 @@ class ControlState:
         }
 
 
+class LiveStateCollector(Collector):
+    """Gauges of state owned elsewhere, read when Prometheus scrapes rather than copied into
+    gauges on the way: a scrape by any registry client sees the state of that moment.
+
+    ``collect`` runs in the render thread: it reads plain attributes and copies the
+    lanes before iterating (a reload may change them on the loop meanwhile).
+    """
+
+    def __init__(self, state: ControlState) -> None:
+        self._state = state
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        state = self._state
+        lanes = list(state.pipeline.lanes.items())
+        limit = GaugeMetricFamily("payd_provider_limit", "Configured in-flight limit", labels=["provider"])
+        waiting = GaugeMetricFamily(
+            "payd_provider_waiting", "Attempts waiting for a provider slot", labels=["provider"]
+        )
+        breaker = GaugeMetricFamily(
+            "payd_provider_breaker_state",
+            "Circuit breaker: 0 closed, 1 half-open, 2 open",
+            labels=["provider"],
+        )
+        trips = GaugeMetricFamily(
+            "payd_provider_breaker_trips", "Times the breaker opened since start", labels=["provider"]
+        )
+        halted = GaugeMetricFamily(
+            "payd_halted",
+            "1 while new calls to this provider are halted (global or per provider)",
+            labels=["provider"],
+        )
+        for name, lane in lanes:
+            limit.add_metric([name], lane.limiter.limit)
+            waiting.add_metric([name], lane.limiter.waiting)
+            breaker.add_metric([name], int(lane.breaker.state))
+            trips.add_metric([name], lane.breaker.trips)
+            halted.add_metric([name], 1 if state.halt.blocks(name) else 0)
+        yield from (limit, waiting, breaker, trips, halted)
+        yield GaugeMetricFamily(
+            "payd_halt_state_stale",
+            "1 while the last read of the halt keys failed (the last state is kept for halt_grace_s)",
+            value=1 if state.halt.stale else 0,
+        )
+        yield GaugeMetricFamily(
+            "payd_halt_state_unknown",
+            "1 while the halt keys have not been read for longer than halt_grace_s: no provider is called",
+            value=0 if state.halt.known() else 1,
+        )
+        yield GaugeMetricFamily(
+            "payd_draining", "1 while the daemon drains", value=1 if state.pipeline.stopping.is_set() else 0
+        )
+        yield GaugeMetricFamily(
+            "payd_broker_connected",
+            "1 while connected to RabbitMQ",
+            value=1 if state.broker.connected.is_set() else 0,
+        )
+        nodes = GaugeMetricFamily(
+            "payd_broker_node_info", "1 for the RabbitMQ node in use, 0 for the other nodes", labels=["node"]
+        )
+        for node in state.broker.nodes:
+            nodes.add_metric([node], 1 if node == state.broker.node else 0)
+        yield nodes
+
+
 class AdminOrder(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     provider: str | None = None
     reason: str = "halted through the control endpoint"
@@ -140,18 +207,6 @@ def build_control_app(state: ControlState) -> web.Application:
         return web.json_response(body, status=200 if all(checks.values()) else 503)
 
     async def metrics(_: web.Request) -> web.Response:
-        for name, lane in state.pipeline.lanes.items():
-            state.metrics.limit.labels(name).set(lane.limiter.limit)
-            state.metrics.waiting.labels(name).set(lane.limiter.waiting)
-            state.metrics.breaker_state.labels(name).set(int(lane.breaker.state))
-            state.metrics.breaker_trips.labels(name).set(lane.breaker.trips)
-            state.metrics.halted.labels(name).set(1 if state.halt.blocks(name) else 0)
-        state.metrics.halt_state_stale.set(1 if state.halt.stale else 0)
-        state.metrics.halt_state_unknown.set(0 if state.halt.known() else 1)
-        state.metrics.draining.set(1 if state.pipeline.stopping.is_set() else 0)
-        state.metrics.broker_connected.set(1 if state.broker.connected.is_set() else 0)
-        for node in state.broker.nodes:
-            state.metrics.broker_node.labels(node).set(1 if node == state.broker.node else 0)
         body = await asyncio.to_thread(state.metrics.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -58,27 +58,11 @@ class Metrics:
         self.in_flight = Gauge(
             "payd_provider_in_flight", "Provider calls in flight", ["provider"], registry=r
         )
-        self.limit = Gauge("payd_provider_limit", "Configured in-flight limit", ["provider"], registry=r)
-        self.waiting = Gauge(
-            "payd_provider_waiting",
-            "Attempts waiting for a provider slot",
-            ["provider"],
-            registry=r,
-        )
         self.rate_limited = Counter(
             "payd_provider_rate_limited",
             "429 answers; each pauses the provider's lane",
             ["provider"],
             registry=r,
-        )
-        self.breaker_state = Gauge(
-            "payd_provider_breaker_state",
-            "Circuit breaker: 0 closed, 1 half-open, 2 open",
-            ["provider"],
-            registry=r,
-        )
-        self.breaker_trips = Gauge(
-            "payd_provider_breaker_trips", "Times the breaker opened since start", ["provider"], registry=r
         )
         self.failovers = Counter(
             "payd_provider_failovers",
@@ -153,22 +137,6 @@ class Metrics:
             ["duty"],
             registry=r,
         )
-        self.halted = Gauge(
-            "payd_halted",
-            "1 while new calls to this provider are halted (global or per provider)",
-            ["provider"],
-            registry=r,
-        )
-        self.halt_state_stale = Gauge(
-            "payd_halt_state_stale",
-            "1 while the last read of the halt keys failed (the last state is kept for halt_grace_s)",
-            registry=r,
-        )
-        self.halt_state_unknown = Gauge(
-            "payd_halt_state_unknown",
-            "1 while the halt keys have not been read for longer than halt_grace_s: no provider is called",
-            registry=r,
-        )
         self.unknown_attempts = Gauge(
             "payd_unknown_attempts", "Attempts in state unknown (may have charged), fleet-wide", registry=r
         )
@@ -181,15 +149,7 @@ class Metrics:
             ["queue"],
             registry=r,
         )
-        self.draining = Gauge("payd_draining", "1 while the daemon drains", registry=r)
-        self.broker_connected = Gauge("payd_broker_connected", "1 while connected to RabbitMQ", registry=r)
         self.broker_reconnects = Counter("payd_broker_reconnects", "Reconnections to RabbitMQ", registry=r)
-        self.broker_node = Gauge(
-            "payd_broker_node_info",
-            "1 for the RabbitMQ node in use, 0 for the other nodes",
-            ["node"],
-            registry=r,
-        )
         self.database_ok = Gauge(
             "payd_database_ok", "1 while the health probe's database round trip answers in time", registry=r
         )
@@ -209,6 +169,7 @@ class Metrics:
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         r.register(LogShippingCollector())  # payd_log_records_{sent,dropped,failed}_total, queue depth
+        # The state of lanes, halt and broker is read when scraped: ``control.LiveStateCollector``.
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
