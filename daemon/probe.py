@@ -14,13 +14,20 @@ from __future__ import annotations
 import asyncio
 
 import aiomysql
+import msgspec
 import structlog
 
 from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable
 from daemon.metrics import Metrics
-from daemon.storage.db import DB_ERRORS, timeouts_of, transaction
+from daemon.storage.db import DB_ERRORS, fetch_one, timeouts_of, transaction
 
 log = structlog.get_logger("payd.probe")
+
+
+class _Backlog(msgspec.Struct, array_like=True, frozen=True):
+    unknown: int
+    oldest_us: int | None
+    parked: int
 
 
 class HealthProbe:
@@ -56,13 +63,14 @@ class HealthProbe:
         async with transaction(self._pool) as cursor:
             await cursor.execute(
                 "SELECT COUNT(*), TIMESTAMPDIFF(MICROSECOND, MIN(updated_at), NOW(6)), "
-                "COALESCE(SUM(parked_at IS NOT NULL), 0) FROM attempts WHERE state = 'unknown'"
+                # SUM is DECIMAL in both servers: counted as an integer instead.
+                "COUNT(parked_at) FROM attempts WHERE state = 'unknown'"
             )
-            count, oldest_us, parked = await cursor.fetchone()
-        self._metrics.unknown_attempts.set(count)
-        self._metrics.parked.set(parked)
-        self.parked_attempts = int(parked)
-        self._metrics.unknown_oldest.set((oldest_us or 0) / 1_000_000)
+            backlog = await fetch_one(cursor, _Backlog)
+        self._metrics.unknown_attempts.set(backlog.unknown)
+        self._metrics.parked.set(backlog.parked)
+        self.parked_attempts = backlog.parked
+        self._metrics.unknown_oldest.set((backlog.oldest_us or 0) / 1_000_000)
 
     def _set_database_ok(self, ok: bool, error: BaseException | None = None) -> None:
         if ok != self.database_ok:

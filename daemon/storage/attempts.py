@@ -24,7 +24,7 @@ from daemon.models import (
     ChargeResult,
     Outcome,
 )
-from daemon.storage.db import Cursor, placeholders, transaction, union_rows
+from daemon.storage.db import Cursor, fetch_all, placeholders, transaction, union_rows
 from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.effects import apply_subscription_effects
 from daemon.subscriptions.policy import SubscriptionPolicy
@@ -86,30 +86,64 @@ def _request_row(request: AttemptRequest) -> tuple[Any, ...]:
     )
 
 
+class RequestRow(msgspec.Struct, array_like=True, frozen=True):
+    """The nine ``_REQUEST_COLUMNS``, in their order."""
+
+    idempotency_key: str
+    subscription_id: int | None
+    cycle: int | None
+    provider: str
+    amount_minor: int
+    currency: str
+    payment_method: str
+    customer_ref: str | None
+    metadata: str | None
+
+
 def request_from_row(row: Sequence[Any]) -> AttemptRequest:
     """Rebuild a request from the nine ``_REQUEST_COLUMNS`` of a row."""
-    key, subscription_id, cycle, provider, amount, currency, method, customer, metadata = row
+    r = msgspec.convert(row, RequestRow)
     return AttemptRequest(
-        idempotency_key=key,
-        subscription_id=subscription_id,
-        cycle=cycle,
-        provider=provider,
-        amount_minor=amount,
-        currency=currency,
-        payment_method=method,
-        customer_ref=customer,
-        metadata=_decode_metadata(metadata) if metadata else {},
+        idempotency_key=r.idempotency_key,
+        subscription_id=r.subscription_id,
+        cycle=r.cycle,
+        provider=r.provider,
+        amount_minor=r.amount_minor,
+        currency=r.currency,
+        payment_method=r.payment_method,
+        customer_ref=r.customer_ref,
+        metadata=_decode_metadata(r.metadata) if r.metadata else {},
     )
 
 
-def _same_charge(request: AttemptRequest, row: Sequence[Any]) -> bool:
-    return bool(
-        request.subscription_id == row[2]
-        and request.cycle == row[3]
-        and request.provider == row[4]
-        and request.amount_minor == row[5]
-        and request.currency == row[6]
-        and request.payment_method == row[7]
+class _ClaimRow(msgspec.Struct, array_like=True, frozen=True):
+    """What a claim reads back of each row it wrote or found."""
+
+    idempotency_key: str
+    id: int
+    subscription_id: int | None
+    cycle: int | None
+    provider: str
+    amount_minor: int
+    currency: str
+    payment_method: str
+    state: AttemptState
+    claimed_by: str | None
+
+
+class _StateRow(msgspec.Struct, array_like=True, frozen=True):
+    id: int
+    state: AttemptState
+
+
+def _same_charge(request: AttemptRequest, row: _ClaimRow) -> bool:
+    return (
+        request.subscription_id == row.subscription_id
+        and request.cycle == row.cycle
+        and request.provider == row.provider
+        and request.amount_minor == row.amount_minor
+        and request.currency == row.currency
+        and request.payment_method == row.payment_method
     )
 
 
@@ -141,10 +175,10 @@ async def claim_attempts(
         )
         claimable: dict[str, int] = {}
         altered: list[int] = []
-        for row in await cursor.fetchall():
-            key, attempt_id, state = row[0], row[1], AttemptState(row[8])
+        for row in await fetch_all(cursor, _ClaimRow):
+            key, attempt_id, state = row.idempotency_key, row.id, row.state
             if not _same_charge(by_key[key], row):
-                if state is AttemptState.QUEUED and row[9] == claimed_by:
+                if state is AttemptState.QUEUED and row.claimed_by == claimed_by:
                     # Written by this very statement, yet it reads back different: not a reused
                     # key but a value the column could not hold. Leave no row behind.
                     outcome.altered.add(key)
@@ -269,7 +303,7 @@ async def write_outcomes(
         f"SELECT id, state FROM attempts WHERE id IN ({placeholders(len(ids))}) FOR UPDATE",  # noqa: S608
         ids,
     )
-    current = {attempt_id: AttemptState(state) for attempt_id, state in await cursor.fetchall()}
+    current = {row.id: row.state for row in await fetch_all(cursor, _StateRow)}
 
     updates: list[tuple[Any, ...]] = []
     events: list[OutboxRow] = []

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Final
+from typing import Any, Final, Protocol, TypeVar
 
 import aiomysql
 import msgspec
@@ -33,7 +33,47 @@ _PREPARED = "_payd_prepared"
 _NOT_OFFERED = "the server did not offer TLS, so the connection was dropped unused"
 _TIMEOUTS = "_payd_timeouts"
 
-Cursor = Any  # aiomysql ships no type information
+Row = tuple[Any, ...]
+RowT = TypeVar("RowT", bound=msgspec.Struct)
+
+
+class Cursor(Protocol):
+    """What payd uses of an aiomysql cursor (aiomysql ships no type information).
+
+    Rows come back as tuples; read them through ``fetch_all``/``fetch_one`` into an
+    ``array_like`` Struct per SELECT, so each value has a name and a checked type.
+    """
+
+    @property
+    def rowcount(self) -> int: ...
+
+    @property
+    def description(self) -> Sequence[Sequence[Any]]:
+        """Per column of the last result: its name first (PEP 249)."""
+        ...
+
+    async def execute(self, query: str, args: Any = None) -> int: ...
+
+    async def executemany(self, query: str, args: Any) -> int: ...
+
+    async def fetchone(self) -> Row | None: ...
+
+    async def fetchall(self) -> Sequence[Row]: ...
+
+
+async def fetch_all(cursor: Cursor, row_type: type[RowT]) -> list[RowT]:
+    """The result rows as ``row_type``, an ``array_like`` Struct whose fields are the SELECT
+    list in order: a column added, dropped or of another type fails here, by name, instead
+    of shifting every positional read after it."""
+    return [msgspec.convert(row, row_type) for row in await cursor.fetchall()]
+
+
+async def fetch_one(cursor: Cursor, row_type: type[RowT]) -> RowT:
+    """The one row of a query that always has one (an aggregate, a function call)."""
+    row = await cursor.fetchone()
+    if row is None:
+        raise LookupError("the query returned no row")
+    return msgspec.convert(row, row_type)
 
 # What a query can raise when the database is down, restarting or unreachable.
 DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
@@ -137,7 +177,9 @@ async def transaction(pool: aiomysql.Pool) -> AsyncIterator[Cursor]:
         connection = await pool.acquire()
     try:
         async with connection.cursor() as raw_cursor:
-            cursor = raw_cursor if timeouts.query_s is None else _TimedCursor(raw_cursor, timeouts.query_s)
+            cursor: Cursor = (
+                raw_cursor if timeouts.query_s is None else _TimedCursor(raw_cursor, timeouts.query_s)
+            )
             if not getattr(connection, _PREPARED, False):
                 _refuse_in_the_clear(connection)
                 await cursor.execute(_ISOLATION)
@@ -168,7 +210,7 @@ class _TimedCursor:
 
     __slots__ = ("_cursor", "_limit_s")
 
-    def __init__(self, cursor: Cursor, limit_s: float) -> None:
+    def __init__(self, cursor: Any, limit_s: float) -> None:
         self._cursor = cursor
         self._limit_s = limit_s
 
@@ -182,9 +224,24 @@ class _TimedCursor:
             count: int = await self._cursor.executemany(query, args)
             return count
 
-    def __getattr__(self, name: str) -> Any:
-        # fetchone/fetchall/rowcount/lastrowid read what execute already received.
-        return getattr(self._cursor, name)
+    # The rest reads what execute already received: no round trip to bound.
+    @property
+    def rowcount(self) -> int:
+        count: int = self._cursor.rowcount
+        return count
+
+    @property
+    def description(self) -> Sequence[Sequence[Any]]:
+        described: Sequence[Sequence[Any]] = self._cursor.description
+        return described
+
+    async def fetchone(self) -> Row | None:
+        row: Row | None = await self._cursor.fetchone()
+        return row
+
+    async def fetchall(self) -> Sequence[Row]:
+        rows: Sequence[Row] = await self._cursor.fetchall()
+        return rows
 
 
 def placeholders(count: int, width: int = 1) -> str:

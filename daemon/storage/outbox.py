@@ -5,11 +5,24 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 import aiomysql
+import msgspec
 
 from daemon.events import OutboxRow
-from daemon.storage.db import Cursor, placeholders, transaction
+from daemon.storage.db import Cursor, fetch_all, fetch_one, placeholders, transaction
 
 Publish = Callable[[Sequence[OutboxRow]], Awaitable[None]]
+
+
+class _QueuedEvent(msgspec.Struct, array_like=True, frozen=True):
+    id: int
+    event_id: str
+    target: str
+    routing_key: str
+    payload: bytes
+
+
+class _Lag(msgspec.Struct, array_like=True, frozen=True):
+    oldest_us: int | None
 
 
 async def insert_outbox(cursor: Cursor, rows: Iterable[OutboxRow]) -> None:
@@ -37,13 +50,11 @@ async def relay_batch(pool: aiomysql.Pool, publish: Publish, *, limit: int) -> i
             "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
-        rows = await cursor.fetchall()
+        rows = await fetch_all(cursor, _QueuedEvent)
         if not rows:
             return 0
-        await publish(
-            [OutboxRow(event_id, target, key, bytes(payload)) for _, event_id, target, key, payload in rows]
-        )
-        ids = [row[0] for row in rows]
+        await publish([OutboxRow(row.event_id, row.target, row.routing_key, row.payload) for row in rows])
+        ids = [row.id for row in rows]
         await cursor.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(ids))})", ids)  # noqa: S608
     return len(rows)
 
@@ -52,5 +63,5 @@ async def outbox_lag_seconds(pool: aiomysql.Pool) -> float:
     """Age of the oldest unpublished row (0 when empty): the relay's lag."""
     async with transaction(pool) as cursor:
         await cursor.execute("SELECT TIMESTAMPDIFF(MICROSECOND, MIN(created_at), NOW(6)) FROM outbox")
-        (lag_us,) = await cursor.fetchone()
-    return (lag_us or 0) / 1_000_000
+        lag = await fetch_one(cursor, _Lag)
+    return (lag.oldest_us or 0) / 1_000_000

@@ -13,7 +13,7 @@ from typing import Any, Final
 import msgspec
 
 from daemon.models import AttemptRequest, AttemptState
-from daemon.storage.db import Cursor, placeholders, union_rows
+from daemon.storage.db import Cursor, fetch_one, placeholders, union_rows
 from daemon.subscriptions.model import Subscription, SubscriptionStatus
 from daemon.subscriptions.periods import IntervalUnit
 
@@ -94,12 +94,14 @@ def subscription_from_row(row: Sequence[Any]) -> Subscription:
     )
 
 
+class _Now(msgspec.Struct, array_like=True, frozen=True):
+    now: datetime
+
+
 async def database_now(cursor: Cursor) -> datetime:
     """The database's clock: every instance schedules against the same one."""
     await cursor.execute("SELECT NOW(6)")
-    (now,) = await cursor.fetchone()
-    assert isinstance(now, datetime)
-    return now
+    return (await fetch_one(cursor, _Now)).now
 
 
 async def lock_subscriptions(cursor: Cursor, ids: Sequence[int]) -> dict[int, Subscription]:
