@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
-import aiomysql
+from datetime import datetime
 
-from daemon.storage.db import transaction
+import aiomysql
+import msgspec
+import pytest
+
+from daemon.models import AttemptState
+from daemon.storage.attempts import request_from_row
+from daemon.storage.db import fetch_all, fetch_one, transaction
 from daemon.storage.migrate import Migration, available_migrations
 from daemon.storage.sqlsplit import split_statements
+from daemon.subscriptions.model import SubscriptionStatus
+from daemon.subscriptions.periods import IntervalUnit
+from daemon.subscriptions.store import subscription_from_row
 
 
 def test_a_semicolon_inside_a_string_does_not_end_the_statement() -> None:
@@ -65,3 +74,55 @@ async def test_a_migration_with_a_semicolon_in_a_string_runs_on_the_server(db: a
         columns = await cursor.fetchall()
         await cursor.execute("DROP TEMPORARY TABLE split_probe")
     assert columns[0][-1] == "before; after"
+
+
+def test_a_request_row_of_the_wrong_type_is_refused_where_it_is_read() -> None:
+    """A value of the wrong type (an amount as text) fails as the row is read, naming the
+    field; built positionally it became a request whose amount was a string, sent on to a
+    provider. ``_read_requests`` parks such a row instead of stopping its scan."""
+    good = ("k-1", 7, 2, "sandbox", 999, "EUR", "pm_ok", None, '{"a": "b"}')
+    assert request_from_row(good).metadata == {"a": "b"}
+    with pytest.raises(msgspec.ValidationError, match="int"):
+        request_from_row(("k-1", 7, 2, "sandbox", "999", "EUR", "pm_ok", None, None))
+
+
+def test_a_subscription_row_is_decoded_by_name() -> None:
+    """Each column lands on the field of its name, and one that may not be NULL is refused by
+    that name (read by position, a NULL amount went unnoticed into the schedule)."""
+    when = datetime(2026, 1, 31)
+    row = (1, "active", None, "sandbox", "pm_ok", "visa", None, 999, "EUR", "month", 1, 2, when, 0)
+    row += (when, when, None, 0, 0, None, None, None)
+    sub = subscription_from_row(row)
+    assert (sub.status, sub.interval_unit, sub.amount_minor, sub.next_attempt_at) == (
+        SubscriptionStatus.ACTIVE,
+        IntervalUnit.MONTH,
+        999,
+        when,
+    )
+    with pytest.raises(msgspec.ValidationError, match=r"amount_minor"):
+        subscription_from_row((*row[:7], None, *row[8:]))
+
+
+class _Probe(msgspec.Struct, array_like=True, frozen=True):
+    number: int
+    text: str | None
+    moment: datetime
+    state: AttemptState
+
+
+async def test_rows_from_the_server_decode_into_typed_structs(db: aiomysql.Pool) -> None:
+    """``fetch_all``/``fetch_one`` over what MariaDB really returns: integers, NULL, DATETIME(6)
+    and an enum's text each become the field's type; a missing row is an error, not None."""
+    async with transaction(db) as cursor:
+        await cursor.execute("SELECT 1, NULL, NOW(6), 'unknown' UNION ALL SELECT 2, 'x', NOW(6), 'queued'")
+        rows = await fetch_all(cursor, _Probe)
+        await cursor.execute("SELECT COUNT(*), 'y', NOW(6), 'failed' FROM attempts WHERE id = -1")
+        one = await fetch_one(cursor, _Probe)
+        await cursor.execute("SELECT 1, 'z', NOW(6), 'failed' FROM attempts WHERE id = -1")
+        with pytest.raises(LookupError):
+            await fetch_one(cursor, _Probe)
+    assert [(r.number, r.text, r.state) for r in rows] == [
+        (1, None, AttemptState.UNKNOWN),
+        (2, "x", AttemptState.QUEUED),
+    ]
+    assert isinstance(rows[0].moment, datetime) and one.number == 0 and one.state is AttemptState.FAILED

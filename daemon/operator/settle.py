@@ -80,6 +80,14 @@ def _result(order: SettleOrder) -> ChargeResult:
     )
 
 
+class _SettleHead(msgspec.Struct, array_like=True, frozen=True):
+    """The columns the settle reads before the request's."""
+
+    id: int
+    state: AttemptState
+    routed_provider: str | None
+
+
 async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder, *, policy: SubscriptionPolicy) -> Settled:
     """Settle one unknown attempt as ``order`` says, or raise ``SettleRefused``; the subscription
     moves under ``policy``, as the record path would move it."""
@@ -96,7 +104,8 @@ async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder, *, policy: Sub
         row = await cursor.fetchone()
         if row is None:
             raise AttemptNotFound(f"no attempt with key {order.idempotency_key}")
-        attempt_id, state, routed_provider = row[0], AttemptState(row[1]), row[2]
+        head = msgspec.convert(row[:3], _SettleHead)
+        attempt_id, state, routed_provider = head.id, head.state, head.routed_provider
         if state is not AttemptState.UNKNOWN:
             raise SettleRefused(
                 f"attempt {order.idempotency_key} is {state.value}; only an unknown attempt can be settled"

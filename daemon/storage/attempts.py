@@ -136,6 +136,28 @@ class _StateRow(msgspec.Struct, array_like=True, frozen=True):
     state: AttemptState
 
 
+class _Key(msgspec.Struct, array_like=True, frozen=True):
+    idempotency_key: str
+
+
+class _PendingKey(msgspec.Struct, array_like=True, frozen=True):
+    pending_key: str
+
+
+class _StateCount(msgspec.Struct, array_like=True, frozen=True):
+    state: AttemptState
+    count: int
+
+
+class _DueHead(msgspec.Struct, array_like=True, frozen=True):
+    """The columns ``take_due_unknown`` selects before the request's."""
+
+    id: int
+    reconcile_tries: int
+    us_since_claim: int | None
+    routed_provider: str | None
+
+
 def _same_charge(request: AttemptRequest, row: _ClaimRow) -> bool:
     return (
         request.subscription_id == row.subscription_id
@@ -533,7 +555,7 @@ async def _scheduler_owned(cursor: Cursor, requests: Sequence[AttemptRequest]) -
         f"WHERE id IN ({placeholders(len(ids))}) AND next_attempt_at IS NOT NULL AND pending_key IS NOT NULL",
         ids,
     )
-    pending = {key for (key,) in await cursor.fetchall()}
+    pending = {row.pending_key for row in await fetch_all(cursor, _PendingKey)}
     return {r.idempotency_key for r in requests if r.idempotency_key in pending}
 
 
@@ -575,10 +597,11 @@ async def take_due_unknown(
             (limit,),
         )
         rows = await cursor.fetchall()
+        heads = {row[0]: msgspec.convert(row[:4], _DueHead) for row in rows}
         by_wait: dict[int, list[int]] = {}
-        for attempt_id, tries, _age, *_ in rows:
-            wait_us = int(backoff_s[min(tries, len(backoff_s) - 1)] * 1_000_000)
-            by_wait.setdefault(wait_us, []).append(attempt_id)
+        for head in heads.values():
+            wait_us = int(backoff_s[min(head.reconcile_tries, len(backoff_s) - 1)] * 1_000_000)
+            by_wait.setdefault(wait_us, []).append(head.id)
         for wait_us, ids in by_wait.items():
             await cursor.execute(
                 "UPDATE attempts SET reconcile_tries = reconcile_tries + 1, "  # noqa: S608
@@ -589,13 +612,13 @@ async def take_due_unknown(
         readable, unreadable = _read_requests(rows, first=4)
         due = [
             DueUnknown(
-                attempt_id=row[0],
-                reconcile_tries=row[1],
-                seconds_since_claim=(row[2] or 0) / 1_000_000,
-                routed_provider=row[3],
+                attempt_id=head.id,
+                reconcile_tries=head.reconcile_tries,
+                seconds_since_claim=(head.us_since_claim or 0) / 1_000_000,
+                routed_provider=head.routed_provider,
                 request=request,
             )
-            for row, request in readable
+            for head, request in ((heads[row[0]], request) for row, request in readable)
         ]
         await _park(cursor, [(p.attempt_id, p.reason) for p in unreadable])
     return due, unreadable
@@ -639,7 +662,7 @@ async def unpark_attempts(pool: aiomysql.Pool, keys: Sequence[str] | None) -> li
         params.extend(keys)
     async with transaction(pool) as cursor:
         await cursor.execute(f"SELECT idempotency_key FROM attempts WHERE {where} FOR UPDATE", params)  # noqa: S608
-        found = [key for (key,) in await cursor.fetchall()]
+        found = [row.idempotency_key for row in await fetch_all(cursor, _Key)]
         if found:
             await cursor.execute(
                 "UPDATE attempts SET parked_at = NULL, reconcile_error = NULL, reconcile_tries = 0, "  # noqa: S608
@@ -653,7 +676,7 @@ async def count_by_state(pool: aiomysql.Pool) -> dict[str, int]:
     """For /status and tests: a small aggregate, served by the state index."""
     async with transaction(pool) as cursor:
         await cursor.execute("SELECT state, COUNT(*) FROM attempts GROUP BY state")
-        return {state: count for state, count in await cursor.fetchall()}
+        return {row.state.value: row.count for row in await fetch_all(cursor, _StateCount)}
 
 
 REQUEST_COLUMNS: Final = _REQUEST_COLUMNS

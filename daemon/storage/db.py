@@ -75,6 +75,7 @@ async def fetch_one(cursor: Cursor, row_type: type[RowT]) -> RowT:
         raise LookupError("the query returned no row")
     return msgspec.convert(row, row_type)
 
+
 # What a query can raise when the database is down, restarting or unreachable.
 DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
 

@@ -19,7 +19,7 @@ import aiomysql
 import msgspec
 import pymysql
 
-from daemon.storage.db import transaction
+from daemon.storage.db import fetch_all, transaction
 from daemon.storage.sqlsplit import split_statements
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql\Z")
@@ -37,6 +37,11 @@ class Migration(msgspec.Struct, frozen=True, kw_only=True):
 
     def statements(self) -> list[str]:
         return split_statements(self.sql)
+
+
+class _Applied(msgspec.Struct, array_like=True, frozen=True):
+    version: int
+    checksum: str
 
 
 class MigrationError(Exception):
@@ -85,7 +90,7 @@ async def _apply_pending_quietly(pool: aiomysql.Pool, progress: Callable[[str], 
             ") ENGINE=InnoDB"
         )
         await cursor.execute("SELECT version, checksum FROM schema_migrations")
-        applied = {int(version): checksum for version, checksum in await cursor.fetchall()}
+        applied = {row.version: row.checksum for row in await fetch_all(cursor, _Applied)}
 
     count = 0
     for migration in available_migrations():

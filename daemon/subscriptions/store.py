@@ -14,14 +14,10 @@ import msgspec
 
 from daemon.models import AttemptRequest, AttemptState
 from daemon.storage.db import Cursor, fetch_one, placeholders, union_rows
-from daemon.subscriptions.model import Subscription, SubscriptionStatus
-from daemon.subscriptions.periods import IntervalUnit
+from daemon.subscriptions.model import Subscription
 
-SUBSCRIPTION_COLUMNS: Final = (
-    "id, status, plan, provider, payment_method, card_brand, customer_ref, amount_minor, currency, "
-    "interval_unit, interval_count, paid_cycle, billing_anchor, anchor_cycle, current_period_end, "
-    "next_attempt_at, pending_key, next_try, dunning_step, status_reason, deferred_by, deferred_until"
-)
+# The columns are the struct's fields, in its order: a row is decoded by name and type.
+SUBSCRIPTION_COLUMNS: Final = ", ".join(Subscription.__struct_fields__)
 _SAVED: Final = (
     "status",
     "paid_cycle",
@@ -44,54 +40,9 @@ _encode = msgspec.json.Encoder().encode
 
 
 def subscription_from_row(row: Sequence[Any]) -> Subscription:
-    (
-        sid,
-        status,
-        plan,
-        provider,
-        method,
-        brand,
-        customer,
-        amount,
-        currency,
-        unit,
-        count,
-        paid_cycle,
-        anchor,
-        anchor_cycle,
-        period_end,
-        next_at,
-        pending,
-        next_try,
-        step,
-        reason,
-        deferred_by,
-        deferred_until,
-    ) = row[:22]
-    return Subscription(
-        id=sid,
-        status=SubscriptionStatus(status),
-        plan=plan,
-        provider=provider,
-        payment_method=method,
-        card_brand=brand,
-        customer_ref=customer,
-        amount_minor=amount,
-        currency=currency,
-        interval_unit=IntervalUnit(unit),
-        interval_count=count,
-        paid_cycle=paid_cycle,
-        billing_anchor=anchor,
-        anchor_cycle=anchor_cycle,
-        current_period_end=period_end,
-        next_attempt_at=next_at,
-        pending_key=pending,
-        next_try=next_try,
-        dunning_step=step,
-        status_reason=reason,
-        deferred_by=deferred_by,
-        deferred_until=deferred_until,
-    )
+    """A row of ``SUBSCRIPTION_COLUMNS``, checked field by field (a NULL where none may be, an
+    unknown status or interval unit fail here, naming the field)."""
+    return msgspec.convert(dict(zip(Subscription.__struct_fields__, row, strict=True)), Subscription)
 
 
 class _Now(msgspec.Struct, array_like=True, frozen=True):
