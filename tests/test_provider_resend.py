@@ -66,7 +66,8 @@ async def test_an_unknown_attempt_is_resent_only_while_the_provider_keeps_its_ke
     resent: bool,
 ) -> None:
     """An attempt left unknown by a 500 is re-sent under its key while the provider still
-    keeps that key, and never once the key may be gone; either way at most one charge."""
+    keeps that key, and never once the key may be gone; then it is parked for an operator
+    with the reason (it used to stay unknown, asked about for ever). At most one charge."""
     key = f"resend-{kind}-{hours_ago}"
     body = request(key, payment_method=token, subscription_id=6100 + hours_ago, customer_ref="cus_payd")
     body |= {"provider": kind}
@@ -93,11 +94,22 @@ async def test_an_unknown_attempt_is_resent_only_while_the_provider_keeps_its_ke
         )
         before = await tries()
 
+        async def parked() -> str | None:
+            rows = await query(
+                db, "SELECT reconcile_error FROM attempts WHERE idempotency_key = %s AND parked_at IS NOT NULL", key
+            )
+            return str(rows[0][0]) if rows else None
+
         async def decided() -> bool:
             requests = (await sandbox.stats())["accounts"][account]["requests"]
-            return requests >= 2 or await tries() >= before + 3
+            return requests >= 2 or await parked() is not None or await tries() >= before + 3
 
-        await eventually(decided, timeout=30, what="a re-send or three more reconciliation passes")
+        await eventually(decided, timeout=30, what="a re-send, a parked attempt or three more passes")
     requests = (await sandbox.stats())["accounts"][account]["requests"]
     assert (requests >= 2) is resent, f"{requests} requests at the gateway"
+    if not resent:
+        # No unknown without an exit: past the key's lifetime nothing the provider says can
+        # settle it, so it waits for an operator with the reason, not for ever in silence.
+        reason = await parked()
+        assert reason is not None and "settle by hand" in reason, reason
     await sandbox.assert_no_double_charge()

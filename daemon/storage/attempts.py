@@ -528,6 +528,8 @@ class DueUnknown(msgspec.Struct, frozen=True, kw_only=True):
     seconds_since_claim: float
     routed_provider: str | None = None
     """Where a failover sent it; reconciliation must ask there."""
+    provider_ref: str | None = None
+    """The provider's reference from an earlier answer, if one came (iyzico looks up by it)."""
 
     @property
     def provider(self) -> str:
@@ -544,6 +546,7 @@ async def take_due_unknown(
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), routed_provider, "  # noqa: S608
+            "provider_ref, "
             f"{_REQUEST_COLUMNS} "
             "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) AND parked_at IS NULL "
             "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -561,13 +564,14 @@ async def take_due_unknown(
                 f"WHERE id IN ({placeholders(len(ids))})",
                 (wait_us, *ids),
             )
-        readable, unreadable = _read_requests(rows, first=4)
+        readable, unreadable = _read_requests(rows, first=5)
         due = [
             DueUnknown(
                 attempt_id=row[0],
                 reconcile_tries=row[1],
                 seconds_since_claim=(row[2] or 0) / 1_000_000,
                 routed_provider=row[3],
+                provider_ref=row[4],
                 request=request,
             )
             for row, request in readable

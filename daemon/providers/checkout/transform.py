@@ -162,7 +162,10 @@ def decode_page(body: bytes) -> PaymentPage | None:
 class Settled(enum.Enum):
     APPROVED = "approved"
     DECLINED = "declined"
-    UNSETTLED = "unsettled"
+    IN_PROGRESS = "in_progress"
+    """Not final yet; Checkout.com moves it on by itself, and a later lookup reads the result."""
+    FOR_OPERATOR = "for_operator"
+    """A state payd never asks for, which does not end by itself: a person decides."""
 
 
 # Payment status -> what it says of the authorization payd asked for. Statuses that
@@ -176,14 +179,14 @@ PAYMENT_STATUSES: Final[Mapping[str, Settled]] = {
     "Refunded": Settled.APPROVED,
     "Partially Refunded": Settled.APPROVED,
     "Declined": Settled.DECLINED,
-    "Pending": Settled.UNSETTLED,
-    "Retry Scheduled": Settled.UNSETTLED,
-    "Requested": Settled.UNSETTLED,
-    "Active": Settled.UNSETTLED,
-    "Voided": Settled.UNSETTLED,
-    "Expired": Settled.UNSETTLED,
-    "Canceled": Settled.UNSETTLED,
-    "Card Verified": Settled.UNSETTLED,
+    "Pending": Settled.IN_PROGRESS,
+    "Retry Scheduled": Settled.IN_PROGRESS,
+    "Requested": Settled.IN_PROGRESS,
+    "Active": Settled.FOR_OPERATOR,
+    "Voided": Settled.FOR_OPERATOR,
+    "Expired": Settled.FOR_OPERATOR,
+    "Canceled": Settled.FOR_OPERATOR,
+    "Card Verified": Settled.FOR_OPERATOR,
 }
 
 
@@ -347,10 +350,12 @@ def _declined_result(payment: Payment) -> ChargeResult:
         )
     decline = _decline(code)
     if decline is None:
+        # A lookup reads the same code again: only a person can settle it.
         return ChargeResult(
             outcome=Outcome.UNKNOWN,
             provider_ref=payment.id,
             reason=_reason("declined with unrecognised response code", code, summary),
+            needs_operator=True,
         )
     if decline.outcome is _OURS:
         return ChargeResult(
@@ -424,6 +429,9 @@ def payment_result(payment: Payment, request: AttemptRequest) -> ChargeResult:
         outcome=Outcome.UNKNOWN,
         provider_ref=payment.id,
         reason=_reason("payment status", repr(payment.status), f"approved={payment.approved}"),
+        # Only a payment still in progress can settle on a later lookup; anything else (a state
+        # payd never asks for, an unknown status, a status contradicting ``approved``) cannot.
+        needs_operator=settled is not Settled.IN_PROGRESS,
     )
 
 

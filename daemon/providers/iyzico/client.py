@@ -111,7 +111,8 @@ class IyzicoProvider:
             return LookupResult(found=False)  # such an attempt is never sent
         _, expected = prepared
         answer = await self._post(
-            transform.DETAIL_PATH, transform.detail_body(request, self._defaults.locale)
+            transform.DETAIL_PATH,
+            transform.detail_body(request, self._defaults.locale, getattr(request, "provider_ref", None)),
         )
         if not isinstance(answer, HttpResponse):
             return None
