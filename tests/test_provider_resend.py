@@ -96,7 +96,9 @@ async def test_an_unknown_attempt_is_resent_only_while_the_provider_keeps_its_ke
 
         async def parked() -> str | None:
             rows = await query(
-                db, "SELECT reconcile_error FROM attempts WHERE idempotency_key = %s AND parked_at IS NOT NULL", key
+                db,
+                "SELECT reconcile_error FROM attempts WHERE idempotency_key = %s AND parked_at IS NOT NULL",
+                key,
             )
             return str(rows[0][0]) if rows else None
 

@@ -27,6 +27,7 @@ from daemon.models import (
 from daemon.storage.db import Cursor, placeholders, transaction, union_rows
 from daemon.subscriptions.effects import apply_subscription_effects
 from daemon.subscriptions.policy import SubscriptionPolicy
+from daemon.subscriptions.store import save_chains
 
 _ER_DUP_ENTRY: Final = 1062
 _encode_metadata = msgspec.json.Encoder().encode
@@ -273,6 +274,7 @@ async def write_outcomes(
     updates: list[tuple[Any, ...]] = []
     events: list[OutboxRow] = []
     changes: list[tuple[AttemptRequest, AttemptState, ChargeResult]] = []
+    chains: dict[int, tuple[int, str, str, str]] = {}
     occurred_at = now_iso()
     recheck_us = int(unknown_recheck_s * 1_000_000)
     for record in records:
@@ -315,6 +317,11 @@ async def write_outcomes(
             )
         )
         changes.append((record.request, new_state, r))
+        sub_id = record.request.subscription_id
+        if new_state is AttemptState.SUCCEEDED and sub_id is not None and r.provider_ref:
+            # The stored-credential chain the subscription's next renewal continues.
+            provider = record.provider or record.request.provider
+            chains[sub_id] = (sub_id, provider, record.request.payment_method, r.provider_ref[:255])
         into.applied.append(record)
 
     if updates:
@@ -333,6 +340,7 @@ async def write_outcomes(
         )
     if changes:
         await apply_subscription_effects(cursor, changes, occurred_at=occurred_at, policy=policy)
+        await save_chains(cursor, list(chains.values()))  # rows locked by the line above
     await insert_outbox(cursor, events)
 
 

@@ -76,6 +76,18 @@ class Subscription(msgspec.Struct, kw_only=True):
     """The network rule (``networks.NetworkRule.name``) that last held back a due try, if any."""
     deferred_until: datetime | None = None
     """When that rule lets the try go; cleared when a try is dispatched or the cycle is paid."""
+    chain_provider: str | None = None
+    chain_payment_method: str | None = None
+    chain_ref: str | None = None
+    """The provider's reference of the last approved payment (its stored-credential chain), valid
+    while ``chain_provider`` and ``chain_payment_method`` are still the subscription's."""
+
+    @property
+    def previous_payment_ref(self) -> str | None:
+        """What a renewal sends to chain to the last approved payment, if that chain still holds."""
+        if self.chain_provider == self.provider and self.chain_payment_method == self.payment_method:
+            return self.chain_ref
+        return None
 
     @property
     def cycle(self) -> int:

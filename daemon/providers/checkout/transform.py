@@ -52,6 +52,10 @@ class PaymentRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     processing_channel_id: str
     metadata: dict[str, str]
     customer: CustomerRef | None = None
+    previous_payment_id: str | None = None
+    """The approved payment this merchant-initiated one follows (``PaymentRequest.previous_payment_id``
+    in checkout-sdk-python): Checkout.com's stored-credential rules ask for it on every
+    merchant-initiated payment after the first of a chain (Visa in particular)."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -83,6 +87,7 @@ def payment_request_body(request: AttemptRequest, *, processing_channel_id: str)
             processing_channel_id=processing_channel_id,
             metadata=metadata,
             customer=customer,
+            previous_payment_id=request.previous_payment_ref,
         )
     )
 
