@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import aiomysql
 import pytest
 
@@ -115,3 +116,38 @@ async def test_an_unknown_attempt_is_resent_only_while_the_provider_keeps_its_ke
         reason = await parked()
         assert reason is not None and "settle by hand" in reason, reason
     await sandbox.assert_no_double_charge()
+
+
+async def test_a_replayed_answer_that_cannot_settle_is_parked_for_an_operator(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Adyen ``Pending`` is not final, but Adyen reports the outcome by webhook only and a resend
+    under the same key replays ``Pending`` (docs.adyen.com/development-resources/api-idempotency:
+    "the response to the first attempt will be returned"). The attempt is parked after the
+    first resend, with the reason and ``payd_reconciled_total{result="needs_operator"}``,
+    instead of being re-sent for a week; one charge at the gateway."""
+    key = "resend-adyen-pending"
+    body = request(key, payment_method="pm_adyen_pending", subscription_id=6301, customer_ref="cus_payd")
+    body |= {"provider": "adyen"}
+    pipeline = {"resend_after_s": 0, "reconcile_backoff_s": [0.2]}
+    async with daemons.in_process(
+        providers__adyen=_connection(sandbox, "adyen"), pipeline=pipeline
+    ) as daemon:
+        await broker.publish([body])
+
+        async def parked() -> bool:
+            rows = await query(db, "SELECT parked_at FROM attempts WHERE idempotency_key = %s", key)
+            return bool(rows) and rows[0][0] is not None
+
+        await eventually(parked, timeout=30, what="the attempt parked for an operator")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{daemon.port}/metrics") as response,
+        ):
+            metrics = await response.text()
+    [(state, reason)] = await query(
+        db, "SELECT state, reconcile_error FROM attempts WHERE idempotency_key = %s", key
+    )
+    assert state == "unknown" and reason.startswith("Pending")
+    assert 'payd_reconciled_total{result="needs_operator"} 1.0' in metrics
+    assert [c["status"] for c in await sandbox.ledger()] == ["approved"]
