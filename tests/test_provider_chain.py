@@ -20,6 +20,7 @@ from daemon.models import AttemptRequest, Outcome
 from daemon.providers.checkout import transform
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query
 from tests.test_provider_checkout import CHANNEL, SECRET_KEY, checkout, received
+from tests.test_subscriptions_units import subscription
 
 
 @pytest.fixture(autouse=True)
@@ -68,6 +69,24 @@ async def test_the_sandbox_refuses_a_renewal_that_breaks_the_chain(sandbox: Sand
     sent = await received(sandbox, chained_request.idempotency_key)
     assert sent["body"]["previous_payment_id"] == first.provider_ref
     assert [c["status"] for c in await sandbox.ledger()] == ["approved", "approved"]
+
+
+@pytest.mark.parametrize(
+    ("chain", "sent"),
+    [
+        ({"chain_ref": "pay_1"}, "pay_1"),
+        ({"chain_ref": "pay_1", "chain_provider": "other"}, None),  # another provider's chain
+        ({"chain_ref": "pay_1", "chain_payment_method": "pm_old"}, None),  # a new card: a new chain
+        ({"chain_ref": "4242424242424242"}, None),  # would be refused as a card number
+        ({}, None),
+    ],
+)
+def test_a_renewal_carries_the_chain_only_while_it_holds(chain: dict[str, str], sent: str | None) -> None:
+    """The chain belongs to one provider connection and one payment method; a reference that
+    intake would take for a card number (an all-digit pspReference passing Luhn) is left out
+    rather than getting the whole renewal refused."""
+    sub = subscription(**({"chain_provider": "sandbox", "chain_payment_method": "pm_x"} | chain))
+    assert sub.previous_payment_ref == sent
 
 
 SUBSCRIPTION = 8802
