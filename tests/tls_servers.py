@@ -280,6 +280,26 @@ def private_redis(directory: Path, pki: Pki) -> Iterator[PrivateServer]:
         yield PrivateServer(port=port, password="")
 
 
+def rabbitmq_node_env(directory: Path, home: Path, name: str, node_port: int) -> dict[str, str]:
+    """The environment of a RabbitMQ node of its own: name, ports, cookie (``home``), and every
+    file under ``directory`` (``rabbitmq.conf`` written by the caller; no plugins)."""
+    (directory / "enabled_plugins").write_text("[].\n")
+    (directory / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's, which names the shared node
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf"),
+        "RABBITMQ_NODENAME": name,
+        "RABBITMQ_NODE_PORT": str(node_port),
+        "RABBITMQ_DIST_PORT": str(free_port()),
+        "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(directory / "log"),
+        "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
+    }
+
+
 @contextlib.contextmanager
 def private_rabbitmq(directory: Path, pki: Pki) -> Iterator[PrivateServer]:
     """A RabbitMQ node of its own (name, ports, cookie, data) with a TLS listener only,
@@ -303,21 +323,7 @@ def private_rabbitmq(directory: Path, pki: Pki) -> Iterator[PrivateServer]:
         "default_user = payd\n"
         f"default_pass = {password}\n"
     )
-    (directory / "enabled_plugins").write_text("[].\n")
-    (directory / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's, which names the shared node
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf"),
-        "RABBITMQ_NODENAME": f"payd-tls-test-{port}@localhost",
-        "RABBITMQ_NODE_PORT": str(free_port()),
-        "RABBITMQ_DIST_PORT": str(free_port()),
-        "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(directory / "log"),
-        "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
-    }
+    env = rabbitmq_node_env(directory, home, f"payd-tls-test-{port}@localhost", free_port())
     log = directory / "rabbitmq.out"
     with _process([str(RABBITMQ_SERVER)], log, env=env, cwd=directory) as process:
         _wait_until_ready(process, log, "Starting broker... completed", timeout=120)
