@@ -27,6 +27,7 @@ from daemon.models import (
 from daemon.storage.db import Cursor, placeholders, transaction, union_rows
 from daemon.subscriptions.effects import apply_subscription_effects
 from daemon.subscriptions.policy import SubscriptionPolicy
+from daemon.subscriptions.store import save_chains
 
 _ER_DUP_ENTRY: Final = 1062
 _encode_metadata = msgspec.json.Encoder().encode
@@ -273,6 +274,7 @@ async def write_outcomes(
     updates: list[tuple[Any, ...]] = []
     events: list[OutboxRow] = []
     changes: list[tuple[AttemptRequest, AttemptState, ChargeResult]] = []
+    chains: dict[int, tuple[int, str, str, str]] = {}
     occurred_at = now_iso()
     recheck_us = int(unknown_recheck_s * 1_000_000)
     for record in records:
@@ -315,6 +317,11 @@ async def write_outcomes(
             )
         )
         changes.append((record.request, new_state, r))
+        sub_id = record.request.subscription_id
+        if new_state is AttemptState.SUCCEEDED and sub_id is not None and r.provider_ref:
+            # The stored-credential chain the subscription's next renewal continues.
+            provider = record.provider or record.request.provider
+            chains[sub_id] = (sub_id, provider, record.request.payment_method, r.provider_ref[:255])
         into.applied.append(record)
 
     if updates:
@@ -333,6 +340,7 @@ async def write_outcomes(
         )
     if changes:
         await apply_subscription_effects(cursor, changes, occurred_at=occurred_at, policy=policy)
+        await save_chains(cursor, list(chains.values()))  # rows locked by the line above
     await insert_outbox(cursor, events)
 
 
@@ -528,6 +536,8 @@ class DueUnknown(msgspec.Struct, frozen=True, kw_only=True):
     seconds_since_claim: float
     routed_provider: str | None = None
     """Where a failover sent it; reconciliation must ask there."""
+    provider_ref: str | None = None
+    """The provider's reference from an earlier answer, if one came (iyzico looks up by it)."""
 
     @property
     def provider(self) -> str:
@@ -544,6 +554,7 @@ async def take_due_unknown(
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), routed_provider, "  # noqa: S608
+            "provider_ref, "
             f"{_REQUEST_COLUMNS} "
             "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) AND parked_at IS NULL "
             "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -561,13 +572,14 @@ async def take_due_unknown(
                 f"WHERE id IN ({placeholders(len(ids))})",
                 (wait_us, *ids),
             )
-        readable, unreadable = _read_requests(rows, first=4)
+        readable, unreadable = _read_requests(rows, first=5)
         due = [
             DueUnknown(
                 attempt_id=row[0],
                 reconcile_tries=row[1],
                 seconds_since_claim=(row[2] or 0) / 1_000_000,
                 routed_provider=row[3],
+                provider_ref=row[4],
                 request=request,
             )
             for row, request in readable

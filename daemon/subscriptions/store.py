@@ -21,7 +21,8 @@ from daemon.subscriptions.periods import IntervalUnit
 SUBSCRIPTION_COLUMNS: Final = (
     "id, status, plan, provider, payment_method, card_brand, customer_ref, amount_minor, currency, "
     "interval_unit, interval_count, paid_cycle, billing_anchor, anchor_cycle, current_period_end, "
-    "next_attempt_at, pending_key, next_try, dunning_step, status_reason, deferred_by, deferred_until"
+    "next_attempt_at, pending_key, next_try, dunning_step, status_reason, deferred_by, deferred_until, "
+    "chain_provider, chain_payment_method, chain_ref"
 )
 _SAVED: Final = (
     "status",
@@ -68,7 +69,10 @@ def subscription_from_row(row: Sequence[Any]) -> Subscription:
         reason,
         deferred_by,
         deferred_until,
-    ) = row[:22]
+        chain_provider,
+        chain_payment_method,
+        chain_ref,
+    ) = row[:25]
     return Subscription(
         id=sid,
         status=SubscriptionStatus(status),
@@ -92,6 +96,22 @@ def subscription_from_row(row: Sequence[Any]) -> Subscription:
         status_reason=reason,
         deferred_by=deferred_by,
         deferred_until=deferred_until,
+        chain_provider=chain_provider,
+        chain_payment_method=chain_payment_method,
+        chain_ref=chain_ref,
+    )
+
+
+async def save_chains(cursor: Cursor, chains: Sequence[tuple[int, str, str, str]]) -> None:
+    """Keep each (subscription id, provider, payment method, provider reference) of an approved
+    attempt as the subscription's stored-credential chain, for its next renewal to send."""
+    if not chains:
+        return
+    derived, params = union_rows(sorted(chains), ("id", "provider", "method", "ref"))
+    await cursor.execute(
+        f"UPDATE subscriptions s JOIN ({derived}) v ON s.id = v.id SET "  # noqa: S608 (placeholders only)
+        "s.chain_provider = v.provider, s.chain_payment_method = v.method, s.chain_ref = v.ref",
+        params,
     )
 
 
