@@ -2,7 +2,8 @@
 
 Every couple of seconds: one database round trip that also measures the
 unknown-attempt backlog and how much of it is parked (served by the
-``(state, recheck_at)`` index), and the
+``(state, recheck_at)`` index) and the age of the oldest unpublished outbox row
+(by its primary key), and the
 depth of the attempts and dead-letter queues. A failure marks the database
 not ready; so does a database that does not answer within the pool's
 ``probe_s`` (frozen, or every connection stuck): a hung server is as unready
@@ -20,6 +21,7 @@ from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable
 from daemon.metrics import Metrics
 from daemon.pipeline.attempts import DB_ERRORS
 from daemon.storage.db import timeouts_of, transaction
+from daemon.storage.outbox import read_outbox_lag
 
 log = structlog.get_logger("payd.probe")
 
@@ -60,10 +62,14 @@ class HealthProbe:
                 "COALESCE(SUM(parked_at IS NOT NULL), 0) FROM attempts WHERE state = 'unknown'"
             )
             count, oldest_us, parked = await cursor.fetchone()
+            # The relay updates this gauge after each batch; a relay that cannot publish (the
+            # broker is away) runs no batch, so the probe keeps it true meanwhile.
+            outbox_lag = await read_outbox_lag(cursor)
         self._metrics.unknown_attempts.set(count)
         self._metrics.parked.set(parked)
         self.parked_attempts = int(parked)
         self._metrics.unknown_oldest.set((oldest_us or 0) / 1_000_000)
+        self._metrics.outbox_lag.set(outbox_lag)
 
     def _set_database_ok(self, ok: bool, error: BaseException | None = None) -> None:
         if ok != self.database_ok:

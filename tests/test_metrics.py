@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.support import ROOT, Broker, DaemonFactory, Sandbox, eventually, request, wait_settled
+from tests.support import ROOT, Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
 
 OUTCOME_OF_TOKEN = {
     "pm_ok": "approved",
@@ -190,6 +190,38 @@ async def test_saturation_shows_in_flight_at_the_limit_and_attempts_waiting(
     assert after.value("payd_provider_in_flight", provider="sandbox") == 0
     assert after.value("payd_provider_waiting", provider="sandbox") == 0
     assert after.value("payd_attempts_total", outcome="approved") == 40
+
+
+async def test_outbox_lag_is_true_while_the_relay_is_behind(
+    db: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """A backlog of events ten minutes old, published one per batch: the relay stays behind for
+    many batches. The lag gauge used to be set only once the outbox was empty, so it read 0 the
+    whole time; now it shows the age of the oldest unpublished row while they wait, and falls
+    back once they are out."""
+    rows = 3000
+    await query(
+        db,
+        "INSERT INTO outbox (event_id, target, routing_key, payload, created_at) VALUES "
+        + ", ".join(["(UUID(), 'events', 'payment.backlog', '{}', NOW(6) - INTERVAL 10 MINUTE)"] * rows),
+    )
+    async with daemons.in_process(outbox={"batch_size": 1}) as daemon:
+        seen: list[tuple[float, int]] = []
+
+        async def lag_shown() -> bool:
+            lag = (await scrape(daemon.port)).value("payd_outbox_lag_seconds")
+            (left,) = (await query(db, "SELECT COUNT(*) FROM outbox"))[0]
+            seen.append((lag, left))
+            return lag >= 590
+
+        await eventually(lag_shown, timeout=60, what="the lag gauge to show the backlog's age")
+        assert seen[-1][1] > 0, "shown while rows were still waiting"
+
+        async def caught_up() -> bool:
+            (left,) = (await query(db, "SELECT COUNT(*) FROM outbox"))[0]
+            return left == 0 and (await scrape(daemon.port)).value("payd_outbox_lag_seconds") < 60
+
+        await eventually(caught_up, timeout=120, what="the relay to catch up and the gauge to fall")
 
 
 # -- ops/: the dashboard and the alert rules -------------------------------------------
