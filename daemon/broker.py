@@ -183,15 +183,15 @@ class Broker:
     async def stop_consuming(self) -> None:
         """Stop new deliveries; those already delivered stay ours to settle."""
         self._on_message = None
-        tag, self._consumer_tag = self._consumer_tag, None
-        if tag is not None and self._queue is not None:
-            with contextlib.suppress(*BROKER_ERRORS):
-                await self._queue.cancel(tag)
+        await self._cancel_consumer()
 
     async def pause_consuming(self) -> None:
         """Take no new deliveries for now (those already delivered stay ours to settle), also
         across reconnects, until ``resume_consuming``; the queue keeps the rest for others."""
         self._paused = True
+        await self._cancel_consumer()
+
+    async def _cancel_consumer(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
         if tag is not None and self._queue is not None:
             with contextlib.suppress(*BROKER_ERRORS):
