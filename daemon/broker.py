@@ -5,12 +5,18 @@ one rule that matters stays visible: a delivery belongs to the channel it came
 on. After a reconnect, deliveries from the dead channel are never acked on the
 new one (delivery tags are per channel); their acks fail harmlessly, the broker
 redelivers them, and the claim step recognises them as duplicates.
+
+With several nodes (``[rabbitmq] urls``), the same rule carries over from one node
+to another: losing a node is losing the connection, and payd reconnects to the
+next node that answers, trying the lost one last. Confirms are awaited on the new
+connection's channel; nothing is acked before its commit, on any node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, cast
 
@@ -57,24 +63,45 @@ class Topology(msgspec.Struct, frozen=True):
         return cls(f"{namespace}.attempts", f"{namespace}.attempts.dead", f"{namespace}.events")
 
 
-def broker_url(settings: RabbitMQSettings, password: Secret | None) -> str:
-    url = URL(settings.url)
+def broker_url(settings: RabbitMQSettings, password: Secret | None, node: str | None = None) -> str:
+    """``node`` (default: the first configured) with the password; one-shot tools use the default."""
+    url = URL(node or settings.nodes[0])
     if password is not None:
         url = url.with_password(password.reveal())
     return str(url)
 
 
+def node_order(settings: RabbitMQSettings) -> list[str]:
+    """The nodes in the order this instance tries them first."""
+    nodes = list(settings.nodes)
+    if settings.node_order == "shuffled":
+        random.shuffle(nodes)
+    return nodes
+
+
+def quorum_arguments(initial_group_size: int | None) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"x-queue-type": "quorum"}
+    if initial_group_size is not None:
+        # https://www.rabbitmq.com/docs/quorum-queues#replication-factor
+        arguments["x-quorum-initial-group-size"] = initial_group_size
+    return arguments
+
+
 async def declare_topology(
-    channel: AbstractChannel, topology: Topology, delivery_limit: int
+    channel: AbstractChannel,
+    topology: Topology,
+    delivery_limit: int,
+    initial_group_size: int | None = None,
 ) -> AbstractQueue:
     """Declare (idempotently) what payd needs; return the attempts queue."""
-    await channel.declare_queue(topology.dead_queue, durable=True, arguments={"x-queue-type": "quorum"})
+    quorum = quorum_arguments(initial_group_size)
+    await channel.declare_queue(topology.dead_queue, durable=True, arguments=quorum)
     await channel.declare_exchange(topology.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
     return await channel.declare_queue(
         topology.attempts_queue,
         durable=True,
         arguments={
-            "x-queue-type": "quorum",
+            **quorum,
             # A message redelivered this often (a poison message that kills the
             # process) goes to the dead-letter queue instead of looping forever.
             "x-delivery-limit": delivery_limit,
@@ -87,13 +114,21 @@ async def declare_topology(
 class Broker:
     """Owns the AMQP connection and its two channels: one consumes, one publishes with confirms."""
 
-    def __init__(self, settings: RabbitMQSettings, password: Secret | None) -> None:
+    def __init__(
+        self,
+        settings: RabbitMQSettings,
+        password: Secret | None,
+        on_reconnect: Callable[[], None] = lambda: None,
+    ) -> None:
         self.settings = settings
+        self._on_reconnect = on_reconnect
         self.topology = Topology.for_namespace(settings.namespace)
-        self._url = broker_url(settings, password)
+        self._password = password
+        self._nodes = node_order(settings)
         tls = settings.effective_tls
         self._tls = client_context(Link.RABBITMQ, tls) if tls is not None else None
-        self._address = url_address(settings.url)
+        self.node: str | None = None
+        """``host:port`` of the node in use; None while disconnected."""
         self._connection: AbstractConnection | None = None
         self._publish_channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -105,19 +140,59 @@ class Broker:
         self.connected = asyncio.Event()
         self.reconnects = 0
 
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """``host:port`` of every configured node, in this instance's order."""
+        return tuple(url_address(node) for node in self._nodes)
+
     async def connect(self) -> None:
-        """Connect, open channels, declare the topology, and resume consuming if we were."""
-        with naming_tls_failures(Link.RABBITMQ, self._address):
+        """Connect to the first node that answers, in order; raise the last node's error if none does."""
+        failure: BaseException | None = None
+        for node in list(self._nodes):
+            try:
+                await self._connect_to(node)
+            except (TimeoutError, *BROKER_ERRORS, OSError) as error:
+                if len(self._nodes) > 1:
+                    log.warning("broker.node_unreachable", node=url_address(node), error=type(error).__name__)
+                failure = error
+                continue
+            return
+        assert failure is not None
+        raise failure
+
+    def _try_last(self, address: str) -> None:
+        """A node just lost goes to the end of the order: if it is stopping, it may still accept
+        a connection it will close again a moment later."""
+        lost = [node for node in self._nodes if url_address(node) == address]
+        self._nodes = [node for node in self._nodes if url_address(node) != address] + lost
+
+    async def _connect_to(self, node: str) -> None:
+        """Connect to one node, open channels, declare the topology, and resume consuming if we were."""
+        address = url_address(node)
+        with naming_tls_failures(Link.RABBITMQ, address):
             connection = await aio_pika.connect(
-                self._url, client_properties={"connection_name": "payd"}, ssl_context=self._tls
+                broker_url(self.settings, self._password, node),
+                client_properties={"connection_name": "payd"},
+                ssl_context=self._tls,
+                timeout=self.settings.connect_timeout_s,
             )
         try:
             consume_channel = await connection.channel(publisher_confirms=False)
             await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
             self._publish_channel = await connection.channel(publisher_confirms=True)
-            self._queue = await declare_topology(consume_channel, self.topology, self.settings.delivery_limit)
+            self._queue = await asyncio.wait_for(
+                declare_topology(
+                    consume_channel,
+                    self.topology,
+                    self.settings.delivery_limit,
+                    self.settings.quorum_initial_group_size,
+                ),
+                # A node cut off from the cluster's majority cannot answer for a quorum queue.
+                timeout=self.settings.connect_timeout_s * 2,
+            )
         except BaseException:
-            await connection.close()
+            with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
+                await asyncio.wait_for(connection.close(), timeout=2)
             raise
         self._lost.clear()
 
@@ -135,6 +210,7 @@ class Broker:
         self._connection = connection
         if self._on_message is not None and not self._paused:
             self._consumer_tag = await self._queue.consume(self._on_message)
+        self.node = address
         self.connected.set()
 
     async def supervise(self) -> None:
@@ -142,6 +218,10 @@ class Broker:
         while True:
             await self._lost.wait()
             self.connected.clear()
+            if self.node is not None:
+                log.warning("broker.node_lost", node=self.node)
+                self._try_last(self.node)
+            self.node = None
             old, self._connection = self._connection, None
             self._consumer_tag = None
             if old is not None:
@@ -160,7 +240,8 @@ class Broker:
                     delay = min(delay * 2, 30.0)
                     continue
                 self.reconnects += 1
-                log.info("broker.reconnected", reconnects=self.reconnects)
+                self._on_reconnect()
+                log.info("broker.reconnected", node=self.node, reconnects=self.reconnects)
                 break
 
     async def start_consuming(self, on_message: OnMessage) -> None:
@@ -284,6 +365,7 @@ class Broker:
     async def close(self) -> None:
         self._closing = True
         self.connected.clear()
+        self.node = None
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):

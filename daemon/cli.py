@@ -56,9 +56,12 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(config: Config, _args: argparse.Namespace) -> int:
-    from daemon.pipeline.attempts import DB_ERRORS  # noqa: PLC0415
     from daemon.startup import DependencyUnavailable  # noqa: PLC0415
-    from daemon.storage.db import close_pool, open_pool  # noqa: PLC0415
+    from daemon.storage.db import (  # noqa: PLC0415
+        DB_ERRORS,
+        close_pool,
+        open_pool,
+    )
     from daemon.storage.migrate import migrate  # noqa: PLC0415
 
     async def main() -> int:
@@ -336,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"payd: configuration error: {error}", file=sys.stderr)
         return 2
+    for renamed in config.deprecations:  # stderr: the journal under systemd, the terminal otherwise
+        print(f"payd: deprecated: {renamed}; the old name goes in the next release", file=sys.stderr)
     try:
         return int(args.handler(config, args))
     except ConfigError as error:  # found on use: a TLS file, a server that fails verification

@@ -3,7 +3,8 @@
 Unknown or mistyped keys fail with the key's dotted path and the reason. Each
 provider's table is decoded by the configuration type its ``kind`` registers
 (see ``daemon.providers.registry``), so a plugin provider brings its own keys.
-Secrets are not configuration: see ``daemon.secrets``.
+Secrets are not configuration: see ``daemon.secrets``. The provider base table
+(``ProviderConfig``) belongs to the provider API, ``daemon.providers.base``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+# Re-exported (the alias tells mypy so): callers import both from here, as before.
+from daemon.errors import ConfigError as ConfigError  # noqa: PLC0414
+from daemon.providers.base import PositiveFloat
+from daemon.providers.base import ProviderConfig as ProviderConfig  # noqa: PLC0414
+from daemon.providers.registry import provider_config_type
 from daemon.subscriptions.networks import (
     EVERY_RULE,
     MASTERCARD_DAILY_LIMIT,
@@ -28,14 +34,9 @@ from daemon.subscriptions.networks import (
 )
 
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
-PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
 Port = Annotated[int, msgspec.Meta(ge=0, le=65535)]
 Name = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
-
-
-class ConfigError(Exception):
-    """The configuration cannot be used; the message names the key and the problem."""
 
 
 class Section(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -94,6 +95,9 @@ class MySQLSettings(Section, frozen=True):
     database: str = "payd"
     pool_size: Annotated[int, msgspec.Meta(ge=2, le=200)] = 8
     connect_timeout_s: PositiveFloat = 5.0
+    pool_recycle_s: PositiveFloat = 300.0
+    """A pooled connection idle longer than this is closed, not reused: after a failover behind a
+    virtual address, connections opened before it may still reach the old primary."""
     acquire_timeout_s: PositiveFloat = 10.0
     """Waiting for a pooled connection, opening one (TCP, handshake, session set-up) included."""
     query_timeout_s: PositiveFloat = 30.0
@@ -110,6 +114,17 @@ class MySQLSettings(Section, frozen=True):
 
 class RabbitMQSettings(Section, frozen=True):
     url: str = "amqp://payd@127.0.0.1:5672/"
+    """The broker, when there is one node; ``urls`` takes its place for a cluster."""
+    urls: list[str] = msgspec.field(default_factory=list)
+    """The cluster's nodes, each an ``amqp(s)://`` URL; tried in ``node_order``, the first that
+    answers is used, and on losing it payd moves to another. Empty: ``url`` alone."""
+    node_order: Literal["listed", "shuffled"] = "listed"
+    """``shuffled`` spreads a fleet sharing one list over the nodes at random."""
+    connect_timeout_s: PositiveFloat = 5.0
+    """How long one node may take to accept a connection before the next is tried."""
+    quorum_initial_group_size: Annotated[int, msgspec.Meta(ge=1, le=99)] | None = None
+    """Replicas of a newly declared quorum queue (``x-quorum-initial-group-size``); unset: the
+    broker's default (every node). Odd, and at most the cluster's size (docs/scaling.md)."""
     namespace: Name = "payd"
     """Prefix of every queue and exchange: ``payd`` gives ``payd.attempts``, ``payd.events``."""
     prefetch: Annotated[int, msgspec.Meta(ge=1, le=65535)] = 2000
@@ -119,12 +134,24 @@ class RabbitMQSettings(Section, frozen=True):
     """How an ``amqps://`` link is verified; without it, against the system's CAs."""
 
     @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(self.urls) if self.urls else (self.url,)
+
+    @property
     def effective_tls(self) -> TlsSettings | None:
-        return (self.tls or TlsSettings()) if _scheme(self.url) == "amqps" else None
+        """One TLS setting for every node: a cluster is encrypted throughout or not at all."""
+        return (self.tls or TlsSettings()) if _scheme(self.nodes[0]) == "amqps" else None
 
 
 class RedisSettings(Section, frozen=True):
     url: str = "redis://127.0.0.1:6379/0"
+    """The Redis server; with ``sentinels``, only its scheme (TLS), credentials' user and database
+    number count, the master's address coming from the Sentinels."""
+    sentinels: list[str] = msgspec.field(default_factory=list)
+    """``host:port`` of each Redis Sentinel; set, payd asks them for ``sentinel_service``'s master
+    and follows it through a failover."""
+    sentinel_service: str = "payd"
+    """The master's name in the Sentinels' configuration (``sentinel monitor NAME ...``)."""
     key_prefix: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.-]{1,64}\Z")] = "payd"
     """Every key payd writes starts with it: one fleet's halt never stops another sharing Redis."""
     halt_grace_s: Annotated[float, msgspec.Meta(gt=0, le=60)] = 1.0
@@ -185,41 +212,6 @@ class PipelineSettings(Section, frozen=True):
 class OutboxSettings(Section, frozen=True):
     batch_size: Annotated[int, msgspec.Meta(ge=1, le=10000)] = 500
     poll_interval_s: PositiveFloat = 0.5
-
-
-class ProviderConfig(Section, frozen=True):
-    """Keys every provider has. A provider kind subclasses this with its own keys."""
-
-    kind: str
-    base_url: str
-    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=100000)]
-    timeout_s: PositiveFloat = 10.0
-    connect_timeout_s: PositiveFloat = 2.0
-    slot_hold_s: NonNegativeFloat = 30.0
-    """A call payd gave up on (timeout, connection lost) keeps its ``max_in_flight`` slot this
-    much longer: the provider may still be working on it. 0 frees it at once."""
-    max_tries: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
-    """Tries per attempt for provider errors that charged nothing."""
-    retry_backoff_s: PositiveFloat = 0.5
-    max_rate_limited_tries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
-    """Tries per attempt answered 429; each waits the provider's Retry-After (the whole lane pauses)."""
-    rate_per_s: PositiveFloat | None = None
-    """Calls per second this instance may start; unset: no local rate limit."""
-    fleet_rate_per_s: PositiveFloat | None = None
-    """Calls per second all instances together may start, enforced through Redis."""
-    fallback_rate_per_s: PositiveFloat | None = None
-    """Per-instance rate while Redis is unreachable; default a quarter of fleet_rate_per_s."""
-    burst: PositiveFloat | None = None
-    """Calls that may start at once after a quiet spell; default one second's worth of rate."""
-    breaker_failure_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
-    breaker_min_calls: Annotated[int, msgspec.Meta(ge=1)] = 20
-    breaker_window_s: PositiveFloat = 10.0
-    breaker_open_s: PositiveFloat = 5.0
-    breaker_max_open_s: PositiveFloat = 60.0
-    breaker_probes: Annotated[int, msgspec.Meta(ge=1)] = 3
-    failover_to: str | None = None
-    """Another provider of the same kind to send to when this one was never reached: its breaker
-    is open, or it cannot be connected to. Only where payment methods are valid at both."""
 
 
 # -- subscriptions: renewals, dunning and the retry budget (docs/subscriptions.md) --
@@ -327,6 +319,8 @@ class Config(Section, frozen=True):
     providers: dict[str, ProviderConfig]
     subscriptions: SubscriptionSettings = SubscriptionSettings()
     source: str = "<memory>"
+    deprecations: tuple[str, ...] = ()
+    """Old spellings of keys this file still uses (``providers.NAME.KEY is now NEW``), to warn of."""
 
     @property
     def instance_id(self) -> str:
@@ -351,8 +345,6 @@ def _explain(error: msgspec.ValidationError | msgspec.DecodeError, prefix: str =
 
 def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
     """Decode a TOML document into a ``Config``; raise ``ConfigError`` naming the bad key."""
-    from daemon.providers.registry import provider_config_type  # noqa: PLC0415 (registry imports providers)
-
     try:
         raw = msgspec.toml.decode(text, type=_RawConfig)
     except msgspec.ValidationError as error:
@@ -407,6 +399,11 @@ def parse_config(text: str | bytes, source: str = "<memory>") -> Config:
         providers=providers,
         subscriptions=raw.subscriptions,
         source=source,
+        deprecations=tuple(
+            f"providers.{name}.{renamed}"
+            for name, table in providers.items()
+            for renamed in table.deprecated_keys()
+        ),
     )
 
 
@@ -459,6 +456,13 @@ def _check_tls(raw: _RawConfig, source: str) -> None:
                 f"{source}: {link}.tls: the url is not {scheme}://, so the link would not be encrypted; "
                 f"write {scheme}:// or drop [{link}.tls]"
             )
+    schemes = {_scheme(url) for url in raw.rabbitmq.nodes}
+    if len(schemes) > 1:
+        mixed = " and ".join(sorted(schemes))
+        raise ConfigError(f"{source}: rabbitmq.urls: mixes {mixed}; use one scheme for every node")
+    for sentinel in raw.redis.sentinels:
+        if not re.fullmatch(r"[A-Za-z0-9_.:\[\]-]+:\d{1,5}", sentinel):
+            raise ConfigError(f"{source}: redis.sentinels: {sentinel!r} is not host:port")
     for link, tls in (("mysql", raw.mysql.tls), ("rabbitmq", raw.rabbitmq.tls), ("redis", raw.redis.tls)):
         if tls is not None and tls.key_file and not tls.cert_file:
             raise ConfigError(f"{source}: {link}.tls.key_file: needs cert_file, the certificate of that key")

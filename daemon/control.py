@@ -21,10 +21,11 @@ from aiohttp.typedefs import Handler, Middleware
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from daemon.broker import Broker
-from daemon.halt import REDIS_ERRORS, HaltState, clear_halt, set_halt
+from daemon.halt import HaltState, clear_halt, set_halt
 from daemon.metrics import Metrics
 from daemon.operator.http import OperatorTools, register_operator_routes
 from daemon.pipeline.attempts import AttemptPipeline
+from daemon.redis_errors import REDIS_ERRORS
 from daemon.secrets import Secret
 from daemon.supervisor import Supervisor
 
@@ -90,6 +91,8 @@ class ControlState:
             "duties": self.duties.snapshot(),
             "parked_attempts": msgspec.to_builtins(self.parked()),
             "broker_reconnects": self.broker.reconnects,
+            "broker_node": self.broker.node,
+            "broker_nodes": list(self.broker.nodes),
             "counters": {
                 name: getattr(self.pipeline.counters, name)
                 for name in self.pipeline.counters.__struct_fields__
@@ -147,6 +150,8 @@ def build_control_app(state: ControlState) -> web.Application:
         state.metrics.halt_state_unknown.set(0 if state.halt.known() else 1)
         state.metrics.draining.set(1 if state.pipeline.stopping.is_set() else 0)
         state.metrics.broker_connected.set(1 if state.broker.connected.is_set() else 0)
+        for node in state.broker.nodes:
+            state.metrics.broker_node.labels(node).set(1 if node == state.broker.node else 0)
         body = await asyncio.to_thread(state.metrics.render)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

@@ -31,7 +31,6 @@ from typing import Final
 
 import msgspec
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 log = structlog.get_logger("payd.halt")
@@ -40,8 +39,6 @@ POLL_INTERVAL_S: Final = 0.25
 DEFAULT_GRACE_S: Final = 1.0
 READ_TIMEOUT_S: Final = 1.0
 """A read that takes longer is abandoned and retried: a hung Redis must not hang the watcher."""
-# Refusals (an ACL NOPERM, a read-only replica) as well as lost connections: the caller could not do it.
-REDIS_ERRORS: Final = (redis.exceptions.RedisError, OSError, TimeoutError)
 
 
 class HaltKeys(msgspec.Struct, frozen=True):

@@ -184,6 +184,12 @@ class Metrics:
         self.draining = Gauge("payd_draining", "1 while the daemon drains", registry=r)
         self.broker_connected = Gauge("payd_broker_connected", "1 while connected to RabbitMQ", registry=r)
         self.broker_reconnects = Counter("payd_broker_reconnects", "Reconnections to RabbitMQ", registry=r)
+        self.broker_node = Gauge(
+            "payd_broker_node_info",
+            "1 for the RabbitMQ node in use, 0 for the other nodes",
+            ["node"],
+            registry=r,
+        )
         self.database_ok = Gauge(
             "payd_database_ok", "1 while the health probe's database round trip answers in time", registry=r
         )

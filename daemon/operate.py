@@ -13,8 +13,9 @@ import redis.asyncio as aioredis
 import redis.exceptions
 
 from daemon.config import Config
-from daemon.halt import REDIS_ERRORS, HaltKeys, clear_halt, set_halt
-from daemon.redis_link import redis_client
+from daemon.halt import HaltKeys, clear_halt, set_halt
+from daemon.redis_errors import REDIS_ERRORS
+from daemon.redis_link import redis_address, redis_client
 from daemon.secrets import load_secret
 
 
@@ -39,7 +40,7 @@ async def halt(config: Config, *, provider: str | None, reason: str) -> int:
             by=f"{getpass.getuser()}@{socket.gethostname()}",
         )
     except REDIS_ERRORS as error:
-        print(f"payd halt: could not reach Redis at {config.redis.url}: {error}", file=sys.stderr)
+        print(f"payd halt: could not reach Redis at {redis_address(config.redis)}: {error}", file=sys.stderr)
         return 1
     finally:
         await client.aclose()
@@ -53,7 +54,8 @@ async def resume(config: Config, *, provider: str | None) -> int:
     try:
         was_halted = await clear_halt(client, HaltKeys(config.redis.key_prefix), provider=provider)
     except (redis.exceptions.RedisError, OSError) as error:
-        print(f"payd resume: could not reach Redis at {config.redis.url}: {error}", file=sys.stderr)
+        where = redis_address(config.redis)
+        print(f"payd resume: could not reach Redis at {where}: {error}", file=sys.stderr)
         return 1
     finally:
         await client.aclose()
@@ -81,6 +83,8 @@ async def status(config: Config, *, as_json: bool) -> int:
     print(f"in flight  {snapshot['in_flight']}")
     print(f"ready      {json.dumps(snapshot['ready'])}")
     print(f"draining   {snapshot['draining']}")
+    node = snapshot.get("broker_node") or "disconnected"
+    print(f"broker     {node}  reconnects={snapshot['broker_reconnects']}")
     _print_halt(snapshot["halt"])
     _print_duties(snapshot.get("duties", {}))
     parked = snapshot.get("parked_attempts", {}).get("fleet", 0)

@@ -20,8 +20,7 @@ import structlog
 
 from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable
 from daemon.metrics import Metrics
-from daemon.pipeline.attempts import DB_ERRORS
-from daemon.storage.db import timeouts_of, transaction
+from daemon.storage.db import DB_ERRORS, timeouts_of, transaction
 from daemon.storage.outbox import read_outbox_lag
 
 log = structlog.get_logger("payd.probe")

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Final
 
+from daemon.errors import ConfigError
+
 SECRET_NAMES: Final = (
     "mysql_password",
     "rabbitmq_password",
@@ -76,8 +78,6 @@ def require_secret(name: str, *, needed_by: str) -> Secret:
     """The secret ``name``, or a configuration error saying where to put it (never a value)."""
     secret = load_secret(name)
     if secret is None or not secret.reveal():
-        from daemon.config import ConfigError  # noqa: PLC0415 (config does not need secrets; keep it so)
-
         raise ConfigError(
             f"{needed_by}: secret {name} is not set: put it in the environment as {env_name(name)} "
             f"or in the credential file $CREDENTIALS_DIRECTORY/{name}"

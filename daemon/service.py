@@ -26,7 +26,7 @@ from daemon.metrics import Metrics
 from daemon.monitor import start_monitor
 from daemon.notify import SystemdNotifier
 from daemon.operator.http import OperatorTools
-from daemon.pipeline.attempts import DB_ERRORS, AttemptPipeline
+from daemon.pipeline.attempts import AttemptPipeline
 from daemon.pipeline.execute import Lane, breaker_for
 from daemon.pipeline.limiter import ProviderLimiter
 from daemon.pipeline.ratelimit import rate_limit_for
@@ -38,7 +38,7 @@ from daemon.redis_link import open_redis
 from daemon.reload import watch_reloads
 from daemon.secrets import load_secret
 from daemon.startup import url_address, with_retries
-from daemon.storage.db import close_pool, open_pool
+from daemon.storage.db import DB_ERRORS, close_pool, open_pool
 from daemon.storage.identity import instance_identity
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.scheduler import build_scheduler
@@ -191,10 +191,10 @@ async def serve(
         )
         lanes = _open_lanes(config, stack, redis_client, halt)
 
-        broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
+        broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"), metrics.broker_reconnects.inc)
         await with_retries(
             "rabbitmq",
-            url_address(config.rabbitmq.url),
+            ", ".join(url_address(node) for node in config.rabbitmq.nodes),
             broker.connect,
             give_up_after=config.daemon.startup_timeout_s,
             errors=BROKER_ERRORS,

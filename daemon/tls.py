@@ -163,12 +163,17 @@ def plaintext_links(config: Config) -> list[tuple[Link, str]]:
     found = []
     if config.mysql.effective_tls is None and not is_loopback(config.mysql.host):
         found.append((Link.MYSQL, config.mysql.host))
-    for link, section in ((Link.RABBITMQ, config.rabbitmq), (Link.REDIS, config.redis)):
-        url = URL(section.url)
-        if url.scheme == "unix":
-            continue
-        if section.effective_tls is None and not is_loopback(url.host or ""):
-            found.append((link, url.host or ""))
+    # Every broker node and every Sentinel: one remote node in the clear is a plaintext link.
+    sentinels = [f"redis://{address}" for address in config.redis.sentinels]
+    for link, urls, tls in (
+        (Link.RABBITMQ, config.rabbitmq.nodes, config.rabbitmq.effective_tls),
+        (Link.REDIS, (config.redis.url, *sentinels), config.redis.effective_tls),
+    ):
+        for url in map(URL, urls):
+            if url.scheme == "unix":
+                continue
+            if tls is None and not is_loopback(url.host or ""):
+                found.append((link, url.host or ""))
     return found
 
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -153,39 +153,7 @@ def test_plugin_provider_kind_from_an_installed_package(tmp_path: Path) -> None:
     """A package that declares a ``payd.providers`` entry point is picked up without a fork,
     and its own configuration keys are validated."""
     site = tmp_path / "site"
-    package = site / "payd_echo_provider"
-    package.mkdir(parents=True)
-    (package / "__init__.py").write_text(
-        textwrap.dedent(
-            """
-            from typing import ClassVar
-            from daemon.config import ProviderConfig
-            from daemon.models import ChargeResult, Outcome
-            from daemon.providers.base import Capabilities
-
-            class EchoConfig(ProviderConfig, frozen=True):
-                greeting: str = "hi"
-
-            class EchoProvider:
-                config_type: ClassVar[type[ProviderConfig]] = EchoConfig
-                capabilities = Capabilities(
-                    honours_idempotency_key=True, lookup_by_key=False, lookup_by_reference=False
-                )
-
-                def __init__(self, name, config):
-                    self.name = name
-
-                async def charge(self, request):
-                    return ChargeResult(outcome=Outcome.APPROVED, provider_ref="echo")
-
-                async def lookup(self, request):
-                    return None
-
-                async def close(self):
-                    pass
-            """
-        )
-    )
+    shutil.copytree(Path(__file__).parent / "plugins" / "payd_echo_provider", site / "payd_echo_provider")
     dist = site / "payd_echo_provider-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: payd-echo-provider\nVersion: 1.0\n")

@@ -280,6 +280,26 @@ def private_redis(directory: Path, pki: Pki) -> Iterator[PrivateServer]:
         yield PrivateServer(port=port, password="")
 
 
+def rabbitmq_node_env(directory: Path, home: Path, name: str, node_port: int) -> dict[str, str]:
+    """The environment of a RabbitMQ node of its own: name, ports, cookie (``home``), and every
+    file under ``directory`` (``rabbitmq.conf`` written by the caller; no plugins)."""
+    (directory / "enabled_plugins").write_text("[].\n")
+    (directory / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's, which names the shared node
+    return {
+        **os.environ,
+        "HOME": str(home),
+        "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf"),
+        "RABBITMQ_NODENAME": name,
+        "RABBITMQ_NODE_PORT": str(node_port),
+        "RABBITMQ_DIST_PORT": str(free_port()),
+        "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
+        "RABBITMQ_LOG_BASE": str(directory / "log"),
+        "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
+        "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
+        "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
+    }
+
+
 @dataclass(frozen=True)
 class PrivateRabbitMQ(PrivateServer):
     """A node of the test's own; ``ctl`` runs ``rabbitmqctl`` against it, never the shared node."""
@@ -313,22 +333,8 @@ def rabbitmq_node(directory: Path, listeners: str, *, name: str) -> Iterator[Pri
         listeners.format(port=port)
         + f"loopback_users = none\ndefault_user = payd\ndefault_pass = {password}\n"
     )
-    (directory / "enabled_plugins").write_text("[].\n")
-    (directory / "rabbitmq-env.conf").write_text("")  # not /etc/rabbitmq's, which names the shared node
     node = f"{name}-{port}@localhost"
-    env = {
-        **os.environ,
-        "HOME": str(home),
-        "RABBITMQ_CONF_ENV_FILE": str(directory / "rabbitmq-env.conf"),
-        "RABBITMQ_NODENAME": node,
-        "RABBITMQ_NODE_PORT": str(free_port()),
-        "RABBITMQ_DIST_PORT": str(free_port()),
-        "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
-        "RABBITMQ_LOG_BASE": str(directory / "log"),
-        "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq.conf"),
-        "RABBITMQ_ADVANCED_CONFIG_FILE": str(directory / "advanced.config"),
-        "RABBITMQ_ENABLED_PLUGINS_FILE": str(directory / "enabled_plugins"),
-    }
+    env = rabbitmq_node_env(directory, home, node, free_port())
     log = directory / "rabbitmq.out"
     with _process([str(RABBITMQ_SERVER)], log, env=env, cwd=directory) as process:
         _wait_until_ready(process, log, "Starting broker... completed", timeout=120)

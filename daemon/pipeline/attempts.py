@@ -17,7 +17,6 @@ from typing import Any, Final
 
 import aiomysql
 import msgspec
-import pymysql
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
@@ -35,11 +34,11 @@ from daemon.storage.attempts import (
     record_outcomes,
     route_attempt,
 )
+from daemon.storage.db import DB_ERRORS
 from daemon.subscriptions.policy import SubscriptionPolicy
 
 log = structlog.get_logger("payd.pipeline")
 
-DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
 DECLINES: Final = frozenset({Outcome.SOFT_DECLINE, Outcome.HARD_DECLINE})
 MISMATCH_REASON: Final = "idempotency_key reused with different parameters; the first request stands"
 ALTERED_REASON: Final = (

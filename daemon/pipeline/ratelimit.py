@@ -15,10 +15,10 @@ import time
 from typing import Final, Protocol
 
 import redis.asyncio as aioredis
-import redis.exceptions
 import structlog
 
 from daemon.config import ProviderConfig
+from daemon.redis_errors import REDIS_ERRORS
 
 log = structlog.get_logger("payd.ratelimit")
 
@@ -127,7 +127,7 @@ class FleetTokenBucket:
             granted = int(
                 await self._script(keys=[self._key], args=[self.rate_per_s, self._burst, self._chunk])
             )
-        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as error:
+        except REDIS_ERRORS as error:
             if self.redis_ok:
                 log.warning("ratelimit.redis_unreachable", key=self._key, error=repr(error))
             self.redis_ok = False

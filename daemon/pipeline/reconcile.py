@@ -34,7 +34,7 @@ from daemon.config import PipelineSettings
 from daemon.logs import redact_text
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
-from daemon.pipeline.attempts import DB_ERRORS, OrphanSweep
+from daemon.pipeline.attempts import OrphanSweep
 from daemon.pipeline.execute import Lane, free_slot
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
@@ -46,6 +46,7 @@ from daemon.storage.attempts import (
     record_outcomes,
     take_due_unknown,
 )
+from daemon.storage.db import DB_ERRORS
 from daemon.subscriptions.policy import SubscriptionPolicy
 
 log = structlog.get_logger("payd.reconcile")

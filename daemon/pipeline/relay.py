@@ -9,8 +9,8 @@ import structlog
 from daemon.broker import Broker, BrokerUnavailable
 from daemon.config import OutboxSettings
 from daemon.metrics import Metrics
-from daemon.pipeline.attempts import DB_ERRORS
 from daemon.pipeline.waker import Waker
+from daemon.storage.db import DB_ERRORS
 from daemon.storage.outbox import outbox_lag_seconds, relay_batch
 
 log = structlog.get_logger("payd.outbox")

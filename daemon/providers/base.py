@@ -1,13 +1,84 @@
-"""The provider interface every adapter implements, and what payd knows of its capabilities."""
+"""The provider interface every adapter implements, its configuration base and capabilities.
+
+This module imports nothing of payd but the domain values (``daemon.models``):
+the configuration loader imports it, so it must never import the loader back.
+"""
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from collections.abc import Mapping
+from typing import Annotated, ClassVar, Protocol, runtime_checkable
 
 import msgspec
 
-from daemon.config import ProviderConfig
 from daemon.models import AttemptRequest, ChargeResult
+
+PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
+SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
+"""The name of a secret (never its value): ``PAYD_<NAME>`` or ``$CREDENTIALS_DIRECTORY/<name>``."""
+
+
+class ProviderConfig(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Keys every provider has. A provider kind subclasses this with its own keys.
+
+    A kind that renames a key lists ``old: new`` in ``renamed_keys`` and keeps the old
+    key as a field defaulting to None for one release: a table using it still loads,
+    ``deprecated_keys`` names it for a warning, and giving both spellings is an error.
+    """
+
+    kind: str
+    base_url: str
+    max_in_flight: Annotated[int, msgspec.Meta(ge=1, le=100000)]
+    timeout_s: PositiveFloat = 10.0
+    connect_timeout_s: PositiveFloat = 2.0
+    slot_hold_s: NonNegativeFloat = 30.0
+    """A call payd gave up on (timeout, connection lost) keeps its ``max_in_flight`` slot this
+    much longer: the provider may still be working on it. 0 frees it at once."""
+    max_tries: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    """Tries per attempt for provider errors that charged nothing."""
+    retry_backoff_s: PositiveFloat = 0.5
+    max_rate_limited_tries: Annotated[int, msgspec.Meta(ge=1, le=100)] = 10
+    """Tries per attempt answered 429; each waits the provider's Retry-After (the whole lane pauses)."""
+    rate_per_s: PositiveFloat | None = None
+    """Calls per second this instance may start; unset: no local rate limit."""
+    fleet_rate_per_s: PositiveFloat | None = None
+    """Calls per second all instances together may start, enforced through Redis."""
+    fallback_rate_per_s: PositiveFloat | None = None
+    """Per-instance rate while Redis is unreachable; default a quarter of fleet_rate_per_s."""
+    burst: PositiveFloat | None = None
+    """Calls that may start at once after a quiet spell; default one second's worth of rate."""
+    breaker_failure_ratio: Annotated[float, msgspec.Meta(gt=0, le=1)] = 0.5
+    breaker_min_calls: Annotated[int, msgspec.Meta(ge=1)] = 20
+    breaker_window_s: PositiveFloat = 10.0
+    breaker_open_s: PositiveFloat = 5.0
+    breaker_max_open_s: PositiveFloat = 60.0
+    breaker_probes: Annotated[int, msgspec.Meta(ge=1)] = 3
+    failover_to: str | None = None
+    """Another provider of the same kind to send to when this one was never reached: its breaker
+    is open, or it cannot be connected to. Only where payment methods are valid at both."""
+
+    renamed_keys: ClassVar[Mapping[str, str]] = {}
+    """Old spelling -> new spelling, for keys renamed in this release."""
+
+    def __post_init__(self) -> None:
+        # Runs once per configuration load, never per attempt.
+        if not self.renamed_keys:
+            return
+        defaults = {field.name: field.default for field in msgspec.structs.fields(self)}
+        for old, new in self.renamed_keys.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            if getattr(self, new) != defaults[new]:
+                raise ValueError(f"{old} is the old name of {new}: give only {new}")
+            msgspec.structs.force_setattr(self, new, value)
+
+    def deprecated_keys(self) -> list[str]:
+        """The old spellings this table used, each with its new name, for a warning."""
+        return [
+            f"{old} is now {new}" for old, new in self.renamed_keys.items() if getattr(self, old) is not None
+        ]
 
 
 class Capabilities(msgspec.Struct, frozen=True, kw_only=True):

@@ -13,8 +13,8 @@ from typing import Any
 
 import aiohttp
 
-from daemon.config import ProviderConfig
 from daemon.models import ChargeResult, Outcome
+from daemon.providers.base import ProviderConfig
 
 # Raised before any byte of the request left this process.
 _NOT_SENT = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError, aiohttp.InvalidURL)

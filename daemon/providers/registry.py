@@ -2,7 +2,7 @@
 
 A third-party package registers ``[project.entry-points."payd.providers"]
 mykind = "mypkg.provider:MyProvider"``; payd picks it up without a fork. The
-class must satisfy ``daemon.providers.base.ProviderFactory``.
+class must satisfy ``daemon.providers.api.ProviderFactory`` (see docs/providers.md).
 """
 
 from __future__ import annotations
@@ -11,8 +11,7 @@ import functools
 from importlib.metadata import entry_points
 from typing import cast
 
-from daemon.config import ProviderConfig
-from daemon.providers.base import Provider, ProviderFactory
+from daemon.providers.base import Provider, ProviderConfig, ProviderFactory
 
 ENTRY_POINT_GROUP = "payd.providers"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Final
@@ -10,10 +11,14 @@ from typing import Any, Final
 import aiomysql
 import msgspec
 import pymysql
+import structlog
 
 from daemon.config import MySQLSettings
 from daemon.secrets import Secret
+from daemon.storage.faults import DbFault, classify
 from daemon.tls import Link, TlsLinkError, client_context, naming_tls_failures
+
+log = structlog.get_logger("payd.mysql")
 
 _SESSION_SETUP = (
     "SET SESSION sql_mode = 'STRICT_ALL_TABLES,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO', "
@@ -29,6 +34,9 @@ _NOT_OFFERED = "the server did not offer TLS, so the connection was dropped unus
 _TIMEOUTS = "_payd_timeouts"
 
 Cursor = Any  # aiomysql ships no type information
+
+# What a query can raise when the database is down, restarting or unreachable.
+DB_ERRORS: Final = (pymysql.err.MySQLError, OSError, asyncio.TimeoutError)
 
 
 class DatabaseTimeouts(msgspec.Struct, frozen=True, kw_only=True):
@@ -105,7 +113,7 @@ async def _create_pool(settings: MySQLSettings, password: Secret | None) -> aiom
             connect_timeout=settings.connect_timeout_s,
             init_command=_SESSION_SETUP,
             charset="utf8mb4",
-            pool_recycle=3600,
+            pool_recycle=settings.pool_recycle_s,
             ssl=client_context(Link.MYSQL, settings.tls) if settings.tls is not None else None,
         )
 
@@ -137,8 +145,15 @@ async def transaction(pool: aiomysql.Pool) -> AsyncIterator[Cursor]:
             yield cursor
         async with asyncio.timeout(timeouts.query_s):
             await connection.commit()
-    except BaseException:
+    except BaseException as error:
         connection.close()
+        if classify(error) is DbFault.READ_ONLY:
+            # A demoted primary: the idle connections reach it too. Dropped, the next ones go
+            # through the virtual address to whichever server is primary now.
+            log.warning("mysql.primary_read_only", error=repr(error), dropped_idle=pool.freesize)
+            with contextlib.suppress(TimeoutError):  # the dropped ones are closed anyway, unsaid
+                async with asyncio.timeout(timeouts.acquire_s):
+                    await pool.clear()
         raise
     finally:
         pool.release(connection)

@@ -26,9 +26,9 @@ import structlog
 
 from daemon.config import MySQLSettings
 from daemon.metrics import Metrics
-from daemon.pipeline.attempts import DB_ERRORS
 from daemon.secrets import Secret
 from daemon.storage.attempts import take_over_claims
+from daemon.storage.db import DB_ERRORS
 
 log = structlog.get_logger("payd")
 

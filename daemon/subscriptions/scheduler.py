@@ -33,8 +33,7 @@ from daemon.config import Config, SubscriptionSettings
 from daemon.events import OutboxRow, now_iso
 from daemon.metrics import LATENCY_BUCKETS, Metrics
 from daemon.models import AttemptRequest, AttemptState
-from daemon.pipeline.attempts import DB_ERRORS
-from daemon.storage.db import Cursor, transaction
+from daemon.storage.db import DB_ERRORS, Cursor, transaction
 from daemon.subscriptions.dispatch import (
     ExistingAttempt,
     Undispatchable,

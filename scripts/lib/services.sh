@@ -255,6 +255,10 @@ ensure_service() {
 
 # ensure_tools : command-line tools the test suite uses (systemd-analyze checks the units).
 ensure_tools() {
+    # The Redis failover tests run private Sentinels (Debian ships them apart from redis-server).
+    if ! command -v redis-sentinel >/dev/null 2>&1; then
+        apt_install redis-sentinel
+    fi
     if command -v systemd-analyze >/dev/null 2>&1; then
         log "systemd-analyze present (unit checks)"
         return

@@ -8,17 +8,25 @@ Subscription``, authenticated by ``X-API-Key`` and made idempotent by
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, ClassVar, Final
 
-import aiohttp
 import msgspec
 
-from daemon.config import ProviderConfig
-from daemon.models import AttemptRequest, ChargeResult, Outcome
 from daemon.providers.adyen import transform
-from daemon.providers.base import Capabilities, LookupResult
-from daemon.providers.http import HttpResponse, exchange, open_session
-from daemon.secrets import Secret, require_secret
+from daemon.providers.api import (
+    AttemptRequest,
+    Capabilities,
+    ChargeResult,
+    HttpAdapter,
+    HttpResponse,
+    LookupResult,
+    Outcome,
+    ProviderConfig,
+    Secret,
+    SecretName,
+    require_secret,
+)
 
 # Adyen: "Idempotency keys are valid for a minimum period of 7 days after first submission."
 IDEMPOTENCY_KEY_TTL_S: Final = 7 * 24 * 3600.0
@@ -29,15 +37,19 @@ class AdyenProviderConfig(ProviderConfig, frozen=True, kw_only=True):
     """The Adyen merchant account the payments are made on (``merchantAccount``)."""
     api_version: Annotated[str, msgspec.Meta(pattern=r"^v[0-9]{2,3}\Z")] = "v71"
     """Checkout API version, the first segment of the path: ``/v71/payments``."""
-    credential_name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")] = "adyen_api_key"
+    secret_name: SecretName = "adyen_api_key"  # noqa: S105 -- the secret's name, not its value
     """Name of the secret holding the API key (``PAYD_<NAME>`` or ``$CREDENTIALS_DIRECTORY/<name>``)."""
+    credential_name: SecretName | None = None
+    """Deprecated spelling of ``secret_name``, accepted for one release."""
+
+    renamed_keys: ClassVar[Mapping[str, str]] = {"credential_name": "secret_name"}
     return_url: Annotated[str, msgspec.Meta(pattern=r"^https?://", max_length=1024)] = (
         transform.DEFAULT_RETURN_URL
     )
     """Sent as ``returnUrl``, which Adyen requires on every payment; a ContAuth charge never uses it."""
 
 
-class AdyenProvider:
+class AdyenProvider(HttpAdapter[bytes]):
     config_type: ClassVar[type[ProviderConfig]] = AdyenProviderConfig
     # Adyen has no read of a payment by idempotency key or by reference: an unknown
     # outcome can only be settled by re-sending under the same key while Adyen keeps it.
@@ -50,15 +62,13 @@ class AdyenProvider:
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, AdyenProviderConfig)
-        api_key = require_secret(config.credential_name, needed_by=f"providers.{name} (the Adyen API key)")
-        self.name = name
+        api_key = require_secret(config.secret_name, needed_by=f"providers.{name} (the Adyen API key)")
+        super().__init__(name, config, charge_path=f"{config.api_version}/payments")
         self._api_key: Secret = api_key
         self._merchant_account = config.merchant_account
-        self._path = f"{config.api_version}/payments"
         self._return_url = config.return_url
-        self._session: aiohttp.ClientSession = open_session(config)
 
-    async def charge(self, request: AttemptRequest) -> ChargeResult:
+    def prepare_charge(self, request: AttemptRequest) -> bytes | ChargeResult:
         problem = transform.shopper_reference_problem(request)
         if problem is not None:
             return ChargeResult(
@@ -67,27 +77,23 @@ class AdyenProvider:
                 decline_code="invalid_request",
                 reason=f"not sent: {problem}",
             )
-        headers = {
+        return transform.payment_body(request, self._merchant_account, self._return_url)
+
+    def charge_headers(self, request: AttemptRequest, body: bytes) -> Mapping[str, str]:
+        return {
             "X-API-Key": self._api_key.reveal(),
             "Idempotency-Key": transform.idempotency_key(self._merchant_account, request.idempotency_key),
             "Content-Type": "application/json",
         }
-        answer = await exchange(
-            self._session,
-            "POST",
-            self._path,
-            body=transform.payment_body(request, self._merchant_account, self._return_url),
-            headers=headers,
+
+    def charge_result(self, request: AttemptRequest, prepared: bytes, response: HttpResponse) -> ChargeResult:
+        return transform.charge_result(
+            response.status,
+            response.headers,
+            response.body,
+            reference=transform.payment_reference(request),
+            amount=transform.Amount(value=request.amount_minor, currency=request.currency),
         )
-        if isinstance(answer, HttpResponse):
-            return transform.charge_result(
-                answer.status,
-                answer.headers,
-                answer.body,
-                reference=transform.payment_reference(request),
-                amount=transform.Amount(value=request.amount_minor, currency=request.currency),
-            )
-        return answer
 
     async def lookup(self, request: AttemptRequest) -> LookupResult | None:
         """Adyen cannot be asked: the Checkout API reads no payment by key or reference.
@@ -98,9 +104,6 @@ class AdyenProvider:
         """
         del request
         return None
-
-    async def close(self) -> None:
-        await self._session.close()
 
     def __repr__(self) -> str:
         return f"AdyenProvider(name={self.name!r}, merchant_account={self._merchant_account!r})"

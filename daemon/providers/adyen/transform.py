@@ -20,8 +20,7 @@ from typing import Final
 
 import msgspec
 
-from daemon.models import AttemptRequest, ChargeResult, Outcome
-from daemon.providers.http import retry_after_seconds
+from daemon.providers.api import AttemptRequest, ChargeResult, Outcome, retry_after_seconds
 
 # --- request ---------------------------------------------------------------------------------
 

@@ -9,46 +9,56 @@ attempts under one reference (``SUBSCRIPTION_ID:CYCLE``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, ClassVar, Final
 from urllib.parse import quote, urlencode
 
-import aiohttp
 import msgspec
 
-from daemon.config import PositiveFloat, ProviderConfig
-from daemon.models import AttemptRequest, ChargeResult
-from daemon.providers.base import Capabilities, LookupResult
+from daemon.providers.api import (
+    AttemptRequest,
+    Capabilities,
+    ChargeResult,
+    HttpAdapter,
+    HttpResponse,
+    LookupResult,
+    PositiveFloat,
+    ProviderConfig,
+    Secret,
+    SecretName,
+    require_secret,
+)
 from daemon.providers.checkout import transform
-from daemon.providers.http import HttpResponse, exchange, open_session
-from daemon.secrets import Secret, require_secret
 
 _PAGE_SIZE: Final = 10
 """Payments per page of ``GET /payments`` (the documented example's limit)."""
 _MAX_PAGES: Final = 10
 """More payments than this under one reference and the lookup gives up (asks again later)."""
 
-SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
-
 
 class CheckoutProviderConfig(ProviderConfig, frozen=True, kw_only=True):
     processing_channel_id: Annotated[str, msgspec.Meta(pattern=r"^pc_[a-z0-9]+\Z")]
     """The processing channel every payment is made on (``pc_...``), from the Dashboard."""
-    api_key_secret: SecretName = "checkout_api_key"  # noqa: S105 -- the secret's name, not its value
+    secret_name: SecretName = "checkout_api_key"  # noqa: S105 -- the secret's name, not its value
     """Name of the secret holding the secret API key (``sk_...``): ``PAYD_<NAME>`` or a credential file."""
+    api_key_secret: SecretName | None = None
+    """Deprecated spelling of ``secret_name``, accepted for one release."""
     idempotency_key_ttl_s: PositiveFloat = 86400.0
     """How long Checkout.com remembers a ``Cko-Idempotency-Key``: 24 h unless changed for the account."""
 
+    renamed_keys: ClassVar[Mapping[str, str]] = {"api_key_secret": "secret_name"}
 
-class CheckoutProvider:
+
+class CheckoutProvider(HttpAdapter[bytes]):
     config_type: ClassVar[type[ProviderConfig]] = CheckoutProviderConfig
     capabilities: Capabilities
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, CheckoutProviderConfig)
         secret = require_secret(
-            config.api_key_secret, needed_by=f"providers.{name} (the Checkout.com secret key)"
+            config.secret_name, needed_by=f"providers.{name} (the Checkout.com secret key)"
         )
-        self.name = name
+        super().__init__(name, config, charge_path="payments")
         # Keys live a day (or what the account has); a lookup by reference finds the rest.
         self.capabilities = Capabilities(
             honours_idempotency_key=True,
@@ -59,26 +69,22 @@ class CheckoutProvider:
         )
         self._secret: Secret = secret
         self._channel = config.processing_channel_id
-        self._session: aiohttp.ClientSession = open_session(config)
 
     def _authorization(self) -> dict[str, str]:
         # Built per call so the key sits in no long-lived structure but the Secret.
         return {"Authorization": "Bearer " + self._secret.reveal()}
 
-    async def charge(self, request: AttemptRequest) -> ChargeResult:
+    def prepare_charge(self, request: AttemptRequest) -> bytes:
+        return transform.payment_request_body(request, processing_channel_id=self._channel)
+
+    def charge_headers(self, request: AttemptRequest, body: bytes) -> Mapping[str, str]:
         headers = self._authorization()
         headers["Cko-Idempotency-Key"] = request.idempotency_key
         headers["Content-Type"] = "application/json"
-        answer = await exchange(
-            self._session,
-            "POST",
-            "payments",
-            body=transform.payment_request_body(request, processing_channel_id=self._channel),
-            headers=headers,
-        )
-        if isinstance(answer, HttpResponse):
-            return transform.charge_result(answer.status, answer.headers, answer.body, request)
-        return answer
+        return headers
+
+    def charge_result(self, request: AttemptRequest, prepared: bytes, response: HttpResponse) -> ChargeResult:
+        return transform.charge_result(response.status, response.headers, response.body, request)
 
     async def lookup(self, request: AttemptRequest) -> LookupResult | None:
         ours: list[transform.Payment] = []
@@ -105,8 +111,8 @@ class CheckoutProvider:
         return transform.lookup_result(payment, request)
 
     async def _get(self, path: str) -> bytes | None:
-        answer = await exchange(self._session, "GET", path, headers=self._authorization())
-        if isinstance(answer, HttpResponse) and answer.status == 200:
+        answer = await self.send("GET", path, headers=self._authorization())
+        if answer is not None and answer.status == 200:
             return answer.body
         return None
 
@@ -117,6 +123,3 @@ class CheckoutProvider:
     async def _get_payment(self, payment_id: str) -> transform.Payment | None:
         body = await self._get(f"payments/{quote(payment_id, safe='')}")
         return None if body is None else transform.decode_payment(body)
-
-    async def close(self) -> None:
-        await self._session.close()

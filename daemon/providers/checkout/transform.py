@@ -19,8 +19,7 @@ from typing import Final
 
 import msgspec
 
-from daemon.models import AttemptRequest, ChargeResult, Outcome
-from daemon.providers.base import LookupResult
+from daemon.providers.api import AttemptRequest, ChargeResult, LookupResult, Outcome
 
 IDEMPOTENCY_KEY_METADATA: Final = "payd_idempotency_key"
 """Metadata key carrying payd's idempotency key, so a lookup by reference can tell attempts apart."""

@@ -7,17 +7,24 @@ conversationId (which carries payd's idempotency key) instead of sending again.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Annotated, ClassVar, Literal
 
-import aiohttp
 import msgspec
 
-from daemon.config import ProviderConfig
-from daemon.models import AttemptRequest, ChargeResult
-from daemon.providers.base import Capabilities, LookupResult
-from daemon.providers.http import HttpResponse, exchange, open_session
+from daemon.providers.api import (
+    AttemptRequest,
+    Capabilities,
+    ChargeResult,
+    HttpAdapter,
+    HttpResponse,
+    LookupResult,
+    ProviderConfig,
+    Secret,
+    SecretName,
+    require_secret,
+)
 from daemon.providers.iyzico import transform
-from daemon.secrets import Secret, require_secret
 
 PaymentChannel = Literal[
     "WEB",
@@ -30,16 +37,19 @@ PaymentChannel = Literal[
     "MOBILE_PHONE",
 ]
 Text = Annotated[str, msgspec.Meta(min_length=1, max_length=255)]
-SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
 
 
 class IyzicoProviderConfig(ProviderConfig, frozen=True):
     """``[providers.NAME]`` keys of kind ``iyzico``; the API keys are secrets, never here."""
 
-    api_key_secret: SecretName = "iyzico_api_key"  # noqa: S105 -- the secret's name, not its value
+    secret_name: SecretName = "iyzico_api_key"  # noqa: S105 -- the secret's name, not its value
     """Name of the secret holding the API key: ``PAYD_<NAME>`` or a credential file."""
-    secret_key_secret: SecretName = "iyzico_secret_key"  # noqa: S105 -- likewise a name
+    signing_secret_name: SecretName = "iyzico_secret_key"  # noqa: S105 -- likewise a name
     """Name of the secret holding the secret key that signs every request."""
+    api_key_secret: SecretName | None = None
+    """Deprecated spelling of ``secret_name``, accepted for one release."""
+    secret_key_secret: SecretName | None = None
+    """Deprecated spelling of ``signing_secret_name``, accepted for one release."""
     locale: Literal["tr", "en"] = "en"
     payment_channel: PaymentChannel = "WEB"
     payment_group: Literal["PRODUCT", "LISTING", "SUBSCRIPTION"] = "SUBSCRIPTION"
@@ -58,6 +68,11 @@ class IyzicoProviderConfig(ProviderConfig, frozen=True):
     """errorCodes of a ``/payment/detail`` failure that mean "no such payment". Empty (the
     default) means payd never concludes an attempt was not received: it stays unknown."""
 
+    renamed_keys: ClassVar[Mapping[str, str]] = {
+        "api_key_secret": "secret_name",
+        "secret_key_secret": "signing_secret_name",
+    }
+
 
 def _secret(provider: str, name: str) -> Secret:
     return require_secret(name, needed_by=f"providers.{provider}")
@@ -75,7 +90,11 @@ def _defaults(config: IyzicoProviderConfig) -> transform.PaymentDefaults:
     )
 
 
-class IyzicoProvider:
+# What a charge hands from its request to its answer: the body, and what the answer must echo.
+_Prepared = tuple[bytes, transform.Expected]
+
+
+class IyzicoProvider(HttpAdapter[_Prepared]):
     config_type: ClassVar[type[ProviderConfig]] = IyzicoProviderConfig
     # No idempotency keys at iyzico: the reconciler must never send an attempt again, only
     # look it up, which works by conversationId (= payd's idempotency key).
@@ -85,43 +104,48 @@ class IyzicoProvider:
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, IyzicoProviderConfig)
-        self.name = name
         # Secrets first: a missing one fails here, before a session exists to leak.
-        self._api_key = _secret(name, config.api_key_secret)
-        self._secret_key = _secret(name, config.secret_key_secret)
+        self._api_key = _secret(name, config.secret_name)
+        self._secret_key = _secret(name, config.signing_secret_name)
+        super().__init__(name, config, charge_path=transform.PAYMENT_PATH)
         self._defaults = _defaults(config)
         self._not_found_codes = frozenset(config.lookup_not_found_error_codes)
-        self._session: aiohttp.ClientSession = open_session(config)
 
-    async def charge(self, request: AttemptRequest) -> ChargeResult:
+    def prepare_charge(self, request: AttemptRequest) -> _Prepared | ChargeResult:
         prepared = transform.payment_body(request, self._defaults)
         if isinstance(prepared, transform.Refused):
             return prepared.result  # never sent
-        body, expected = prepared
-        answer = await self._post(transform.PAYMENT_PATH, body)
-        if isinstance(answer, HttpResponse):
-            return transform.charge_result(
-                answer.status, answer.headers, answer.body, expected, self._secret_key.reveal()
-            )
-        return answer
+        return prepared
+
+    def charge_body(self, prepared: _Prepared) -> bytes:
+        return prepared[0]
+
+    def charge_headers(self, request: AttemptRequest, body: bytes) -> Mapping[str, str]:
+        return self._signed_headers(self.charge_path, body)
+
+    def charge_result(
+        self, request: AttemptRequest, prepared: _Prepared, response: HttpResponse
+    ) -> ChargeResult:
+        return transform.charge_result(
+            response.status, response.headers, response.body, prepared[1], self._secret_key.reveal()
+        )
 
     async def lookup(self, request: AttemptRequest) -> LookupResult | None:
         prepared = transform.payment_body(request, self._defaults)
         if isinstance(prepared, transform.Refused):
             return LookupResult(found=False)  # such an attempt is never sent
         _, expected = prepared
-        answer = await self._post(
-            transform.DETAIL_PATH, transform.detail_body(request, self._defaults.locale)
-        )
-        if not isinstance(answer, HttpResponse):
+        path, body = transform.DETAIL_PATH, transform.detail_body(request, self._defaults.locale)
+        answer = await self.send("POST", path, body=body, headers=self._signed_headers(path, body))
+        if answer is None:
             return None
         return transform.lookup_result(
             answer.status, answer.body, expected, self._not_found_codes, self._secret_key.reveal()
         )
 
-    async def _post(self, path: str, body: bytes) -> HttpResponse | ChargeResult:
+    def _signed_headers(self, path: str, body: bytes) -> dict[str, str]:
         random_key = transform.random_key()
-        headers = {
+        return {
             "Authorization": transform.authorization(
                 self._api_key.reveal(), self._secret_key.reveal(), random_key, path, body
             ),
@@ -129,7 +153,3 @@ class IyzicoProvider:
             "Content-Type": "application/json",
             "Accept": "application/json",
         }
-        return await exchange(self._session, "POST", path, body=body, headers=headers)
-
-    async def close(self) -> None:
-        await self._session.close()

@@ -25,9 +25,7 @@ from typing import Final, Literal, NamedTuple
 
 import msgspec
 
-from daemon.models import AttemptRequest, ChargeResult, Outcome
-from daemon.providers.base import LookupResult
-from daemon.providers.http import retry_after_seconds
+from daemon.providers.api import AttemptRequest, ChargeResult, LookupResult, Outcome, retry_after_seconds
 
 PAYMENT_PATH: Final = "/payment/auth"
 DETAIL_PATH: Final = "/payment/detail"

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import ClassVar
 
-import aiohttp
-
-from daemon.config import ProviderConfig
-from daemon.models import AttemptRequest, ChargeResult
-from daemon.providers.base import Capabilities, LookupResult
-from daemon.providers.http import HttpResponse, exchange, open_session
+from daemon.providers.api import (
+    AttemptRequest,
+    Capabilities,
+    ChargeResult,
+    HttpAdapter,
+    HttpResponse,
+    LookupResult,
+    ProviderConfig,
+)
 from daemon.providers.sandbox import transform
 
 
@@ -18,7 +22,7 @@ class SandboxProviderConfig(ProviderConfig, frozen=True):
     """Sent as ``Sandbox-Account`` so the gateway keeps stats per account; defaults to the name."""
 
 
-class SandboxProvider:
+class SandboxProvider(HttpAdapter[bytes]):
     config_type: ClassVar[type[ProviderConfig]] = SandboxProviderConfig
     capabilities: Capabilities = Capabilities(
         honours_idempotency_key=True, lookup_by_key=True, lookup_by_reference=False
@@ -26,41 +30,30 @@ class SandboxProvider:
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, SandboxProviderConfig)
-        self.name = name
-        self._session: aiohttp.ClientSession = open_session(config)
+        super().__init__(name, config, charge_path="/v1/charges")
         self._account = config.account or name
 
-    async def charge(self, request: AttemptRequest) -> ChargeResult:
-        headers = {
+    def prepare_charge(self, request: AttemptRequest) -> bytes:
+        return transform.charge_body(request)
+
+    def charge_headers(self, request: AttemptRequest, body: bytes) -> Mapping[str, str]:
+        return {
             "Idempotency-Key": request.idempotency_key,
             "Sandbox-Account": self._account,
             "Content-Type": "application/json",
         }
-        answer = await exchange(
-            self._session,
-            "POST",
-            "/v1/charges",
-            body=transform.charge_body(request),
-            headers=headers,
-        )
-        if isinstance(answer, HttpResponse):
-            return transform.charge_result(answer.status, answer.headers, answer.body)
-        return answer
+
+    def charge_result(self, request: AttemptRequest, prepared: bytes, response: HttpResponse) -> ChargeResult:
+        return transform.charge_result(response.status, response.headers, response.body)
 
     async def lookup(self, request: AttemptRequest) -> LookupResult | None:
-        answer = await exchange(
-            self._session,
-            "GET",
-            f"/v1/charges/{request.idempotency_key}",
-            headers={"Sandbox-Account": self._account},
+        answer = await self.send(
+            "GET", f"/v1/charges/{request.idempotency_key}", headers={"Sandbox-Account": self._account}
         )
-        if not isinstance(answer, HttpResponse):
+        if answer is None:
             return None
         if answer.status == 404:
             return LookupResult(found=False)
         if answer.status in (200, 402):
             return LookupResult(found=True, result=transform.charge_result(answer.status, {}, answer.body))
         return None
-
-    async def close(self) -> None:
-        await self._session.close()

@@ -11,8 +11,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from daemon.models import AttemptRequest, ChargeResult, Outcome
-from daemon.providers.http import retry_after_seconds
+from daemon.providers.api import AttemptRequest, ChargeResult, Outcome, retry_after_seconds
 
 
 class ChargeBody(msgspec.Struct, frozen=True, kw_only=True):

@@ -9,22 +9,28 @@ consistent) and falls back to the Search API for attempts older than the pages i
 from __future__ import annotations
 
 import urllib.parse
+from collections.abc import Mapping
 from typing import Annotated, ClassVar, Final
 
-import aiohttp
 import msgspec
 
-from daemon.config import ProviderConfig
-from daemon.models import AttemptRequest, ChargeResult, Outcome
-from daemon.providers.base import Capabilities, LookupResult
-from daemon.providers.http import HttpResponse, exchange, open_session
+from daemon.providers.api import (
+    AttemptRequest,
+    Capabilities,
+    ChargeResult,
+    HttpAdapter,
+    HttpResponse,
+    LookupResult,
+    Outcome,
+    ProviderConfig,
+    SecretName,
+    require_secret,
+)
 from daemon.providers.stripe import transform
-from daemon.secrets import require_secret
 
 IDEMPOTENCY_KEY_TTL_S: Final = 24 * 3600.0  # Stripe prunes keys once they are 24 hours old
 
 ApiVersion = Annotated[str, msgspec.Meta(pattern=r"^\d{4}-\d{2}-\d{2}(\.[a-z]+)?\Z")]
-SecretName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]{0,62}\Z")]
 PaymentMethodType = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9_]*\Z")]
 
 
@@ -53,7 +59,7 @@ class _Headers(dict[str, str]):
     __str__ = __repr__
 
 
-class StripeProvider:
+class StripeProvider(HttpAdapter[bytes]):
     config_type: ClassVar[type[ProviderConfig]] = StripeProviderConfig
     capabilities: Capabilities = Capabilities(
         honours_idempotency_key=True,
@@ -65,33 +71,31 @@ class StripeProvider:
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, StripeProviderConfig)
         secret = require_secret(config.secret_name, needed_by=f"providers.{name} (the Stripe API key)")
-        self.name = name
+        super().__init__(name, config, charge_path="v1/payment_intents")
         self._config = config
         read = _Headers({"Authorization": f"Bearer {secret.reveal()}", "Stripe-Version": config.api_version})
         self._read_headers = read
-        self._session: aiohttp.ClientSession = open_session(config)
 
-    def __repr__(self) -> str:
-        return f"StripeProvider({self.name!r})"
-
-    async def charge(self, request: AttemptRequest) -> ChargeResult:
+    def prepare_charge(self, request: AttemptRequest) -> bytes | ChargeResult:
         problem = transform.request_problem(request)
         if problem is not None:
             return ChargeResult(
                 outcome=Outcome.PROVIDER_ERROR, retryable=False, reason=f"not sent: {problem}"
             )
-        headers = _Headers(self._read_headers)
-        headers["Idempotency-Key"] = request.idempotency_key
-        headers["Content-Type"] = "application/x-www-form-urlencoded"
-        body = transform.payment_intent_form(
+        return transform.payment_intent_form(
             request,
             payment_method_types=self._config.payment_method_types,
             description_prefix=self._config.description_prefix,
         )
-        answer = await exchange(self._session, "POST", "v1/payment_intents", body=body, headers=headers)
-        if isinstance(answer, HttpResponse):
-            return transform.charge_result(answer.status, answer.headers, answer.body)
-        return answer
+
+    def charge_headers(self, request: AttemptRequest, body: bytes) -> Mapping[str, str]:
+        headers = _Headers(self._read_headers)
+        headers["Idempotency-Key"] = request.idempotency_key
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        return headers
+
+    def charge_result(self, request: AttemptRequest, prepared: bytes, response: HttpResponse) -> ChargeResult:
+        return transform.charge_result(response.status, response.headers, response.body)
 
     async def lookup(self, request: AttemptRequest) -> LookupResult | None:
         key = request.idempotency_key
@@ -129,12 +133,8 @@ class StripeProvider:
         return [], False
 
     async def _get(self, path: str, params: dict[str, str]) -> transform.PaymentIntentPage | None:
-        answer = await exchange(
-            self._session, "GET", f"{path}?{urllib.parse.urlencode(params)}", headers=self._read_headers
-        )
-        if not isinstance(answer, HttpResponse) or answer.status != 200:
+        query = urllib.parse.urlencode(params)
+        answer = await self.send("GET", f"{path}?{query}", headers=self._read_headers)
+        if answer is None or answer.status != 200:
             return None
         return transform.decode_page(answer.body)
-
-    async def close(self) -> None:
-        await self._session.close()

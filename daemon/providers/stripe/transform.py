@@ -19,9 +19,7 @@ from typing import Final
 
 import msgspec
 
-from daemon.models import AttemptRequest, ChargeResult, Outcome
-from daemon.providers.base import LookupResult
-from daemon.providers.http import retry_after_seconds
+from daemon.providers.api import AttemptRequest, ChargeResult, LookupResult, Outcome, retry_after_seconds
 
 SOFT: Final = Outcome.SOFT_DECLINE
 HARD: Final = Outcome.HARD_DECLINE

@@ -1,0 +1,96 @@
+"""The skeleton of an HTTP provider adapter: the flow written once, the steps filled in per kind.
+
+After Hyperswitch's connector integration (headers, url, request body, response
+handling as the steps every connector fills in): a kind says how to build its
+request and how to read the answer; the order of the steps, the classification
+of transport failures and the session's lifetime are the same for every kind.
+
+A charge is: ``prepare_charge`` (the body, or the verdict on a request that must
+not be sent), ``charge_headers`` (they may sign the body), one exchange on
+``charge_path``, ``charge_result`` on the answer. A transport failure comes back
+from ``exchange`` already classified (never sent / may have charged).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import ClassVar, Generic, TypeVar
+
+import aiohttp
+
+from daemon.models import AttemptRequest, ChargeResult
+from daemon.providers.base import Capabilities, LookupResult, ProviderConfig
+from daemon.providers.http import HttpResponse, exchange, open_session
+
+Prepared = TypeVar("Prepared")
+"""What ``prepare_charge`` hands on: the body itself (``bytes``), or the body with what the
+answer will be checked against."""
+
+
+class HttpAdapter(abc.ABC, Generic[Prepared]):
+    """A provider reached over HTTP. Satisfies ``Provider``; the subclass sets ``capabilities``."""
+
+    capabilities: Capabilities
+    charge_method: ClassVar[str] = "POST"
+
+    def __init__(self, name: str, config: ProviderConfig, *, charge_path: str) -> None:
+        # A subclass reads its secrets before calling this: a missing one then fails
+        # before a session (and its connector) exists to be leaked.
+        self.name = name
+        self.charge_path = charge_path
+        self.session: aiohttp.ClientSession = open_session(config)
+
+    @abc.abstractmethod
+    def prepare_charge(self, request: AttemptRequest) -> Prepared | ChargeResult:
+        """The request's body (and what the answer is checked against), or, for a request
+        the provider must never see, the verdict (nothing was sent)."""
+
+    def charge_body(self, prepared: Prepared) -> bytes:
+        """The bytes to send, when ``Prepared`` carries more than the body: override it then."""
+        raise NotImplementedError(f"{type(self).__name__} prepares {type(prepared).__name__}, not bytes")
+
+    @abc.abstractmethod
+    def charge_headers(self, request: AttemptRequest, body: bytes) -> Mapping[str, str]:
+        """Authentication, idempotency key and content type of one charge."""
+
+    @abc.abstractmethod
+    def charge_result(
+        self, request: AttemptRequest, prepared: Prepared, response: HttpResponse
+    ) -> ChargeResult:
+        """The provider's answer mapped to an outcome (the kind's ``transform`` tables)."""
+
+    @abc.abstractmethod
+    async def lookup(self, request: AttemptRequest) -> LookupResult | None:
+        """What the provider says of an earlier attempt; None when it could not be asked."""
+
+    async def charge(self, request: AttemptRequest) -> ChargeResult:
+        prepared = self.prepare_charge(request)
+        if isinstance(prepared, ChargeResult):
+            return prepared
+        # Most kinds prepare the body itself: skip a call on the hot path for them.
+        body = prepared if isinstance(prepared, bytes) else self.charge_body(prepared)
+        answer = await exchange(
+            self.session,
+            self.charge_method,
+            self.charge_path,
+            body=body,
+            headers=self.charge_headers(request, body),
+        )
+        if isinstance(answer, HttpResponse):
+            return self.charge_result(request, prepared, answer)
+        return answer
+
+    async def send(
+        self, method: str, path: str, *, body: bytes | None = None, headers: Mapping[str, str] | None = None
+    ) -> HttpResponse | None:
+        """One exchange outside the charge flow (a lookup): the answer, or None when the
+        provider could not be asked (not connected, timed out, connection lost)."""
+        answer = await exchange(self.session, method, path, body=body, headers=headers)
+        return answer if isinstance(answer, HttpResponse) else None
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.name!r})"
