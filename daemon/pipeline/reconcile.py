@@ -43,7 +43,7 @@ from daemon.logs import redact_text
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome, RecordedAttempt
 from daemon.pipeline.attempts import OrphanSweep
-from daemon.pipeline.execute import Lane
+from daemon.pipeline.execute import Lane, free_slot
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
     DueUnknown,
@@ -274,7 +274,7 @@ class Reconciler:
         If the first request is still on its way, the provider answers both
         with one charge (or a conflict, which keeps the attempt unknown).
         """
-        result = await self._call(lane, lane.provider.charge, item.request)
+        result = await self._call(lane, lane.provider.charge, item.request, may_charge=True)
         if result is not None and result.outcome is Outcome.UNKNOWN and result.needs_operator:
             return self._for_operator(result.reason or "the provider's answer cannot settle it")
         if result is None or result.outcome is Outcome.UNKNOWN or result.outcome in CHARGED_NOTHING:
@@ -283,20 +283,38 @@ class Reconciler:
         self._metrics.reconciled.labels("resent").inc()
         return result
 
-    @staticmethod
     async def _call(
-        lane: Lane, call: Callable[[AttemptRequest], Awaitable[T]], request: AttemptRequest
+        self,
+        lane: Lane,
+        call: Callable[[AttemptRequest], Awaitable[T]],
+        request: AttemptRequest,
+        *,
+        may_charge: bool = False,
     ) -> T | None:
         """One provider call within the provider's in-flight limit; None if it may not be made now
-        or did not answer in time (asked again after the backoff)."""
+        or did not answer in time (asked again after the backoff).
+
+        The halt is checked again once a slot is granted, as ``execute`` does: a halt (or an
+        unknown halt state) that began while we waited wins over a call not yet made. A
+        ``may_charge`` call (a re-send) that ends unknown keeps its slot for ``slot_hold_s``,
+        like a charge: the provider may still be working on it (invariant 4).
+        """
         if not lane.may_call() or not await lane.limiter.acquire():
             return None
+        if not lane.may_call():
+            lane.limiter.release()
+            return None
         config = lane.config
+        answered: T | None = None
         try:
             # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
             async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
-                return await call(request)
+                answered = await call(request)
+                return answered
         except TimeoutError:
             return None
         finally:
-            lane.limiter.release()
+            unsettled = answered is None or (
+                isinstance(answered, ChargeResult) and answered.outcome is Outcome.UNKNOWN
+            )
+            free_slot(lane, self._metrics, abandoned=may_charge and unsettled)

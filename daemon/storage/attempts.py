@@ -467,11 +467,12 @@ async def fail_orphaned_queued(
     """Queued attempts nobody will claim end failed as ``never_sent``: their ids, and the
     rows that cannot be read back (left queued, out of the sweep, the reason on the row).
 
-    A row is queued after a release (its message went back to the broker) and
-    ``recheck_at`` holds since when. Past ``queued_for_s`` without a claim, its
-    message is taken to be gone (dead-lettered at the delivery limit, purged).
-    A subscription's pending try is the scheduler's: it publishes the request
-    again, so such rows are only looked at again later. A copy of the message
+    A row is queued after a release (its message went back to the broker) or a
+    dispatch, and ``recheck_at`` holds since when. Past ``queued_for_s`` without
+    a claim, its message is taken to be gone (dead-lettered at the delivery
+    limit, purged). An active or past-due subscription's pending try is the
+    scheduler's: it publishes the request again, so such rows are only looked at
+    again later. A canceled or paused one's try is failed like any orphan. A copy of the message
     that turns up after all finds the attempt settled and changes nothing.
     """
     async with transaction(pool) as cursor:
@@ -507,13 +508,17 @@ async def fail_orphaned_queued(
 
 
 async def _scheduler_owned(cursor: Cursor, requests: Sequence[AttemptRequest]) -> set[str]:
-    """Keys that are the pending try of a scheduled subscription (a plain read, no locks)."""
+    """Keys that are the pending try of a scheduled subscription (a plain read, no locks).
+
+    Only an active or past-due subscription's: the scheduler unschedules a canceled or paused
+    one instead of publishing its try again, so that try is nobody's and ends here."""
     ids = sorted({r.subscription_id for r in requests if r.subscription_id is not None})
     if not ids:
         return set()
     await cursor.execute(
         "SELECT pending_key FROM subscriptions "  # noqa: S608
-        f"WHERE id IN ({placeholders(len(ids))}) AND next_attempt_at IS NOT NULL AND pending_key IS NOT NULL",
+        f"WHERE id IN ({placeholders(len(ids))}) AND next_attempt_at IS NOT NULL AND pending_key IS NOT NULL "
+        "AND status IN ('active', 'past_due')",
         ids,
     )
     pending = {key for (key,) in await cursor.fetchall()}

@@ -214,7 +214,11 @@ async def mark_dispatched(cursor: Cursor, ids: Sequence[int], *, next_attempt_at
 
 
 async def insert_queued_attempts(cursor: Cursor, requests: Sequence[AttemptRequest]) -> None:
-    """The write-ahead rows of dispatched tries, ``queued`` until a daemon claims them."""
+    """The write-ahead rows of dispatched tries, ``queued`` until a daemon claims them.
+
+    ``recheck_at`` says since when, as for a released attempt, so the orphan sweep sees them:
+    it leaves the scheduler the tries it still waits on and ends those nobody will send again
+    (their subscription canceled or paused while the try was queued)."""
     if not requests:
         return
     values: list[Any] = []
@@ -232,10 +236,14 @@ async def insert_queued_attempts(cursor: Cursor, requests: Sequence[AttemptReque
             AttemptState.QUEUED.value,
         )
     await cursor.execute(
-        f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES {placeholders(len(requests), 10)} "  # noqa: S608
-        "ON DUPLICATE KEY UPDATE id = id",
+        f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}, recheck_at) "  # noqa: S608 (placeholders only)
+        f"VALUES {_queued_rows(len(requests))} ON DUPLICATE KEY UPDATE id = id",
         values,
     )
+
+
+def _queued_rows(count: int) -> str:
+    return ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NOW(6))"] * count)
 
 
 async def insert_outbox(cursor: Cursor, rows: Sequence[OutboxRow]) -> None:
