@@ -91,7 +91,7 @@ def test_a_subscription_row_is_decoded_by_name() -> None:
     that name (read by position, a NULL amount went unnoticed into the schedule)."""
     when = datetime(2026, 1, 31)
     row = (1, "active", None, "sandbox", "pm_ok", "visa", None, 999, "EUR", "month", 1, 2, when, 0)
-    row += (when, when, None, 0, 0, None, None, None)
+    row += (when, when, None, 0, 0, None, None, None, None, None, None)
     sub = subscription_from_row(row)
     assert (sub.status, sub.interval_unit, sub.amount_minor, sub.next_attempt_at) == (
         SubscriptionStatus.ACTIVE,
