@@ -10,6 +10,9 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
+
+_ROUNDING: Final = 1e-9
 
 
 class TokenBucket:
@@ -41,11 +44,13 @@ class TokenBucket:
         """Wait for at least one token, then take up to ``wanted``; return how many were taken."""
         async with self._lock:
             self._refill()
-            # Tokens arrive with time, not with an event: sleep until the next one is due.
-            while self._tokens < 1:
+            # Tokens arrive with time, not with an event: sleep until the next one is due (again
+            # if woken early). The tolerance absorbs float rounding, which could otherwise ask
+            # for a sleep too short to move the clock, forever.
+            while self._tokens < 1 - _ROUNDING:
                 await self._sleep((1 - self._tokens) / self.rate_per_s)
                 self._refill()
-            taken = max(1, min(wanted, int(self._tokens)))
+            taken = max(1, min(wanted, int(self._tokens + _ROUNDING)))
             self._tokens -= taken
             return taken
 
