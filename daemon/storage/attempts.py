@@ -160,6 +160,9 @@ class _DueHead(msgspec.Struct, array_like=True, frozen=True):
     provider_ref: str | None
 
 
+_DUE_HEAD: Final = len(_DueHead.__struct_fields__)
+
+
 def _same_charge(request: AttemptRequest, row: _ClaimRow) -> bool:
     return (
         request.subscription_id == row.subscription_id
@@ -614,7 +617,7 @@ async def take_due_unknown(
             (limit,),
         )
         rows = await cursor.fetchall()
-        heads = {row[0]: msgspec.convert(row[:5], _DueHead) for row in rows}
+        heads = {row[0]: msgspec.convert(row[:_DUE_HEAD], _DueHead) for row in rows}
         by_wait: dict[int, list[int]] = {}
         for head in heads.values():
             wait_us = int(backoff_s[min(head.reconcile_tries, len(backoff_s) - 1)] * 1_000_000)
@@ -626,7 +629,7 @@ async def take_due_unknown(
                 f"WHERE id IN ({placeholders(len(ids))})",
                 (wait_us, *ids),
             )
-        readable, unreadable = _read_requests(rows, first=5)
+        readable, unreadable = _read_requests(rows, first=_DUE_HEAD)
         due = [
             DueUnknown(
                 attempt_id=head.id,
