@@ -297,7 +297,9 @@ async def test_a_broker_reconnect_that_fails_verification_is_retried_and_named(
 
                     # Reconnect delays double up to 30 s while the node takes its time to stop on a
                     # busy machine; two refusals can then be a minute or more apart.
-                    await eventually(refused_twice, timeout=180, what="two reconnects refused by verification")
+                    await eventually(
+                        refused_twice, timeout=180, what="two reconnects refused by verification"
+                    )
                     assert (await daemon.status())["ready"]["broker_connected"] is False
                 finally:
                     impostor.close()
