@@ -98,6 +98,11 @@ class Sandbox:
         async with self._session.get(f"{self.url}/_sandbox/ledger") as response:
             return list((await response.json())["charges"])
 
+    async def refunds(self) -> list[dict[str, Any]]:
+        """Every refund the gateway executed (the ledger's ``refunds``)."""
+        async with self._session.get(f"{self.url}/_sandbox/ledger") as response:
+            return list((await response.json())["refunds"])
+
     async def stats(self) -> dict[str, Any]:
         async with self._session.get(f"{self.url}/_sandbox/stats") as response:
             return dict(await response.json())

@@ -16,11 +16,21 @@ from typing import Final
 import msgspec
 
 from daemon.cards import holds_card_number, mask_card_numbers
-from daemon.models import AttemptRequest
+from daemon.models import AttemptRequest, RefundRequest
 
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_REASON_CHARS: Final = 300
 _decode = msgspec.json.Decoder(AttemptRequest).decode
+_decode_refund = msgspec.json.Decoder(RefundRequest).decode
+
+
+class _Operation(msgspec.Struct, frozen=True):
+    """Only the ``operation`` field; a request without one is a charge."""
+
+    operation: str | None = None
+
+
+_decode_operation = msgspec.json.Decoder(_Operation).decode
 _UNPRINTABLE: Final = re.compile(r"[^\x20-\x7e]")
 # A card number's digits reach the body as ASCII digits (possibly grouped), a \u escape or
 # non-ASCII digits; a body with none of these cannot hold one, and most bodies have none.
@@ -41,14 +51,14 @@ class Invalid(msgspec.Struct, frozen=True):
         return cls(text)
 
 
-def decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | Invalid:
+def decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | RefundRequest | Invalid:
     try:
         return _decode_request(body, providers)
     except Exception as error:  # the contract: a bad message is a dead letter, never a crash
         return Invalid.because(f"cannot decode the request ({type(error).__name__})")
 
 
-def _decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | Invalid:
+def _decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | RefundRequest | Invalid:
     if len(body) > MAX_BODY_BYTES:
         return Invalid.because(f"request is {len(body)} bytes; the limit is {MAX_BODY_BYTES}")
     try:
@@ -57,6 +67,12 @@ def _decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | 
         body.decode("utf-8")
     except UnicodeDecodeError as error:
         return Invalid.because(f"not a JSON object: not UTF-8 (byte {error.start})")
+    # Charges, the hot path, pay one substring search: a body without the word (or an escape
+    # that could spell it) cannot name an operation.
+    if b"operation" in body or b"\\u" in body:
+        refund = _decode_operation_request(body)
+        if refund is not None:
+            return refund
     try:
         request = _decode(body)
     except msgspec.ValidationError as error:
@@ -75,6 +91,28 @@ def _decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | 
     if request.provider not in providers:
         return Invalid.because(f"invalid request: unknown provider {request.provider!r} - at `$.provider`")
     return request
+
+
+def _decode_operation_request(body: bytes) -> RefundRequest | Invalid | None:
+    """A refund, why the request is invalid, or None for a charge (no operation, or "charge")."""
+    try:
+        operation = _decode_operation(body).operation
+        if operation is None or operation == "charge":
+            return None
+        if operation != "refund":
+            return Invalid.because(
+                f"invalid request: unknown operation {operation[:40]!r} - at `$.operation`"
+            )
+        refund = _decode_refund(body)
+    except msgspec.ValidationError as error:
+        return Invalid.because(f"invalid request: {error}")
+    except msgspec.DecodeError as error:
+        return Invalid.because(f"not a JSON object: {error}")
+    except RecursionError:
+        return Invalid.because("not a JSON object: nested too deeply")
+    if holds_card_number(refund.reason or "") or holds_card_number(refund.original_idempotency_key):
+        return Invalid.because("invalid request: reason holds what looks like a card number - at `$.reason`")
+    return refund
 
 
 def _may_hold_a_card_number(body: bytes) -> bool:
