@@ -100,3 +100,104 @@ async def test_full_and_partial_refunds_reach_the_ledger_once(
 async def _queue_empty(broker: Broker) -> bool:
     queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
     return queue.declaration_result.message_count == 0
+
+
+async def test_refunds_beyond_the_charge_or_of_unsucceeded_charges_are_refused_unsent(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A refund exceeding what remains, one of a declined charge, one of an unknown charge and
+    one naming no charge end failed with a clear reason and a refund.failed event, and none of
+    them reaches the gateway."""
+    await broker.follow_events()
+    async with daemons.in_process():
+        await charged(db, broker, request("ch-a", amount_minor=1000))
+        await broker.publish([request("ch-declined", payment_method="pm_stolen")])
+        await wait_settled(db, ["ch-declined"])
+        await broker.publish([refund("rf-a-1", "ch-a", 700)])
+        await wait_reversals(db, ["rf-a-1"])
+        # An unknown charge, as a lease expiry or a timeout would leave it.
+        await broker.publish([request("ch-unknown")])
+        await wait_settled(db, ["ch-unknown"])
+        await query(
+            db,
+            "UPDATE attempts SET state = 'unknown', recheck_at = NULL WHERE idempotency_key = 'ch-unknown'",
+        )
+        await broker.publish(
+            [
+                refund("rf-a-2", "ch-a", 301),
+                refund("rf-declined", "ch-declined", 100),
+                refund("rf-unknown", "ch-unknown", 100),
+                refund("rf-nothing", "no-such-charge", 100),
+            ]
+        )
+        settled = await wait_reversals(db, ["rf-a-2", "rf-declined", "rf-unknown", "rf-nothing"])
+
+        async def events_out() -> bool:
+            return sum(e["type"] == "refund.failed" for e in broker.events) >= 4
+
+        await eventually(events_out, timeout=20, what="refund.failed events")
+    assert set(settled.values()) == {"failed"}
+    reasons = dict(
+        await query(db, "SELECT idempotency_key, CONCAT(decline_code, ': ', result_reason) FROM reversals")
+    )
+    assert reasons["rf-a-2"] == "exceeds_remaining: 301 exceeds what remains of charge ch-a: 300 of 1000 EUR"
+    assert reasons["rf-declined"].startswith("charge_not_succeeded: charge ch-declined is declined")
+    assert reasons["rf-unknown"].startswith("charge_not_succeeded: charge ch-unknown is unknown")
+    assert reasons["rf-nothing"] == "no_charge: no charge with idempotency key no-such-charge"
+    stats = await sandbox.stats()
+    assert stats["refund_requests"] == 1, "only the refund within the charge was sent"
+    failed = {e["idempotency_key"]: e for e in broker.events if e["type"] == "refund.failed"}
+    assert failed["rf-a-2"]["original_idempotency_key"] == "ch-a"
+    assert failed["rf-a-2"]["decline_code"] == "exceeds_remaining"
+
+
+async def test_two_daemons_and_duplicate_refunds_never_refund_more_than_was_charged(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Invariant 7 under concurrency: two daemon processes take 40 refund requests of 100 for
+    one charge of 1000, each delivered twice, at once. Exactly 10 are sent and succeed; the
+    rest are refused by payd before the gateway (which sees no request beyond the charge), and
+    the ledger's net for the charge is 0."""
+    await sandbox.behave(latency_ms=20)
+    await daemons.process(rabbitmq={"prefetch": 50})
+    await daemons.process(rabbitmq={"prefetch": 50})
+    await charged(db, broker, request("ch-race", amount_minor=1000))
+    refunds = [refund(f"rf-race-{i}", "ch-race", 100) for i in range(40)]
+    await broker.publish([*refunds, *reversed(refunds)])
+    settled = await wait_reversals(db, [r["idempotency_key"] for r in refunds])
+    assert list(settled.values()).count("succeeded") == 10
+    codes = await query(db, "SELECT decline_code, COUNT(*) FROM reversals WHERE state = 'failed' GROUP BY 1")
+    assert codes == [("exceeds_remaining", 30)]
+    assert await query(db, "SELECT COUNT(*) FROM reversals") == [(40,)]
+    stats = await sandbox.stats()
+    assert stats["refunds"] == 10
+    assert stats["refund_requests"] == 10, "no refund beyond the charge reached the gateway"
+    assert net_by_key(await sandbox.ledger()) == {"ch-race": (1000, 0)}
+
+
+async def test_a_refund_whose_answer_times_out_is_unknown_then_reconciled_once(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A refund the gateway records but answers too late is unknown (refund.unknown), is looked
+    up by its key and not sent again, and ends succeeded with one refund in the ledger."""
+    await sandbox.behave(hang_s=5)
+    await broker.follow_events()
+    async with daemons.in_process(providers__sandbox={"timeout_s": 0.5}):
+        await charged(db, broker, request("ch-slow", payment_method="pm_refund_timeout"))
+        await broker.publish([refund("rf-slow", "ch-slow", 400)])
+        settled = await wait_reversals(db, ["rf-slow"], timeout=30)
+
+        async def both_events() -> bool:
+            return sum(e["type"].startswith("refund.") for e in broker.events) >= 2
+
+        await eventually(both_events, timeout=10, what="refund.unknown and refund.succeeded")
+    assert settled == {"rf-slow": "succeeded"}
+    assert [e["type"] for e in broker.events if e["type"].startswith("refund.")] == [
+        "refund.unknown",
+        "refund.succeeded",
+    ]
+    stats = await sandbox.stats()
+    assert stats["refund_requests"] == 1, "the refund was never sent again"
+    assert net_by_key(await sandbox.ledger()) == {"ch-slow": (400, 600)}
+    (reconcile_tries,) = (await query(db, "SELECT reconcile_tries FROM reversals"))[0]
+    assert reconcile_tries >= 1

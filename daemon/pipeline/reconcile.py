@@ -36,6 +36,7 @@ from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
 from daemon.pipeline.attempts import OrphanSweep
 from daemon.pipeline.execute import Lane
+from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
     DueUnknown,
@@ -86,6 +87,9 @@ class Reconciler:
         self._waker = Waker(settings.reconcile_interval_s)
         self._orphans = OrphanSweep(pool, settings, metrics)
         self.parked: deque[ParkedAttempt] = deque(maxlen=20)
+        self.reversals = ReversalReconciler(
+            pool=pool, lanes=lanes, settings=settings, metrics=metrics, on_recorded=on_recorded
+        )
         """The latest attempts this instance parked, for /status."""
 
     async def run(self) -> None:
@@ -93,6 +97,7 @@ class Reconciler:
             await self._waker.next_round()
             try:
                 await self.reconcile_once()
+                await self.reversals.reconcile_once()  # refunds: the same rules, their own table
             except DB_ERRORS as error:
                 log.error("reconcile.database_error", error=repr(error))
 

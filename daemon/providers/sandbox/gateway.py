@@ -153,6 +153,8 @@ class Stats(msgspec.Struct, kw_only=True):
     approved: int
     declined: int
     accounts: dict[str, AccountStats]
+    refund_requests: int = 0
+    refunds: int = 0
 
 
 def _same_charge(charge: Charge | ChargeRequest, request: ChargeRequest) -> bool:
@@ -347,6 +349,8 @@ class Gateway:
             approved=self._approved,
             declined=len(self._ledger) - self._approved,
             accounts={name: msgspec.structs.replace(s) for name, s in self._accounts.items()},
+            refund_requests=self.refunds.requests,
+            refunds=len(self.refunds.refunds),
         )
 
     def reset(self) -> None:

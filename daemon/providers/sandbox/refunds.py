@@ -67,6 +67,8 @@ class RefundBook:
         self._by_key: dict[str, Refund] = {}
         self._pending: dict[str, _Pending] = {}
         self._refunded: dict[str, int] = {}
+        self.requests = 0
+        """Refund requests received, whatever came of them."""
 
     def refunded(self, charge_id: str) -> int:
         return self._refunded.get(charge_id, 0)
@@ -97,6 +99,7 @@ class RefundBook:
         hang_s: float,
     ) -> tuple[Refund, bool] | RefundRefusal:
         """The refund (and whether it is a replay), or why nothing was refunded."""
+        self.requests += 1
         if charge is None:
             return RefundRefusal.NOT_FOUND
         earlier = self._earlier_use(key, charge.id, body.amount_minor)
