@@ -6,12 +6,24 @@ reversals of a charge never exceeds the charged amount, whatever the concurrency
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterable
 from typing import Any
 
 import aiomysql
 
-from tests.support import NAMESPACE, Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
+from tests.support import (
+    NAMESPACE,
+    PAYD,
+    Broker,
+    DaemonFactory,
+    Sandbox,
+    eventually,
+    query,
+    request,
+    wait_settled,
+)
 
 REVERSAL_TERMINAL = ("succeeded", "failed")
 
@@ -201,3 +213,57 @@ async def test_a_refund_whose_answer_times_out_is_unknown_then_reconciled_once(
     assert net_by_key(await sandbox.ledger()) == {"ch-slow": (400, 600)}
     (reconcile_tries,) = (await query(db, "SELECT reconcile_tries FROM reversals"))[0]
     assert reconcile_tries >= 1
+
+
+async def payd(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        PAYD, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_payd_refund_publishes_what_remains_and_attempts_show_tells_the_reversals(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """``payd refund KEY --amount N`` refunds part, ``payd refund KEY`` the rest (its default),
+    a third is refused before anything is published, a refund of a declined charge is refused;
+    ``payd attempts show`` lists the reversals and what remains (text and --json)."""
+    _, path, _ = daemons.config()
+    config = ("--config", str(path))
+    async with daemons.in_process():
+        await charged(db, broker, request("ch-cli", amount_minor=1000))
+        await broker.publish([request("ch-cli-declined", payment_method="pm_stolen")])
+        await wait_settled(db, ["ch-cli-declined"])
+
+        code, out, err = await payd("refund", "ch-cli", "--amount", "300", "--reason", "goodwill", *config)
+        assert code == 0, err
+        assert "published refund refund:ch-cli:1 of 300 EUR" in out
+        await wait_reversals(db, ["refund:ch-cli:1"])
+        code, out, err = await payd("refund", "ch-cli", *config)
+        assert code == 0, err
+        assert "refund:ch-cli:2 of 700 EUR" in out
+        await wait_reversals(db, ["refund:ch-cli:2"])
+
+        code, _, err = await payd("refund", "ch-cli", *config)
+        assert code == 1
+        assert "nothing remains of charge ch-cli" in err
+        code, _, err = await payd("refund", "ch-cli-declined", *config)
+        assert code == 1
+        assert "charge ch-cli-declined is declined" in err
+
+        code, out, err = await payd("attempts", "show", "ch-cli", *config)
+        assert code == 0, err
+        section = out[out.index("reversals\n") :]
+        assert "refund refund:ch-cli:1 300: succeeded" in section
+        assert "refund refund:ch-cli:2 700: succeeded" in section
+        assert "refunded/held   1000 of 1000 EUR" in section
+        code, out, _ = await payd("attempts", "show", "ch-cli", "--json", *config)
+        story = json.loads(out)
+        assert [(r["idempotency_key"], r["state"]) for r in story["reversals"]] == [
+            ("refund:ch-cli:1", "succeeded"),
+            ("refund:ch-cli:2", "succeeded"),
+        ]
+    assert net_by_key(await sandbox.ledger()) == {"ch-cli": (1000, 0), "ch-cli-declined": (0, 0)}
+    assert (await sandbox.stats())["refund_requests"] == 2

@@ -14,6 +14,7 @@ A refusal is written too, as a terminal ``failed`` row with its reason and its
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any, Final
 
 import aiomysql
@@ -386,8 +387,8 @@ class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
     result_reason: str | None
     tries: int
     reconcile_tries: int
-    created_at: Any
-    finished_at: Any
+    created_at: datetime
+    finished_at: datetime | None
 
 
 async def reversals_of(cursor: Cursor, original_idempotency_key: str) -> list[ReversalLine]:
@@ -400,9 +401,16 @@ async def reversals_of(cursor: Cursor, original_idempotency_key: str) -> list[Re
     )
     names = [field.name for field in msgspec.structs.fields(ReversalLine)]
     return [
-        ReversalLine(**dict(zip(names, (*row[:3], ReversalState(row[3]), *row[4:]), strict=True)))
+        msgspec.convert(
+            dict(zip(names, (*row[:10], _utc(row[10]), _utc(row[11])), strict=True)), ReversalLine
+        )
         for row in await cursor.fetchall()
     ]
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """The database's DATETIME columns hold UTC (the session's time zone is +00:00)."""
+    return None if moment is None else moment.replace(tzinfo=UTC)
 
 
 def reserved_minor(lines: Sequence[ReversalLine]) -> int:
