@@ -11,8 +11,15 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
+import aiohttp
 import aiomysql
+import pytest
+import redis.asyncio as aioredis
 
+from daemon.halt import HaltKeys
+from daemon.models import AttemptRequest, RefundRequest
+from daemon.pipeline.intake import Invalid, decode_request
+from daemon.secrets import load_secret
 from tests.support import (
     NAMESPACE,
     PAYD,
@@ -26,6 +33,7 @@ from tests.support import (
 )
 
 REVERSAL_TERMINAL = ("succeeded", "failed")
+KEYS = HaltKeys(NAMESPACE)
 
 
 def refund(key: str, original: str, amount_minor: int, **extra: Any) -> dict[str, Any]:
@@ -267,3 +275,128 @@ async def test_payd_refund_publishes_what_remains_and_attempts_show_tells_the_re
         ]
     assert net_by_key(await sandbox.ledger()) == {"ch-cli": (1000, 0), "ch-cli-declined": (0, 0)}
     assert (await sandbox.stats())["refund_requests"] == 2
+
+
+async def test_a_refund_to_a_provider_whose_adapter_cannot_refund_is_refused_never_sent(
+    db: aiomysql.Pool,
+    broker: Broker,
+    sandbox: Sandbox,
+    daemons: DaemonFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A charge taken through a connection whose adapter has no refunds (Stripe's, this
+    release): its refund ends failed (refunds_unsupported) and nothing reaches the gateway."""
+    monkeypatch.setenv("PAYD_STRIPE_API_KEY", "sk_test_payd4sandbox")
+    stripe = {
+        "kind": "stripe",
+        "base_url": f"{sandbox.url}/stripe",
+        "max_in_flight": 5,
+        "api_version": "2024-12-18.acacia",
+    }
+    async with daemons.in_process(providers__stripe=stripe):
+        # The charge as the pipeline leaves a succeeded one.
+        await query(
+            db,
+            "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, state, "
+            "outcome, provider_ref, finished_at) VALUES ('ch-stripe', 'stripe', 1000, 'EUR', 'pm_card_visa', "
+            "'succeeded', 'approved', 'ch_3Qx', NOW(6))",
+        )
+        await broker.publish([refund("rf-stripe", "ch-stripe", 100)])
+        settled = await wait_reversals(db, ["rf-stripe"])
+    assert settled == {"rf-stripe": "failed"}
+    assert await query(db, "SELECT decline_code, tries FROM reversals") == [("refunds_unsupported", 0)]
+    stats = await sandbox.stats()
+    assert stats["requests"] == 0 and stats["refund_requests"] == 0, "nothing was sent"
+
+
+async def test_a_halt_holds_refunds_and_resume_lets_them_go(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A refund claimed while its provider is halted stays in flight and is not sent; after the
+    resume it is sent once and succeeds (the halt applies to refunds as to charges)."""
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    await client.delete(KEYS.global_key, KEYS.provider_key("sandbox"))
+    await client.aclose()
+    token = load_secret("control_token")
+    assert token is not None
+    headers = {"Authorization": f"Bearer {token.reveal()}"}
+    async with daemons.in_process() as daemon, aiohttp.ClientSession() as session:
+        await charged(db, broker, request("ch-held", amount_minor=500))
+        base = f"http://127.0.0.1:{daemon.port}"
+        async with session.post(
+            f"{base}/admin/halt", json={"provider": "sandbox"}, headers=headers
+        ) as answer:
+            assert answer.status == 200
+        await asyncio.sleep(1.0)  # every instance honours a halt within a second
+        await broker.publish([refund("rf-held", "ch-held", 500)])
+        await wait_reversals(db, ["rf-held"], done=("in_flight",))
+        await asyncio.sleep(1.0)
+        assert (await sandbox.stats())["refund_requests"] == 0, "a halted provider was sent a refund"
+        async with session.post(f"{base}/admin/resume", json={"provider": "sandbox"}, headers=headers):
+            pass
+        assert await wait_reversals(db, ["rf-held"]) == {"rf-held": "succeeded"}
+    assert (await sandbox.stats())["refund_requests"] == 1
+
+
+# -- intake and the sandbox's refunds, without a daemon -------------------------------------
+
+
+def test_intake_tells_refunds_from_charges() -> None:
+    """A request with ``"operation": "refund"`` decodes as a refund; without an operation (or
+    with "charge") it is a charge as before; an unknown operation or a refund missing its
+    charge is invalid with a reason naming the field."""
+    charge = request("k-1")
+    assert isinstance(decode_request(json.dumps(charge).encode(), {"sandbox"}), AttemptRequest)
+    as_charge = decode_request(json.dumps({**charge, "operation": "charge"}).encode(), {"sandbox"})
+    assert isinstance(as_charge, AttemptRequest)
+    decoded = decode_request(json.dumps(refund("r-1", "k-1", 5, extra_field=1)).encode(), {"sandbox"})
+    assert decoded == RefundRequest(
+        operation="refund", idempotency_key="r-1", original_idempotency_key="k-1", amount_minor=5
+    )
+    # An escaped key still names the operation (JSON, RFC 8259 section 7).
+    escaped = json.dumps(refund("r-2", "k-1", 5)).replace('"operation"', '"\\u006fperation"').encode()
+    assert isinstance(decode_request(escaped, {"sandbox"}), RefundRequest)
+    unknown = decode_request(json.dumps({**charge, "operation": "void"}).encode(), {"sandbox"})
+    assert isinstance(unknown, Invalid) and "unknown operation 'void'" in unknown.reason
+    missing = decode_request(
+        json.dumps({"operation": "refund", "idempotency_key": "r"}).encode(), {"sandbox"}
+    )
+    assert isinstance(missing, Invalid) and "original_idempotency_key" in missing.reason
+    card = decode_request(
+        json.dumps(refund("r-3", "k-1", 5, reason="4242424242424242")).encode(), {"sandbox"}
+    )
+    assert isinstance(card, Invalid) and "4242" not in card.reason
+
+
+async def test_sandbox_refunds_honour_the_key_and_never_exceed_the_charge(sandbox: Sandbox) -> None:
+    """The gateway's refunds, over HTTP: the same key is the same refund (replayed, not
+    repeated), the key with another amount is 422, more than remains is 400 with what remains,
+    a declined charge is not refundable, and a refund is found by its key."""
+    async with aiohttp.ClientSession(base_url=sandbox.url) as http:
+
+        async def post(path: str, key: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            async with http.post(path, json=body, headers={"Idempotency-Key": key}) as answer:
+                return answer.status, await answer.json()
+
+        _, ok = await post("/v1/charges", "c-ok", {**_wire("pm_ok"), "amount_minor": 1000})
+        _, declined = await post("/v1/charges", "c-no", _wire("pm_stolen"))
+        first = await post(f"/v1/charges/{ok['id']}/refunds", "r-1", {"amount_minor": 600})
+        assert first[0] == 200 and first[1]["status"] == "succeeded"
+        again = await post(f"/v1/charges/{ok['id']}/refunds", "r-1", {"amount_minor": 600})
+        assert again == first, "the same key is the same refund"
+        assert (await post(f"/v1/charges/{ok['id']}/refunds", "r-1", {"amount_minor": 5}))[0] == 422
+        over = await post(f"/v1/charges/{ok['id']}/refunds", "r-2", {"amount_minor": 401})
+        assert over == (400, {"error": {"type": "amount_exceeds_remaining", "remaining_minor": 400}})
+        not_refundable = await post(f"/v1/charges/{declined['id']}/refunds", "r-3", {"amount_minor": 1})
+        assert not_refundable[1]["error"]["type"] == "charge_not_refundable"
+        assert (await post("/v1/charges/ch_nope/refunds", "r-4", {"amount_minor": 1}))[0] == 404
+        async with http.get("/v1/refunds/r-1") as answer:
+            assert (await answer.json())["id"] == first[1]["id"]
+        async with http.get("/v1/refunds/r-2") as answer:
+            assert answer.status == 404
+    assert net_by_key(await sandbox.ledger()) == {"c-ok": (600, 400), "c-no": (0, 0)}
+    assert [r["amount_minor"] for r in await sandbox.refunds()] == [600]
+
+
+def _wire(token: str) -> dict[str, Any]:
+    return {"amount_minor": 100, "currency": "EUR", "payment_method": token, "merchant_reference": token}
