@@ -39,6 +39,7 @@ from daemon.providers.sandbox.behaviour import (
     snapshot,
     updated,
 )
+from daemon.providers.sandbox.refunds import Charge as RefundableCharge
 from daemon.providers.sandbox.refunds import Refund, RefundBody, RefundBook, RefundRefusal, refund_routes
 
 __all__ = [
@@ -276,7 +277,7 @@ class Gateway:
         return self._by_id.get(charge_id)
 
     async def refund(
-        self, charge: Charge | None, *, key: str, body: RefundBody
+        self, charge: RefundableCharge | None, *, key: str, body: RefundBody
     ) -> tuple[Refund, bool] | RefundRefusal:
         """Refund (part of) an executed charge at most once per key (``refunds``)."""
         return await self.refunds.refund(

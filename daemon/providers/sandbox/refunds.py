@@ -16,16 +16,28 @@ import enum
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import TYPE_CHECKING, Annotated, Final
+from typing import Annotated, Final, Protocol
 
 import msgspec
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from daemon.providers.sandbox.gateway import Charge, Gateway
-
 REFUND_HANGS: Final = "pm_refund_timeout"
 """A charge made with this token approves; each of its refunds is recorded, then hangs."""
+
+
+class Charge(Protocol):
+    """What a refund reads of the gateway's executed charge (``gateway.Charge``)."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def status(self) -> str: ...
+    @property
+    def amount_minor(self) -> int: ...
+    @property
+    def currency(self) -> str: ...
+    @property
+    def payment_method(self) -> str: ...
 
 
 class RefundRefusal(enum.StrEnum):
@@ -153,6 +165,18 @@ _REFUSAL_STATUS: Final[Mapping[RefundRefusal, int]] = {
 
 def _json(status: int, body: object, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.Response(body=_encode(body), status=status, content_type=_JSON, headers=headers)
+
+
+class Gateway(Protocol):
+    """What the routes need of ``gateway.Gateway`` (which imports this module, not the reverse)."""
+
+    refunds: RefundBook
+
+    def charge_by_id(self, charge_id: str) -> Charge | None: ...
+
+    async def refund(
+        self, charge: Charge | None, *, key: str, body: RefundBody
+    ) -> tuple[Refund, bool] | RefundRefusal: ...
 
 
 def refund_routes(gateway_of: Callable[[web.Request], Gateway]) -> list[web.RouteDef]:
