@@ -10,14 +10,15 @@ so it never echoes a card number and never grows with the input.
 from __future__ import annotations
 
 import re
-from collections.abc import Container
-from typing import Final
+from collections.abc import Callable, Container
+from typing import Final, TypeVar
 
 import msgspec
 
 from daemon.cards import holds_card_number, mask_card_numbers
 from daemon.models import AttemptRequest, RefundRequest
 
+T = TypeVar("T")
 MAX_BODY_BYTES: Final = 64 * 1024
 MAX_REASON_CHARS: Final = 300
 _decode = msgspec.json.Decoder(AttemptRequest).decode
@@ -73,15 +74,9 @@ def _decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | 
         refund = _decode_operation_request(body)
         if refund is not None:
             return refund
-    try:
-        request = _decode(body)
-    except msgspec.ValidationError as error:
-        return Invalid.because(f"invalid request: {error}")
-    except msgspec.DecodeError as error:
-        return Invalid.because(f"not a JSON object: {error}")
-    except RecursionError:
-        # msgspec stops at Python's recursion limit, cleanly, before the stack runs out.
-        return Invalid.because("not a JSON object: nested too deeply")
+    request = _decoded(_decode, body)
+    if isinstance(request, Invalid):
+        return request
     field = _field_holding_a_card_number(request) if _may_hold_a_card_number(body) else None
     if field is not None:
         # Names the field, never the value.
@@ -93,25 +88,38 @@ def _decode_request(body: bytes, providers: Container[str]) -> AttemptRequest | 
     return request
 
 
-def _decode_operation_request(body: bytes) -> RefundRequest | Invalid | None:
-    """A refund, why the request is invalid, or None for a charge (no operation, or "charge")."""
+def _decoded(decode: Callable[[bytes], T], body: bytes) -> T | Invalid:
     try:
-        operation = _decode_operation(body).operation
-        if operation is None or operation == "charge":
-            return None
-        if operation != "refund":
-            return Invalid.because(
-                f"invalid request: unknown operation {operation[:40]!r} - at `$.operation`"
-            )
-        refund = _decode_refund(body)
+        return decode(body)
     except msgspec.ValidationError as error:
         return Invalid.because(f"invalid request: {error}")
     except msgspec.DecodeError as error:
         return Invalid.because(f"not a JSON object: {error}")
     except RecursionError:
+        # msgspec stops at Python's recursion limit, cleanly, before the stack runs out.
         return Invalid.because("not a JSON object: nested too deeply")
-    if holds_card_number(refund.reason or "") or holds_card_number(refund.original_idempotency_key):
-        return Invalid.because("invalid request: reason holds what looks like a card number - at `$.reason`")
+
+
+def _decode_operation_request(body: bytes) -> RefundRequest | Invalid | None:
+    """A refund, why the request is invalid, or None for a charge (no operation, or "charge")."""
+    named = _decoded(_decode_operation, body)
+    if isinstance(named, Invalid):
+        return named
+    if named.operation is None or named.operation == "charge":
+        return None
+    if named.operation != "refund":
+        return Invalid.because(
+            f"invalid request: unknown operation {named.operation[:40]!r} - at `$.operation`"
+        )
+    refund = _decoded(_decode_refund, body)
+    if isinstance(refund, Invalid):
+        return refund
+    for name in ("idempotency_key", "original_idempotency_key", "reason"):
+        if holds_card_number(getattr(refund, name) or ""):
+            # Names the field, never the value.
+            return Invalid.because(
+                f"invalid request: {name} holds what looks like a card number - at `$.{name}`"
+            )
     return refund
 
 
