@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Iterable
 from typing import Any
 
@@ -400,3 +401,32 @@ async def test_sandbox_refunds_honour_the_key_and_never_exceed_the_charge(sandbo
 
 def _wire(token: str) -> dict[str, Any]:
     return {"amount_minor": 100, "currency": "EUR", "payment_method": token, "merchant_reference": token}
+
+
+async def test_kill_9_with_a_refund_on_the_wire_then_restart_refunds_once(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """kill -9 while a refund is on the wire (the gateway has it, the answer hangs): the
+    refund's lease runs out, it becomes unknown, another daemon looks it up and records it
+    succeeded; the gateway refunded once and was never sent it again."""
+    await sandbox.behave(hang_s=30)
+    fast = {"pipeline": {"lease_s": 2.5}, "providers__sandbox": {"timeout_s": 1}}
+    victim = await daemons.process(**fast)
+    await charged(db, broker, request("ch-k9", payment_method="pm_refund_timeout"))
+    await broker.publish([refund("rf-k9", "ch-k9", 250)])
+
+    async def on_the_wire() -> bool:
+        return (await sandbox.stats())["refunds"] == 1
+
+    await eventually(on_the_wire, timeout=30, what="the refund at the gateway", interval=0.02)
+    victim.process.send_signal(signal.SIGKILL)
+    await victim.wait_exit(10)
+    (state_when_killed,) = (await query(db, "SELECT state FROM reversals"))[0]
+
+    await daemons.process(**fast)
+    assert await wait_reversals(db, ["rf-k9"], timeout=60) == {"rf-k9": "succeeded"}
+    assert (await sandbox.stats())["refund_requests"] == 1, "the refund was never sent again"
+    assert net_by_key(await sandbox.ledger()) == {"ch-k9": (250, 750)}
+    if state_when_killed == "in_flight":
+        (tries,) = (await query(db, "SELECT reconcile_tries FROM reversals"))[0]
+        assert tries >= 1, "the orphaned refund went through reconciliation"
