@@ -315,12 +315,8 @@ async def test_a_halt_holds_refunds_and_resume_lets_them_go(
 ) -> None:
     """A refund claimed while its provider is halted stays in flight and is not sent; after the
     resume it is sent once and succeeds (the halt applies to refunds as to charges)."""
-    client = aioredis.from_url("redis://127.0.0.1:6379/0")
-    await client.delete(KEYS.global_key, KEYS.provider_key("sandbox"))
-    await client.aclose()
-    token = load_secret("control_token")
-    assert token is not None
-    headers = {"Authorization": f"Bearer {token.reveal()}"}
+    await _clear_halts()
+    headers = await _admin_headers()
     async with daemons.in_process() as daemon, aiohttp.ClientSession() as session:
         await charged(db, broker, request("ch-held", amount_minor=500))
         base = f"http://127.0.0.1:{daemon.port}"
@@ -430,3 +426,53 @@ async def test_kill_9_with_a_refund_on_the_wire_then_restart_refunds_once(
     if state_when_killed == "in_flight":
         (tries,) = (await query(db, "SELECT reconcile_tries FROM reversals"))[0]
         assert tries >= 1, "the orphaned refund went through reconciliation"
+
+
+async def test_a_refund_released_by_a_long_halt_keeps_its_amount_reserved(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A halt longer than a refund's lease returns the refund to the queue unsent (queued) and
+    its redelivery claims it again; meanwhile its amount stays reserved, so a second refund
+    that would pass the charge with it is refused. After the resume the first is sent once."""
+    await _clear_halts()
+    headers = await _admin_headers()
+    fast = {"pipeline": {"lease_s": 2.5}, "providers__sandbox": {"timeout_s": 1}}
+    async with daemons.in_process(**fast) as daemon, aiohttp.ClientSession() as session:
+        await charged(db, broker, request("ch-long", amount_minor=1000))
+        base = f"http://127.0.0.1:{daemon.port}"
+        async with session.post(
+            f"{base}/admin/halt", json={"provider": "sandbox"}, headers=headers
+        ) as answer:
+            assert answer.status == 200
+        await asyncio.sleep(1.0)
+        await broker.publish([refund("rf-long-1", "ch-long", 600)])
+        await wait_reversals(db, ["rf-long-1"], done=("in_flight", "queued"))
+        (first_claim,) = (await query(db, "SELECT claimed_at FROM reversals"))[0]
+
+        async def claimed_again() -> bool:
+            rows = await query(db, "SELECT claimed_at FROM reversals WHERE idempotency_key = 'rf-long-1'")
+            return rows[0][0] != first_claim
+
+        await eventually(claimed_again, timeout=30, what="the refund released and claimed again")
+        await broker.publish([refund("rf-long-2", "ch-long", 500)])
+        assert await wait_reversals(db, ["rf-long-2"]) == {"rf-long-2": "failed"}
+        assert (await sandbox.stats())["refund_requests"] == 0, "a halted provider was sent a refund"
+        async with session.post(f"{base}/admin/resume", json={"provider": "sandbox"}, headers=headers):
+            pass
+        assert await wait_reversals(db, ["rf-long-1"]) == {"rf-long-1": "succeeded"}
+    codes = dict(await query(db, "SELECT idempotency_key, decline_code FROM reversals"))
+    assert codes == {"rf-long-1": None, "rf-long-2": "exceeds_remaining"}
+    assert net_by_key(await sandbox.ledger()) == {"ch-long": (600, 400)}
+    assert (await sandbox.stats())["refund_requests"] == 1
+
+
+async def _clear_halts() -> None:
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    await client.delete(KEYS.global_key, KEYS.provider_key("sandbox"))
+    await client.aclose()
+
+
+async def _admin_headers() -> dict[str, str]:
+    token = load_secret("control_token")
+    assert token is not None
+    return {"Authorization": f"Bearer {token.reveal()}"}
