@@ -313,15 +313,10 @@ LEASE_EXPIRED: Final = "lease expired: the instance that claimed this refund sto
 async def expire_reversal_leases(pool: aiomysql.Pool, *, limit: int) -> int:
     """In-flight reversals whose claimer stopped renewing become unknown: they may have been sent."""
     async with transaction(pool) as cursor:
-        await cursor.execute(
-            _REVERSAL_SELECT + "WHERE r.state = 'in_flight' AND r.recheck_at < NOW(6) "
-            "ORDER BY r.recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
-            (limit,),
-        )
-        reversals = [_reversal_of(row) for row in await cursor.fetchall()]
-        if not reversals:
+        ids = await _lock_due(cursor, "in_flight", "<", limit)
+        if not ids:
             return 0
-        ids = [r.reversal_id for r in reversals]
+        reversals = await _read_reversals(cursor, ids)
         await cursor.execute(
             "UPDATE reversals SET state = 'unknown', outcome = 'unknown', result_reason = %s, "  # noqa: S608
             f"recheck_at = NOW(6) WHERE id IN ({placeholders(len(ids))})",
@@ -348,29 +343,51 @@ async def take_due_reversals(
 ) -> list[DueReversal]:
     """Unknown reversals due a lookup, pushed back by their next backoff so no one else takes them."""
     async with transaction(pool) as cursor:
+        ids = await _lock_due(cursor, "unknown", "<=", limit)
+        if not ids:
+            return []
         await cursor.execute(
-            "SELECT r.reconcile_tries, TIMESTAMPDIFF(MICROSECOND, r.claimed_at, NOW(6)), "
-            + _REVERSAL_SELECT.removeprefix("SELECT ")
-            + "WHERE r.state = 'unknown' AND r.recheck_at <= NOW(6) "
-            "ORDER BY r.recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
-            (limit,),
+            "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)) FROM reversals "  # noqa: S608
+            f"WHERE id IN ({placeholders(len(ids))})",
+            ids,
         )
-        rows = await cursor.fetchall()
-        for tries, _age, reversal_id, *_ in rows:
+        counters = {
+            reversal_id: (tries, age_us or 0) for reversal_id, tries, age_us in await cursor.fetchall()
+        }
+        for reversal_id, (tries, _age) in counters.items():
             wait_us = int(backoff_s[min(tries, len(backoff_s) - 1)] * 1_000_000)
             await cursor.execute(
                 "UPDATE reversals SET reconcile_tries = reconcile_tries + 1, "
                 "recheck_at = NOW(6) + INTERVAL %s MICROSECOND WHERE id = %s",
                 (wait_us, reversal_id),
             )
+        reversals = await _read_reversals(cursor, ids)
     return [
         DueReversal(
-            reversal=_reversal_of(row[2:]),
-            reconcile_tries=row[0],
-            seconds_since_claim=(row[1] or 0) / 1_000_000,
+            reversal=reversal,
+            reconcile_tries=counters[reversal.reversal_id][0],
+            seconds_since_claim=counters[reversal.reversal_id][1] / 1_000_000,
         )
-        for row in rows
+        for reversal in reversals
     ]
+
+
+async def _lock_due(cursor: Cursor, state: str, before: str, limit: int) -> list[int]:
+    """Ids of reversals in ``state`` whose ``recheck_at`` has come, locked (``SKIP LOCKED``: other
+    instances take others). Only ``reversals`` rows are locked: a lock on the charge's row too
+    would hold up a claim of another refund of it for the length of this pass."""
+    await cursor.execute(
+        f"SELECT id FROM reversals WHERE state = %s AND recheck_at {before} NOW(6) "  # noqa: S608 (fixed text)
+        "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
+        (state, limit),
+    )
+    return [reversal_id for (reversal_id,) in await cursor.fetchall()]
+
+
+async def _read_reversals(cursor: Cursor, ids: Sequence[int]) -> list[ReversalRequest]:
+    """The reversals with what their provider needs of the charge (a plain read, no locks)."""
+    await cursor.execute(_REVERSAL_SELECT + f"WHERE r.id IN ({placeholders(len(ids))})", ids)
+    return [_reversal_of(row) for row in await cursor.fetchall()]
 
 
 class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
