@@ -87,10 +87,10 @@ class Reconciler:
         self._waker = Waker(settings.reconcile_interval_s)
         self._orphans = OrphanSweep(pool, settings, metrics)
         self.parked: deque[ParkedAttempt] = deque(maxlen=20)
+        """The latest attempts this instance parked, for /status."""
         self.reversals = ReversalReconciler(
             pool=pool, lanes=lanes, settings=settings, metrics=metrics, on_recorded=on_recorded
         )
-        """The latest attempts this instance parked, for /status."""
 
     async def run(self) -> None:
         while True:
