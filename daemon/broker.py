@@ -134,6 +134,7 @@ class Broker:
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
         self._on_message: OnMessage | None = None
+        self._paused = False
         self._lost = asyncio.Event()
         self._closing = False
         self.connected = asyncio.Event()
@@ -207,7 +208,7 @@ class Broker:
         for closable in (connection, consume_channel, self._publish_channel):
             closable.close_callbacks.add(lost)
         self._connection = connection
-        if self._on_message is not None:
+        if self._on_message is not None and not self._paused:
             self._consumer_tag = await self._queue.consume(self._on_message)
         self.node = address
         self.connected.set()
@@ -263,10 +264,30 @@ class Broker:
     async def stop_consuming(self) -> None:
         """Stop new deliveries; those already delivered stay ours to settle."""
         self._on_message = None
+        await self._cancel_consumer()
+
+    async def pause_consuming(self) -> None:
+        """Take no new deliveries for now (those already delivered stay ours to settle), also
+        across reconnects, until ``resume_consuming``; the queue keeps the rest for others."""
+        self._paused = True
+        await self._cancel_consumer()
+
+    async def _cancel_consumer(self) -> None:
         tag, self._consumer_tag = self._consumer_tag, None
         if tag is not None and self._queue is not None:
             with contextlib.suppress(*BROKER_ERRORS):
                 await self._queue.cancel(tag)
+
+    async def resume_consuming(self) -> None:
+        """Undo ``pause_consuming``; a no-op once ``stop_consuming`` (the drain) has run."""
+        self._paused = False
+        if (
+            self._on_message is not None
+            and self._consumer_tag is None
+            and self._queue is not None
+            and self.connected.is_set()
+        ):
+            self._consumer_tag = await self._queue.consume(self._on_message)
 
     def _channel(self) -> AbstractChannel:
         if not self.connected.is_set() or self._publish_channel is None:

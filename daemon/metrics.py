@@ -199,6 +199,11 @@ class Metrics:
         self.database_ok = Gauge(
             "payd_database_ok", "1 while the health probe's database round trip answers in time", registry=r
         )
+        self.intake_paused = Gauge(
+            "payd_intake_paused",
+            "1 while intake takes no new deliveries because the database does not answer",
+            registry=r,
+        )
         self.slots_held = Gauge(
             "payd_provider_slots_held",
             "In-flight slots kept after a call ended unknown: the provider may still be working on it",

@@ -38,6 +38,10 @@ class AttemptRequest(msgspec.Struct, frozen=True, kw_only=True):
     payment_method: ShortText
     customer_ref: ShortText | None = None
     metadata: Metadata = msgspec.field(default_factory=dict)
+    previous_payment_ref: ShortText | None = None
+    """The provider's reference of the approved payment this merchant-initiated one follows (the
+    stored-credential chain; Checkout.com ``previous_payment_id``). Optional: senders that do not
+    know it leave it out, and adapters whose provider chains by itself ignore it."""
 
     def __post_init__(self) -> None:
         if (self.subscription_id is None) != (self.cycle is None):
@@ -51,6 +55,14 @@ class AttemptRequest(msgspec.Struct, frozen=True, kw_only=True):
         if self.subscription_id is not None:
             return f"{self.subscription_id}:{self.cycle}"
         return self.idempotency_key
+
+
+class RecordedAttempt(AttemptRequest, frozen=True, kw_only=True):
+    """An attempt request as reconciliation asks a provider about it: with what payd recorded of
+    it. Never decoded from the queue (intake decodes ``AttemptRequest``), so no sender sets it."""
+
+    provider_ref: str | None = None
+    """The provider's reference from an earlier answer (iyzico ``paymentId``), when one came."""
 
 
 class AttemptState(enum.StrEnum):
@@ -106,6 +118,9 @@ class ChargeResult(msgspec.Struct, frozen=True, kw_only=True):
     """False only when the request never left payd (no connection): the one case failover may take."""
     reason: str | None = None
     """Short, secret-free explanation for logs and the attempt row."""
+    needs_operator: bool = False
+    """For UNKNOWN: no later answer of the provider will settle it (a state that never ends by
+    itself, a replayed answer): reconciliation parks it for an operator, with ``reason``."""
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):

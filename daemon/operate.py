@@ -6,6 +6,7 @@ import getpass
 import json
 import socket
 import sys
+from typing import Any
 
 import aiohttp
 import redis.asyncio as aioredis
@@ -78,16 +79,14 @@ async def status(config: Config, *, as_json: bool) -> int:
     if as_json:
         print(json.dumps(snapshot, indent=2))
         return 0
-    halt_state = snapshot["halt"]
     print(f"instance   {snapshot['instance_id']}  up {snapshot['uptime_s']} s")
     print(f"in flight  {snapshot['in_flight']}")
     print(f"ready      {json.dumps(snapshot['ready'])}")
     print(f"draining   {snapshot['draining']}")
     node = snapshot.get("broker_node") or "disconnected"
     print(f"broker     {node}  reconnects={snapshot['broker_reconnects']}")
-    print(f"halt       global={'yes' if halt_state['global'] else 'no'}  stale={halt_state['stale']}")
-    unwell = {name: d["state"] for name, d in snapshot.get("duties", {}).items() if d["state"] != "running"}
-    print(f"duties     {json.dumps(unwell) if unwell else 'all running'}")
+    _print_halt(snapshot["halt"])
+    _print_duties(snapshot.get("duties", {}))
     parked = snapshot.get("parked_attempts", {}).get("fleet", 0)
     print(f"parked     {parked} unknown attempts wait for an operator")
     print(f"{'provider':<16}{'in flight':>10}{'limit':>7}{'waiting':>9}  breaker    halted")
@@ -97,6 +96,31 @@ async def status(config: Config, *, as_json: bool) -> int:
             f"{lane['breaker']:<10} {'yes' if lane['halted'] else 'no'}"
         )
     return 0
+
+
+def _print_halt(halt: dict[str, Any]) -> None:
+    """The halt as this instance knows it, and how well: an unknown state stops every call."""
+    halted = sorted(halt.get("providers", {}))
+    age = halt.get("last_read_age_s")
+    read = "never read" if age is None else f"last read {age} s ago"
+    state = "known" if halt.get("known") else "UNKNOWN: no provider is called"
+    print(
+        f"halt       global={'yes' if halt['global'] else 'no'}  "
+        f"providers={','.join(halted) if halted else 'none'}  state={state}  {read}  "
+        f"stale={halt['stale']}  read errors={halt.get('read_errors', 0)}"
+    )
+    if halt.get("last_error"):
+        print(f"halt error {halt['last_error']}")
+
+
+def _print_duties(duties: dict[str, dict[str, Any]]) -> None:
+    """Every background duty: its state, and why it last crashed."""
+    print(f"{'duty':<20}{'state':<12}{'critical':<10}{'crashes':>8}  last error")
+    for name, duty in duties.items():
+        print(
+            f"{name:<20}{duty['state']:<12}{'yes' if duty.get('critical') else 'no':<10}"
+            f"{duty.get('crashes', 0):>8}  {duty.get('last_error') or '-'}"
+        )
 
 
 async def unpark(config: Config, keys: list[str], *, every: bool) -> int:

@@ -2,11 +2,13 @@
 
 Every couple of seconds: one database round trip that also measures the
 unknown-attempt backlog and how much of it is parked (served by the
-``(state, recheck_at)`` index), and the
-depth of the attempts and dead-letter queues. A failure marks the database
-not ready; so does a database that does not answer within the pool's
-``probe_s`` (frozen, or every connection stuck): a hung server is as unready
-as a refused one. A broker that cannot answer leaves the last depths in place.
+``(state, recheck_at)`` index) and the age of the oldest unpublished outbox
+row (by its primary key), and the depth of the attempts and dead-letter
+queues. A failure marks the database not ready; so does a database that does
+not answer within the pool's ``probe_s`` (frozen, or every connection stuck):
+a hung server is as unready as a refused one. While it is not ready, intake
+takes no new deliveries. A broker that cannot answer leaves the last depths in
+place.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import structlog
 from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable
 from daemon.metrics import Metrics
 from daemon.storage.db import DB_ERRORS, timeouts_of, transaction
+from daemon.storage.outbox import read_outbox_lag
 
 log = structlog.get_logger("payd.probe")
 
@@ -39,6 +42,7 @@ class HealthProbe:
             await asyncio.sleep(interval_s)
 
     async def look(self) -> None:
+        was_ok = self.database_ok
         try:
             async with asyncio.timeout(timeouts_of(self._pool).probe_s):
                 await self._look_at_database()
@@ -46,6 +50,8 @@ class HealthProbe:
             self._set_database_ok(False, error)
         else:
             self._set_database_ok(True)
+        if self.database_ok != was_ok:
+            await self._gate_intake()
         try:
             for queue, depth in (await self._broker.queue_depths()).items():
                 self._metrics.queue_messages.labels(queue).set(depth)
@@ -59,10 +65,32 @@ class HealthProbe:
                 "COALESCE(SUM(parked_at IS NOT NULL), 0) FROM attempts WHERE state = 'unknown'"
             )
             count, oldest_us, parked = await cursor.fetchone()
+            # The relay updates this gauge after each batch; a relay that cannot publish (the
+            # broker is away) runs no batch, so the probe keeps it true meanwhile.
+            outbox_lag = await read_outbox_lag(cursor)
         self._metrics.unknown_attempts.set(count)
         self._metrics.parked.set(parked)
         self.parked_attempts = int(parked)
         self._metrics.unknown_oldest.set((oldest_us or 0) / 1_000_000)
+        self._metrics.outbox_lag.set(outbox_lag)
+
+    async def _gate_intake(self) -> None:
+        """Intake pauses while the database does not answer: a delivery taken now could only
+        wait in memory for a claim that fails, then go back to the queue. Left there, it goes to
+        an instance whose database answers (or waits for ours); calls already made finish."""
+        try:
+            if self.database_ok:
+                await self._broker.resume_consuming()
+            else:
+                await self._broker.pause_consuming()
+        except (BrokerUnavailable, *BROKER_ERRORS) as error:
+            # On the next connection the broker consumes (or not) as the pause says.
+            log.warning("intake.gate_failed", error=repr(error))
+        self._metrics.intake_paused.set(0 if self.database_ok else 1)
+        if self.database_ok:
+            log.warning("intake.resumed", cause="the database answers again")
+        else:
+            log.error("intake.paused", cause="the database does not answer")
 
     def _set_database_ok(self, ok: bool, error: BaseException | None = None) -> None:
         if ok != self.database_ok:

@@ -226,13 +226,14 @@ class Broker:
         await queue.consume(collect, no_ack=True)
 
 
-async def reset_broker() -> Broker:
-    """Declare payd's test topology, empty its queues, and return a test connection."""
+async def reset_broker(url: str | None = None) -> Broker:
+    """Declare payd's test topology, empty its queues, and return a test connection (to the
+    shared broker, or to the one at ``url``, password included)."""
     from daemon.broker import Topology, broker_url, declare_topology  # noqa: PLC0415
     from daemon.config import RabbitMQSettings  # noqa: PLC0415
 
     settings = RabbitMQSettings(namespace=NAMESPACE)
-    connection = await aio_pika.connect(broker_url(settings, load_secret("rabbitmq_password")))
+    connection = await aio_pika.connect(url or broker_url(settings, load_secret("rabbitmq_password")))
     channel = await connection.channel(publisher_confirms=True)
     topology = Topology.for_namespace(NAMESPACE)
     attempts = await declare_topology(channel, topology, settings.delivery_limit)

@@ -21,7 +21,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from tests.support import ROOT, Broker, DaemonFactory, Sandbox, eventually, request, wait_settled
+from tests.support import ROOT, Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
 
 OUTCOME_OF_TOKEN = {
     "pm_ok": "approved",
@@ -192,6 +192,38 @@ async def test_saturation_shows_in_flight_at_the_limit_and_attempts_waiting(
     assert after.value("payd_attempts_total", outcome="approved") == 40
 
 
+async def test_outbox_lag_is_true_while_the_relay_is_behind(
+    db: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """A backlog of events ten minutes old, published one per batch: the relay stays behind for
+    many batches. The lag gauge used to be set only once the outbox was empty, so it read 0 the
+    whole time; now it shows the age of the oldest unpublished row while they wait, and falls
+    back once they are out."""
+    rows = 3000
+    await query(
+        db,
+        "INSERT INTO outbox (event_id, target, routing_key, payload, created_at) VALUES "
+        + ", ".join(["(UUID(), 'events', 'payment.backlog', '{}', NOW(6) - INTERVAL 10 MINUTE)"] * rows),
+    )
+    async with daemons.in_process(outbox={"batch_size": 1}) as daemon:
+        seen: list[tuple[float, int]] = []
+
+        async def lag_shown() -> bool:
+            lag = (await scrape(daemon.port)).value("payd_outbox_lag_seconds")
+            (left,) = (await query(db, "SELECT COUNT(*) FROM outbox"))[0]
+            seen.append((lag, left))
+            return lag >= 590
+
+        await eventually(lag_shown, timeout=60, what="the lag gauge to show the backlog's age")
+        assert seen[-1][1] > 0, "shown while rows were still waiting"
+
+        async def caught_up() -> bool:
+            (left,) = (await query(db, "SELECT COUNT(*) FROM outbox"))[0]
+            return left == 0 and (await scrape(daemon.port)).value("payd_outbox_lag_seconds") < 60
+
+        await eventually(caught_up, timeout=120, what="the relay to catch up and the gauge to fall")
+
+
 # -- ops/: the dashboard and the alert rules -------------------------------------------
 
 METRIC_NAME = re.compile(r"\bpayd_[a-z0-9_]+\b")
@@ -254,6 +286,12 @@ async def test_ops_files_name_only_metrics_the_daemon_exports(
         "payd_provider_rate_limited_total",
         "payd_halted",
         "payd_halt_state_stale",
+        "payd_halt_state_unknown",
+        "payd_database_ok",
+        "payd_provider_slots_held",
+        "payd_duty_failing",
+        "payd_attempts_parked",
+        "payd_orphans_failed_total",
     ):
         assert wanted in in_panels, f"no dashboard panel uses {wanted}"
     for wanted in (
@@ -265,6 +303,11 @@ async def test_ops_files_name_only_metrics_the_daemon_exports(
         "payd_provider_breaker_state",
         "payd_halt_state_stale",
         "payd_batch_errors_total",
+        "payd_halt_state_unknown",
+        "payd_database_ok",
+        "payd_orphans_failed_total",
+        "payd_duty_failing",
+        "payd_attempts_parked",
     ):
         assert wanted in in_queries, f"no alert uses {wanted}"
 
@@ -289,8 +332,37 @@ def test_dashboard_is_importable_and_uses_a_datasource_variable() -> None:
             assert target["datasource"]["uid"] == "${datasource}", panel["title"]
 
 
+def _github_anchor(heading: str) -> str:
+    """How GitHub (and most Markdown renderers) turn a heading into a fragment."""
+    return re.sub(r"[^a-z0-9 _-]", "", heading.strip().lower()).replace(" ", "-")
+
+
+RUNBOOK_ANCHORS = {
+    _github_anchor(line.lstrip("#"))
+    for line in (ROOT / "docs" / "runbook.md").read_text().splitlines()
+    if line.startswith("#")
+}
+
+
+def test_the_fault_signals_page_or_ticket_as_they_should(alert_rules: list[dict[str, Any]]) -> None:
+    """The fault signals added with the fail-safe work have rules, with the severity their cost
+    calls for: an instance that calls no provider, a database that does not answer and a lookup
+    that found someone else's payment page; orphans failed as never_sent open a ticket."""
+    severity = {
+        name: rule["labels"]["severity"]
+        for rule in alert_rules
+        for name in METRIC_NAME.findall(rule["expr"])
+        if name != "payd_reconciled_total" or "identity_mismatch" in rule["expr"]
+    }
+    assert severity["payd_halt_state_unknown"] == "page"
+    assert severity["payd_database_ok"] == "page"
+    assert severity["payd_reconciled_total"] == "page"
+    assert severity["payd_orphans_failed_total"] == "ticket"
+
+
 def test_every_alert_says_what_it_means_and_what_to_do(alert_rules: list[dict[str, Any]]) -> None:
-    """Each rule has a severity, a summary and a runbook an on-call engineer can act on."""
+    """Each rule has a severity, a summary, a runbook an on-call engineer can act on and a link to
+    its section of docs/runbook.md."""
     assert len(alert_rules) >= 6
     names = [rule["alert"] for rule in alert_rules]
     assert len(names) == len(set(names))
@@ -300,6 +372,9 @@ def test_every_alert_says_what_it_means_and_what_to_do(alert_rules: list[dict[st
         assert annotations["summary"].strip(), rule["alert"]
         assert len(annotations["runbook"].split()) >= 20, f"{rule['alert']}: runbook too thin"
         assert METRIC_NAME.search(rule["expr"]), rule["alert"]
+        # The on-call engineer lands on the runbook's section for it.
+        page, _, anchor = annotations["runbook_url"].partition("#")
+        assert page == "docs/runbook.md" and anchor in RUNBOOK_ANCHORS, rule["alert"]
         # Balanced brackets: the cheapest PromQL syntax check without promtool.
         for opening, closing in ("()", "[]", "{}"):
             assert rule["expr"].count(opening) == rule["expr"].count(closing), rule["alert"]

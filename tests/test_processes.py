@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import aio_pika
 import aiomysql
 import pytest
 
 from tests.support import (
+    NAMESPACE,
     TERMINAL,
     Broker,
     DaemonFactory,
@@ -25,6 +28,7 @@ from tests.support import (
     states,
     wait_settled,
 )
+from tests.tls_servers import RABBITMQ_SERVER, PrivateRabbitMQ, rabbitmq_node
 
 pytestmark = pytest.mark.slow
 
@@ -146,31 +150,49 @@ async def test_second_sigterm_exits_at_once_without_double_charge(
     assert len(await sandbox.assert_no_double_charge()) == 20
 
 
-def rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=120)
+@pytest.fixture
+def private_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of the test's own (plain AMQP), whose password the daemons are given:
+    stopping it stops nobody else's tests."""
+    if not RABBITMQ_SERVER.exists():
+        pytest.skip("rabbitmq-server is not installed")
+    listener = "listeners.tcp.default = 127.0.0.1:{port}\n"
+    with rabbitmq_node(tmp_path / "rabbitmq", listener, name="payd-restart-test") as node:
+        monkeypatch.setenv("PAYD_RABBITMQ_PASSWORD", node.password)
+        yield node
 
 
 async def test_broker_restart_mid_run(
-    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+    db: aiomysql.Pool, sandbox: Sandbox, daemons: DaemonFactory, private_broker: PrivateRabbitMQ
 ) -> None:
     """RabbitMQ stops and starts while attempts are in flight: the daemon reconnects, finishes
-    every attempt, charges none twice (stale deliveries are never acked on the new channel)."""
+    every attempt, charges none twice (stale deliveries are never acked on the new channel).
+    The broker is a private node, so the stop affects this test alone."""
+    url = f"amqp://payd:{private_broker.password}@127.0.0.1:{private_broker.port}/"
+    broker = await reset_broker(url)
     # 300 attempts at 400 ms, 20 at a time, take about 6 s: the broker stops with most of them left.
     await sandbox.behave(latency_ms=400)
     requests = [request(f"rmq-{i}", subscription_id=60_000 + i) for i in range(300)]
-    await broker.publish(requests)
-    daemon = await daemons.process(rabbitmq={"prefetch": 100}, providers__sandbox={"max_in_flight": 20})
+    try:
+        await broker.publish(requests)
+    finally:
+        await broker.connection.close()
+    daemon = await daemons.process(
+        rabbitmq={"url": f"amqp://payd@127.0.0.1:{private_broker.port}/", "prefetch": 100},
+        providers__sandbox={"max_in_flight": 20},
+    )
 
     async def some_done() -> bool:
         return await count_in(db, "succeeded") >= 30
 
     await eventually(some_done, timeout=60, what="progress before the restart")
-    await asyncio.to_thread(rabbitmqctl, "stop_app")
+    # https://www.rabbitmq.com/docs/man/rabbitmqctl.8 (stop_app, start_app, await_startup)
+    await asyncio.to_thread(private_broker.ctl, "stop_app")
     try:
         await asyncio.sleep(2)
     finally:
-        await asyncio.to_thread(rabbitmqctl, "start_app")
-        await asyncio.to_thread(rabbitmqctl, "await_startup")
+        await asyncio.to_thread(private_broker.ctl, "start_app")
+        await asyncio.to_thread(private_broker.ctl, "await_startup")
 
     settled = await wait_settled(db, [r["idempotency_key"] for r in requests], timeout=120)
     assert set(settled.values()) == {"succeeded"}
@@ -181,6 +203,11 @@ async def test_broker_restart_mid_run(
 
     # The daemon may still be in its reconnect back-off when the last attempt settles.
     await eventually(reconnected, timeout=60, what="the daemon's broker reconnect")
-    # The test's own connection died with the broker; a fresh one shows nothing was stranded.
-    fresh = await reset_broker()
-    await fresh.connection.close()
+    # A fresh connection shows nothing was stranded: no request is left in the attempts queue.
+    fresh = await aio_pika.connect(url)
+    try:
+        channel = await fresh.channel()
+        attempts = await channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+        assert attempts.declaration_result.message_count == 0
+    finally:
+        await fresh.close()

@@ -577,8 +577,9 @@ async def test_daemon_never_resends_a_checkout_attempt_after_a_5xx(
 ) -> None:
     """End to end: a 500 after Checkout.com charged leaves the attempt unknown, and the payment
     list does not show the payment yet. Checkout.com kept no answer under the key, so a resend
-    would charge again: payd keeps asking, never re-sends, and the attempt stays unknown for
-    an operator, with one request and one charge at the gateway."""
+    would charge again: payd asks, never re-sends, and once ``not_found_grace_s`` has passed
+    the attempt is parked for an operator (unknown, with the reason), with one request and one
+    charge at the gateway. Before, it was looked up for ever without an exit."""
     body = request("cko-5xx", payment_method="pm_cko_server_error_unlisted", subscription_id=5151)
     body |= {"provider": "checkout"}
     provider = {
@@ -593,13 +594,15 @@ async def test_daemon_never_resends_a_checkout_attempt_after_a_5xx(
     async with daemons.in_process(providers__checkout=provider, pipeline={"not_found_grace_s": 1}):
         await broker.publish([body])
 
-        async def looked_up_three_times() -> bool:
-            rows = await query(db, "SELECT reconcile_tries FROM attempts WHERE idempotency_key = 'cko-5xx'")
-            return bool(rows) and rows[0][0] >= 3
+        async def parked() -> bool:
+            rows = await query(db, "SELECT parked_at FROM attempts WHERE idempotency_key = 'cko-5xx'")
+            return bool(rows) and rows[0][0] is not None
 
-        await eventually(looked_up_three_times, timeout=30, what="three reconciliation passes")
-    (state,) = (await query(db, "SELECT state FROM attempts WHERE idempotency_key = 'cko-5xx'"))[0]
+        await eventually(parked, timeout=30, what="the attempt parked for an operator")
+    rows = await query(db, "SELECT state, reconcile_error FROM attempts WHERE idempotency_key = 'cko-5xx'")
+    state, reason = rows[0]
     assert state == "unknown"
+    assert "no record" in reason and "settle by hand" in reason
     assert [c["status"] for c in await sandbox.ledger()] == ["approved"], "charged once, never re-sent"
     assert (await sandbox.stats())["accounts"][CHANNEL]["requests"] == 1
 

@@ -491,6 +491,37 @@ async def test_daemon_never_resends_an_iyzico_attempt_the_provider_has_no_record
     assert await sandbox.ledger() == []
 
 
+@pytest.mark.usefixtures("iyzico_kind")
+async def test_reconciliation_looks_an_iyzico_payment_up_by_its_payment_id(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """An answer under fraud review (fraudStatus 0) leaves the attempt unknown with iyzico's
+    paymentId recorded; reconciliation's lookups then send that paymentId with the
+    conversationId, as iyzico's official sample ``retrieve_payment_result.py`` does. Before,
+    the reconciler handed the adapter only the request, and the paymentId was never sent."""
+    body = request("iyz-review", payment_method="cuk-1:iyz_fraud_review", subscription_id=4444)
+    body |= {"provider": "iyzico", "currency": "TRY"}
+    async with daemons.in_process(
+        providers__iyzico=iyzico_provider(sandbox), pipeline={"reconcile_backoff_s": [0.2]}
+    ):
+        await broker.publish([body])
+
+        async def looked_up() -> list[dict[str, Any]]:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{sandbox.url}/iyzico/_sandbox/details") as response,
+            ):
+                return list(await response.json())
+
+        await eventually(looked_up, timeout=30, what="a reconciliation lookup")
+        details = await looked_up()
+    (state, provider_ref) = (
+        await query(db, "SELECT state, provider_ref FROM attempts WHERE idempotency_key = 'iyz-review'")
+    )[0]
+    assert state == "unknown" and provider_ref
+    assert details[0] == {"paymentId": provider_ref, "paymentConversationId": "iyz-review"}
+
+
 # -- what a lookup may settle ---------------------------------------------------------------------
 
 

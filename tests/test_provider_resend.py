@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import aiohttp
 import aiomysql
 import pytest
 
@@ -66,7 +67,8 @@ async def test_an_unknown_attempt_is_resent_only_while_the_provider_keeps_its_ke
     resent: bool,
 ) -> None:
     """An attempt left unknown by a 500 is re-sent under its key while the provider still
-    keeps that key, and never once the key may be gone; either way at most one charge."""
+    keeps that key, and never once the key may be gone; then it is parked for an operator
+    with the reason (it used to stay unknown, asked about for ever). At most one charge."""
     key = f"resend-{kind}-{hours_ago}"
     body = request(key, payment_method=token, subscription_id=6100 + hours_ago, customer_ref="cus_payd")
     body |= {"provider": kind}
@@ -93,11 +95,59 @@ async def test_an_unknown_attempt_is_resent_only_while_the_provider_keeps_its_ke
         )
         before = await tries()
 
+        async def parked() -> str | None:
+            rows = await query(
+                db,
+                "SELECT reconcile_error FROM attempts WHERE idempotency_key = %s AND parked_at IS NOT NULL",
+                key,
+            )
+            return str(rows[0][0]) if rows else None
+
         async def decided() -> bool:
             requests = (await sandbox.stats())["accounts"][account]["requests"]
-            return requests >= 2 or await tries() >= before + 3
+            return requests >= 2 or await parked() is not None or await tries() >= before + 3
 
-        await eventually(decided, timeout=30, what="a re-send or three more reconciliation passes")
+        await eventually(decided, timeout=30, what="a re-send, a parked attempt or three more passes")
     requests = (await sandbox.stats())["accounts"][account]["requests"]
     assert (requests >= 2) is resent, f"{requests} requests at the gateway"
+    if not resent:
+        # No unknown without an exit: past the key's lifetime nothing the provider says can
+        # settle it, so it waits for an operator with the reason, not for ever in silence.
+        reason = await parked()
+        assert reason is not None and "settle by hand" in reason, reason
     await sandbox.assert_no_double_charge()
+
+
+async def test_a_replayed_answer_that_cannot_settle_is_parked_for_an_operator(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Adyen ``Pending`` is not final, but Adyen reports the outcome by webhook only and a resend
+    under the same key replays ``Pending`` (docs.adyen.com/development-resources/api-idempotency:
+    "the response to the first attempt will be returned"). The attempt is parked after the
+    first resend, with the reason and ``payd_reconciled_total{result="needs_operator"}``,
+    instead of being re-sent for a week; one charge at the gateway."""
+    key = "resend-adyen-pending"
+    body = request(key, payment_method="pm_adyen_pending", subscription_id=6301, customer_ref="cus_payd")
+    body |= {"provider": "adyen"}
+    pipeline = {"resend_after_s": 0, "reconcile_backoff_s": [0.2]}
+    async with daemons.in_process(
+        providers__adyen=_connection(sandbox, "adyen"), pipeline=pipeline
+    ) as daemon:
+        await broker.publish([body])
+
+        async def parked() -> bool:
+            rows = await query(db, "SELECT parked_at FROM attempts WHERE idempotency_key = %s", key)
+            return bool(rows) and rows[0][0] is not None
+
+        await eventually(parked, timeout=30, what="the attempt parked for an operator")
+        async with (
+            aiohttp.ClientSession() as http,
+            http.get(f"http://127.0.0.1:{daemon.port}/metrics") as response,
+        ):
+            metrics = await response.text()
+    [(state, reason)] = await query(
+        db, "SELECT state, reconcile_error FROM attempts WHERE idempotency_key = %s", key
+    )
+    assert state == "unknown" and reason.startswith("Pending")
+    assert 'payd_reconciled_total{result="needs_operator"} 1.0' in metrics
+    assert [c["status"] for c in await sandbox.ledger()] == ["approved"]

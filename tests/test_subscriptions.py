@@ -565,6 +565,37 @@ async def test_bad_subscription_data_is_unscheduled_without_blocking_its_batch(
     assert await query(db, "SELECT COUNT(*) FROM outbox") == [(3,)]
 
 
+async def test_a_try_queued_when_its_subscription_is_canceled_ends_failed_and_the_rest_wait(
+    db: aiomysql.Pool, sched_pool: aiomysql.Pool
+) -> None:
+    """Dispatched tries used to be queued with no "since when", so the orphan sweep never saw
+    them: a try whose subscription was canceled while its message was lost stayed queued for
+    good. Now the sweep ends it as ``never_sent`` with its payment.failed event (nothing was
+    sent), while a try the scheduler still waits on (an active subscription's) stays queued,
+    left for the scheduler to publish again."""
+    from daemon.storage.attempts import fail_orphaned_queued  # noqa: PLC0415
+
+    await add_subscriptions(db, [(1, "pm_ok", "visa"), (2, "pm_ok", "visa")])
+    scheduler = RenewalScheduler(
+        pool=sched_pool, settings=settings(), policy=SubscriptionPolicy(settings()), providers={"sandbox"}
+    )
+    assert (await scheduler.run_pass()).dispatched == 2
+    await query(db, "DELETE FROM outbox")  # the request messages are lost: no daemon claims them
+    await query(
+        db, "UPDATE subscriptions SET status = 'canceled', status_reason = 'by the customer' WHERE id = 1"
+    )
+    await asyncio.sleep(0.1)
+    failed, unreadable = await fail_orphaned_queued(db, queued_for_s=0.05, limit=10)
+    assert unreadable == []
+    rows = await query(
+        db, "SELECT subscription_id, state, decline_code FROM attempts ORDER BY subscription_id"
+    )
+    assert rows == [(1, "failed", "never_sent"), (2, "queued", None)]
+    assert len(failed) == 1
+    events = [json.loads(payload) for (payload,) in await query(db, "SELECT payload FROM outbox")]
+    assert [(e["type"], e["subscription_id"]) for e in events] == [("payment.failed", 1)]
+
+
 # -- commands --------------------------------------------------------------------------------
 
 

@@ -300,31 +300,60 @@ def rabbitmq_node_env(directory: Path, home: Path, name: str, node_port: int) ->
     }
 
 
+@dataclass(frozen=True)
+class PrivateRabbitMQ(PrivateServer):
+    """A node of the test's own; ``ctl`` runs ``rabbitmqctl`` against it, never the shared node."""
+
+    node: str
+    env: dict[str, str]
+
+    def ctl(self, *args: str) -> None:
+        ctl = RABBITMQ_SERVER.with_name("rabbitmqctl")
+        subprocess.run(
+            [str(ctl), "-q", "-n", self.node, *args],
+            check=True,
+            capture_output=True,
+            timeout=120,
+            env=self.env,
+        )
+
+
 @contextlib.contextmanager
-def private_rabbitmq(directory: Path, pki: Pki) -> Iterator[PrivateServer]:
-    """A RabbitMQ node of its own (name, ports, cookie, data) with a TLS listener only,
-    requiring a client certificate signed by ``pki.ca``."""
+def rabbitmq_node(directory: Path, listeners: str, *, name: str) -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of its own: node name, ports, Erlang cookie (through ``HOME``), data and
+    log directories; ``listeners`` is the rabbitmq.conf text for its AMQP listener on ``{port}``.
+    User ``payd`` with a random password, allowed from anywhere."""
     home = directory / "home"
     home.mkdir(parents=True)
     cookie = home / ".erlang.cookie"
     cookie.write_text(secrets.token_hex(16))
     cookie.chmod(0o400)
     port, password = free_port(), secrets.token_hex(16)
-    # https://www.rabbitmq.com/docs/ssl#enabling-tls (listeners.ssl, ssl_options.*)
     (directory / "rabbitmq.conf").write_text(
+        listeners.format(port=port)
+        + f"loopback_users = none\ndefault_user = payd\ndefault_pass = {password}\n"
+    )
+    node = f"{name}-{port}@localhost"
+    env = rabbitmq_node_env(directory, home, node, free_port())
+    log = directory / "rabbitmq.out"
+    with _process([str(RABBITMQ_SERVER)], log, env=env, cwd=directory) as process:
+        _wait_until_ready(process, log, "Starting broker... completed", timeout=120)
+        yield PrivateRabbitMQ(port=port, password=password, node=node, env=env)
+
+
+@contextlib.contextmanager
+def private_rabbitmq(directory: Path, pki: Pki) -> Iterator[PrivateServer]:
+    """A RabbitMQ node of its own with a TLS listener only, requiring a client certificate
+    signed by ``pki.ca``."""
+    # https://www.rabbitmq.com/docs/ssl#enabling-tls (listeners.ssl, ssl_options.*)
+    listeners = (
         "listeners.tcp = none\n"
-        f"listeners.ssl.default = 127.0.0.1:{port}\n"
+        "listeners.ssl.default = 127.0.0.1:{port}\n"
         f"ssl_options.cacertfile = {pki.ca}\n"
         f"ssl_options.certfile = {pki.server_cert}\n"
         f"ssl_options.keyfile = {pki.server_key}\n"
         "ssl_options.verify = verify_peer\n"
         "ssl_options.fail_if_no_peer_cert = true\n"
-        "loopback_users = none\n"
-        "default_user = payd\n"
-        f"default_pass = {password}\n"
     )
-    env = rabbitmq_node_env(directory, home, f"payd-tls-test-{port}@localhost", free_port())
-    log = directory / "rabbitmq.out"
-    with _process([str(RABBITMQ_SERVER)], log, env=env, cwd=directory) as process:
-        _wait_until_ready(process, log, "Starting broker... completed", timeout=120)
-        yield PrivateServer(port=port, password=password)
+    with rabbitmq_node(directory, listeners, name="payd-tls-test") as server:
+        yield server

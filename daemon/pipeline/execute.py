@@ -143,12 +143,12 @@ async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> Charg
         return result
     finally:
         # Cancelled (result None) or unknown: the provider may still be working on it.
-        _free_slot(lane, metrics, abandoned=result is None or result.outcome is Outcome.UNKNOWN)
+        free_slot(lane, metrics, abandoned=result is None or result.outcome is Outcome.UNKNOWN)
         in_flight.dec()
         metrics.provider_call_seconds.labels(lane.name).observe(time.monotonic() - started)
 
 
-def _free_slot(lane: Lane, metrics: Metrics, *, abandoned: bool) -> None:
+def free_slot(lane: Lane, metrics: Metrics, *, abandoned: bool) -> None:
     """Release the call's limiter slot, or hold it for ``slot_hold_s`` when payd gave up on a
     call the provider may still be running, so the provider never sees more than the limit."""
     if not abandoned or lane.config.slot_hold_s <= 0:

@@ -12,6 +12,14 @@ with SKIP LOCKED and pushed back by their next backoff before any lookup):
   keys it becomes failed (``not_received``) after ``not_found_grace_s``. A lookup
   that finds another attempt's payment (``anomaly``) settles nothing.
 
+No unknown without an exit: an attempt that nothing the provider can say will
+settle is *parked* for an operator, with its reason (``attempt.parked``, metric
+``payd_reconciled_total{result="needs_operator"}``, ``payd attempts list``):
+an answer the adapter marks ``needs_operator`` (a state that never ends by
+itself, a replayed answer), a provider without lookup once a resend is no longer
+safe, and a provider with idempotency keys that has no record of the attempt
+after ``not_found_grace_s`` when a resend is not (or no longer) safe.
+
 Every provider call here is contained as a charge is in ``execute``: bounded by
 a timeout, and an exception from the adapter (a bug: adapters answer, they do
 not raise) cannot stop the pass. The attempt it concerned is *parked*: it stays
@@ -33,9 +41,9 @@ import structlog
 from daemon.config import PipelineSettings
 from daemon.logs import redact_text
 from daemon.metrics import Metrics
-from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome
+from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome, RecordedAttempt
 from daemon.pipeline.attempts import OrphanSweep
-from daemon.pipeline.execute import Lane
+from daemon.pipeline.execute import Lane, free_slot
 from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
@@ -62,7 +70,8 @@ NOT_RECEIVED = ChargeResult(
 
 
 class Poisoned(msgspec.Struct, frozen=True):
-    """The adapter raised while asked about this attempt: park it."""
+    """Park this attempt: the adapter raised while asked about it, or nothing the provider
+    can say will settle it."""
 
     reason: str
 
@@ -187,8 +196,13 @@ class Reconciler:
                 reason=attempt.reason,
             )
 
-    async def _look_up(self, item: DueUnknown) -> ChargeResult | None:
-        """A definitive result for ``item``, or None to ask again after its backoff."""
+    def _for_operator(self, reason: str) -> Poisoned:
+        self._metrics.reconciled.labels("needs_operator").inc()
+        return Poisoned(reason[:255])
+
+    async def _look_up(self, item: DueUnknown) -> ChargeResult | Poisoned | None:
+        """A definitive result for ``item``, None to ask again after its backoff, or Poisoned
+        when only an operator can settle it."""
         lane = self._lanes.get(item.provider)
         if lane is None:
             self._metrics.reconciled.labels("provider_not_configured").inc()
@@ -198,9 +212,12 @@ class Reconciler:
             # No way to ask; under an idempotency key the provider's stored answer is the lookup.
             if self._may_resend(lane, item):
                 return await self._resend(lane, item)
+            if not self._may_resend_later(lane, item):
+                return self._for_operator("no lookup at the provider, and a resend is unsafe: settle by hand")
             self._metrics.reconciled.labels("no_lookup").inc()
-            return None  # stays unknown, visible to operators
-        found = await self._call(lane, lane.provider.lookup, item.request)
+            return None
+        request = RecordedAttempt(**msgspec.structs.asdict(item.request), provider_ref=item.provider_ref)
+        found = await self._call(lane, lane.provider.lookup, request)
         if found is None:
             self._metrics.reconciled.labels("lookup_failed").inc()
             return None
@@ -214,6 +231,8 @@ class Reconciler:
             )
             return None  # stays unknown: what was found is someone else's payment
         if found.found:
+            if found.result is not None and found.result.needs_operator:
+                return self._for_operator(found.result.reason or "the provider's answer cannot settle it")
             if found.result is None or found.result.outcome is Outcome.UNKNOWN:
                 self._metrics.reconciled.labels("still_unknown").inc()
                 return None
@@ -222,11 +241,26 @@ class Reconciler:
         if self._may_resend(lane, item):
             return await self._resend(lane, item)
         too_early = item.seconds_since_claim < self._settings.not_found_grace_s
-        if capabilities.honours_idempotency_key or too_early:  # ask again after the backoff
+        if too_early or self._may_resend_later(lane, item):  # ask again after the backoff
             self._metrics.reconciled.labels("not_found_yet").inc()
             return None
+        if capabilities.honours_idempotency_key:
+            # "Not found" under a key the provider may still process, or may have forgotten:
+            # neither failed nor safe to resend (Checkout.com after a 5xx, a key past its TTL).
+            return self._for_operator(
+                "the provider has no record of it and a resend under its key is not safe: settle by hand"
+            )
         self._metrics.reconciled.labels("not_received").inc()
         return NOT_RECEIVED
+
+    @staticmethod
+    def _may_resend_later(lane: Lane, item: DueUnknown) -> bool:
+        """Whether a resend is still to come: it is only too early for one (``_may_resend``)."""
+        capabilities = lane.provider.capabilities
+        if not capabilities.honours_idempotency_key or capabilities.resend_only_after_2xx:
+            return False
+        ttl = capabilities.idempotency_key_ttl_s
+        return ttl is None or item.seconds_since_claim < ttl * 0.9
 
     def _may_resend(self, lane: Lane, item: DueUnknown) -> bool:
         """Sending again is safe only under the same key, while the provider still remembers it,
@@ -239,33 +273,53 @@ class Reconciler:
         ttl = capabilities.idempotency_key_ttl_s
         return ttl is None or item.seconds_since_claim < ttl * 0.9
 
-    async def _resend(self, lane: Lane, item: DueUnknown) -> ChargeResult | None:
+    async def _resend(self, lane: Lane, item: DueUnknown) -> ChargeResult | Poisoned | None:
         """The provider has no record: send it again with the same idempotency key.
 
         If the first request is still on its way, the provider answers both
         with one charge (or a conflict, which keeps the attempt unknown).
         """
-        result = await self._call(lane, lane.provider.charge, item.request)
+        result = await self._call(lane, lane.provider.charge, item.request, may_charge=True)
+        if result is not None and result.outcome is Outcome.UNKNOWN and result.needs_operator:
+            return self._for_operator(result.reason or "the provider's answer cannot settle it")
         if result is None or result.outcome is Outcome.UNKNOWN or result.outcome in CHARGED_NOTHING:
             self._metrics.reconciled.labels("resent_unsettled").inc()
             return None
         self._metrics.reconciled.labels("resent").inc()
         return result
 
-    @staticmethod
     async def _call(
-        lane: Lane, call: Callable[[AttemptRequest], Awaitable[T]], request: AttemptRequest
+        self,
+        lane: Lane,
+        call: Callable[[AttemptRequest], Awaitable[T]],
+        request: AttemptRequest,
+        *,
+        may_charge: bool = False,
     ) -> T | None:
         """One provider call within the provider's in-flight limit; None if it may not be made now
-        or did not answer in time (asked again after the backoff)."""
+        or did not answer in time (asked again after the backoff).
+
+        The halt is checked again once a slot is granted, as ``execute`` does: a halt (or an
+        unknown halt state) that began while we waited wins over a call not yet made. A
+        ``may_charge`` call (a re-send) that ends unknown keeps its slot for ``slot_hold_s``,
+        like a charge: the provider may still be working on it (invariant 4).
+        """
         if not lane.may_call() or not await lane.limiter.acquire():
             return None
+        if not lane.may_call():
+            lane.limiter.release()
+            return None
         config = lane.config
+        answered: T | None = None
         try:
             # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
             async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
-                return await call(request)
+                answered = await call(request)
+                return answered
         except TimeoutError:
             return None
         finally:
-            lane.limiter.release()
+            unsettled = answered is None or (
+                isinstance(answered, ChargeResult) and answered.outcome is Outcome.UNKNOWN
+            )
+            free_slot(lane, self._metrics, abandoned=may_charge and unsettled)

@@ -60,9 +60,11 @@ class OutboxRelay:
                 )
                 total += sent
                 self._metrics.outbox_published.inc(sent)
+                # After every batch, not only once the outbox is empty: while the relay is
+                # behind, this is when the lag matters (one index dive per batch).
+                self._metrics.outbox_lag.set(await outbox_lag_seconds(self._pool))
                 if sent < self._settings.batch_size:
                     break
-            self._metrics.outbox_lag.set(await outbox_lag_seconds(self._pool))
         except BrokerUnavailable as error:
             log.warning("outbox.broker_unavailable", error=str(error))
         except pymysql.err.OperationalError as error:

@@ -27,6 +27,7 @@ from daemon.models import (
 from daemon.storage.db import Cursor, placeholders, transaction, union_rows
 from daemon.subscriptions.effects import apply_subscription_effects
 from daemon.subscriptions.policy import SubscriptionPolicy
+from daemon.subscriptions.store import save_chains
 
 _ER_DUP_ENTRY: Final = 1062
 _encode_metadata = msgspec.json.Encoder().encode
@@ -273,6 +274,7 @@ async def write_outcomes(
     updates: list[tuple[Any, ...]] = []
     events: list[OutboxRow] = []
     changes: list[tuple[AttemptRequest, AttemptState, ChargeResult]] = []
+    chains: dict[int, tuple[int, str, str, str]] = {}
     occurred_at = now_iso()
     recheck_us = int(unknown_recheck_s * 1_000_000)
     for record in records:
@@ -315,6 +317,11 @@ async def write_outcomes(
             )
         )
         changes.append((record.request, new_state, r))
+        sub_id = record.request.subscription_id
+        if new_state is AttemptState.SUCCEEDED and sub_id is not None and r.provider_ref:
+            # The stored-credential chain the subscription's next renewal continues.
+            provider = record.provider or record.request.provider
+            chains[sub_id] = (sub_id, provider, record.request.payment_method, r.provider_ref[:255])
         into.applied.append(record)
 
     if updates:
@@ -333,6 +340,7 @@ async def write_outcomes(
         )
     if changes:
         await apply_subscription_effects(cursor, changes, occurred_at=occurred_at, policy=policy)
+        await save_chains(cursor, list(chains.values()))  # rows locked by the line above
     await insert_outbox(cursor, events)
 
 
@@ -459,11 +467,12 @@ async def fail_orphaned_queued(
     """Queued attempts nobody will claim end failed as ``never_sent``: their ids, and the
     rows that cannot be read back (left queued, out of the sweep, the reason on the row).
 
-    A row is queued after a release (its message went back to the broker) and
-    ``recheck_at`` holds since when. Past ``queued_for_s`` without a claim, its
-    message is taken to be gone (dead-lettered at the delivery limit, purged).
-    A subscription's pending try is the scheduler's: it publishes the request
-    again, so such rows are only looked at again later. A copy of the message
+    A row is queued after a release (its message went back to the broker) or a
+    dispatch, and ``recheck_at`` holds since when. Past ``queued_for_s`` without
+    a claim, its message is taken to be gone (dead-lettered at the delivery
+    limit, purged). An active or past-due subscription's pending try is the
+    scheduler's: it publishes the request again, so such rows are only looked at
+    again later. A canceled or paused one's try is failed like any orphan. A copy of the message
     that turns up after all finds the attempt settled and changes nothing.
     """
     async with transaction(pool) as cursor:
@@ -499,13 +508,17 @@ async def fail_orphaned_queued(
 
 
 async def _scheduler_owned(cursor: Cursor, requests: Sequence[AttemptRequest]) -> set[str]:
-    """Keys that are the pending try of a scheduled subscription (a plain read, no locks)."""
+    """Keys that are the pending try of a scheduled subscription (a plain read, no locks).
+
+    Only an active or past-due subscription's: the scheduler unschedules a canceled or paused
+    one instead of publishing its try again, so that try is nobody's and ends here."""
     ids = sorted({r.subscription_id for r in requests if r.subscription_id is not None})
     if not ids:
         return set()
     await cursor.execute(
         "SELECT pending_key FROM subscriptions "  # noqa: S608
-        f"WHERE id IN ({placeholders(len(ids))}) AND next_attempt_at IS NOT NULL AND pending_key IS NOT NULL",
+        f"WHERE id IN ({placeholders(len(ids))}) AND next_attempt_at IS NOT NULL AND pending_key IS NOT NULL "
+        "AND status IN ('active', 'past_due')",
         ids,
     )
     pending = {key for (key,) in await cursor.fetchall()}
@@ -528,6 +541,8 @@ class DueUnknown(msgspec.Struct, frozen=True, kw_only=True):
     seconds_since_claim: float
     routed_provider: str | None = None
     """Where a failover sent it; reconciliation must ask there."""
+    provider_ref: str | None = None
+    """The provider's reference from an earlier answer, if one came (iyzico looks up by it)."""
 
     @property
     def provider(self) -> str:
@@ -544,6 +559,7 @@ async def take_due_unknown(
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), routed_provider, "  # noqa: S608
+            "provider_ref, "
             f"{_REQUEST_COLUMNS} "
             "FROM attempts WHERE state = 'unknown' AND recheck_at <= NOW(6) AND parked_at IS NULL "
             "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
@@ -561,13 +577,14 @@ async def take_due_unknown(
                 f"WHERE id IN ({placeholders(len(ids))})",
                 (wait_us, *ids),
             )
-        readable, unreadable = _read_requests(rows, first=4)
+        readable, unreadable = _read_requests(rows, first=5)
         due = [
             DueUnknown(
                 attempt_id=row[0],
                 reconcile_tries=row[1],
                 seconds_since_claim=(row[2] or 0) / 1_000_000,
                 routed_provider=row[3],
+                provider_ref=row[4],
                 request=request,
             )
             for row, request in readable

@@ -80,6 +80,7 @@ def start_try(
             provider=sub.provider,
             payment_method=sub.payment_method,
             customer_ref=sub.customer_ref,
+            previous_payment_ref=sub.previous_payment_ref,
         )
     except ValueError as error:
         raise Undispatchable(str(error)) from None

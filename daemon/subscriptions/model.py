@@ -8,6 +8,7 @@ from typing import Final
 
 import msgspec
 
+from daemon.cards import holds_card_number
 from daemon.subscriptions.periods import IntervalUnit
 
 
@@ -76,6 +77,22 @@ class Subscription(msgspec.Struct, kw_only=True):
     """The network rule (``networks.NetworkRule.name``) that last held back a due try, if any."""
     deferred_until: datetime | None = None
     """When that rule lets the try go; cleared when a try is dispatched or the cycle is paid."""
+    chain_provider: str | None = None
+    chain_payment_method: str | None = None
+    chain_ref: str | None = None
+    """The provider's reference of the last approved payment (its stored-credential chain), valid
+    while ``chain_provider`` and ``chain_payment_method`` are still the subscription's."""
+
+    @property
+    def previous_payment_ref(self) -> str | None:
+        """What a renewal sends to chain to the last approved payment, if that chain still holds."""
+        if self.chain_provider != self.provider or self.chain_payment_method != self.payment_method:
+            return None
+        # A reference of 13-19 digits (an Adyen pspReference) can pass the Luhn check by chance;
+        # intake would refuse the whole renewal as carrying a card number, so it is left out.
+        if self.chain_ref is None or holds_card_number(self.chain_ref):
+            return None
+        return self.chain_ref
 
     @property
     def cycle(self) -> int:

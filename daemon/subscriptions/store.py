@@ -21,7 +21,8 @@ from daemon.subscriptions.periods import IntervalUnit
 SUBSCRIPTION_COLUMNS: Final = (
     "id, status, plan, provider, payment_method, card_brand, customer_ref, amount_minor, currency, "
     "interval_unit, interval_count, paid_cycle, billing_anchor, anchor_cycle, current_period_end, "
-    "next_attempt_at, pending_key, next_try, dunning_step, status_reason, deferred_by, deferred_until"
+    "next_attempt_at, pending_key, next_try, dunning_step, status_reason, deferred_by, deferred_until, "
+    "chain_provider, chain_payment_method, chain_ref"
 )
 _SAVED: Final = (
     "status",
@@ -68,7 +69,10 @@ def subscription_from_row(row: Sequence[Any]) -> Subscription:
         reason,
         deferred_by,
         deferred_until,
-    ) = row[:22]
+        chain_provider,
+        chain_payment_method,
+        chain_ref,
+    ) = row[:25]
     return Subscription(
         id=sid,
         status=SubscriptionStatus(status),
@@ -92,6 +96,22 @@ def subscription_from_row(row: Sequence[Any]) -> Subscription:
         status_reason=reason,
         deferred_by=deferred_by,
         deferred_until=deferred_until,
+        chain_provider=chain_provider,
+        chain_payment_method=chain_payment_method,
+        chain_ref=chain_ref,
+    )
+
+
+async def save_chains(cursor: Cursor, chains: Sequence[tuple[int, str, str, str]]) -> None:
+    """Keep each (subscription id, provider, payment method, provider reference) of an approved
+    attempt as the subscription's stored-credential chain, for its next renewal to send."""
+    if not chains:
+        return
+    derived, params = union_rows(sorted(chains), ("id", "provider", "method", "ref"))
+    await cursor.execute(
+        f"UPDATE subscriptions s JOIN ({derived}) v ON s.id = v.id SET "  # noqa: S608 (placeholders only)
+        "s.chain_provider = v.provider, s.chain_payment_method = v.method, s.chain_ref = v.ref",
+        params,
     )
 
 
@@ -194,7 +214,11 @@ async def mark_dispatched(cursor: Cursor, ids: Sequence[int], *, next_attempt_at
 
 
 async def insert_queued_attempts(cursor: Cursor, requests: Sequence[AttemptRequest]) -> None:
-    """The write-ahead rows of dispatched tries, ``queued`` until a daemon claims them."""
+    """The write-ahead rows of dispatched tries, ``queued`` until a daemon claims them.
+
+    ``recheck_at`` says since when, as for a released attempt, so the orphan sweep sees them:
+    it leaves the scheduler the tries it still waits on and ends those nobody will send again
+    (their subscription canceled or paused while the try was queued)."""
     if not requests:
         return
     values: list[Any] = []
@@ -212,10 +236,14 @@ async def insert_queued_attempts(cursor: Cursor, requests: Sequence[AttemptReque
             AttemptState.QUEUED.value,
         )
     await cursor.execute(
-        f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}) VALUES {placeholders(len(requests), 10)} "  # noqa: S608
-        "ON DUPLICATE KEY UPDATE id = id",
+        f"INSERT INTO attempts ({_ATTEMPT_COLUMNS}, recheck_at) "  # noqa: S608 (placeholders only)
+        f"VALUES {_queued_rows(len(requests))} ON DUPLICATE KEY UPDATE id = id",
         values,
     )
+
+
+def _queued_rows(count: int) -> str:
+    return ", ".join(["(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NOW(6))"] * count)
 
 
 async def insert_outbox(cursor: Cursor, rows: Sequence[OutboxRow]) -> None:

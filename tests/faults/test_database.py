@@ -12,12 +12,13 @@ from collections.abc import AsyncIterator, Iterator
 import aiohttp
 import aiomysql
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from daemon.config import MySQLSettings
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool, transaction
 from tests.faults.mariadb import DATABASE, PrivateMariaDB, private_mariadb
-from tests.support import Broker, DaemonFactory, Sandbox, eventually, request
+from tests.support import NAMESPACE, Broker, DaemonFactory, Sandbox, eventually, request
 
 pytestmark = pytest.mark.slow
 
@@ -140,3 +141,54 @@ async def test_readyz_sees_a_frozen_database_and_payd_recovers(
 
 async def _not_ready(port: int) -> bool:
     return not await _ready(port)
+
+
+async def _metric(port: int, name: str) -> float:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(f"http://127.0.0.1:{port}/metrics") as response,
+    ):
+        text = await response.text()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+async def test_intake_pauses_while_the_database_does_not_answer_and_resumes_after(
+    mariadb: PrivateMariaDB,
+    fault_db: aiomysql.Pool,
+    broker: Broker,
+    sandbox: Sandbox,
+    daemons: DaemonFactory,
+) -> None:
+    """While the database was frozen the daemon went on taking deliveries it could not claim,
+    holding them in memory and handing them back to the queue over and over. Now intake pauses
+    while the probe says the database does not answer: requests published meanwhile stay in the
+    queue with no consumer of this instance on it (another instance could take them), the pause
+    is shown by payd_intake_paused; once the database answers, intake resumes and every request
+    is charged exactly once."""
+    mysql = {**mariadb.mysql_section, "acquire_timeout_s": 1, "query_timeout_s": 2, "probe_timeout_s": 1}
+    keys = [f"paused-{i}" for i in range(20)]
+    async with daemons.in_process(mysql=mysql) as daemon:
+        assert await _metric(daemon.port, "payd_intake_paused") == 0
+        mariadb.freeze()
+        try:
+            await eventually(lambda: _not_ready(daemon.port), timeout=HANG_S, what="/readyz to turn red")
+            await broker.publish(request(key) for key in keys)
+
+            async def left_in_the_queue() -> bool:
+                queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+                result = queue.declaration_result
+                return result.message_count == len(keys) and result.consumer_count == 0
+
+            await eventually(left_in_the_queue, timeout=HANG_S, what="the requests to wait unconsumed")
+            assert await _metric(daemon.port, "payd_intake_paused") == 1
+        finally:
+            mariadb.thaw()
+
+        async def settled() -> bool:
+            current = await _states(fault_db)
+            return all(current.get(key) == "succeeded" for key in keys)
+
+        await eventually(settled, timeout=120, what="every request to be charged after the thaw")
+        assert await _metric(daemon.port, "payd_intake_paused") == 0
+    approved = await sandbox.assert_no_double_charge()
+    assert {c["idempotency_key"] for c in approved} == set(keys)

@@ -10,7 +10,10 @@ says why; once Redis answers again, the instance carries on (unless halted).
 from __future__ import annotations
 
 import asyncio
+import re
+import subprocess
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import aiomysql
@@ -21,9 +24,11 @@ from daemon.halt import HaltKeys, clear_halt, set_halt
 from tests.faults.private_redis import PrivateRedis, private_redis  # noqa: F401 (a fixture)
 from tests.support import (
     NAMESPACE,
+    PAYD,
     Broker,
     DaemonFactory,
     DaemonProcess,
+    InProcessDaemon,
     Sandbox,
     eventually,
     request,
@@ -190,3 +195,47 @@ async def test_a_redis_outage_stops_new_calls_after_the_grace_and_they_resume_af
     finally:
         await end_outage()
     await _assert_everything_finishes_once(db, sandbox, keys)
+
+
+async def _payd_status(config_path: Path) -> str:
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [PAYD, "status", "--config", str(config_path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+async def test_payd_status_says_whether_the_halt_state_is_known_and_how_each_duty_is(
+    db: aiomysql.Pool,
+    broker: Broker,
+    daemons: DaemonFactory,
+    private_redis: PrivateRedis,  # noqa: F811 (the fixture imported above)
+) -> None:
+    """``payd status`` used to print only ``global`` and ``stale`` for the halt and the duties
+    that were not running: an operator could not see that an instance had stopped calling
+    providers because it could not read the halt keys, nor since when, nor why. Now it shows
+    the state (known or unknown), the age of the last read and the last error, and every duty's
+    state."""
+    config, config_path, port = daemons.config(redis={"url": private_redis.url, "halt_grace_s": GRACE_S})
+    daemon = InProcessDaemon(config, port)
+    await daemon.start()
+    try:
+        healthy = await _payd_status(config_path)
+        assert "state=known" in healthy and "last read " in healthy, healthy
+        for duty in ("broker-link", "halt-watcher", "outbox-relay", "reconciler", "health-probe"):
+            assert re.search(rf"^{duty}\s+running\s", healthy, re.MULTILINE), healthy
+        private_redis.stop()
+        seen: list[str] = []
+
+        async def says_unknown() -> bool:
+            seen.append(await _payd_status(config_path))
+            return "state=UNKNOWN" in seen[-1]
+
+        await eventually(says_unknown, timeout=30, what="payd status to show the unknown halt state")
+        assert re.search(r"^halt error ConnectionError", seen[-1], re.MULTILINE), seen[-1]
+    finally:
+        assert await daemon.stop() == 0

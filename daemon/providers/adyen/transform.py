@@ -389,11 +389,17 @@ def _needs_shopper(payment: PaymentResponse) -> ChargeResult:
     )
 
 
+# The three below are UNKNOWN that no later answer settles: Adyen has no lookup, and a resend
+# under the same key replays this very answer. Only a webhook (not consumed) or a person can
+# tell, so reconciliation parks them for an operator at once (``needs_operator``).
+
+
 def _in_progress(payment: PaymentResponse) -> ChargeResult:
     return ChargeResult(
         outcome=Outcome.UNKNOWN,
         provider_ref=payment.psp_reference,
-        reason=f"{payment.result_code}: not final, may still be authorised",
+        reason=f"{payment.result_code}: not final, may still be authorised; Adyen reports it by webhook only",
+        needs_operator=True,
     )
 
 
@@ -402,6 +408,7 @@ def _partially_authorised(payment: PaymentResponse) -> ChargeResult:
         outcome=Outcome.UNKNOWN,
         provider_ref=payment.psp_reference,
         reason="PartiallyAuthorised: part of the amount was authorised; settle it by hand",
+        needs_operator=True,
     )
 
 
@@ -410,6 +417,7 @@ def _unexpected(payment: PaymentResponse) -> ChargeResult:
         outcome=Outcome.UNKNOWN,
         provider_ref=payment.psp_reference,
         reason=f"unexpected resultCode {_text(payment.result_code, 40)}",
+        needs_operator=True,
     )
 
 

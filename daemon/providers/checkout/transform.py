@@ -51,6 +51,10 @@ class PaymentRequest(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tr
     processing_channel_id: str
     metadata: dict[str, str]
     customer: CustomerRef | None = None
+    previous_payment_id: str | None = None
+    """The approved payment this merchant-initiated one follows (``PaymentRequest.previous_payment_id``
+    in checkout-sdk-python): Checkout.com's stored-credential rules ask for it on every
+    merchant-initiated payment after the first of a chain (Visa in particular)."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -82,6 +86,7 @@ def payment_request_body(request: AttemptRequest, *, processing_channel_id: str)
             processing_channel_id=processing_channel_id,
             metadata=metadata,
             customer=customer,
+            previous_payment_id=request.previous_payment_ref,
         )
     )
 
@@ -161,7 +166,10 @@ def decode_page(body: bytes) -> PaymentPage | None:
 class Settled(enum.Enum):
     APPROVED = "approved"
     DECLINED = "declined"
-    UNSETTLED = "unsettled"
+    IN_PROGRESS = "in_progress"
+    """Not final yet; Checkout.com moves it on by itself, and a later lookup reads the result."""
+    FOR_OPERATOR = "for_operator"
+    """A state payd never asks for, which does not end by itself: a person decides."""
 
 
 # Payment status -> what it says of the authorization payd asked for. Statuses that
@@ -175,14 +183,14 @@ PAYMENT_STATUSES: Final[Mapping[str, Settled]] = {
     "Refunded": Settled.APPROVED,
     "Partially Refunded": Settled.APPROVED,
     "Declined": Settled.DECLINED,
-    "Pending": Settled.UNSETTLED,
-    "Retry Scheduled": Settled.UNSETTLED,
-    "Requested": Settled.UNSETTLED,
-    "Active": Settled.UNSETTLED,
-    "Voided": Settled.UNSETTLED,
-    "Expired": Settled.UNSETTLED,
-    "Canceled": Settled.UNSETTLED,
-    "Card Verified": Settled.UNSETTLED,
+    "Pending": Settled.IN_PROGRESS,
+    "Retry Scheduled": Settled.IN_PROGRESS,
+    "Requested": Settled.IN_PROGRESS,
+    "Active": Settled.FOR_OPERATOR,
+    "Voided": Settled.FOR_OPERATOR,
+    "Expired": Settled.FOR_OPERATOR,
+    "Canceled": Settled.FOR_OPERATOR,
+    "Card Verified": Settled.FOR_OPERATOR,
 }
 
 
@@ -346,10 +354,12 @@ def _declined_result(payment: Payment) -> ChargeResult:
         )
     decline = _decline(code)
     if decline is None:
+        # A lookup reads the same code again: only a person can settle it.
         return ChargeResult(
             outcome=Outcome.UNKNOWN,
             provider_ref=payment.id,
             reason=_reason("declined with unrecognised response code", code, summary),
+            needs_operator=True,
         )
     if decline.outcome is _OURS:
         return ChargeResult(
@@ -423,6 +433,9 @@ def payment_result(payment: Payment, request: AttemptRequest) -> ChargeResult:
         outcome=Outcome.UNKNOWN,
         provider_ref=payment.id,
         reason=_reason("payment status", repr(payment.status), f"approved={payment.approved}"),
+        # Only a payment still in progress can settle on a later lookup; anything else (a state
+        # payd never asks for, an unknown status, a status contradicting ``approved``) cannot.
+        needs_operator=settled is not Settled.IN_PROGRESS,
     )
 
 

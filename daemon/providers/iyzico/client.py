@@ -135,7 +135,8 @@ class IyzicoProvider(HttpAdapter[_Prepared]):
         if isinstance(prepared, transform.Refused):
             return LookupResult(found=False)  # such an attempt is never sent
         _, expected = prepared
-        path, body = transform.DETAIL_PATH, transform.detail_body(request, self._defaults.locale)
+        path = transform.DETAIL_PATH
+        body = transform.detail_body(request, self._defaults.locale, getattr(request, "provider_ref", None))
         answer = await self.send("POST", path, body=body, headers=self._signed_headers(path, body))
         if answer is None:
             return None

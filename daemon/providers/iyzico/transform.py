@@ -449,14 +449,20 @@ def _success(answer: Answer, expected: Expected) -> ChargeResult:
     if problem is not None:
         return ChargeResult(outcome=Outcome.UNKNOWN, provider_ref=answer.payment_id, reason=problem)
     if answer.payment_status not in _SUCCESS_PAYMENT_STATUSES:
+        # INIT_THREEDS, CALLBACK_THREEDS, ...: a flow payd never starts, waiting for a step payd
+        # never takes; a lookup would answer the same for ever, so a person settles it.
         reason = f"iyzico success with paymentStatus {answer.payment_status}"
-        return ChargeResult(outcome=Outcome.UNKNOWN, provider_ref=answer.payment_id, reason=reason)
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN, provider_ref=answer.payment_id, reason=reason, needs_operator=True
+        )
     if not answer.payment_id:
         return ChargeResult(outcome=Outcome.UNKNOWN, reason="iyzico success without a paymentId")
     verdict = FRAUD_STATUS.get(answer.fraud_status)
     if verdict is None:
         reason = f"iyzico success with fraudStatus {answer.fraud_status}"
-        return ChargeResult(outcome=Outcome.UNKNOWN, provider_ref=answer.payment_id, reason=reason)
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN, provider_ref=answer.payment_id, reason=reason, needs_operator=True
+        )
     return ChargeResult(
         outcome=verdict.outcome,
         provider_ref=answer.payment_id,

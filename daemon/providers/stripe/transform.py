@@ -308,10 +308,22 @@ def _needs_customer(intent: PaymentIntent) -> ChargeResult:
 
 
 def _not_final(intent: PaymentIntent) -> ChargeResult:
+    # "processing" ends by itself (succeeded or requires_payment_method): a later lookup settles it.
     return ChargeResult(
         outcome=Outcome.UNKNOWN,
         provider_ref=intent.id,
         reason=f"payment intent {intent.status}: not final, money may move",
+    )
+
+
+def _stuck(intent: PaymentIntent) -> ChargeResult:
+    # Authorised but not captured, or never confirmed: payd asked for neither, and the intent
+    # waits for a call payd will not make. A person decides (capture, or cancel and retry).
+    return ChargeResult(
+        outcome=Outcome.UNKNOWN,
+        provider_ref=intent.id,
+        reason=f"payment intent {intent.status}: waits for a capture or confirmation payd never makes",
+        needs_operator=True,
     )
 
 
@@ -331,8 +343,8 @@ INTENT_STATUSES: Final[Mapping[str, Callable[[PaymentIntent], ChargeResult]]] = 
     "requires_payment_method": _payment_failed,
     "requires_action": _needs_customer,
     "processing": _not_final,
-    "requires_capture": _not_final,  # authorised, not captured: an operator decides
-    "requires_confirmation": _not_final,
+    "requires_capture": _stuck,  # authorised, not captured: an operator decides
+    "requires_confirmation": _stuck,
     "canceled": _canceled,
 }
 
@@ -380,6 +392,7 @@ def intent_result(intent: PaymentIntent) -> ChargeResult:
             outcome=Outcome.UNKNOWN,
             provider_ref=intent.id,
             reason=f"unrecognised payment intent status {intent.status}",
+            needs_operator=True,
         )
     return mapper(intent)
 

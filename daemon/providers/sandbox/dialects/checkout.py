@@ -20,6 +20,13 @@ of its own (``KEY~N``), and the ledger shows both charges under one reference.
 ``pm_cko_server_error_unlisted`` is the same, and its payment is missing from the payment
 list (the list has not caught up), so a lookup by reference finds nothing.
 
+Stored-credential chains: a merchant-initiated ``Recurring`` payment must name, in
+``previous_payment_id``, an approved payment of the same source, once that source has an
+approved payment for an earlier cycle of the same subscription (reference ``SUB:CYCLE``):
+Checkout.com's merchant-initiated transaction rules ("Stored credentials": subsequent
+payments reference the previous one, Visa in particular). Without it: 422
+``previous_payment_id_required``; naming anything else: 422 ``previous_payment_id_invalid``.
+
 Where Checkout.com documents no body (401, 404, 409, 429, 5xx) the answer has none.
 How faults look here: rate limited is 429 with ``Retry-After``; an API error is 502
 (Bad gateway, the 5xx Checkout.com documents); an injected hang ends in 503.
@@ -158,6 +165,7 @@ class _PaymentRequest(msgspec.Struct, kw_only=True):
     processing_channel_id: str | None = None
     customer: _Customer | None = None
     metadata: dict[str, str | int | float | bool | None] | None = None
+    previous_payment_id: str | None = None
 
 
 class Received(msgspec.Struct, kw_only=True):
@@ -454,6 +462,40 @@ def _received(request: web.Request, payment: _PaymentRequest, raw: bytes) -> Rec
     )
 
 
+def _subscription(reference: str) -> str | None:
+    """The subscription part of a renewal's reference ``SUB:CYCLE``; None for other references."""
+    sub, colon, cycle = reference.partition(":")
+    return sub if colon and sub.isdigit() and cycle.isdigit() else None
+
+
+def _chain_problem(request: web.Request, payment: _PaymentRequest) -> str | None:
+    """Why a merchant-initiated recurring payment breaks its stored-credential chain, or None."""
+    if not (payment.merchant_initiated and payment.payment_type == "Recurring" and payment.source):
+        return None
+    source, reference = payment.source.id, payment.reference or ""
+    book = request.app[_RECEIVED_KEY].by_key
+    approved = [
+        charge
+        for charge in request.app[GATEWAY_KEY].ledger()
+        if charge.status is ChargeStatus.APPROVED
+        and (received := book.get(charge.idempotency_key)) is not None
+        and received.token == source
+        and received.processing_channel_id == payment.processing_channel_id
+    ]
+    if payment.previous_payment_id is not None:
+        known = {_payment_id(charge) for charge in approved}
+        return None if payment.previous_payment_id in known else "previous_payment_id_invalid"
+    subscription = _subscription(reference)
+    earlier_cycles = [
+        charge
+        for charge in approved
+        if subscription is not None
+        and _subscription(charge.merchant_reference) == subscription
+        and charge.merchant_reference != reference
+    ]
+    return "previous_payment_id_required" if earlier_cycles else None
+
+
 async def _post_payment(request: web.Request) -> web.Response:
     gateway = request.app[GATEWAY_KEY]
     raw = await request.read()
@@ -469,8 +511,9 @@ async def _post_payment(request: web.Request) -> web.Response:
         if payment is None:
             return _invalid("request_malformed")
         problems = _problems(payment)
-        if problems:
-            return _invalid(*problems)
+        chain = None if problems else _chain_problem(request, payment)
+        if problems or chain:
+            return _invalid(*problems, *([chain] if chain else []))
         # Without the header Checkout.com does not deduplicate; neither does this.
         key = request.headers.get("Cko-Idempotency-Key") or "cko_none_" + secrets.token_hex(12)
         return await _charge(request, gateway, key, _received(request, payment, raw))

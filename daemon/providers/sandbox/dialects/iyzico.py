@@ -24,6 +24,8 @@ Answers are iyzico's: a declined payment is ``status: failure`` with its errorCo
 retrieval worked) with ``paymentStatus: FAILURE`` and the errorCode. Success answers
 carry iyzico's response ``signature``: hex HMAC-SHA256 with the secret key over
 ``paymentId:currency:basketId:conversationId:paidPrice:price`` (iyzipay-python samples).
+``GET /iyzico/_sandbox/details`` lists what each ``/payment/detail`` asked for
+(``paymentId``, ``paymentConversationId``), for tests.
 """
 
 from __future__ import annotations
@@ -166,6 +168,8 @@ class _Book:
         self.by_conversation: dict[str, list[str]] = {}
         self.by_payment_id: dict[str, str] = {}
         self.sent: dict[str, _Sent] = {}
+        self.details: list[dict[str, str | None]] = []
+        """What each ``/payment/detail`` asked for, in order."""
 
     def open(self, key: str, sent: _Sent) -> None:
         self.sent[key] = sent
@@ -447,6 +451,9 @@ async def _post_detail(request: web.Request) -> web.Response:
         detail = _decode_detail(body)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
         return _invalid(str(error))
+    book.details.append(
+        {"paymentId": detail.payment_id, "paymentConversationId": detail.payment_conversation_id}
+    )
     if not (detail.payment_id or detail.payment_conversation_id):
         return _invalid("paymentId or paymentConversationId is required", detail.conversation_id)
     key = book.find(detail)
@@ -458,11 +465,16 @@ async def _post_detail(request: web.Request) -> web.Response:
     return _answer(charge, sent, detail.conversation_id, detail=True)
 
 
+async def _get_details(request: web.Request) -> web.Response:
+    return web.json_response(request.app[BOOK_KEY].details)
+
+
 def add_routes(app: web.Application) -> None:
     app[BOOK_KEY] = _Book()
     app.add_routes(
         [
             web.post(f"{PREFIX}/payment/auth", _post_payment),
             web.post(f"{PREFIX}/payment/detail", _post_detail),
+            web.get(f"{PREFIX}/_sandbox/details", _get_details),
         ]
     )
