@@ -31,6 +31,7 @@ from tests.support import (
     query,
     request,
     wait_settled,
+    wait_states,
 )
 
 REVERSAL_TERMINAL = ("succeeded", "failed")
@@ -54,15 +55,9 @@ async def reversal_states(db: aiomysql.Pool) -> dict[str, str]:
 async def wait_reversals(
     db: aiomysql.Pool, keys: Iterable[str], *, timeout: float = 60, done: tuple[str, ...] = REVERSAL_TERMINAL
 ) -> dict[str, str]:
-    wanted = set(keys)
-
-    async def settled() -> bool:
-        current = await reversal_states(db)
-        return all(current.get(key) in done for key in wanted)
-
-    await eventually(settled, timeout=timeout, what=f"{len(wanted)} refunds to settle")
-    current = await reversal_states(db)
-    return {key: current[key] for key in wanted}
+    return await wait_states(
+        lambda: reversal_states(db), keys, done, timeout=timeout, what="refunds to settle"
+    )
 
 
 async def charged(db: aiomysql.Pool, broker: Broker, *bodies: dict[str, Any]) -> None:
