@@ -197,3 +197,6 @@ class ReversalRequest(msgspec.Struct, frozen=True, kw_only=True):
     amount_minor: int
     currency: str
     reason: str | None = None
+    subscription_id: int | None = None
+    """The charge's subscription and cycle, for events (a one-off charge has neither)."""
+    cycle: int | None = None

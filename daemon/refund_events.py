@@ -30,6 +30,8 @@ class RefundEvent(msgspec.Struct, frozen=True, kw_only=True):
     occurred_at: str
     idempotency_key: str
     original_idempotency_key: str
+    subscription_id: int | None
+    cycle: int | None
     provider: str | None
     """None only for a refund refused because it named no known charge."""
     amount_minor: int
@@ -51,6 +53,8 @@ class RefundFacts(msgspec.Struct, frozen=True, kw_only=True):
     provider: str | None
     amount_minor: int
     currency: str | None
+    subscription_id: int | None = None
+    cycle: int | None = None
 
 
 def refund_event_id(idempotency_key: str, state: ReversalState) -> str:
@@ -69,6 +73,8 @@ def refund_event(
         occurred_at=occurred_at,
         idempotency_key=facts.idempotency_key,
         original_idempotency_key=facts.original_idempotency_key,
+        subscription_id=facts.subscription_id,
+        cycle=facts.cycle,
         provider=facts.provider,
         amount_minor=facts.amount_minor,
         currency=facts.currency,

@@ -74,12 +74,16 @@ async def test_full_and_partial_refunds_reach_the_ledger_once(
     db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
     """A full refund and two partial ones succeed, each refunded once at the gateway (its ledger
-    shows each charge's net amount), with refund.succeeded events naming the charge; a refund
+    shows each charge's net amount), with refund.succeeded events naming the charge (and its
+    subscription and cycle); a refund
     redelivered with its key changes nothing."""
     await broker.follow_events()
     async with daemons.in_process():
         await charged(
-            db, broker, request("ch-full", amount_minor=1500), request("ch-part", amount_minor=1000)
+            db,
+            broker,
+            request("ch-full", amount_minor=1500),
+            request("ch-part", amount_minor=1000, subscription_id=77),
         )
         await broker.publish(
             [
@@ -110,6 +114,8 @@ async def test_full_and_partial_refunds_reach_the_ledger_once(
     assert events["rf-full"]["type"] == "refund.succeeded"
     assert events["rf-full"]["original_idempotency_key"] == "ch-full"
     assert events["rf-part-2"]["amount_minor"] == 200
+    assert (events["rf-part-2"]["subscription_id"], events["rf-part-2"]["cycle"]) == (77, 1)
+    assert (events["rf-full"]["subscription_id"], events["rf-full"]["cycle"]) == (None, None)
     assert await query(db, "SELECT COUNT(*) FROM reversals") == [(3,)]
 
 

@@ -79,6 +79,8 @@ def _reversal_of(row: Sequence[Any]) -> ReversalRequest:
         amount_minor=amount,
         currency=currency,
         reason=reason,
+        subscription_id=subscription_id,
+        cycle=cycle,
     )
 
 
@@ -90,6 +92,8 @@ def _facts(reversal: ReversalRequest) -> RefundFacts:
         provider=reversal.provider,
         amount_minor=reversal.amount_minor,
         currency=reversal.currency,
+        subscription_id=reversal.subscription_id,
+        cycle=reversal.cycle,
     )
 
 
@@ -113,6 +117,8 @@ class _Charge(msgspec.Struct, frozen=True, array_like=True):
     routed_provider: str | None
     amount_minor: int
     currency: str
+    subscription_id: int | None
+    cycle: int | None
 
     @property
     def called_provider(self) -> str:
@@ -166,7 +172,8 @@ async def claim_reversal(
     """The write-ahead row of one refund, claimed in flight, or why it is not sent (see module)."""
     async with transaction(pool) as cursor:
         await cursor.execute(
-            "SELECT id, state, provider, routed_provider, amount_minor, currency FROM attempts "
+            "SELECT id, state, provider, routed_provider, amount_minor, currency, subscription_id, cycle "
+            "FROM attempts "
             "WHERE idempotency_key = %s FOR UPDATE",
             (request.original_idempotency_key,),
         )
@@ -229,6 +236,8 @@ async def claim_reversal(
                 provider=charge.called_provider if charge else None,
                 amount_minor=request.amount_minor,
                 currency=charge.currency if charge else None,
+                subscription_id=charge.subscription_id if charge else None,
+                cycle=charge.cycle if charge else None,
             )
             event = refund_event(facts, state=ReversalState.FAILED, result=verdict, occurred_at=now_iso())
             await insert_outbox(cursor, [event])
