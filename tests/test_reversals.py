@@ -129,7 +129,8 @@ async def test_refunds_beyond_the_charge_or_of_unsucceeded_charges_are_refused_u
 ) -> None:
     """A refund exceeding what remains, one of a declined charge, one of an unknown charge and
     one naming no charge end failed with a clear reason and a refund.failed event, and none of
-    them reaches the gateway."""
+    them reaches the gateway; a refund key reused with another amount is dead-lettered and the
+    first refund stands."""
     await broker.follow_events()
     async with daemons.in_process():
         await charged(db, broker, request("ch-a", amount_minor=1000))
@@ -150,9 +151,18 @@ async def test_refunds_beyond_the_charge_or_of_unsucceeded_charges_are_refused_u
                 refund("rf-declined", "ch-declined", 100),
                 refund("rf-unknown", "ch-unknown", 100),
                 refund("rf-nothing", "no-such-charge", 100),
+                refund("rf-a-1", "ch-a", 5),  # a key reused with another amount
             ]
         )
         settled = await wait_reversals(db, ["rf-a-2", "rf-declined", "rf-unknown", "rf-nothing"])
+
+        dead: list[tuple[bytes, dict[str, Any]]] = []
+
+        async def dead_lettered() -> bool:
+            dead.extend(await broker.dead_letters())  # reading takes them off the queue
+            return len(dead) >= 1
+
+        await eventually(dead_lettered, timeout=20, what="the reused key to be dead-lettered")
 
         async def events_out() -> bool:
             return sum(e["type"] == "refund.failed" for e in broker.events) >= 4
@@ -166,6 +176,10 @@ async def test_refunds_beyond_the_charge_or_of_unsucceeded_charges_are_refused_u
     assert reasons["rf-declined"].startswith("charge_not_succeeded: charge ch-declined is declined")
     assert reasons["rf-unknown"].startswith("charge_not_succeeded: charge ch-unknown is unknown")
     assert reasons["rf-nothing"] == "no_charge: no charge with idempotency key no-such-charge"
+    [(_, headers)] = dead
+    assert "refund idempotency_key reused" in headers["x-payd-error"]
+    rows = await query(db, "SELECT amount_minor, state FROM reversals WHERE idempotency_key = 'rf-a-1'")
+    assert rows == [(700, "succeeded")]
     stats = await sandbox.stats()
     assert stats["refund_requests"] == 1, "only the refund within the charge was sent"
     failed = {e["idempotency_key"]: e for e in broker.events if e["type"] == "refund.failed"}
