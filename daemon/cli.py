@@ -184,6 +184,14 @@ def cmd_attempts(config: Config, args: argparse.Namespace) -> int:
     return _run(commands.reporting(name, commands.list_(config, wanted, as_json=args.json)))
 
 
+def cmd_refund(config: Config, args: argparse.Namespace) -> int:
+    from daemon.operator import commands  # noqa: PLC0415
+    from daemon.operator.refund import refund  # noqa: PLC0415
+
+    publishing = refund(config, args.key, amount=args.amount, reason=args.reason, refund_key=args.refund_key)
+    return _run(commands.reporting("refund", publishing))
+
+
 def cmd_dead(config: Config, args: argparse.Namespace) -> int:
     from daemon.operator import commands  # noqa: PLC0415
 
@@ -273,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     unpark.add_argument("keys", nargs="*", metavar="KEY", help="idempotency keys")
     unpark.add_argument("--all", action="store_true", help="every parked attempt")
     unpark.set_defaults(handler=cmd_attempts_unpark)
+    refunding = add("refund", cmd_refund, "refund (part of) a succeeded charge: publishes a refund request")
+    refunding.add_argument("key", metavar="KEY", help="the charge's idempotency key")
+    refunding.add_argument("--amount", type=int, help="in the minor unit (default: all that remains)")
+    refunding.add_argument("--reason", help="kept with the refund and sent where the provider takes one")
+    refunding.add_argument("--refund-key", help="the refund's own idempotency key (default: refund:KEY:N)")
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)
     from daemon.providers.sandbox import gateway  # noqa: PLC0415

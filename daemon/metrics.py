@@ -109,6 +109,12 @@ class Metrics:
             "In-flight attempts turned unknown after their claimer stopped",
             registry=r,
         )
+        self.refunds = Counter(
+            "payd_refunds",
+            "Refunds finished or refused, by provider and state (refused: the decline code)",
+            ["provider", "state"],
+            registry=r,
+        )
         self.orphans_failed = Counter(
             "payd_orphans_failed",
             "Queued attempts nobody claimed within queued_orphan_after_s, failed as never_sent",

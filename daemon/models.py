@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
-from typing import Annotated, Final
+from typing import Annotated, Final, Literal
 
 import msgspec
 
@@ -149,3 +149,54 @@ class PaymentEvent(msgspec.Struct, frozen=True, kw_only=True):
     attempt_id: int
     state: str
     reason: str | None = None
+
+
+# -- reversals (refunds) --------------------------------------------------------
+
+
+class RefundRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """A refund request as it arrives on ``payd.attempts`` (``"operation": "refund"``).
+
+    The provider and currency are the charge's own: a refund goes where the money
+    was taken, never elsewhere. Unknown fields are ignored.
+    """
+
+    operation: Literal["refund"]
+    idempotency_key: IdempotencyKey
+    original_idempotency_key: IdempotencyKey
+    amount_minor: PositiveAmount
+    reason: ShortText | None = None
+
+
+class ReversalState(enum.StrEnum):
+    QUEUED = "queued"
+    """Released unsent (drain, halt); its amount stays reserved until it is sent."""
+    IN_FLIGHT = "in_flight"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    UNKNOWN = "unknown"
+
+
+RESERVING_REVERSAL_STATES: Final = frozenset(
+    {ReversalState.QUEUED, ReversalState.IN_FLIGHT, ReversalState.SUCCEEDED, ReversalState.UNKNOWN}
+)
+"""The states whose amounts count against a charge (invariant 7)."""
+
+
+class ReversalRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """What a provider adapter is asked to reverse: a claimed refund of one succeeded charge."""
+
+    reversal_id: int
+    idempotency_key: str
+    """The reversal's own key, sent to the provider as its idempotency key."""
+    original_idempotency_key: str
+    original_provider_ref: str | None
+    """The provider's id of the charge (what refund endpoints are addressed by)."""
+    original_merchant_reference: str
+    provider: str
+    amount_minor: int
+    currency: str
+    reason: str | None = None
+    subscription_id: int | None = None
+    """The charge's subscription and cycle, for events (a one-off charge has neither)."""
+    cycle: int | None = None

@@ -41,7 +41,7 @@ def migrated(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture
 async def db() -> AsyncIterator[aiomysql.Pool]:
     pool = await open_test_pool()
-    for table in ("attempts", "outbox", "subscriptions"):
+    for table in ("attempts", "outbox", "subscriptions", "reversals"):
         await query(pool, f"DELETE FROM {table}")
     yield pool
     pool.close()

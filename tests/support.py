@@ -98,6 +98,11 @@ class Sandbox:
         async with self._session.get(f"{self.url}/_sandbox/ledger") as response:
             return list((await response.json())["charges"])
 
+    async def refunds(self) -> list[dict[str, Any]]:
+        """Every refund the gateway executed (the ledger's ``refunds``)."""
+        async with self._session.get(f"{self.url}/_sandbox/ledger") as response:
+            return list((await response.json())["refunds"])
+
     async def stats(self) -> dict[str, Any]:
         async with self._session.get(f"{self.url}/_sandbox/stats") as response:
             return dict(await response.json())
@@ -167,14 +172,26 @@ async def eventually(
 
 async def wait_settled(pool: aiomysql.Pool, keys: Iterable[str], *, timeout: float = 60) -> dict[str, str]:
     """Wait until every key has a terminal attempt row; return key -> state."""
-    wanted = set(keys)
+    return await wait_states(lambda: states(pool), keys, TERMINAL, timeout=timeout, what="attempts to settle")
+
+
+async def wait_states(
+    read: Callable[[], Awaitable[dict[str, str]]],
+    keys: Iterable[str],
+    done: Iterable[str],
+    *,
+    timeout: float,
+    what: str,
+) -> dict[str, str]:
+    """Wait until ``read()`` shows every key in one of the ``done`` states; return key -> state."""
+    wanted, finished = set(keys), set(done)
 
     async def settled() -> bool:
-        current = await states(pool)
-        return all(current.get(key) in TERMINAL for key in wanted)
+        current = await read()
+        return all(current.get(key) in finished for key in wanted)
 
-    await eventually(settled, timeout=timeout, what=f"{len(wanted)} attempts to settle")
-    current = await states(pool)
+    await eventually(settled, timeout=timeout, what=f"{len(wanted)} {what}")
+    current = await read()
     return {key: current[key] for key in wanted}
 
 

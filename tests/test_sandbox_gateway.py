@@ -158,6 +158,8 @@ async def test_executing_tokens_answer_and_enter_the_ledger(
         "decline_code": decline_code,
         "account": "default",
         "created_at": body["created_at"],
+        "refunded_minor": 0,
+        "net_minor": 1999 if status == 200 else 0,
     }
 
 

@@ -306,6 +306,8 @@ class PrivateRabbitMQ(PrivateServer):
 
     node: str
     env: dict[str, str]
+    process_group: int
+    """The node's process group (its shell script and beam): signal it to freeze the node."""
 
     def ctl(self, *args: str) -> None:
         ctl = RABBITMQ_SERVER.with_name("rabbitmqctl")
@@ -338,7 +340,7 @@ def rabbitmq_node(directory: Path, listeners: str, *, name: str) -> Iterator[Pri
     log = directory / "rabbitmq.out"
     with _process([str(RABBITMQ_SERVER)], log, env=env, cwd=directory) as process:
         _wait_until_ready(process, log, "Starting broker... completed", timeout=120)
-        yield PrivateRabbitMQ(port=port, password=password, node=node, env=env)
+        yield PrivateRabbitMQ(port=port, password=password, node=node, env=env, process_group=process.pid)
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from daemon.events import event_id as payment_event_id
 from daemon.models import TERMINAL_STATES, AttemptState
 from daemon.storage.attempts import REQUEST_COLUMNS, request_from_row
 from daemon.storage.db import Cursor, placeholders, transaction
+from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
 from daemon.subscriptions.events import event_id as subscription_event_id
 from daemon.subscriptions.model import ChangeKind
 
@@ -107,6 +108,8 @@ class AttemptStory(msgspec.Struct, frozen=True, kw_only=True):
     operator_actions: list[OperatorAction] = msgspec.field(default_factory=list)
     subscription: SubscriptionView | None = None
     events: list[Event] = msgspec.field(default_factory=list)
+    reversals: list[ReversalLine] = msgspec.field(default_factory=list)
+    """Refunds asked of this charge, oldest first, refused ones included."""
 
 
 def _utc(moment: datetime | None) -> datetime | None:
@@ -160,6 +163,7 @@ async def load_story(pool: aiomysql.Pool, key: str) -> AttemptStory:
             None if wire.subscription_id is None else await _subscription(cursor, wire.subscription_id)
         )
         events = await _events(cursor, key, attempt, actions)
+        reversals = await reversals_of(cursor, key)
     return AttemptStory(
         idempotency_key=key,
         found=True,
@@ -168,6 +172,7 @@ async def load_story(pool: aiomysql.Pool, key: str) -> AttemptStory:
         operator_actions=actions,
         subscription=subscription,
         events=events,
+        reversals=reversals,
     )
 
 
@@ -321,11 +326,34 @@ def _events_section(story: AttemptStory, out: TextIO) -> None:
         )
 
 
+def _reversals_section(story: AttemptStory, out: TextIO) -> None:
+    if story.request is None:
+        return
+    print("reversals", file=out)
+    if not story.reversals:
+        _line(out, "none", "")
+        return
+    for line in story.reversals:
+        why = line.result_reason if line.state.value in ("failed", "unknown") else line.reason
+        print(
+            f"  {_when(line.created_at)}  refund {line.idempotency_key} {line.amount_minor}: "
+            f"{line.state.value}"
+            + (f" ({line.decline_code})" if line.decline_code else "")
+            + (f" [provider ref {line.provider_ref}]" if line.provider_ref else "")
+            + (f" - {why}" if why else ""),
+            file=out,
+        )
+    reserved = reserved_minor(story.reversals)
+    _line(out, "refunded/held", f"{reserved} of {story.request.amount_minor} {story.request.currency}")
+    _line(out, "remaining", story.request.amount_minor - reserved)
+
+
 SECTIONS: Final[tuple[Callable[[AttemptStory, TextIO], None], ...]] = (
     _request_section,
     _tries_section,
     _outcome_section,
     _reconciliation_section,
+    _reversals_section,
     _operator_section,
     _subscription_section,
     _events_section,

@@ -23,10 +23,11 @@ from aio_pika.abc import AbstractIncomingMessage
 from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable, delivery_channel_open, settle
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
-from daemon.models import Attempt, AttemptRequest, ChargeResult, Outcome
+from daemon.models import Attempt, AttemptRequest, ChargeResult, Outcome, RefundRequest
 from daemon.pipeline.batcher import Batcher
 from daemon.pipeline.execute import BREAKER_OPEN, AttemptRun, Lane, execute
 from daemon.pipeline.intake import Invalid, decode_request
+from daemon.pipeline.reversals import ReversalFlow
 from daemon.storage.attempts import (
     Record,
     claim_attempts,
@@ -113,6 +114,16 @@ class AttemptPipeline:
             concurrency=3,
         )
         self._first_unknown_recheck_s = settings.reconcile_backoff_s[0]
+        # Refunds: one task each (drained with the side tasks), through the same lanes.
+        self.reversals = ReversalFlow(
+            pool=pool,
+            lanes=lanes,
+            settings=settings,
+            metrics=metrics,
+            instance_id=instance_id,
+            stopping=self.stopping,
+            dead_letter=self._dead_letter,
+        )
 
     def start(self) -> None:
         self._claims.start()
@@ -132,6 +143,9 @@ class AttemptPipeline:
         decoded = decode_request(message.body, self.lanes)
         if isinstance(decoded, Invalid):
             self._spawn(self._dead_letter(message, decoded.reason))
+            return
+        if isinstance(decoded, RefundRequest):
+            self._spawn(self.reversals.handle(message, decoded))
             return
         self._claims.add(Delivery(message, decoded))
 

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import enum
 import time
+from collections.abc import Awaitable
 from typing import Final
 
 import msgspec
@@ -72,6 +73,10 @@ class AttemptRun:
         self.rate_limited = 0
         self.started = time.monotonic()
 
+    def call(self, provider: Provider) -> Awaitable[ChargeResult]:
+        """The provider call this run makes: a charge (a reversal's run sends a refund)."""
+        return provider.charge(self.request)
+
 
 BREAKER_OPEN: Final = ChargeResult(
     outcome=Outcome.PROVIDER_ERROR, reached_provider=False, reason="breaker open: not sent"
@@ -127,7 +132,7 @@ async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> Charg
     try:
         # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
         async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
-            result = await lane.provider.charge(run.request)
+            result = await run.call(lane.provider)
             return result
     except TimeoutError:
         result = ChargeResult(outcome=Outcome.UNKNOWN, reason="adapter overran its timeout")

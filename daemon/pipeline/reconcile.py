@@ -44,6 +44,7 @@ from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome, RecordedAttempt
 from daemon.pipeline.attempts import OrphanSweep
 from daemon.pipeline.execute import Lane, free_slot
+from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
     DueUnknown,
@@ -96,12 +97,16 @@ class Reconciler:
         self._orphans = OrphanSweep(pool, settings, metrics)
         self.parked: deque[ParkedAttempt] = deque(maxlen=20)
         """The latest attempts this instance parked, for /status."""
+        self.reversals = ReversalReconciler(
+            pool=pool, lanes=lanes, settings=settings, metrics=metrics, on_recorded=on_recorded
+        )
 
     async def run(self) -> None:
         while True:
             await self._waker.next_round()
             try:
                 await self.reconcile_once()
+                await self.reversals.reconcile_once()  # refunds: the same rules, their own table
             except DB_ERRORS as error:
                 log.error("reconcile.database_error", error=repr(error))
 

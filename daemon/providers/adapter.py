@@ -9,6 +9,11 @@ A charge is: ``prepare_charge`` (the body, or the verdict on a request that must
 not be sent), ``charge_headers`` (they may sign the body), one exchange on
 ``charge_path``, ``charge_result`` on the answer. A transport failure comes back
 from ``exchange`` already classified (never sent / may have charged).
+
+A refund is the same flow with its own steps: ``refund_path`` (addressed by the
+charge's provider id), ``refund_body``, ``refund_headers``, ``refund_result``;
+``lookup_refund`` asks after one by its key. A kind that fills them in sets
+``Capabilities.refunds``; the defaults refuse without sending anything.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ from typing import ClassVar, Generic, TypeVar
 
 import aiohttp
 
-from daemon.models import AttemptRequest, ChargeResult
+from daemon.models import AttemptRequest, ChargeResult, Outcome, ReversalRequest
 from daemon.providers.base import Capabilities, LookupResult, ProviderConfig
 from daemon.providers.http import HttpResponse, exchange, open_session
 
 Prepared = TypeVar("Prepared")
 """What ``prepare_charge`` hands on: the body itself (``bytes``), or the body with what the
 answer will be checked against."""
+
+_NO_REFUNDS = "this provider kind does not implement refunds (Capabilities.refunds is False)"
 
 
 class HttpAdapter(abc.ABC, Generic[Prepared]):
@@ -79,6 +86,40 @@ class HttpAdapter(abc.ABC, Generic[Prepared]):
         )
         if isinstance(answer, HttpResponse):
             return self.charge_result(request, prepared, answer)
+        return answer
+
+    # -- refunds: steps a kind with Capabilities.refunds overrides -------------------------
+
+    def refund_path(self, request: ReversalRequest) -> str:
+        raise NotImplementedError(_NO_REFUNDS)
+
+    def refund_body(self, request: ReversalRequest) -> bytes:
+        raise NotImplementedError(_NO_REFUNDS)
+
+    def refund_headers(self, request: ReversalRequest, body: bytes) -> Mapping[str, str]:
+        raise NotImplementedError(_NO_REFUNDS)
+
+    def refund_result(self, request: ReversalRequest, response: HttpResponse) -> ChargeResult:
+        raise NotImplementedError(_NO_REFUNDS)
+
+    async def lookup_refund(self, request: ReversalRequest) -> LookupResult | None:
+        """What the provider says of an earlier refund; None when it could not be asked."""
+        return None
+
+    async def refund(self, request: ReversalRequest) -> ChargeResult:
+        if not self.capabilities.refunds:
+            # Never sent: the pipeline refuses such refunds before they get here.
+            return ChargeResult(outcome=Outcome.PROVIDER_ERROR, retryable=False, reason=_NO_REFUNDS)
+        body = self.refund_body(request)
+        answer = await exchange(
+            self.session,
+            "POST",
+            self.refund_path(request),
+            body=body,
+            headers=self.refund_headers(request, body),
+        )
+        if isinstance(answer, HttpResponse):
+            return self.refund_result(request, answer)
         return answer
 
     async def send(

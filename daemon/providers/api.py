@@ -11,7 +11,7 @@ the storage, and this module imports nothing that does (``tests/test_architectur
 from __future__ import annotations
 
 from daemon.errors import ConfigError
-from daemon.models import AttemptRequest, ChargeResult, Outcome
+from daemon.models import AttemptRequest, ChargeResult, Outcome, ReversalRequest
 from daemon.providers.adapter import HttpAdapter
 from daemon.providers.base import (
     Capabilities,
@@ -20,6 +20,7 @@ from daemon.providers.base import (
     Provider,
     ProviderConfig,
     ProviderFactory,
+    RefundingProvider,
     SecretName,
 )
 from daemon.providers.http import HttpResponse, exchange, open_session, retry_after_seconds
@@ -38,6 +39,8 @@ __all__ = [
     "Provider",
     "ProviderConfig",
     "ProviderFactory",
+    "RefundingProvider",
+    "ReversalRequest",
     "Secret",
     "SecretName",
     "exchange",

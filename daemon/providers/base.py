@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar, Protocol, runtime_checkable
 
 import msgspec
 
-from daemon.models import AttemptRequest, ChargeResult
+from daemon.models import AttemptRequest, ChargeResult, ReversalRequest
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -95,6 +95,9 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     resend_only_after_2xx: bool = False
     """The provider stores a key's answer only after a 2xx (Checkout.com): after a 5xx or a
     timeout the same key is processed again, so an unknown attempt is never re-sent."""
+    refunds: bool = False
+    """The adapter implements ``refund`` and ``lookup_refund`` (``RefundingProvider``); a refund
+    to a provider without it is refused, never sent."""
 
 
 class LookupResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,6 +129,27 @@ class Provider(Protocol):
     async def lookup(self, request: AttemptRequest) -> LookupResult | None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class RefundingProvider(Provider, Protocol):
+    """A provider that can reverse its charges (``Capabilities.refunds``).
+
+    ``refund`` keeps "may have refunded" (UNKNOWN) apart from "never sent" as
+    ``charge`` does; ``lookup_refund`` finds a refund by its idempotency key, or
+    answers None when the provider could not be asked.
+    """
+
+    async def refund(self, request: ReversalRequest) -> ChargeResult: ...
+
+    async def lookup_refund(self, request: ReversalRequest) -> LookupResult | None: ...
+
+
+def refunding(provider: Provider) -> RefundingProvider | None:
+    """The provider as a ``RefundingProvider`` when it says it can refund, else None."""
+    if provider.capabilities.refunds and isinstance(provider, RefundingProvider):
+        return provider
+    return None
 
 
 class ProviderFactory(Protocol):

@@ -52,6 +52,11 @@ class Cursor(Protocol):
         """Per column of the last result: its name first (PEP 249)."""
         ...
 
+    @property
+    def lastrowid(self) -> int:
+        """The AUTO_INCREMENT id the last INSERT generated."""
+        ...
+
     async def execute(self, query: str, args: Any = None) -> int: ...
 
     async def executemany(self, query: str, args: Any) -> int: ...
@@ -230,6 +235,11 @@ class _TimedCursor:
     def rowcount(self) -> int:
         count: int = self._cursor.rowcount
         return count
+
+    @property
+    def lastrowid(self) -> int:
+        generated: int = self._cursor.lastrowid
+        return generated
 
     @property
     def description(self) -> Sequence[Sequence[Any]]:

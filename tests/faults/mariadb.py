@@ -30,6 +30,19 @@ class PrivateMariaDB:
     port: int
     process: subprocess.Popen[bytes]
     datadir: Path
+    command: list[str]
+    log: Path
+
+    def crash_and_restart(self, down_s: float) -> None:
+        """SIGKILL (no clean shutdown: InnoDB recovers at the next start), ``down_s`` without a
+        server, then the same server again on the same port and data."""
+        self.thaw()
+        self.process.kill()
+        self.process.wait()
+        time.sleep(down_s)
+        with self.log.open("ab") as log_file:
+            self.process = subprocess.Popen(self.command, stdout=log_file, stderr=subprocess.STDOUT)
+        _wait_listening(self.port, self.process, self.log)
 
     def freeze(self) -> None:
         """SIGSTOP: connections stay open and accepted, nothing is answered (a hung server)."""
@@ -80,7 +93,7 @@ def private_mariadb() -> Iterator[PrivateMariaDB]:
         command.append("--user=root")  # mariadbd refuses to run as root unless told
     with log.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
-    server = PrivateMariaDB(port=port, process=process, datadir=datadir)
+    server = PrivateMariaDB(port=port, process=process, datadir=datadir, command=command, log=log)
     try:
         _wait_listening(port, process, log)
         subprocess.run(
@@ -104,10 +117,10 @@ def private_mariadb() -> Iterator[PrivateMariaDB]:
         yield server
     finally:
         server.thaw()  # a stopped process cannot act on SIGTERM
-        process.terminate()
+        server.process.terminate()  # the one running now, after any restart
         try:
-            process.wait(timeout=30)
+            server.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+            server.process.kill()
+            server.process.wait()
         shutil.rmtree(root, ignore_errors=True)

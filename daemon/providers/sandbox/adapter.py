@@ -13,6 +13,7 @@ from daemon.providers.api import (
     HttpResponse,
     LookupResult,
     ProviderConfig,
+    ReversalRequest,
 )
 from daemon.providers.sandbox import transform
 
@@ -25,7 +26,7 @@ class SandboxProviderConfig(ProviderConfig, frozen=True):
 class SandboxProvider(HttpAdapter[bytes]):
     config_type: ClassVar[type[ProviderConfig]] = SandboxProviderConfig
     capabilities: Capabilities = Capabilities(
-        honours_idempotency_key=True, lookup_by_key=True, lookup_by_reference=False
+        honours_idempotency_key=True, lookup_by_key=True, lookup_by_reference=False, refunds=True
     )
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
@@ -37,8 +38,11 @@ class SandboxProvider(HttpAdapter[bytes]):
         return transform.charge_body(request)
 
     def charge_headers(self, request: AttemptRequest, body: bytes) -> Mapping[str, str]:
+        return self.charge_headers_for(request.idempotency_key)
+
+    def charge_headers_for(self, idempotency_key: str) -> Mapping[str, str]:
         return {
-            "Idempotency-Key": request.idempotency_key,
+            "Idempotency-Key": idempotency_key,
             "Sandbox-Account": self._account,
             "Content-Type": "application/json",
         }
@@ -56,4 +60,30 @@ class SandboxProvider(HttpAdapter[bytes]):
             return LookupResult(found=False)
         if answer.status in (200, 402):
             return LookupResult(found=True, result=transform.charge_result(answer.status, {}, answer.body))
+        return None
+
+    # -- refunds ----------------------------------------------------------------------------
+
+    def refund_path(self, request: ReversalRequest) -> str:
+        return f"/v1/charges/{request.original_provider_ref}/refunds"
+
+    def refund_body(self, request: ReversalRequest) -> bytes:
+        return transform.refund_body(request)
+
+    def refund_headers(self, request: ReversalRequest, body: bytes) -> Mapping[str, str]:
+        return self.charge_headers_for(request.idempotency_key)
+
+    def refund_result(self, request: ReversalRequest, response: HttpResponse) -> ChargeResult:
+        return transform.refund_result(request, response.status, response.headers, response.body)
+
+    async def lookup_refund(self, request: ReversalRequest) -> LookupResult | None:
+        answer = await self.send(
+            "GET", f"/v1/refunds/{request.idempotency_key}", headers={"Sandbox-Account": self._account}
+        )
+        if answer is None:
+            return None
+        if answer.status == 404:
+            return LookupResult(found=False)
+        if answer.status == 200:
+            return LookupResult(found=True, result=transform.refund_result(request, 200, {}, answer.body))
         return None

@@ -56,6 +56,7 @@ TOKEN_OUTCOMES: Final[Mapping[str, Outcome]] = {
     "pm_rate_limited": Outcome.RATE_LIMITED,
     "pm_error": Outcome.ERROR,
     "pm_timeout": Outcome.TIMEOUT,
+    "pm_refund_timeout": Outcome.APPROVE,  # its refunds hang (refunds.REFUND_HANGS)
 }
 
 _MIX_NAMES: Final = frozenset(outcome.value for outcome in Outcome)

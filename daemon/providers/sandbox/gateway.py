@@ -39,6 +39,8 @@ from daemon.providers.sandbox.behaviour import (
     snapshot,
     updated,
 )
+from daemon.providers.sandbox.refunds import Charge as RefundableCharge
+from daemon.providers.sandbox.refunds import Refund, RefundBody, RefundBook, RefundRefusal, refund_routes
 
 __all__ = [
     "GATEWAY_KEY",
@@ -152,6 +154,8 @@ class Stats(msgspec.Struct, kw_only=True):
     approved: int
     declined: int
     accounts: dict[str, AccountStats]
+    refund_requests: int = 0
+    refunds: int = 0
 
 
 def _same_charge(charge: Charge | ChargeRequest, request: ChargeRequest) -> bool:
@@ -182,6 +186,8 @@ class Gateway:
         self._dice = Dice(self._behaviour, rng=self._rng, latency_rng=self._latency_rng)
         self._ledger: list[Charge] = []
         self._by_key: dict[str, Charge] = {}
+        self._by_id: dict[str, Charge] = {}
+        self.refunds = RefundBook()
         self._pending: dict[str, ChargeRequest] = {}
         self._totals = AccountStats()
         self._accounts: dict[str, AccountStats] = {}
@@ -267,6 +273,22 @@ class Gateway:
             await self._pause(dice.hang_s)
         return Executed(charge, replayed=False)
 
+    def charge_by_id(self, charge_id: str) -> Charge | None:
+        return self._by_id.get(charge_id)
+
+    async def refund(
+        self, charge: RefundableCharge | None, *, key: str, body: RefundBody
+    ) -> tuple[Refund, bool] | RefundRefusal:
+        """Refund (part of) an executed charge at most once per key (``refunds``)."""
+        return await self.refunds.refund(
+            charge,
+            key=key,
+            body=body,
+            pause=self._pause,
+            latency_s=self._dice.latency_s(),
+            hang_s=self._dice.hang_s,
+        )
+
     async def lookup(self, idempotency_key: str) -> Charge | None:
         """The charge executed under this key, if any (pending ones are not executed yet)."""
         self._lookups += 1
@@ -291,6 +313,7 @@ class Gateway:
         )
         self._ledger.append(charge)
         self._by_key[idempotency_key] = charge
+        self._by_id[charge.id] = charge
         if verdict.status is ChargeStatus.APPROVED:
             self._approved += 1
         return charge
@@ -327,6 +350,8 @@ class Gateway:
             approved=self._approved,
             declined=len(self._ledger) - self._approved,
             accounts={name: msgspec.structs.replace(s) for name, s in self._accounts.items()},
+            refund_requests=self.refunds.requests,
+            refunds=len(self.refunds.refunds),
         )
 
     def reset(self) -> None:
@@ -335,6 +360,8 @@ class Gateway:
         its sequence again, so a reset run repeats the outcomes of the first."""
         self._ledger = []
         self._by_key = {}
+        self._by_id = {}
+        self.refunds = RefundBook()
         self._lookups = self._approved = 0
         for stats in (self._totals, *self._accounts.values()):
             stats.requests = 0
@@ -395,6 +422,9 @@ class _LedgerEntry(msgspec.Struct):
     decline_code: str | None
     account: str
     created_at: float
+    refunded_minor: int
+    net_minor: int
+    """What the charge took less what was refunded (0 for a declined charge)."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -486,6 +516,7 @@ async def _get_charge(request: web.Request) -> web.Response:
 
 
 async def _get_ledger(request: web.Request) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
     entries = [
         _LedgerEntry(
             c.id,
@@ -497,10 +528,12 @@ async def _get_ledger(request: web.Request) -> web.Response:
             c.decline_code,
             c.account,
             c.created_at,
+            gateway.refunds.refunded(c.id),
+            (c.amount_minor if c.status is ChargeStatus.APPROVED else 0) - gateway.refunds.refunded(c.id),
         )
-        for c in request.app[GATEWAY_KEY].ledger()
+        for c in gateway.ledger()
     ]
-    return _json(200, _encode({"charges": entries}))
+    return _json(200, _encode({"charges": entries, "refunds": gateway.refunds.refunds}))
 
 
 async def _get_stats(request: web.Request) -> web.Response:
@@ -545,6 +578,7 @@ def build_app(behaviour: SandboxBehaviour) -> web.Application:
             web.post("/_sandbox/reset", _post_reset),
             web.get("/_sandbox/behaviour", _get_behaviour),
             web.post("/_sandbox/behaviour", _post_behaviour),
+            *refund_routes(lambda request: request.app[GATEWAY_KEY]),
         ]
     )
     from daemon.providers.sandbox.dialects import add_dialect_routes  # noqa: PLC0415 (dialects import us)

@@ -11,7 +11,7 @@ from typing import Final, Literal
 
 import msgspec
 
-from daemon.providers.api import AttemptRequest, ChargeResult, Outcome, retry_after_seconds
+from daemon.providers.api import AttemptRequest, ChargeResult, Outcome, ReversalRequest, retry_after_seconds
 
 
 class ChargeBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -108,5 +108,59 @@ def charge_result(status: int, headers: Mapping[str, str], body: bytes) -> Charg
     mapper = _BY_STATUS.get(status, _error_result)
     try:
         return mapper(status, headers, body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable {status} answer")
+
+
+# -- refunds --------------------------------------------------------------------------------
+
+
+class RefundBody(msgspec.Struct, frozen=True, kw_only=True):
+    amount_minor: int
+    reason: str | None
+
+
+class Refund(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    status: Literal["succeeded"]
+    idempotency_key: str
+    amount_minor: int
+
+
+_decode_refund = msgspec.json.Decoder(Refund).decode
+
+# Refusals of a refund: the gateway executed nothing, and sending it again cannot help.
+REFUND_REFUSALS: Final[frozenset[tuple[int, str]]] = frozenset(
+    {
+        (404, "not_found"),
+        (400, "charge_not_refundable"),
+        (400, "amount_exceeds_remaining"),
+    }
+)
+
+
+def refund_body(request: ReversalRequest) -> bytes:
+    return _encode(RefundBody(amount_minor=request.amount_minor, reason=request.reason))
+
+
+def refund_result(
+    request: ReversalRequest, status: int, headers: Mapping[str, str], body: bytes
+) -> ChargeResult:
+    """Map the gateway's answer to a refund; anything unrecognised is UNKNOWN (it may have refunded)."""
+    try:
+        if status == 200:
+            refund = _decode_refund(body)
+            if (
+                refund.idempotency_key != request.idempotency_key
+                or refund.amount_minor != request.amount_minor
+            ):
+                return ChargeResult(outcome=Outcome.UNKNOWN, reason="the refund answered is not this one")
+            return ChargeResult(outcome=Outcome.APPROVED, provider_ref=refund.id)
+        kind = _decode_error(body).error.type
+        if (status, kind) in REFUND_REFUSALS:
+            return ChargeResult(
+                outcome=Outcome.HARD_DECLINE, decline_code=kind, retryable=False, reason=f"{status} {kind}"
+            )
+        return _error_result(status, headers, body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable {status} answer")

@@ -1,0 +1,144 @@
+"""``payd refund KEY [--amount N] [--reason R]``: publish a refund request for a succeeded charge.
+
+The command checks what it can see (the charge succeeded, the amount fits what
+remains) so an operator hears a refusal at once, then publishes the request on
+``payd.attempts`` and waits for the broker's confirm. The daemon decides: its
+claim enforces invariant 7 again under the charge's row lock, so two operators
+refunding the same charge at once cannot over-refund. The refund's own key
+defaults to ``refund:KEY:N`` (N counts the charge's reversals so far), so the same
+command run twice by accident before the first is claimed is one refund, not two.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from typing import Final, TextIO
+
+import msgspec
+
+from daemon.broker import Broker
+from daemon.config import Config
+from daemon.models import AttemptState, RefundRequest
+from daemon.secrets import load_secret
+from daemon.storage.db import close_pool, open_pool, transaction
+from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
+
+_MAX_KEY: Final = 128
+
+
+class RefundRefused(Exception):
+    """Why the command publishes nothing (exit 1)."""
+
+
+class Published(msgspec.Struct, frozen=True, kw_only=True):
+    request: RefundRequest
+    currency: str
+    charged_minor: int
+    remaining_after_minor: int
+    """What would remain of the charge once this refund succeeds."""
+
+
+class _Charge(msgspec.Struct, frozen=True, array_like=True):
+    state: AttemptState
+    amount_minor: int
+    currency: str
+
+
+def default_refund_key(original_key: str, earlier: int) -> str:
+    key = f"refund:{original_key}:{earlier + 1}"
+    if len(key) <= _MAX_KEY:
+        return key
+    # A long charge key: its digest keeps the refund key within the alphabet's 128 characters.
+    return f"refund:{hashlib.sha256(original_key.encode()).hexdigest()[:40]}:{earlier + 1}"
+
+
+def plan_refund(
+    original_key: str,
+    charge: _Charge | None,
+    lines: list[ReversalLine],
+    *,
+    amount: int | None,
+    reason: str | None,
+    refund_key: str | None,
+) -> Published:
+    if charge is None:
+        raise RefundRefused(f"no charge with key {original_key}")
+    if charge.state is not AttemptState.SUCCEEDED:
+        raise RefundRefused(
+            f"charge {original_key} is {charge.state.value}: only a succeeded charge is refunded"
+        )
+    remaining = charge.amount_minor - reserved_minor(lines)
+    if remaining <= 0:
+        raise RefundRefused(
+            f"nothing remains of charge {original_key}: {charge.amount_minor} already refunded"
+        )
+    wanted = remaining if amount is None else amount
+    if not 0 < wanted <= remaining:
+        raise RefundRefused(
+            f"{wanted} is not within what remains of charge {original_key}: {remaining} {charge.currency}"
+        )
+    request = msgspec.convert(
+        {
+            "operation": "refund",
+            "idempotency_key": refund_key or default_refund_key(original_key, len(lines)),
+            "original_idempotency_key": original_key,
+            "amount_minor": wanted,
+            "reason": reason,
+        },
+        RefundRequest,
+    )
+    return Published(
+        request=request,
+        currency=charge.currency,
+        charged_minor=charge.amount_minor,
+        remaining_after_minor=remaining - wanted,
+    )
+
+
+async def refund(
+    config: Config,
+    original_key: str,
+    *,
+    amount: int | None,
+    reason: str | None,
+    refund_key: str | None,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> int:
+    pool = await open_pool(config.mysql, load_secret("mysql_password"))
+    try:
+        async with transaction(pool) as cursor:
+            await cursor.execute(
+                "SELECT state, amount_minor, currency FROM attempts WHERE idempotency_key = %s",
+                (original_key,),
+            )
+            row = await cursor.fetchone()
+            lines = await reversals_of(cursor, original_key)
+    finally:
+        await close_pool(pool)
+    try:
+        plan = plan_refund(
+            original_key,
+            msgspec.convert(row, _Charge) if row else None,
+            lines,
+            amount=amount,
+            reason=reason,
+            refund_key=refund_key,
+        )
+    except (RefundRefused, msgspec.ValidationError) as refusal:
+        print(f"payd refund: refused: {refusal}", file=err)
+        return 1
+    broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
+    await broker.connect()
+    try:
+        await broker.publish("", broker.topology.attempts_queue, msgspec.json.encode(plan.request))
+    finally:
+        await broker.close()
+    print(
+        f"published refund {plan.request.idempotency_key} of {plan.request.amount_minor} {plan.currency} "
+        f"for charge {original_key} (confirmed by the broker); {plan.remaining_after_minor} of "
+        f"{plan.charged_minor} would remain. Follow it: payd attempts show {original_key}",
+        file=out,
+    )
+    return 0

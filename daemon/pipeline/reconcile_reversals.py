@@ -1,0 +1,160 @@
+"""Reconciliation of refunds: an unknown refund is settled by asking the provider, as a charge is.
+
+The same rules as ``reconcile`` for charges, on the ``reversals`` table:
+in-flight refunds whose lease ran out become unknown; unknown refunds due a
+lookup are asked after by their idempotency key (``lookup_refund``) through the
+provider's limiter and the halt. Found: its outcome is recorded. Not found: sent
+again under the same key only where the provider honours keys (and remembers
+them that long, and stores them whatever the answer) and ``resend_after_s`` has
+passed, so it cannot refund twice; without idempotency keys it becomes failed
+(``not_received``) after ``not_found_grace_s``. Anything else stays unknown and
+is asked again after its backoff, visible to operators in ``payd attempts show``.
+An adapter that raises leaves the refund unknown (logged), never settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import aiomysql
+import structlog
+
+from daemon.config import PipelineSettings
+from daemon.metrics import Metrics
+from daemon.models import CHARGED_NOTHING, ChargeResult, Outcome
+from daemon.pipeline.execute import Lane, free_slot
+from daemon.providers.base import RefundingProvider, refunding
+from daemon.storage.reversals import DueReversal, expire_reversal_leases, record_reversal, take_due_reversals
+
+log = structlog.get_logger("payd.reconcile.refunds")
+T = TypeVar("T")
+
+NOT_RECEIVED = ChargeResult(
+    outcome=Outcome.PROVIDER_ERROR,
+    retryable=False,
+    decline_code="not_received",
+    reason="the provider has no record of this refund: nothing was refunded",
+)
+
+
+class ReversalReconciler:
+    def __init__(
+        self,
+        *,
+        pool: aiomysql.Pool,
+        lanes: dict[str, Lane],
+        settings: PipelineSettings,
+        metrics: Metrics,
+        on_recorded: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._pool = pool
+        self._lanes = lanes
+        self._settings = settings
+        self._metrics = metrics
+        self._on_recorded = on_recorded
+
+    async def reconcile_once(self) -> int:
+        """One pass; how many unknown refunds were settled."""
+        expired = await expire_reversal_leases(self._pool, limit=self._settings.reconcile_batch_size)
+        if expired:
+            log.warning("reconcile.refund_leases_expired", count=expired)
+            self._on_recorded()
+        due = await take_due_reversals(
+            self._pool,
+            limit=self._settings.reconcile_batch_size,
+            backoff_s=self._settings.reconcile_backoff_s,
+        )
+        verdicts = await asyncio.gather(*(self._contained(item) for item in due))
+        settled = 0
+        for item, verdict in zip(due, verdicts, strict=True):
+            if verdict is None:
+                continue
+            if await record_reversal(self._pool, item.reversal, verdict, tries=0, unknown_recheck_s=0):
+                settled += 1
+                log.info(
+                    "refund.reconciled",
+                    idempotency_key=item.reversal.idempotency_key,
+                    original_idempotency_key=item.reversal.original_idempotency_key,
+                    provider=item.reversal.provider,
+                    outcome=verdict.outcome.value,
+                )
+        if settled:
+            self._on_recorded()
+        return settled
+
+    async def _contained(self, item: DueReversal) -> ChargeResult | None:
+        try:
+            return await self._look_up(item)
+        except Exception as error:  # an adapter bug: the refund stays unknown, asked again later
+            log.error(
+                "reconcile.refund_lookup_raised",
+                idempotency_key=item.reversal.idempotency_key,
+                provider=item.reversal.provider,
+                error=repr(error),
+            )
+            return None
+
+    async def _look_up(self, item: DueReversal) -> ChargeResult | None:
+        """A definitive result for ``item``, or None to ask again after its backoff."""
+        lane = self._lanes.get(item.reversal.provider)
+        refunder = refunding(lane.provider) if lane is not None else None
+        if lane is None or refunder is None:
+            return None  # stays unknown, visible to operators
+        found = await _bounded(lane, self._metrics, lambda: refunder.lookup_refund(item.reversal))
+        if found is None or found.anomaly is not None:
+            return None
+        if found.found:
+            if found.result is None or found.result.outcome is Outcome.UNKNOWN:
+                return None
+            return found.result
+        return await self._not_found(lane, refunder, item)
+
+    async def _not_found(
+        self, lane: Lane, refunder: RefundingProvider, item: DueReversal
+    ) -> ChargeResult | None:
+        capabilities = refunder.capabilities
+        age = item.seconds_since_claim
+        if capabilities.honours_idempotency_key:
+            ttl = capabilities.idempotency_key_ttl_s
+            may_resend = (
+                not capabilities.resend_only_after_2xx
+                and age >= self._settings.resend_after_s
+                and (ttl is None or age < ttl * 0.9)
+            )
+            if not may_resend:
+                return None
+            result = await _bounded(
+                lane, self._metrics, lambda: refunder.refund(item.reversal), may_refund=True
+            )
+            if result is None or result.outcome is Outcome.UNKNOWN or result.outcome in CHARGED_NOTHING:
+                return None
+            return result
+        return NOT_RECEIVED if age >= self._settings.not_found_grace_s else None
+
+
+async def _bounded(
+    lane: Lane, metrics: Metrics, call: Callable[[], Awaitable[T]], *, may_refund: bool = False
+) -> T | None:
+    """One provider call inside the lane's in-flight limit, unless halted (checked again once the
+    slot is granted); None if not made now or not answered in time. A ``may_refund`` call (a
+    re-send) that ends unsettled keeps its slot for ``slot_hold_s``, as a charge's does."""
+    if not lane.may_call() or not await lane.limiter.acquire():
+        return None
+    if not lane.may_call():
+        lane.limiter.release()
+        return None
+    config = lane.config
+    answered: T | None = None
+    try:
+        async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
+            answered = await call()
+            return answered
+    except TimeoutError:
+        return None
+    finally:
+        unsettled = answered is None or (
+            isinstance(answered, ChargeResult) and answered.outcome is Outcome.UNKNOWN
+        )
+        free_slot(lane, metrics, abandoned=may_refund and unsettled)

@@ -1,0 +1,457 @@
+"""Every statement on the ``reversals`` table: claim, record, lease expiry, reconciliation scans.
+
+Invariant 7 lives in ``claim_reversal``: in one transaction it locks the charged
+attempt's row (``SELECT ... FOR UPDATE``), sums the amounts of that charge's
+reversals that are queued, in flight, unknown or succeeded (a locking read, so it
+sees every committed reversal, whatever the isolation level), and writes the new
+reversal in flight only if the sum stays within the charge. Every claim of a
+reversal of the same charge waits on that one row lock, so two daemons, duplicate
+requests and concurrent operators are serialised there and cannot overshoot.
+A refusal is written too, as a terminal ``failed`` row with its reason and its
+``refund.failed`` event, so a redelivery of the same request finds it and does nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from typing import Any, Final
+
+import aiomysql
+import msgspec
+import pymysql
+
+from daemon.events import OutboxRow, now_iso
+from daemon.models import (
+    RESERVING_REVERSAL_STATES,
+    AttemptState,
+    ChargeResult,
+    Outcome,
+    RefundRequest,
+    ReversalRequest,
+    ReversalState,
+)
+from daemon.refund_events import RefundFacts, refund_event
+from daemon.storage.db import Cursor, placeholders, transaction
+from daemon.storage.outbox import insert_outbox
+
+_ER_DUP_ENTRY: Final = 1062
+_RESERVING: Final = tuple(sorted(state.value for state in RESERVING_REVERSAL_STATES))
+
+STATE_OF_REVERSAL_OUTCOME: Final[dict[Outcome, ReversalState]] = {
+    Outcome.APPROVED: ReversalState.SUCCEEDED,
+    Outcome.UNKNOWN: ReversalState.UNKNOWN,
+    Outcome.SOFT_DECLINE: ReversalState.FAILED,
+    Outcome.HARD_DECLINE: ReversalState.FAILED,
+    Outcome.RATE_LIMITED: ReversalState.FAILED,
+    Outcome.PROVIDER_ERROR: ReversalState.FAILED,
+}
+
+# The reversal with what its provider needs of the charge, joined from the charge's row.
+_REVERSAL_SELECT: Final = (
+    "SELECT r.id, r.idempotency_key, r.original_idempotency_key, a.provider_ref, a.subscription_id, "
+    "a.cycle, r.provider, r.amount_minor, r.currency, r.reason "
+    "FROM reversals r JOIN attempts a ON a.id = r.original_attempt_id "
+)
+
+
+def _reversal_of(row: Sequence[Any]) -> ReversalRequest:
+    (
+        reversal_id,
+        key,
+        original_key,
+        provider_ref,
+        subscription_id,
+        cycle,
+        provider,
+        amount,
+        currency,
+        reason,
+    ) = row
+    reference = f"{subscription_id}:{cycle}" if subscription_id is not None else original_key
+    return ReversalRequest(
+        reversal_id=reversal_id,
+        idempotency_key=key,
+        original_idempotency_key=original_key,
+        original_provider_ref=provider_ref,
+        original_merchant_reference=reference,
+        provider=provider,
+        amount_minor=amount,
+        currency=currency,
+        reason=reason,
+        subscription_id=subscription_id,
+        cycle=cycle,
+    )
+
+
+def _facts(reversal: ReversalRequest) -> RefundFacts:
+    return RefundFacts(
+        reversal_id=reversal.reversal_id,
+        idempotency_key=reversal.idempotency_key,
+        original_idempotency_key=reversal.original_idempotency_key,
+        provider=reversal.provider,
+        amount_minor=reversal.amount_minor,
+        currency=reversal.currency,
+        subscription_id=reversal.subscription_id,
+        cycle=reversal.cycle,
+    )
+
+
+class ReversalClaim(msgspec.Struct, frozen=True, kw_only=True):
+    """What claiming one refund request came to: exactly one field is set."""
+
+    claimed: ReversalRequest | None = None
+    """In flight under our claim: send it."""
+    already: ReversalState | None = None
+    """The key was seen before (in flight elsewhere, finished, unknown): nothing to do."""
+    refused: ChargeResult | None = None
+    """Refused now, never sent: written as failed with this result and its event."""
+    mismatched: bool = False
+    """The key exists for another charge or amount: the request is refused, the old one stands."""
+
+
+class _Charge(msgspec.Struct, frozen=True, array_like=True):
+    attempt_id: int
+    state: AttemptState
+    provider: str
+    routed_provider: str | None
+    amount_minor: int
+    currency: str
+    subscription_id: int | None
+    cycle: int | None
+
+    @property
+    def called_provider(self) -> str:
+        """Where the money was taken (a failover's connection when there was one)."""
+        return self.routed_provider or self.provider
+
+
+def refusal(code: str, reason: str) -> ChargeResult:
+    return ChargeResult(
+        outcome=Outcome.PROVIDER_ERROR, retryable=False, decline_code=code, reason=reason[:255]
+    )
+
+
+def _judge(
+    request: RefundRequest, charge: _Charge | None, reserved: int, refundable: bool
+) -> ChargeResult | None:
+    """Why this refund must not be sent, or None when it may."""
+    original = request.original_idempotency_key
+    if charge is None:
+        return refusal("no_charge", f"no charge with idempotency key {original}")
+    if charge.state is not AttemptState.SUCCEEDED:
+        advice = {
+            AttemptState.UNKNOWN: "its outcome is unknown: wait for reconciliation or settle it first",
+            AttemptState.IN_FLIGHT: "it is still being charged",
+            AttemptState.QUEUED: "it is still being charged",
+        }.get(charge.state, "nothing was charged")
+        return refusal("charge_not_succeeded", f"charge {original} is {charge.state.value}: {advice}")
+    if not refundable:
+        return refusal(
+            "refunds_unsupported",
+            f"provider {charge.called_provider} cannot refund (its adapter has no refunds)",
+        )
+    if reserved + request.amount_minor > charge.amount_minor:
+        remaining = max(0, charge.amount_minor - reserved)
+        return refusal(
+            "exceeds_remaining",
+            f"{request.amount_minor} exceeds what remains of charge {original}: "
+            f"{remaining} of {charge.amount_minor} {charge.currency}",
+        )
+    return None
+
+
+async def claim_reversal(
+    pool: aiomysql.Pool,
+    request: RefundRequest,
+    *,
+    claimed_by: str,
+    lease_s: float,
+    refundable: Callable[[str], bool],
+) -> ReversalClaim:
+    """The write-ahead row of one refund, claimed in flight, or why it is not sent (see module)."""
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "SELECT id, state, provider, routed_provider, amount_minor, currency, subscription_id, cycle "
+            "FROM attempts "
+            "WHERE idempotency_key = %s FOR UPDATE",
+            (request.original_idempotency_key,),
+        )
+        found = await cursor.fetchone()
+        charge = msgspec.convert(found, _Charge) if found else None
+        await cursor.execute(
+            "SELECT id, original_idempotency_key, amount_minor, state FROM reversals "
+            "WHERE idempotency_key = %s FOR UPDATE",
+            (request.idempotency_key,),
+        )
+        earlier = await cursor.fetchone()
+        if earlier is not None:
+            return await _seen_before(cursor, request, earlier, claimed_by=claimed_by, lease_s=lease_s)
+        reserved = 0
+        if charge is not None:
+            # A locking read: it sees every committed reversal of this charge.
+            await cursor.execute(
+                "SELECT amount_minor FROM reversals "  # noqa: S608 (placeholders only)
+                f"WHERE original_attempt_id = %s AND state IN ({placeholders(len(_RESERVING))}) FOR UPDATE",
+                (charge.attempt_id, *_RESERVING),
+            )
+            reserved = sum(amount for (amount,) in await cursor.fetchall())
+        verdict = _judge(request, charge, reserved, charge is not None and refundable(charge.called_provider))
+        try:
+            await cursor.execute(
+                "INSERT INTO reversals (idempotency_key, original_idempotency_key, original_attempt_id, "
+                "provider, amount_minor, currency, reason, state, outcome, decline_code, result_reason, "
+                "claimed_by, claimed_at, recheck_at, finished_at) VALUES (%s, %s, %s, %s, %s, %s, %s, "
+                "%s, %s, %s, %s, %s, NOW(6), IF(%s, NOW(6) + INTERVAL %s MICROSECOND, NULL), "
+                "IF(%s, NULL, NOW(6)))",
+                (
+                    request.idempotency_key,
+                    request.original_idempotency_key,
+                    charge.attempt_id if charge else None,
+                    charge.called_provider if charge else None,
+                    request.amount_minor,
+                    charge.currency if charge else None,
+                    request.reason,
+                    ReversalState.FAILED.value if verdict else ReversalState.IN_FLIGHT.value,
+                    verdict.outcome.value if verdict else None,
+                    verdict.decline_code if verdict else None,
+                    verdict.reason if verdict else None,
+                    claimed_by,
+                    verdict is None,
+                    int(lease_s * 1_000_000),
+                    verdict is None,
+                ),
+            )
+        except pymysql.err.IntegrityError as error:
+            # Only possible without a charge row to lock: another claim of this key got there first.
+            if error.args[0] != _ER_DUP_ENTRY:
+                raise
+            return ReversalClaim(already=ReversalState.FAILED)
+        reversal_id = cursor.lastrowid
+        if verdict is not None:
+            facts = RefundFacts(
+                reversal_id=reversal_id,
+                idempotency_key=request.idempotency_key,
+                original_idempotency_key=request.original_idempotency_key,
+                provider=charge.called_provider if charge else None,
+                amount_minor=request.amount_minor,
+                currency=charge.currency if charge else None,
+                subscription_id=charge.subscription_id if charge else None,
+                cycle=charge.cycle if charge else None,
+            )
+            event = refund_event(facts, state=ReversalState.FAILED, result=verdict, occurred_at=now_iso())
+            await insert_outbox(cursor, [event])
+            return ReversalClaim(refused=verdict)
+        await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (reversal_id,))
+        return ReversalClaim(claimed=_reversal_of(await _written(cursor)))
+
+
+async def _seen_before(
+    cursor: Cursor, request: RefundRequest, row: Sequence[Any], *, claimed_by: str, lease_s: float
+) -> ReversalClaim:
+    reversal_id, original_key, amount, state = row[0], row[1], row[2], ReversalState(row[3])
+    if original_key != request.original_idempotency_key or amount != request.amount_minor:
+        return ReversalClaim(mismatched=True)
+    if state is not ReversalState.QUEUED:
+        return ReversalClaim(already=state)
+    # Released unsent earlier; its amount has stayed reserved, so no new check is due.
+    await cursor.execute(
+        "UPDATE reversals SET state = 'in_flight', claimed_by = %s, claimed_at = NOW(6), "
+        "recheck_at = NOW(6) + INTERVAL %s MICROSECOND WHERE id = %s AND state = 'queued'",
+        (claimed_by, int(lease_s * 1_000_000), reversal_id),
+    )
+    await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (reversal_id,))
+    return ReversalClaim(claimed=_reversal_of(await _written(cursor)))
+
+
+async def _written(cursor: Cursor) -> Sequence[Any]:
+    """The row this transaction has just written or holds locked: it cannot be missing."""
+    row = await cursor.fetchone()
+    if row is None:
+        raise LookupError("a reversal row written in this transaction is not there")
+    return row
+
+
+async def record_reversal(
+    pool: aiomysql.Pool,
+    reversal: ReversalRequest,
+    result: ChargeResult | None,
+    *,
+    tries: int,
+    unknown_recheck_s: float,
+) -> bool:
+    """Write one reversal's result and its event in one commit; ``None`` releases it unsent.
+
+    False when another actor had already settled it (nothing written).
+    """
+    async with transaction(pool) as cursor:
+        await cursor.execute("SELECT state FROM reversals WHERE id = %s FOR UPDATE", (reversal.reversal_id,))
+        row = await cursor.fetchone()
+        state_now = ReversalState(row[0]) if row else None
+        if result is None:
+            if state_now is not ReversalState.IN_FLIGHT:
+                return False
+            await cursor.execute(
+                "UPDATE reversals SET state = 'queued', claimed_by = NULL, recheck_at = NULL, "
+                "tries = tries + %s WHERE id = %s",
+                (tries, reversal.reversal_id),
+            )
+            return True
+        new_state = STATE_OF_REVERSAL_OUTCOME[result.outcome]
+        open_now = state_now in (ReversalState.IN_FLIGHT, ReversalState.UNKNOWN)
+        if not open_now or (new_state is ReversalState.UNKNOWN and state_now is ReversalState.UNKNOWN):
+            return False
+        await cursor.execute(
+            "UPDATE reversals SET state = %s, outcome = %s, decline_code = %s, provider_ref = %s, "
+            "result_reason = %s, tries = tries + %s, "
+            "recheck_at = IF(%s, NOW(6) + INTERVAL %s MICROSECOND, NULL), "
+            "finished_at = IF(%s, NULL, NOW(6)) WHERE id = %s",
+            (
+                new_state.value,
+                result.outcome.value,
+                result.decline_code,
+                result.provider_ref,
+                (result.reason or "")[:255] or None,
+                tries,
+                new_state is ReversalState.UNKNOWN,
+                int(unknown_recheck_s * 1_000_000),
+                new_state is ReversalState.UNKNOWN,
+                reversal.reversal_id,
+            ),
+        )
+        event = refund_event(_facts(reversal), state=new_state, result=result, occurred_at=now_iso())
+        await insert_outbox(cursor, [event])
+        return True
+
+
+LEASE_EXPIRED: Final = "lease expired: the instance that claimed this refund stopped"
+
+
+async def expire_reversal_leases(pool: aiomysql.Pool, *, limit: int) -> int:
+    """In-flight reversals whose claimer stopped renewing become unknown: they may have been sent."""
+    async with transaction(pool) as cursor:
+        ids = await _lock_due(cursor, "in_flight", "<", limit)
+        if not ids:
+            return 0
+        reversals = await _read_reversals(cursor, ids)
+        await cursor.execute(
+            "UPDATE reversals SET state = 'unknown', outcome = 'unknown', result_reason = %s, "  # noqa: S608
+            f"recheck_at = NOW(6) WHERE id IN ({placeholders(len(ids))})",
+            (LEASE_EXPIRED, *ids),
+        )
+        unknown = ChargeResult(outcome=Outcome.UNKNOWN, reason=LEASE_EXPIRED)
+        occurred_at = now_iso()
+        events: list[OutboxRow] = [
+            refund_event(_facts(r), state=ReversalState.UNKNOWN, result=unknown, occurred_at=occurred_at)
+            for r in reversals
+        ]
+        await insert_outbox(cursor, events)
+        return len(ids)
+
+
+class DueReversal(msgspec.Struct, frozen=True, kw_only=True):
+    reversal: ReversalRequest
+    reconcile_tries: int
+    seconds_since_claim: float
+
+
+async def take_due_reversals(
+    pool: aiomysql.Pool, *, limit: int, backoff_s: Sequence[float]
+) -> list[DueReversal]:
+    """Unknown reversals due a lookup, pushed back by their next backoff so no one else takes them."""
+    async with transaction(pool) as cursor:
+        ids = await _lock_due(cursor, "unknown", "<=", limit)
+        if not ids:
+            return []
+        await cursor.execute(
+            "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)) FROM reversals "  # noqa: S608
+            f"WHERE id IN ({placeholders(len(ids))})",
+            ids,
+        )
+        counters = {
+            reversal_id: (tries, age_us or 0) for reversal_id, tries, age_us in await cursor.fetchall()
+        }
+        for reversal_id, (tries, _age) in counters.items():
+            wait_us = int(backoff_s[min(tries, len(backoff_s) - 1)] * 1_000_000)
+            await cursor.execute(
+                "UPDATE reversals SET reconcile_tries = reconcile_tries + 1, "
+                "recheck_at = NOW(6) + INTERVAL %s MICROSECOND WHERE id = %s",
+                (wait_us, reversal_id),
+            )
+        reversals = await _read_reversals(cursor, ids)
+    return [
+        DueReversal(
+            reversal=reversal,
+            reconcile_tries=counters[reversal.reversal_id][0],
+            seconds_since_claim=counters[reversal.reversal_id][1] / 1_000_000,
+        )
+        for reversal in reversals
+    ]
+
+
+async def _lock_due(cursor: Cursor, state: str, before: str, limit: int) -> list[int]:
+    """Ids of reversals in ``state`` whose ``recheck_at`` has come, locked (``SKIP LOCKED``: other
+    instances take others). Only ``reversals`` rows are locked: a lock on the charge's row too
+    would hold up a claim of another refund of it for the length of this pass."""
+    await cursor.execute(
+        f"SELECT id FROM reversals WHERE state = %s AND recheck_at {before} NOW(6) "  # noqa: S608 (fixed text)
+        "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
+        (state, limit),
+    )
+    return [reversal_id for (reversal_id,) in await cursor.fetchall()]
+
+
+async def _read_reversals(cursor: Cursor, ids: Sequence[int]) -> list[ReversalRequest]:
+    """The reversals with what their provider needs of the charge (a plain read, no locks)."""
+    await cursor.execute(_REVERSAL_SELECT + f"WHERE r.id IN ({placeholders(len(ids))})", ids)
+    return [_reversal_of(row) for row in await cursor.fetchall()]
+
+
+class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
+    """One reversal of a charge, as ``payd attempts show`` and ``payd refund`` read it."""
+
+    reversal_id: int
+    idempotency_key: str
+    amount_minor: int
+    state: ReversalState
+    decline_code: str | None
+    provider_ref: str | None
+    reason: str | None
+    """The operator's reason for the refund."""
+    result_reason: str | None
+    tries: int
+    reconcile_tries: int
+    created_at: datetime
+    finished_at: datetime | None
+
+
+async def reversals_of(cursor: Cursor, original_idempotency_key: str) -> list[ReversalLine]:
+    """Every reversal asked of one charge, oldest first (refused ones included)."""
+    await cursor.execute(
+        "SELECT id, idempotency_key, amount_minor, state, decline_code, provider_ref, reason, result_reason, "
+        "tries, reconcile_tries, created_at, finished_at FROM reversals "
+        "WHERE original_idempotency_key = %s ORDER BY id",
+        (original_idempotency_key,),
+    )
+    names = [field.name for field in msgspec.structs.fields(ReversalLine)]
+    return [
+        msgspec.convert(
+            dict(zip(names, (*row[:10], _utc(row[10]), _utc(row[11])), strict=True)), ReversalLine
+        )
+        for row in await cursor.fetchall()
+    ]
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    """The database's DATETIME columns hold UTC (the session's time zone is +00:00)."""
+    return None if moment is None else moment.replace(tzinfo=UTC)
+
+
+def reserved_minor(lines: Sequence[ReversalLine]) -> int:
+    """What counts against the charge (invariant 7): queued, in flight, unknown and succeeded."""
+    return sum(line.amount_minor for line in lines if line.state in RESERVING_REVERSAL_STATES)
+
+
+async def load_reversals(pool: aiomysql.Pool, original_idempotency_key: str) -> list[ReversalLine]:
+    async with transaction(pool) as cursor:
+        return await reversals_of(cursor, original_idempotency_key)
