@@ -510,8 +510,9 @@ async def test_a_scheduler_cancelled_mid_batch_loses_nothing(
     async def blocked() -> bool:
         rows = await query(
             db,
+            # The 4th batch's INSERT, which carries the blocked key: not any other insert.
             "SELECT COUNT(*) FROM information_schema.processlist "
-            "WHERE db = DATABASE() AND info LIKE 'INSERT INTO attempts%%'",
+            "WHERE db = DATABASE() AND info LIKE 'INSERT INTO attempts%%renew:175:1:%%'",
         )
         return bool(rows[0][0] == 1)
 

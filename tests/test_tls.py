@@ -276,34 +276,34 @@ async def test_a_broker_reconnect_that_fails_verification_is_retried_and_named(
             "rabbitmq": {"url": f"amqps://payd@localhost:{rabbitmq.port}/", "reconnect_delay_s": 0.2},
             "rabbitmq__tls": tls,
         }
-        with structlog.testing.capture_logs() as logs:
-            async with daemons.in_process(**sections) as daemon:
-                stack.close()  # the broker stops; its port is free for the impostor
-                impostor_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-                impostor_tls.load_cert_chain(pki.impostor_cert, pki.impostor_key)
-                impostor = await asyncio.start_server(
-                    lambda _reader, writer: writer.close(), "127.0.0.1", rabbitmq.port, ssl=impostor_tls
-                )
-                try:
+        # A real process, judged by its JSON log: capturing structlog in-process depends on
+        # what earlier tests configured (loggers are cached on first use).
+        daemon = await daemons.process(**sections)
+        stack.close()  # the broker stops; its port is free for the impostor
+        impostor_tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        impostor_tls.load_cert_chain(pki.impostor_cert, pki.impostor_key)
+        impostor = await asyncio.start_server(
+            lambda _reader, writer: writer.close(), "127.0.0.1", rabbitmq.port, ssl=impostor_tls
+        )
+        try:
 
-                    def refusals() -> list[str]:
-                        return [
-                            str(e["error"]) for e in logs if e["event"] == "broker.reconnect_failed"
-                            and "TLS handshake failed" in str(e["error"])
-                        ]  # fmt: skip
+            def refusals() -> list[str]:
+                lines = (json.loads(line) for line in daemon.log().splitlines() if line.startswith("{"))
+                return [
+                    str(e.get("error")) for e in lines if e.get("event") == "broker.reconnect_failed"
+                    and "TLS handshake failed" in str(e.get("error"))
+                ]  # fmt: skip
 
-                    async def refused_twice() -> bool:
-                        return len(refusals()) >= 2
+            async def refused_twice() -> bool:
+                return len(refusals()) >= 2
 
-                    # Reconnect delays double up to 30 s while the node takes its time to stop on a
-                    # busy machine; two refusals can then be a minute or more apart.
-                    await eventually(
-                        refused_twice, timeout=180, what="two reconnects refused by verification"
-                    )
-                    assert (await daemon.status())["ready"]["broker_connected"] is False
-                finally:
-                    impostor.close()
-                    await impostor.wait_closed()
+            # Reconnect delays double up to 30 s while the node takes its time to stop on a
+            # busy machine; two refusals can then be a minute or more apart.
+            await eventually(refused_twice, timeout=180, what="two reconnects refused by verification")
+            assert (await daemon.status())["ready"]["broker_connected"] is False
+        finally:
+            impostor.close()
+            await impostor.wait_closed()
     assert refusals()[0].startswith(f"rabbitmq at localhost:{rabbitmq.port}: TLS handshake failed: ")
     assert "certificate verify failed" in refusals()[0]
 
