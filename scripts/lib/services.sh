@@ -259,6 +259,10 @@ ensure_tools() {
     if ! command -v redis-sentinel >/dev/null 2>&1; then
         apt_install redis-sentinel
     fi
+    # The TLS tests make a throwaway CA and certificates with the openssl command.
+    if ! command -v openssl >/dev/null 2>&1; then
+        apt_install openssl
+    fi
     if command -v systemd-analyze >/dev/null 2>&1; then
         log "systemd-analyze present (unit checks)"
         return
