@@ -11,8 +11,8 @@ import asyncio
 import contextlib
 import enum
 import time
-from collections.abc import Awaitable
-from typing import Final
+from collections.abc import Awaitable, Callable
+from typing import Final, TypeVar
 
 import msgspec
 
@@ -24,6 +24,8 @@ from daemon.pipeline.breaker import CircuitBreaker
 from daemon.pipeline.limiter import ProviderLimiter
 from daemon.pipeline.ratelimit import RateLimit, Unlimited
 from daemon.providers.base import Provider
+
+T = TypeVar("T")
 
 
 class Lane(msgspec.Struct, kw_only=True):
@@ -157,6 +159,38 @@ def free_slot(lane: Lane, metrics: Metrics, *, abandoned: bool) -> None:
     held = metrics.slots_held.labels(lane.name)
     held.inc()
     lane.limiter.hold(lane.config.slot_hold_s, on_release=held.dec)
+
+
+async def bounded_call(
+    lane: Lane, metrics: Metrics, call: Callable[[], Awaitable[T]], *, may_charge: bool = False
+) -> T | None:
+    """One reconciliation call (a lookup or a re-send) inside the lane's in-flight limit; None if
+    it may not be made now or did not answer in time (asked again after the backoff).
+
+    The halt is checked again once a slot is granted, as ``execute`` does: a halt (or an
+    unknown halt state) that began while we waited wins over a call not yet made. A
+    ``may_charge`` call (a re-send of a charge or a refund) that ends unsettled keeps its slot
+    for ``slot_hold_s``: the provider may still be working on it (invariant 4).
+    """
+    if not lane.may_call() or not await lane.limiter.acquire():
+        return None
+    if not lane.may_call():
+        lane.limiter.release()
+        return None
+    config = lane.config
+    answered: T | None = None
+    try:
+        # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
+        async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
+            answered = await call()
+            return answered
+    except TimeoutError:
+        return None
+    finally:
+        unsettled = answered is None or (
+            isinstance(answered, ChargeResult) and answered.outcome is Outcome.UNKNOWN
+        )
+        free_slot(lane, metrics, abandoned=may_charge and unsettled)
 
 
 async def execute(

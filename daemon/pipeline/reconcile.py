@@ -43,7 +43,7 @@ from daemon.logs import redact_text
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, AttemptRequest, ChargeResult, Outcome, RecordedAttempt
 from daemon.pipeline.attempts import OrphanSweep
-from daemon.pipeline.execute import Lane, free_slot
+from daemon.pipeline.execute import Lane, bounded_call
 from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.pipeline.waker import Waker
 from daemon.storage.attempts import (
@@ -296,30 +296,5 @@ class Reconciler:
         *,
         may_charge: bool = False,
     ) -> T | None:
-        """One provider call within the provider's in-flight limit; None if it may not be made now
-        or did not answer in time (asked again after the backoff).
-
-        The halt is checked again once a slot is granted, as ``execute`` does: a halt (or an
-        unknown halt state) that began while we waited wins over a call not yet made. A
-        ``may_charge`` call (a re-send) that ends unknown keeps its slot for ``slot_hold_s``,
-        like a charge: the provider may still be working on it (invariant 4).
-        """
-        if not lane.may_call() or not await lane.limiter.acquire():
-            return None
-        if not lane.may_call():
-            lane.limiter.release()
-            return None
-        config = lane.config
-        answered: T | None = None
-        try:
-            # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
-            async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
-                answered = await call(request)
-                return answered
-        except TimeoutError:
-            return None
-        finally:
-            unsettled = answered is None or (
-                isinstance(answered, ChargeResult) and answered.outcome is Outcome.UNKNOWN
-            )
-            free_slot(lane, self._metrics, abandoned=may_charge and unsettled)
+        """``call(request)`` through ``bounded_call``: the limit, the halt, and the slot hold."""
+        return await bounded_call(lane, self._metrics, lambda: call(request), may_charge=may_charge)

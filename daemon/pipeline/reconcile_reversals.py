@@ -15,8 +15,7 @@ An adapter that raises leaves the refund unknown (logged), never settled.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Callable
 
 import aiomysql
 import structlog
@@ -24,12 +23,11 @@ import structlog
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, ChargeResult, Outcome
-from daemon.pipeline.execute import Lane, free_slot
+from daemon.pipeline.execute import Lane, bounded_call
 from daemon.providers.base import RefundingProvider, refunding
 from daemon.storage.reversals import DueReversal, expire_reversal_leases, record_reversal, take_due_reversals
 
 log = structlog.get_logger("payd.reconcile.refunds")
-T = TypeVar("T")
 
 NOT_RECEIVED = ChargeResult(
     outcome=Outcome.PROVIDER_ERROR,
@@ -102,7 +100,7 @@ class ReversalReconciler:
         refunder = refunding(lane.provider) if lane is not None else None
         if lane is None or refunder is None:
             return None  # stays unknown, visible to operators
-        found = await _bounded(lane, self._metrics, lambda: refunder.lookup_refund(item.reversal))
+        found = await bounded_call(lane, self._metrics, lambda: refunder.lookup_refund(item.reversal))
         if found is None or found.anomaly is not None:
             return None
         if found.found:
@@ -125,36 +123,10 @@ class ReversalReconciler:
             )
             if not may_resend:
                 return None
-            result = await _bounded(
-                lane, self._metrics, lambda: refunder.refund(item.reversal), may_refund=True
+            result = await bounded_call(
+                lane, self._metrics, lambda: refunder.refund(item.reversal), may_charge=True
             )
             if result is None or result.outcome is Outcome.UNKNOWN or result.outcome in CHARGED_NOTHING:
                 return None
             return result
         return NOT_RECEIVED if age >= self._settings.not_found_grace_s else None
-
-
-async def _bounded(
-    lane: Lane, metrics: Metrics, call: Callable[[], Awaitable[T]], *, may_refund: bool = False
-) -> T | None:
-    """One provider call inside the lane's in-flight limit, unless halted (checked again once the
-    slot is granted); None if not made now or not answered in time. A ``may_refund`` call (a
-    re-send) that ends unsettled keeps its slot for ``slot_hold_s``, as a charge's does."""
-    if not lane.may_call() or not await lane.limiter.acquire():
-        return None
-    if not lane.may_call():
-        lane.limiter.release()
-        return None
-    config = lane.config
-    answered: T | None = None
-    try:
-        async with asyncio.timeout(config.timeout_s + config.connect_timeout_s + 1):
-            answered = await call()
-            return answered
-    except TimeoutError:
-        return None
-    finally:
-        unsettled = answered is None or (
-            isinstance(answered, ChargeResult) and answered.outcome is Outcome.UNKNOWN
-        )
-        free_slot(lane, metrics, abandoned=may_refund and unsettled)
