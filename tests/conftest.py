@@ -23,6 +23,7 @@ from tests.support import (
     reset_broker,
     running_sandbox,
 )
+from tests.tls_servers import RABBITMQ_SERVER, PrivateRabbitMQ, rabbitmq_node
 
 if not os.environ.get("CREDENTIALS_DIRECTORY") and (ROOT / ".secrets").is_dir():
     os.environ["CREDENTIALS_DIRECTORY"] = str(ROOT / ".secrets")
@@ -66,3 +67,15 @@ def daemons(sandbox: Sandbox, tmp_path: Path) -> Iterator[DaemonFactory]:
     factory = DaemonFactory(sandbox, tmp_path)
     yield factory
     factory.kill_all()
+
+
+@pytest.fixture
+def private_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateRabbitMQ]:
+    """A RabbitMQ node of the test's own (plain AMQP), whose password the daemons are given:
+    stopping or freezing it affects nobody else's tests."""
+    if not RABBITMQ_SERVER.exists():
+        pytest.skip("rabbitmq-server is not installed")
+    listener = "listeners.tcp.default = 127.0.0.1:{port}\n"
+    with rabbitmq_node(tmp_path / "rabbitmq", listener, name="payd-test-broker") as node:
+        monkeypatch.setenv("PAYD_RABBITMQ_PASSWORD", node.password)
+        yield node

@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import aio_pika
 import aiomysql
@@ -28,7 +26,7 @@ from tests.support import (
     states,
     wait_settled,
 )
-from tests.tls_servers import RABBITMQ_SERVER, PrivateRabbitMQ, rabbitmq_node
+from tests.tls_servers import PrivateRabbitMQ
 
 pytestmark = pytest.mark.slow
 
@@ -148,18 +146,6 @@ async def test_second_sigterm_exits_at_once_without_double_charge(
     settled = await wait_settled(db, [r["idempotency_key"] for r in requests], timeout=120)
     assert set(settled.values()) == {"succeeded"}
     assert len(await sandbox.assert_no_double_charge()) == 20
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateRabbitMQ]:
-    """A RabbitMQ node of the test's own (plain AMQP), whose password the daemons are given:
-    stopping it stops nobody else's tests."""
-    if not RABBITMQ_SERVER.exists():
-        pytest.skip("rabbitmq-server is not installed")
-    listener = "listeners.tcp.default = 127.0.0.1:{port}\n"
-    with rabbitmq_node(tmp_path / "rabbitmq", listener, name="payd-restart-test") as node:
-        monkeypatch.setenv("PAYD_RABBITMQ_PASSWORD", node.password)
-        yield node
 
 
 async def test_broker_restart_mid_run(

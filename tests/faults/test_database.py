@@ -7,7 +7,6 @@ accepted by the kernel, so nothing fails fast. Only timeouts can tell.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
 
 import aiohttp
 import aiomysql
@@ -17,29 +16,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from daemon.config import MySQLSettings
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool, transaction
-from tests.faults.mariadb import DATABASE, PrivateMariaDB, private_mariadb
+from tests.faults.mariadb import DATABASE, PrivateMariaDB
 from tests.support import NAMESPACE, Broker, DaemonFactory, Sandbox, eventually, request
 
 pytestmark = pytest.mark.slow
 
 # Generous bound on a hang: the configured timeouts are 1-2 s; reaching this means "waits forever".
 HANG_S = 60.0
-
-
-@pytest.fixture
-def mariadb() -> Iterator[PrivateMariaDB]:
-    with private_mariadb() as server:
-        yield server
-
-
-@pytest.fixture
-async def fault_db(mariadb: PrivateMariaDB) -> AsyncIterator[aiomysql.Pool]:
-    pool = await aiomysql.create_pool(
-        host="127.0.0.1", port=mariadb.port, user="payd", password="", db=DATABASE, autocommit=True, maxsize=2
-    )
-    yield pool
-    pool.close()
-    await pool.wait_closed()
 
 
 async def _states(pool: aiomysql.Pool) -> dict[str, str]:

@@ -11,14 +11,12 @@ import asyncio
 import contextlib
 import os
 import signal
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 
 import aio_pika
 import aiomysql
 import pytest
 
-from tests.faults.mariadb import DATABASE, PrivateMariaDB, private_mariadb
+from tests.faults.mariadb import PrivateMariaDB
 from tests.support import (
     NAMESPACE,
     Broker,
@@ -29,35 +27,9 @@ from tests.support import (
     reset_broker,
     wait_settled,
 )
-from tests.tls_servers import RABBITMQ_SERVER, PrivateRabbitMQ, rabbitmq_node
+from tests.tls_servers import PrivateRabbitMQ
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def private_broker(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[PrivateRabbitMQ]:
-    if not RABBITMQ_SERVER.exists():
-        pytest.skip("rabbitmq-server is not installed")
-    listener = "listeners.tcp.default = 127.0.0.1:{port}\n"
-    with rabbitmq_node(tmp_path / "rabbitmq", listener, name="payd-freeze-test") as node:
-        monkeypatch.setenv("PAYD_RABBITMQ_PASSWORD", node.password)
-        yield node
-
-
-@pytest.fixture
-def mariadb() -> Iterator[PrivateMariaDB]:
-    with private_mariadb() as server:
-        yield server
-
-
-@pytest.fixture
-async def crash_db(mariadb: PrivateMariaDB) -> AsyncIterator[aiomysql.Pool]:
-    pool = await aiomysql.create_pool(
-        host="127.0.0.1", port=mariadb.port, user="payd", password="", db=DATABASE, autocommit=True, maxsize=2
-    )
-    yield pool
-    pool.close()
-    await pool.wait_closed()
 
 
 async def _succeeded(pool: aiomysql.Pool) -> int:
@@ -119,7 +91,7 @@ async def test_a_database_crash_mid_run_loses_nothing_and_charges_once(
     sandbox: Sandbox,
     daemons: DaemonFactory,
     mariadb: PrivateMariaDB,
-    crash_db: aiomysql.Pool,
+    fault_db: aiomysql.Pool,
 ) -> None:
     """MariaDB killed (SIGKILL, InnoDB crash recovery at restart) with claims and records under
     way, down 3 s, then back: claims that failed went back to the queue, outcomes that could
@@ -131,11 +103,11 @@ async def test_a_database_crash_mid_run_loses_nothing_and_charges_once(
     await broker.publish(request(key, subscription_id=87_000 + i) for i, key in enumerate(keys))
 
     async def some_done() -> bool:
-        return await _succeeded(crash_db) >= 30
+        return await _succeeded(fault_db) >= 30
 
     await eventually(some_done, timeout=60, what="progress before the crash")
     await asyncio.to_thread(mariadb.crash_and_restart, 3.0)
 
-    settled = await wait_settled(crash_db, keys, timeout=180)
+    settled = await wait_settled(fault_db, keys, timeout=180)
     assert set(settled.values()) == {"succeeded"}, settled
     assert len(await sandbox.assert_no_double_charge()) == len(keys)
