@@ -106,6 +106,8 @@ async def test_headless_locust_run_reports_payd_outcomes(
     # locust's numbers are payd's: one approval per approved attempt at the gateway.
     approved = await sandbox.assert_no_double_charge()
     from_locust = [c for c in approved if c["idempotency_key"].startswith("locust-")]
-    assert len(from_locust) == requests["approved"]
+    # Every approval locust counted was charged once. A sender stopped at the end of the run may
+    # have had a publish accepted by the broker and not yet counted: at most one per user.
+    assert requests["approved"] <= len(from_locust) <= requests["approved"] + 5
     # 5 users x 4/s x 8 s is 160 at most; well over half of it is expected even on a slow box.
     assert 40 <= sum(requests.values()) <= 5 * 4 * RUN_S + 5
