@@ -210,7 +210,7 @@ def cmd_dead(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from daemon.providers.sandbox import gateway  # noqa: PLC0415
+    from payd_sandbox import gateway  # noqa: PLC0415
 
     try:
         settings = gateway.settings_from_args(args)
@@ -288,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     refunding.add_argument("--refund-key", help="the refund's own idempotency key (default: refund:KEY:N)")
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)
-    from daemon.providers.sandbox import gateway  # noqa: PLC0415
+    from payd_sandbox import gateway  # noqa: PLC0415
 
     gateway.add_arguments(sandbox)
     return parser

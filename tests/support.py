@@ -26,11 +26,11 @@ import aiomysql
 from aiohttp import web
 
 from daemon.config import Config, parse_config
-from daemon.providers.sandbox.behaviour import SandboxBehaviour
-from daemon.providers.sandbox.gateway import build_app
 from daemon.secrets import load_secret
 from daemon.service import serve
 from daemon.supervisor import FaultInjector
+from payd_sandbox.behaviour import SandboxBehaviour
+from payd_sandbox.gateway import build_app
 
 ROOT = Path(__file__).resolve().parent.parent
 PAYD = str(Path(sys.executable).with_name("payd"))

@@ -26,7 +26,7 @@ from daemon.models import AttemptRequest, Outcome
 from daemon.providers import registry
 from daemon.providers.iyzico import transform
 from daemon.providers.iyzico.client import IyzicoProvider, IyzicoProviderConfig
-from daemon.providers.sandbox.dialects.iyzico import (
+from payd_sandbox.dialects.iyzico import (
     NOT_FOUND_ERROR_CODE,
     SANDBOX_API_KEY,
     SANDBOX_SECRET_KEY,

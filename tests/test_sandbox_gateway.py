@@ -20,8 +20,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from daemon.providers.sandbox.behaviour import Dice, LatencyDist
-from daemon.providers.sandbox.gateway import (
+from payd_sandbox.behaviour import Dice, LatencyDist
+from payd_sandbox.gateway import (
     SandboxBehaviour,
     SandboxSettings,
     add_arguments,

@@ -44,7 +44,7 @@ from typing import Annotated, Final, Literal
 import msgspec
 from aiohttp import web
 
-from daemon.providers.sandbox.gateway import (
+from payd_sandbox.gateway import (
     GATEWAY_KEY,
     Charge,
     ChargeRequest,

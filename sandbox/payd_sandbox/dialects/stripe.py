@@ -41,7 +41,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from daemon.providers.sandbox.gateway import (
+from payd_sandbox.gateway import (
     GATEWAY_KEY,
     Charge,
     ChargeRequest,

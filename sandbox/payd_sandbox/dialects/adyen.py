@@ -42,7 +42,7 @@ from typing import Final
 import msgspec
 from aiohttp import web
 
-from daemon.providers.sandbox.gateway import (
+from payd_sandbox.gateway import (
     GATEWAY_KEY,
     Charge,
     ChargeRequest,

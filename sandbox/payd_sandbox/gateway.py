@@ -24,7 +24,7 @@ from typing import Annotated, Final
 import msgspec
 from aiohttp import web
 
-from daemon.providers.sandbox.behaviour import (
+from payd_sandbox.behaviour import (
     TOKEN_OUTCOMES,
     Dice,
     Fault,
@@ -39,8 +39,8 @@ from daemon.providers.sandbox.behaviour import (
     snapshot,
     updated,
 )
-from daemon.providers.sandbox.refunds import Charge as RefundableCharge
-from daemon.providers.sandbox.refunds import Refund, RefundBody, RefundBook, RefundRefusal, refund_routes
+from payd_sandbox.refunds import Charge as RefundableCharge
+from payd_sandbox.refunds import Refund, RefundBody, RefundBook, RefundRefusal, refund_routes
 
 __all__ = [
     "GATEWAY_KEY",
@@ -581,7 +581,7 @@ def build_app(behaviour: SandboxBehaviour) -> web.Application:
             *refund_routes(lambda request: request.app[GATEWAY_KEY]),
         ]
     )
-    from daemon.providers.sandbox.dialects import add_dialect_routes  # noqa: PLC0415 (dialects import us)
+    from payd_sandbox.dialects import add_dialect_routes  # noqa: PLC0415 (dialects import us)
 
     add_dialect_routes(app)
     return app
