@@ -209,24 +209,23 @@ def cmd_dead(config: Config, args: argparse.Namespace) -> int:
     return _run(commands.reporting(name, replaying))
 
 
+SANDBOX_MISSING = (
+    "payd sandbox: the sandbox gateway is not installed (it is the separate distribution payd-sandbox);"
+    " install it from a payd checkout: .venv/bin/pip install -e ./sandbox"
+)
+
+
 def cmd_sandbox(args: argparse.Namespace) -> int:
-    from payd_sandbox import gateway  # noqa: PLC0415
-
+    """Hand the words after ``payd sandbox`` to the gateway's own command line, imported
+    only now: the gateway is a separate distribution the production install leaves out."""
     try:
-        settings = gateway.settings_from_args(args)
-    except ValueError as error:
-        print(f"payd sandbox: {error}", file=sys.stderr)
-        return 2
-
-    async def main() -> int:
-        shutdown = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, shutdown.set)
-        await gateway.serve(settings, shutdown)
-        return 0
-
-    return _run(main())
+        from payd_sandbox.cli import main as sandbox_main  # noqa: PLC0415
+    except ModuleNotFoundError as error:
+        if error.name != "payd_sandbox":
+            raise
+        print(SANDBOX_MISSING, file=sys.stderr)
+        return 1
+    return sandbox_main(args.sandbox_arguments)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -286,11 +285,14 @@ def build_parser() -> argparse.ArgumentParser:
     refunding.add_argument("--amount", type=int, help="in the minor unit (default: all that remains)")
     refunding.add_argument("--reason", help="kept with the refund and sent where the provider takes one")
     refunding.add_argument("--refund-key", help="the refund's own idempotency key (default: refund:KEY:N)")
-    sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
-    sandbox.set_defaults(needs_config=False)
-    from payd_sandbox import gateway  # noqa: PLC0415
-
-    gateway.add_arguments(sandbox)
+    # The gateway parses its own flags (payd sandbox --help): the words after `sandbox`
+    # reach it unparsed (main), so building this parser never imports it.
+    sandbox = commands.add_parser(
+        "sandbox",
+        help="run the sandbox payment gateway (payd sandbox --help for its flags)",
+        add_help=False,
+    )
+    sandbox.set_defaults(handler=cmd_sandbox, needs_config=False)
     return parser
 
 
@@ -344,7 +346,12 @@ def add_operator_commands(commands: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unparsed = parser.parse_known_args(argv)
+    if args.command == "sandbox":
+        args.sandbox_arguments = unparsed
+    elif unparsed:
+        parser.error(f"unrecognized arguments: {' '.join(unparsed)}")
     if not getattr(args, "needs_config", True):
         return int(args.handler(args))
     try:

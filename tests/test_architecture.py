@@ -14,8 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 API = "daemon.providers.api"
-ADAPTER_KINDS = ("stripe", "adyen", "checkout", "iyzico")
-SANDBOX_ADAPTER = ("daemon.providers.sandbox.adapter", "daemon.providers.sandbox.transform")
+ADAPTER_KINDS = ("sandbox", "stripe", "adyen", "checkout", "iyzico")
 PLUGIN = ROOT / "tests" / "plugins" / "payd_echo_provider"
 
 # Layer -> the layers its modules may import (their own layer always allowed).
@@ -24,8 +23,11 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "provider-api": frozenset({"leaf"}),
     "registry": frozenset({"leaf", "provider-api", "adapter"}),  # the one door to the adapters
     "gateway": frozenset(),  # the sandbox gateway stands alone: no payd in a fake payment provider
-    "core": frozenset({"leaf", "provider-api", "registry", "gateway"}),
+    "core": frozenset({"leaf", "provider-api", "registry"}),
 }
+# The one import from daemon into the gateway's distribution: `payd sandbox`, inside the
+# command's function, so that only that command loads it (tests/test_sandbox_package.py).
+GATEWAY_DOOR = ("daemon.cli", "payd_sandbox.cli")
 
 
 def layer(module: str) -> str:
@@ -36,9 +38,7 @@ def layer(module: str) -> str:
         return "provider-api"
     if module == "daemon.providers.registry":
         return "registry"
-    if module in SANDBOX_ADAPTER:
-        return "adapter"
-    if module.startswith("daemon.providers.sandbox"):
+    if module.partition(".")[0] == "payd_sandbox":
         return "gateway"
     if module.startswith(tuple(f"daemon.providers.{kind}" for kind in ADAPTER_KINDS)):
         return "adapter"
@@ -46,10 +46,7 @@ def layer(module: str) -> str:
 
 
 def adapter_package(module: str) -> str:
-    """The adapter a module belongs to: ``daemon.providers.stripe`` for the Stripe client.
-    The sandbox adapter shares its package with the gateway, so its modules are listed."""
-    if module in SANDBOX_ADAPTER:
-        return "sandbox adapter"
+    """The adapter a module belongs to: ``daemon.providers.stripe`` for the Stripe client."""
     return ".".join(module.split(".")[:3])
 
 
@@ -138,6 +135,8 @@ def forbidden_imports(graph: Mapping[str, set[str]]) -> list[str]:
                 own = theirs == "adapter" and adapter_package(target) == adapter_package(module)
                 if target != API and not own:
                     problems.append(f"{module} -> {target}: an adapter imports only {API}")
+            elif (module, target) == GATEWAY_DOOR:
+                continue
             elif theirs != mine and theirs not in ALLOWED[mine]:
                 problems.append(f"{module} ({mine}) -> {target} ({theirs})")
     return problems
@@ -154,13 +153,16 @@ def reaches(graph: Mapping[str, set[str]], start: str) -> set[str]:
 
 
 DAEMON = module_files(ROOT / "daemon")
+GATEWAY = module_files(ROOT / "sandbox" / "payd_sandbox")
 
 
 def test_no_module_imports_across_the_layers() -> None:
     """Adapters import only the provider API; the provider API and the leaves import no core
-    module; the core reaches adapters only through the registry. (Failed before this rule:
-    every adapter imported ``daemon.config``.)"""
-    assert forbidden_imports(import_graph(DAEMON)) == []
+    module; the core reaches adapters only through the registry; the sandbox gateway imports
+    nothing of daemon, and daemon nothing of it but ``payd sandbox``'s door. (Failed before
+    this rule: every adapter imported ``daemon.config``.)"""
+    assert GATEWAY, ROOT / "sandbox"
+    assert forbidden_imports(import_graph(DAEMON | GATEWAY)) == []
 
 
 def test_no_module_cycle() -> None:
@@ -177,6 +179,29 @@ def test_the_checks_can_fail() -> None:
         "daemon.models (leaf) -> daemon.config (core)",
         f"daemon.providers.stripe.client -> daemon.config: an adapter imports only {API}",
     ]
+    gateway = {
+        "daemon.cli": {"payd_sandbox.cli", "payd_sandbox.gateway"},
+        "daemon.service": {"payd_sandbox.cli"},
+        "daemon.providers.sandbox.adapter": {"payd_sandbox.gateway", API},
+        "payd_sandbox.gateway": {"daemon.models", "payd_sandbox.behaviour"},
+    }
+    assert forbidden_imports(gateway) == [
+        "daemon.cli (core) -> payd_sandbox.gateway (gateway)",
+        f"daemon.providers.sandbox.adapter -> payd_sandbox.gateway: an adapter imports only {API}",
+        "daemon.service (core) -> payd_sandbox.cli (gateway)",
+        "payd_sandbox.gateway (gateway) -> daemon.models (leaf)",
+    ]
+
+
+def test_daemon_imports_the_gateway_only_inside_the_sandbox_command() -> None:
+    """The door from daemon to payd_sandbox is an import inside ``cmd_sandbox``, never at
+    module level, where it would load the gateway with every command."""
+    tree = ast.parse((ROOT / "daemon" / "cli.py").read_text(encoding="utf-8"))
+    for node in tree.body:
+        for inner in ast.walk(node):
+            if isinstance(inner, ast.ImportFrom) and (inner.module or "").startswith("payd_sandbox"):
+                assert isinstance(node, ast.FunctionDef), ast.dump(node)[:80]
+                assert node.name == "cmd_sandbox"
 
 
 def test_storage_and_subscriptions_do_not_pull_in_the_broker() -> None:

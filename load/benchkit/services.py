@@ -174,7 +174,8 @@ class PaydCode:
     """The payd the children run: the working tree, or an extracted snapshot of a git revision.
 
     A snapshot keeps a benchmark stable while others edit ``daemon/``: its
-    directory goes first on PYTHONPATH, ahead of the editable install.
+    directory goes first on PYTHONPATH, ahead of the editable install, and so does
+    its ``sandbox/`` (the gateway, ``payd_sandbox``) when the revision has one.
     """
 
     facts: dict[str, Any]
@@ -183,7 +184,8 @@ class PaydCode:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         if self.pythonpath is not None:
-            env["PYTHONPATH"] = str(self.pythonpath)
+            paths = [self.pythonpath, self.pythonpath / "sandbox"]
+            env["PYTHONPATH"] = os.pathsep.join(str(path) for path in paths if path.exists())
         return env
 
 
@@ -192,20 +194,24 @@ def _git(*args: str) -> str:
 
 
 def working_tree() -> PaydCode:
-    dirty = bool(_git("status", "--porcelain", "--", "daemon").strip())
+    dirty = bool(_git("status", "--porcelain", "--", "daemon", "sandbox").strip())
     return PaydCode(
         {"source": "working tree", "commit": _git("rev-parse", "HEAD").strip(), "daemon_dirty": dirty}
     )
 
 
 def snapshot(rev: str, into: Path) -> PaydCode:
-    """Extract ``daemon/`` as of ``rev`` into ``into`` (git archive; the repository is untouched)."""
+    """Extract ``daemon/`` (and ``sandbox/payd_sandbox/`` if it has one) as of ``rev`` into
+    ``into`` (git archive; the repository is untouched)."""
     try:
         commit = _git("rev-parse", "--verify", f"{rev}^{{commit}}").strip()
     except subprocess.CalledProcessError as error:
         raise BenchError(f"--rev {rev}: not a commit: {error.stderr.strip()}") from None
+    paths = ["daemon"]
+    if _git("ls-tree", "--name-only", commit, "sandbox/payd_sandbox").strip():
+        paths.append("sandbox/payd_sandbox")
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", "--format=tar", commit, "daemon"], capture_output=True, check=True
+        ["git", "-C", str(REPO), "archive", "--format=tar", commit, *paths], capture_output=True, check=True
     )
     with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
         tar.extractall(into, filter="data")

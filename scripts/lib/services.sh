@@ -133,8 +133,9 @@ wait_for() {
 # --- Python and the virtual environment ------------------------------------
 
 # ensure_venv : Python >= 3.11, .venv, and payd installed into it with the
-# dev and load extras. Reinstalls only when pyproject.toml changed since the
-# last successful install (tracked by $VENV_MARKER).
+# dev and load extras, with the sandbox gateway (sandbox/, payd-sandbox) beside
+# it. Reinstalls only when pyproject.toml or sandbox/pyproject.toml changed
+# since the last successful install (tracked by $VENV_MARKER).
 ensure_venv() {
     local py=${PYTHON:-python3}
     if ! command -v "$py" >/dev/null 2>&1; then
@@ -170,14 +171,17 @@ ensure_venv() {
         die ".venv is broken or uses Python < 3.11" "remove it (rm -rf .venv) and re-run"
     fi
 
-    if [[ -f $VENV_MARKER && ! $PAYD_ROOT/pyproject.toml -nt $VENV_MARKER && -x $VENV_DIR/bin/payd ]]; then
+    if [[ -f $VENV_MARKER && ! $PAYD_ROOT/pyproject.toml -nt $VENV_MARKER
+        && ! $PAYD_ROOT/sandbox/pyproject.toml -nt $VENV_MARKER && -x $VENV_DIR/bin/payd ]]; then
         log "payd already installed in .venv (pyproject.toml unchanged)"
         return
     fi
-    log "installing payd into .venv: pip install -e '.[dev,load]' (first time takes a minute)"
-    if ! (cd "$PAYD_ROOT" && "$VENV_DIR/bin/python" -m pip install -qq -e '.[dev,load]'); then
+    # The sandbox gateway is a distribution of its own (the production wheel leaves it
+    # out); an extra cannot name it by a relative path, so it is installed here, editable.
+    log "installing payd into .venv: pip install -e '.[dev,load]' -e ./sandbox (first time takes a minute)"
+    if ! (cd "$PAYD_ROOT" && "$VENV_DIR/bin/python" -m pip install -qq -e '.[dev,load]' -e ./sandbox); then
         rm -f "$VENV_MARKER"
-        die "pip install -e '.[dev,load]' failed" \
+        die "pip install -e '.[dev,load]' -e ./sandbox failed" \
             "see pip's error above (network access? a dependency pin in pyproject.toml?)"
     fi
     touch "$VENV_MARKER"

@@ -1,1 +1,1 @@
-"""The sandbox gateway: a real HTTP payment gateway for tests, demos and load, and its adapter."""
+"""The sandbox provider adapter: payd's client for the sandbox gateway (``payd_sandbox``, in sandbox/)."""

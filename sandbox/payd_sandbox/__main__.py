@@ -1,0 +1,5 @@
+import sys
+
+from payd_sandbox.cli import main
+
+sys.exit(main(prog="python -m payd_sandbox"))
