@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import aiomysql
 import msgspec
 import pytest
 
+from daemon.config import MySQLSettings
+from daemon.metrics import Metrics
 from daemon.models import AttemptState
+from daemon.secrets import load_secret
 from daemon.storage.attempts import request_from_row
 from daemon.storage.db import fetch_all, fetch_one, transaction
+from daemon.storage.identity import instance_identity
 from daemon.storage.migrate import Migration, available_migrations
 from daemon.storage.sqlsplit import split_statements
+from daemon.subscriptions.dispatch import existing_attempts
 from daemon.subscriptions.model import SubscriptionStatus
+from daemon.subscriptions.netbudget import NetworkCounters
 from daemon.subscriptions.periods import IntervalUnit
 from daemon.subscriptions.store import subscription_from_row
+from tests.support import DATABASE, query
 
 
 def test_a_semicolon_inside_a_string_does_not_end_the_statement() -> None:
@@ -126,3 +133,68 @@ async def test_rows_from_the_server_decode_into_typed_structs(db: aiomysql.Pool)
         (2, "x", AttemptState.QUEUED),
     ]
     assert isinstance(rows[0].moment, datetime) and one.number == 0 and one.state is AttemptState.FAILED
+
+
+async def test_network_counters_are_read_by_name_as_integers(db: aiomysql.Pool) -> None:
+    """The counters query decodes into its row struct: a MySQL SUM is a DECIMAL, so each count
+    is cast to an integer in SQL, and the oldest decline is a datetime (NULL when none is in the
+    window). Read by position, the DECIMALs went through ``int()`` one by one."""
+    await query(
+        db,
+        "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, state, "
+        "outcome, created_at) VALUES "
+        "('nb-1', 'other_psp', 500, 'EUR', 'pm_rows', 'declined', 'soft_decline', NOW(6) - INTERVAL 2 HOUR), "
+        "('nb-2', 'other_psp', 500, 'EUR', 'pm_rows', 'declined', 'hard_decline', NOW(6) - INTERVAL 3 DAY), "
+        "('nb-3', 'other_psp', 500, 'EUR', 'pm_rows', 'queued', NULL, NOW(6) - INTERVAL 1 HOUR), "
+        "('nb-4', 'other_psp', 700, 'EUR', 'pm_rows', 'unknown', 'unknown', NOW(6) - INTERVAL 1 HOUR), "
+        "('nb-5', 'other_psp', 500, 'EUR', 'pm_rows', 'succeeded', 'approved', NOW(6) - INTERVAL 1 HOUR)",
+    )
+    async with transaction(db) as cursor:
+        await cursor.execute("SELECT NOW(6)")
+        (now,) = await cursor.fetchone()
+        counters = await NetworkCounters.load(cursor, ["pm_rows", "pm_none"], now=now)
+    counts = counters._counts
+    assert set(counts) == {("pm_rows", 500, "EUR"), ("pm_rows", 700, "EUR")}
+    five = counts[("pm_rows", 500, "EUR")]
+    assert (five.declines_24h, five.declines_30d, five.pending_24h, five.pending_30d) == (1, 2, 1, 1)
+    assert all(type(n) is int for n in (five.declines_24h, five.declines_30d, five.declines_before))
+    assert five.oldest_24h is not None and now - five.oldest_24h > timedelta(hours=1)
+    assert five.oldest_30d is not None and now - five.oldest_30d > timedelta(days=2)
+    seven = counts[("pm_rows", 700, "EUR")]
+    assert (seven.declines_30d, seven.pending_24h, seven.oldest_30d) == (0, 1, None)
+
+
+async def test_existing_attempts_are_read_by_name(db: aiomysql.Pool) -> None:
+    """A dispatch's look at keys it already has: the request and the state by name; a row with
+    a request column of the wrong type is refused naming it instead of becoming a request."""
+    await query(
+        db,
+        "INSERT INTO attempts (idempotency_key, subscription_id, cycle, provider, amount_minor, currency, "
+        "payment_method, metadata, state, outcome) VALUES "
+        "('ex-1', 3, 2, 'sandbox', 999, 'EUR', 'pm_ok', '{\"a\": \"b\"}', 'declined', 'soft_decline')",
+    )
+    async with transaction(db) as cursor:
+        found = await existing_attempts(cursor, ["ex-1", "ex-none"])
+    assert list(found) == ["ex-1"]
+    assert found["ex-1"].state is AttemptState.DECLINED
+    request = found["ex-1"].request
+    assert (request.subscription_id, request.cycle, request.amount_minor, request.metadata) == (
+        3,
+        2,
+        999,
+        {"a": "b"},
+    )
+
+
+async def test_a_lock_answer_is_read_by_name(db: aiomysql.Pool) -> None:
+    """``GET_LOCK`` answers 1 or 0 through a row struct: the identity lock is held once, and a
+    second holder of the same instance id is told it is not (and takes over nothing)."""
+    settings = MySQLSettings(database=DATABASE, acquire_timeout_s=30)
+    password = load_secret("mysql_password")
+    metrics = Metrics()
+    # The second waits out LOCK_WAIT_S for the lock before it answers 0.
+    async with (
+        instance_identity(settings, password, db, instance_id="rows-probe", metrics=metrics) as first,
+        instance_identity(settings, password, db, instance_id="rows-probe", metrics=metrics) as second,
+    ):
+        assert (first, second) == (True, False)

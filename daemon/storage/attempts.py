@@ -103,7 +103,11 @@ class RequestRow(msgspec.Struct, array_like=True, frozen=True):
 
 def request_from_row(row: Sequence[Any]) -> AttemptRequest:
     """Rebuild a request from the nine ``_REQUEST_COLUMNS`` of a row."""
-    r = msgspec.convert(row, RequestRow)
+    return request_from(msgspec.convert(row, RequestRow))
+
+
+def request_from(r: RequestRow) -> AttemptRequest:
+    """The request a decoded ``RequestRow`` (or a row struct extending it) holds."""
     return AttemptRequest(
         idempotency_key=r.idempotency_key,
         subscription_id=r.subscription_id,

@@ -22,13 +22,14 @@ from contextlib import asynccontextmanager
 from typing import Final
 
 import aiomysql
+import msgspec
 import structlog
 
 from daemon.config import MySQLSettings
 from daemon.metrics import Metrics
 from daemon.secrets import Secret
 from daemon.storage.attempts import take_over_claims
-from daemon.storage.db import DB_ERRORS
+from daemon.storage.db import DB_ERRORS, fetch_one
 
 log = structlog.get_logger("payd")
 
@@ -36,6 +37,12 @@ LOCK_WAIT_S: Final = 5
 _MAX_LOCK_NAME: Final = 64  # MySQL and MariaDB refuse longer lock names
 _TAKEOVER_BATCH: Final = 1000
 _A_YEAR_S: Final = 31536000  # the largest wait_timeout both servers accept
+
+
+class _Lock(msgspec.Struct, array_like=True, frozen=True):
+    """``SELECT GET_LOCK(...)``: 1 taken, 0 timed out, NULL on an error (killed, say)."""
+
+    held: int | None
 
 
 def lock_name(database: str, instance_id: str) -> str:
@@ -79,7 +86,7 @@ async def instance_identity(
             await cursor.execute(
                 "SELECT GET_LOCK(%s, %s)", (lock_name(settings.database, instance_id), LOCK_WAIT_S)
             )
-            (held,) = await cursor.fetchone()
+            held = (await fetch_one(cursor, _Lock)).held
         if held == 1:
             await _take_over(pool, instance_id, metrics)
         else:

@@ -19,7 +19,7 @@ import aiomysql
 import msgspec
 import pymysql
 
-from daemon.storage.db import fetch_all, transaction
+from daemon.storage.db import fetch_all, fetch_one, transaction
 from daemon.storage.sqlsplit import split_statements
 
 _FILE_NAME = re.compile(r"^(?P<version>\d{4})_(?P<name>[a-z0-9_]+)\.sql\Z")
@@ -44,6 +44,12 @@ class _Applied(msgspec.Struct, array_like=True, frozen=True):
     checksum: str
 
 
+class _Lock(msgspec.Struct, array_like=True, frozen=True):
+    """``SELECT GET_LOCK(...)``: 1 taken, 0 timed out, NULL on an error."""
+
+    held: int | None
+
+
 class MigrationError(Exception):
     pass
 
@@ -63,8 +69,7 @@ async def migrate(pool: aiomysql.Pool, progress: Callable[[str], None] = print) 
     """Apply pending migrations; return how many were applied."""
     async with pool.acquire() as connection, connection.cursor() as cursor:
         await cursor.execute("SELECT GET_LOCK(%s, 60)", (_LOCK_NAME,))
-        (locked,) = await cursor.fetchone()
-        if locked != 1:
+        if (await fetch_one(cursor, _Lock)).held != 1:
             raise MigrationError("another payd migrate holds the migration lock; try again")
         try:
             return await _apply_pending(pool, progress)

@@ -19,18 +19,24 @@ import msgspec
 from daemon.events import OutboxRow, stable_id
 from daemon.models import AttemptRequest, AttemptState
 from daemon.pipeline.intake import Invalid, decode_request
-from daemon.storage.attempts import request_from_row
-from daemon.storage.db import Cursor, placeholders
+from daemon.storage.attempts import RequestRow, request_from
+from daemon.storage.db import Cursor, fetch_all, placeholders
 from daemon.subscriptions.model import Subscription, dispatch_key
 from daemon.subscriptions.policy import SubscriptionPolicy
 
 _NAMESPACE: Final = uuid.UUID("5c2e1a7d-93b4-4f0e-8a6d-1e2f3a4b5c6d")
 _encode = msgspec.json.Encoder().encode
-# The nine columns ``request_from_row`` rebuilds a request from.
+# The nine columns of ``RequestRow``, in its order.
 _REQUEST_COLUMNS: Final = (
     "idempotency_key, subscription_id, cycle, provider, amount_minor, currency, "
     "payment_method, customer_ref, metadata"
 )
+
+
+class _ExistingRow(RequestRow, array_like=True, frozen=True):
+    """``_REQUEST_COLUMNS``, then the attempt's state."""
+
+    state: AttemptState
 
 
 class ExistingAttempt(msgspec.Struct, frozen=True):
@@ -43,13 +49,13 @@ async def existing_attempts(cursor: Cursor, keys: Sequence[str]) -> dict[str, Ex
     if not keys:
         return {}
     await cursor.execute(
-        f"SELECT state, {_REQUEST_COLUMNS} FROM attempts "  # noqa: S608 (placeholders only)
+        f"SELECT {_REQUEST_COLUMNS}, state FROM attempts "  # noqa: S608 (placeholders only)
         f"WHERE idempotency_key IN ({placeholders(len(keys))})",
         list(keys),
     )
     return {
-        row[1]: ExistingAttempt(AttemptState(row[0]), request_from_row(row[1:]))
-        for row in await cursor.fetchall()
+        row.idempotency_key: ExistingAttempt(row.state, request_from(row))
+        for row in await fetch_all(cursor, _ExistingRow)
     }
 
 

@@ -27,7 +27,7 @@ from typing import Final
 
 import msgspec
 
-from daemon.storage.db import Cursor, placeholders
+from daemon.storage.db import Cursor, fetch_all, placeholders
 from daemon.subscriptions.model import Subscription
 from daemon.subscriptions.networks import WINDOW_30_DAYS_S, Counted, NetworkRule
 from daemon.subscriptions.policy import SubscriptionPolicy
@@ -35,6 +35,11 @@ from daemon.subscriptions.policy import SubscriptionPolicy
 # Null-safe, so that a sum over only queued rows (outcome NULL) is 0, not NULL.
 _DECLINED: Final = "IFNULL(outcome IN ('soft_decline', 'hard_decline'), 0)"
 _PENDING: Final = "(outcome IS NULL OR outcome = 'unknown')"
+
+
+def _sum(condition: str) -> str:
+    """How many rows of the group meet ``condition``, as an integer (SUM alone is a DECIMAL)."""
+    return f"CAST(SUM({condition}) AS SIGNED)"
 
 
 class KeyCounts(msgspec.Struct, kw_only=True):
@@ -71,6 +76,22 @@ class Deferral(msgspec.Struct, frozen=True, kw_only=True):
 Key = tuple[str, int, str]
 
 
+class _CounterRow(msgspec.Struct, array_like=True, frozen=True):
+    """One row of the counters query, in its SELECT order (the sums cast to integers: a
+    MySQL SUM is a DECIMAL)."""
+
+    payment_method: str
+    amount_minor: int
+    currency: str
+    declines_24h: int
+    declines_30d: int
+    declines_before: int
+    pending_24h: int
+    pending_30d: int
+    oldest_24h: datetime | None
+    oldest_30d: datetime | None
+
+
 class NetworkCounters:
     """The counters of a set of payment methods at ``now``; ``dispatched`` adds a new try."""
 
@@ -90,9 +111,9 @@ class NetworkCounters:
         day, month = now - timedelta(days=1), now - timedelta(seconds=WINDOW_30_DAYS_S)
         await cursor.execute(
             "SELECT payment_method, amount_minor, currency, "  # noqa: S608 (placeholders only)
-            f"SUM({_DECLINED} AND created_at > %s), SUM({_DECLINED} AND created_at > %s), "
-            f"SUM({_DECLINED} AND created_at <= %s), "
-            f"SUM({_PENDING} AND created_at > %s), SUM({_PENDING} AND created_at > %s), "
+            f"{_sum(_DECLINED + ' AND created_at > %s')}, {_sum(_DECLINED + ' AND created_at > %s')}, "
+            f"{_sum(_DECLINED + ' AND created_at <= %s')}, "
+            f"{_sum(_PENDING + ' AND created_at > %s')}, {_sum(_PENDING + ' AND created_at > %s')}, "
             f"MIN(IF({_DECLINED} AND created_at > %s, created_at, NULL)), "
             f"MIN(IF({_DECLINED} AND created_at > %s, created_at, NULL)) "
             "FROM attempts FORCE INDEX (ix_attempts_network) "
@@ -101,16 +122,16 @@ class NetworkCounters:
             [day, month, month, day, month, day, month, *methods, now - 2 * (now - month)],
         )
         counts = {
-            (method, int(amount), currency): KeyCounts(
-                declines_24h=int(d24),
-                declines_30d=int(d30),
-                declines_before=int(before),
-                pending_24h=int(p24),
-                pending_30d=int(p30),
-                oldest_24h=o24,
-                oldest_30d=o30,
+            (row.payment_method, row.amount_minor, row.currency): KeyCounts(
+                declines_24h=row.declines_24h,
+                declines_30d=row.declines_30d,
+                declines_before=row.declines_before,
+                pending_24h=row.pending_24h,
+                pending_30d=row.pending_30d,
+                oldest_24h=row.oldest_24h,
+                oldest_30d=row.oldest_30d,
             )
-            for method, amount, currency, d24, d30, before, p24, p30, o24, o30 in await cursor.fetchall()
+            for row in await fetch_all(cursor, _CounterRow)
         }
         return cls(now, counts)
 

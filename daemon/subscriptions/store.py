@@ -75,7 +75,8 @@ async def lock_subscriptions(cursor: Cursor, ids: Sequence[int]) -> dict[int, Su
         f"WHERE id IN ({placeholders(len(ids))}) ORDER BY id FOR UPDATE",
         list(ids),
     )
-    return {row[0]: subscription_from_row(row) for row in await cursor.fetchall()}
+    subs = [subscription_from_row(row) for row in await cursor.fetchall()]
+    return {sub.id: sub for sub in subs}
 
 
 async def claim_due(
