@@ -286,12 +286,14 @@ def build_parser() -> argparse.ArgumentParser:
     refunding.add_argument("--reason", help="kept with the refund and sent where the provider takes one")
     refunding.add_argument("--refund-key", help="the refund's own idempotency key (default: refund:KEY:N)")
     # The gateway parses its own flags (payd sandbox --help): the words after `sandbox`
-    # reach it unparsed (main), so building this parser never imports it.
+    # reach it unparsed (main), so building this parser never imports it. --config is
+    # accepted, as by every command, and unused: the gateway reads no configuration.
     sandbox = commands.add_parser(
         "sandbox",
         help="run the sandbox payment gateway (payd sandbox --help for its flags)",
         add_help=False,
     )
+    sandbox.add_argument("--config", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     sandbox.set_defaults(handler=cmd_sandbox, needs_config=False)
     return parser
 

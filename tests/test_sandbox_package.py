@@ -130,10 +130,13 @@ def test_a_broken_gateway_install_is_not_reported_as_missing(tmp_path: Path) -> 
 
 async def test_payd_sandbox_serves_until_sigterm() -> None:
     """``payd sandbox`` hands its flags to the gateway, which listens, answers with the
-    behaviour the flags set, and exits 0 on SIGTERM."""
+    behaviour the flags set, and exits 0 on SIGTERM. ``--config`` is accepted and unused, as
+    scripts/dev passes it."""
     process = await asyncio.create_subprocess_exec(
         str(BIN / "payd"),
         "sandbox",
+        "--config",
+        "no-such-config.toml",
         "--port",
         "0",
         "--retry-after-s",
