@@ -62,13 +62,25 @@ def loaded_by(*argv: str) -> str:
     )
     lines = [line for line in done.stdout.splitlines() if line.startswith("loaded:")]
     assert lines, done.stderr
+    if "check-config" in argv and "--help" not in argv:
+        assert "config.toml: ok" in done.stdout, done.stderr  # the adapters were really loaded
     return lines[-1]
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["migrate", "--help"], ["check-config", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--help"],
+        ["migrate", "--help"],
+        ["check-config", "--help"],
+        ["--config", "config.toml", "check-config"],
+    ],
+)
 def test_payd_commands_do_not_load_the_gateway(argv: list[str]) -> None:
-    """Building ``payd``'s parser imports neither payd_sandbox nor aiohttp's server. (Failed
-    before: the parser imported the gateway for ``payd sandbox``'s flags on every command.)"""
+    """Building ``payd``'s parser imports neither payd_sandbox nor aiohttp's server, and
+    checking the shipped config.toml (its ``sandbox`` provider's adapter included) does not
+    either. (Failed before: the parser imported the gateway for ``payd sandbox``'s flags on
+    every command.)"""
     assert loaded_by(*argv) == "loaded: []"
 
 
