@@ -28,7 +28,7 @@ from daemon.providers.checkout import transform
 from daemon.providers.checkout.client import CheckoutProvider
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
 from tests.test_provider_checkout import CHANNEL, SECRET_KEY, attempt, checkout
-from tests.test_reversals import charged, net_by_key, refund, wait_reversals
+from tests.test_reversals import _queue_empty, charged, net_by_key, refund, wait_reversals
 
 SPEC: Final = json.loads((Path(__file__).parent / "fixtures/providers/checkout_refund.json").read_text())
 HARD, UNKNOWN = Outcome.HARD_DECLINE, Outcome.UNKNOWN
@@ -307,8 +307,15 @@ async def test_daemon_refunds_checkout_payments_202_unknown_then_reconciled(
             ]
         )
         settled = await wait_reversals(db, keys, timeout=40)
+        await broker.publish(
+            [
+                refund("ck-rf-full", "ck-full", 1500, reason="customer asked"),
+                refund("ck-rf-part-2", "ck-part", 200),
+            ]
+        )  # duplicate deliveries: nothing more is refunded
         await broker.publish([refund("ck-rf-over", "ck-part", 501)])
         over = await wait_reversals(db, ["ck-rf-over"])
+        await eventually(lambda: _queue_empty(broker), timeout=20, what="the duplicates to be consumed")
 
         async def all_events() -> bool:
             return sum(e["type"] == "refund.succeeded" for e in broker.events) == 4

@@ -28,7 +28,7 @@ from daemon.providers.stripe import transform
 from daemon.providers.stripe.client import StripeProvider
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
 from tests.test_provider_stripe import API_KEY, attempt, open_stripe
-from tests.test_reversals import charged, net_by_key, refund, wait_reversals
+from tests.test_reversals import _queue_empty, charged, net_by_key, refund, wait_reversals
 
 SPEC: Final = json.loads((Path(__file__).parent / "fixtures/providers/stripe_refund.json").read_text())
 HARD, UNKNOWN = Outcome.HARD_DECLINE, Outcome.UNKNOWN
@@ -331,8 +331,15 @@ async def test_daemon_refunds_stripe_charges_fully_partly_and_never_beyond(
         settled = await wait_reversals(
             db, ["st-rf-full", "st-rf-part-1", "st-rf-part-2", "st-rf-slow"], timeout=40
         )
+        await broker.publish(
+            [
+                refund("st-rf-full", "st-full", 1500, reason="requested_by_customer"),
+                refund("st-rf-part-2", "st-part", 200),
+            ]
+        )  # duplicate deliveries: nothing more is refunded
         await broker.publish([refund("st-rf-over", "st-part", 501)])
         over = await wait_reversals(db, ["st-rf-over"])
+        await eventually(lambda: _queue_empty(broker), timeout=20, what="the duplicates to be consumed")
 
         async def slow_events() -> bool:
             keys = [e["type"] for e in broker.events if e.get("idempotency_key") == "st-rf-slow"]

@@ -169,8 +169,9 @@ class StripeProvider(HttpAdapter[bytes]):
             if page is None:
                 return None
             seen.extend(page.data)
-            if not page.has_more or not page.data:
-                return transform.refund_lookup_result(seen, request)
+            found = transform.refund_lookup_result(seen, request)
+            if found.found or not page.has_more or not page.data:
+                return found
             params["starting_after"] = page.data[-1].id
         return None  # more refunds than the pages read: ask again later
 
