@@ -12,6 +12,7 @@ refund in the sandbox's refund book, so its ledger says what was refunded.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from pathlib import Path
@@ -334,3 +335,25 @@ async def test_daemon_refunds_checkout_payments_202_unknown_then_reconciled(
     assert (await sandbox.stats())["refund_requests"] == 4, "no refund was sent twice"
     rows = await query(db, "SELECT provider_ref FROM reversals WHERE state = 'succeeded'")
     assert all(ref.startswith("act_") for (ref,) in rows), rows
+
+
+async def test_racing_refunds_never_refund_more_than_the_charge(sandbox: Sandbox) -> None:
+    """Ten refunds of 300 race on a payment of 1000 and two requests race under one key: at
+    most what was charged is refunded, each key at most once; the losers are refused (422) or
+    unknown (409, the key in use); the raced key's action is found once, approved."""
+    await sandbox.behave(latency_ms=50)
+    async with checkout(sandbox) as provider:
+        paid = await charge(provider, amount=1000)
+        results = await asyncio.gather(*(provider.refund(reversal(paid, 300)) for _ in range(10)))
+        raced = reversal(paid, 100, key="rf-raced")
+        twice = await asyncio.gather(provider.refund(raced), provider.refund(raced))
+        settled = await settle(provider, raced)
+    accepted = [r for r in results if r.outcome is UNKNOWN]
+    assert len(accepted) == 3
+    assert {r.decline_code for r in results if r.outcome is not UNKNOWN} == {"refund_amount_exceeds_balance"}
+    assert [r.outcome for r in twice] == [UNKNOWN, UNKNOWN]
+    # The second is refused 409 while the first runs, or replays its 202 if it came after.
+    assert any("202" in (r.reason or "") for r in twice)
+    assert [r["idempotency_key"] for r in await sandbox.refunds()].count("rf-raced") == 1
+    assert settled is not None and settled.outcome is Outcome.APPROVED
+    assert net_by_key(await sandbox.ledger()).popitem()[1] == (1000, 0)

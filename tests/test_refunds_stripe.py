@@ -10,6 +10,7 @@ executes each refund in the sandbox's refund book, so its ledger says what was r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import urllib.parse
 import uuid
@@ -364,3 +365,25 @@ async def test_daemon_refunds_stripe_charges_fully_partly_and_never_beyond(
     assert stats["refund_requests"] == 4, "the timed-out refund was looked up, not sent again"
     rows = await query(db, "SELECT idempotency_key, provider_ref FROM reversals WHERE state = 'succeeded'")
     assert {ref for _, ref in rows} == {r["id"] for r in refunds}
+
+
+async def test_racing_refunds_never_refund_more_than_the_charge(sandbox: Sandbox) -> None:
+    """Ten refunds of 300 race on a charge of 1000 (with latency, so they overlap) and two
+    requests race under one key: the dialect refunds at most what was charged, each key at
+    most once; the losers are refused (``amount_too_large``) or unknown (the key in use), and
+    a lookup of the raced key finds its one refund."""
+    await sandbox.behave(latency_ms=50)
+    async with open_stripe(sandbox) as provider:
+        paid = await charge(provider, amount=1000)
+        results = await asyncio.gather(*(provider.refund(reversal(paid, 300)) for _ in range(10)))
+        raced = reversal(paid, 100, key="rf-raced")
+        twice = await asyncio.gather(provider.refund(raced), provider.refund(raced))
+        found = await provider.lookup_refund(raced)
+    outcomes = [r.outcome for r in results]
+    assert outcomes.count(Outcome.APPROVED) == 3
+    assert {r.decline_code for r in results if r.outcome is not Outcome.APPROVED} == {"amount_too_large"}
+    # The second is refused 409 while the first runs (unknown), or replays it if it came after.
+    assert Outcome.APPROVED in {r.outcome for r in twice} <= {Outcome.APPROVED, UNKNOWN}
+    assert [r["idempotency_key"] for r in await sandbox.refunds()].count("rf-raced") == 1
+    assert found is not None and found.result is not None and found.result.outcome is Outcome.APPROVED
+    assert net_by_key(await sandbox.ledger()).popitem()[1] == (1000, 0)

@@ -721,6 +721,7 @@ async def _post_refund(request: web.Request) -> web.Response:
     # Without the header Checkout.com does not deduplicate; neither does this.
     key = request.headers.get("Cko-Idempotency-Key") or "cko_none_" + secrets.token_hex(12)
     kept = request.app[_REFUNDS_KEY]
+    first_use = key not in kept
     kept.setdefault(key, _KeptRefund(reference=body.reference, metadata=dict(body.metadata or {})))
     amount = body.amount if body.amount is not None else remaining
     result = await gateway.refund(charge, key=key, body=RefundBody(amount_minor=amount))
@@ -730,7 +731,7 @@ async def _post_refund(request: web.Request) -> web.Response:
         if earlier is not None:
             result = earlier, True
     if isinstance(result, RefundRefusal):
-        if gateway.refunds.lookup(key) is None:
+        if first_use and gateway.refunds.lookup(key) is None:
             kept.pop(key, None)  # nothing executed: the key stays free
         return _refund_refusal(result, charge.amount_minor - gateway.refunds.refunded(charge.id))
     refund, _replayed = result
