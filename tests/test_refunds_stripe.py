@@ -28,7 +28,7 @@ from daemon.providers.sandbox.dialects import stripe as dialect
 from daemon.providers.stripe import transform
 from daemon.providers.stripe.client import StripeProvider
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
-from tests.test_provider_stripe import API_KEY, attempt, open_stripe
+from tests.test_provider_stripe import API_KEY, attempt, open_stripe, stripe_config
 from tests.test_reversals import _queue_empty, charged, net_by_key, refund, wait_reversals
 
 SPEC: Final = json.loads((Path(__file__).parent / "fixtures/providers/stripe_refund.json").read_text())
@@ -387,3 +387,18 @@ async def test_racing_refunds_never_refund_more_than_the_charge(sandbox: Sandbox
     assert [r["idempotency_key"] for r in await sandbox.refunds()].count("rf-raced") == 1
     assert found is not None and found.result is not None and found.result.outcome is Outcome.APPROVED
     assert net_by_key(await sandbox.ledger()).popitem()[1] == (1000, 0)
+
+
+async def test_refund_headers_carry_the_refunds_key_and_the_pinned_version() -> None:
+    """``Idempotency-Key`` is the refund's own key (never the charge's), ``Stripe-Version`` the
+    pinned one, and the headers' repr never shows the API key."""
+    provider = StripeProvider("stripe", stripe_config("http://127.0.0.1:1/stripe"))
+    try:
+        item = reversal("pi_abc", 100, key="rf-headers")
+        headers = provider.refund_headers(item, transform.refund_form(item))
+    finally:
+        await provider.close()
+    assert headers["Idempotency-Key"] == "rf-headers"
+    assert headers["Stripe-Version"] == "2024-12-18.acacia"
+    assert headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert API_KEY not in repr(headers) and API_KEY not in str(headers)
