@@ -14,12 +14,14 @@ from typing import Any
 
 import aiohttp
 import aiomysql
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from daemon.halt import HaltKeys
 from daemon.models import AttemptRequest, RefundRequest
 from daemon.pipeline.intake import Invalid, decode_request
+from daemon.providers.stripe.client import StripeProvider
 from daemon.secrets import load_secret
 from tests.support import (
     NAMESPACE,
@@ -300,9 +302,12 @@ async def test_a_refund_to_a_provider_whose_adapter_cannot_refund_is_refused_nev
     daemons: DaemonFactory,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """A charge taken through a connection whose adapter has no refunds (Stripe's, this
-    release): its refund ends failed (refunds_unsupported) and nothing reaches the gateway."""
+    """A charge taken through a connection whose adapter has no refunds (here Stripe's, its
+    refunds switched off): its refund ends failed (refunds_unsupported) and nothing reaches
+    the gateway."""
     monkeypatch.setenv("PAYD_STRIPE_API_KEY", "sk_test_payd4sandbox")
+    without_refunds = msgspec.structs.replace(StripeProvider.capabilities, refunds=False)
+    monkeypatch.setattr(StripeProvider, "capabilities", without_refunds)
     stripe = {
         "kind": "stripe",
         "base_url": f"{sandbox.url}/stripe",

@@ -5,6 +5,13 @@ recurring, under ``Cko-Idempotency-Key``. Lookups list the payments made under
 the attempt's reference (``GET /payments?reference=``) and keep the one whose
 metadata carries the attempt's idempotency key, because dunning makes several
 attempts under one reference (``SUBSCRIPTION_ID:CYCLE``).
+
+Refunds are ``POST /payments/{id}/refunds`` under ``Cko-Idempotency-Key``, with the
+refund's key as its ``reference``. Checkout.com accepts them with a 202 and processes them
+asynchronously, so a refund is recorded unknown until a lookup reads its action
+(``GET /payments/{id}/actions``, the ``Refund`` action with that reference). Payments are
+always requested with ``capture: true``, so a void (which needs an authorized, not captured
+payment) never applies: see docs/providers/checkout.md.
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from daemon.providers.api import (
     HttpAdapter,
     HttpResponse,
     LookupResult,
+    Outcome,
     PositiveFloat,
     ProviderConfig,
+    ReversalRequest,
     Secret,
     SecretName,
     require_secret,
@@ -66,6 +75,7 @@ class CheckoutProvider(HttpAdapter[bytes]):
             lookup_by_reference=True,
             idempotency_key_ttl_s=config.idempotency_key_ttl_s,
             resend_only_after_2xx=True,  # "only cached after a 2xx": never re-sent after a 5xx
+            refunds=True,
         )
         self._secret: Secret = secret
         self._channel = config.processing_channel_id
@@ -109,6 +119,44 @@ class CheckoutProvider(HttpAdapter[bytes]):
                 return None
             payment = details
         return transform.lookup_result(payment, request)
+
+    # -- refunds ----------------------------------------------------------------------------
+
+    async def refund(self, request: ReversalRequest) -> ChargeResult:
+        problem = transform.refund_problem(request)
+        if problem is not None:
+            return ChargeResult(
+                outcome=Outcome.PROVIDER_ERROR,
+                retryable=False,
+                decline_code="not_refundable_here",
+                reason=f"not sent: {problem}",
+            )
+        return await super().refund(request)
+
+    def refund_path(self, request: ReversalRequest) -> str:
+        assert request.original_provider_ref is not None  # refund() refuses it otherwise
+        return f"payments/{quote(request.original_provider_ref, safe='')}/refunds"
+
+    def refund_body(self, request: ReversalRequest) -> bytes:
+        return transform.refund_request_body(request)
+
+    def refund_headers(self, request: ReversalRequest, body: bytes) -> Mapping[str, str]:
+        headers = self._authorization()
+        headers["Cko-Idempotency-Key"] = request.idempotency_key
+        headers["Content-Type"] = "application/json"
+        return headers
+
+    def refund_result(self, request: ReversalRequest, response: HttpResponse) -> ChargeResult:
+        return transform.refund_result(request, response.status, response.headers, response.body)
+
+    async def lookup_refund(self, request: ReversalRequest) -> LookupResult | None:
+        if transform.refund_problem(request) is not None or request.original_provider_ref is None:
+            return None  # never sent (refund() refuses it), so never unknown
+        body = await self._get(f"payments/{quote(request.original_provider_ref, safe='')}/actions")
+        actions = None if body is None else transform.decode_actions(body)
+        if actions is None:
+            return None
+        return transform.refund_lookup_result(actions, request)
 
     async def _get(self, path: str) -> bytes | None:
         answer = await self.send("GET", path, headers=self._authorization())

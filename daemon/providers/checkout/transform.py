@@ -19,7 +19,7 @@ from typing import Final
 
 import msgspec
 
-from daemon.providers.api import AttemptRequest, ChargeResult, LookupResult, Outcome
+from daemon.providers.api import AttemptRequest, ChargeResult, LookupResult, Outcome, ReversalRequest
 
 IDEMPOTENCY_KEY_METADATA: Final = "payd_idempotency_key"
 """Metadata key carrying payd's idempotency key, so a lookup by reference can tell attempts apart."""
@@ -496,7 +496,7 @@ def _invalid(status: int, _headers: Mapping[str, str], body: bytes, _request: At
 
 
 def _rate_limited(
-    status: int, headers: Mapping[str, str], _body: bytes, _request: AttemptRequest
+    status: int, headers: Mapping[str, str], _body: bytes, _request: AttemptRequest | None
 ) -> ChargeResult:
     # "When you hit a rate limit you will receive a HTTP 429 response. The request can then
     # be safely retried." Without a Retry-After, payd's own backoff applies.
@@ -567,3 +567,179 @@ def charge_result(
 ) -> ChargeResult:
     """Map Checkout.com's answer to ``POST /payments`` to an outcome."""
     return HTTP_STATUSES.get(status, _unrecognised)(status, headers, body, request)
+
+
+# --- refunds ------------------------------------------------------------------------------
+# ``POST /payments/{id}/refunds`` (checkout-sdk-python ``RefundRequest``: amount, reference,
+# metadata) is answered ``202 Accepted`` with the refund's ``action_id`` and ``reference``:
+# the refund is processed asynchronously, so a 202 is not yet a success. Its outcome is read
+# from ``GET /payments/{id}/actions`` (each action: id, type, amount, approved,
+# response_code, response_summary, reference). Vendored: tests/fixtures/providers/checkout_refund.json.
+
+REFUND_ORIGINAL_METADATA: Final = "payd_original_idempotency_key"
+REFUND_REASON_METADATA: Final = "payd_reason"
+MAX_REFUND_REFERENCE: Final = 80
+"""Checkout.com's limit on a refund's ``reference`` (payd's keys are at most 128 characters:
+a longer key cannot be sent, as the lookup matches the action by this reference)."""
+
+
+class RefundRequest(msgspec.Struct, frozen=True, kw_only=True):
+    """The body of ``POST /payments/{id}/refunds``: the reference is the refund's own key."""
+
+    amount: int
+    reference: str
+    metadata: dict[str, str]
+
+
+class RefundAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """``202 Accepted`` to a refund: the action that will carry its outcome."""
+
+    action_id: str | None = None
+    reference: str | None = None
+
+
+class PaymentAction(msgspec.Struct, frozen=True, kw_only=True):
+    """One entry of ``GET /payments/{id}/actions``."""
+
+    id: str
+    type: str | None = None
+    amount: int | None = None
+    approved: bool | None = None
+    response_code: str | None = None
+    response_summary: str | None = None
+    reference: str | None = None
+
+
+_decode_accepted = msgspec.json.Decoder(RefundAccepted).decode
+_decode_actions = msgspec.json.Decoder(list[PaymentAction]).decode
+
+
+def refund_problem(request: ReversalRequest) -> str | None:
+    """Why this refund cannot be sent to Checkout.com, found before sending; None if it may go."""
+    if not request.original_provider_ref:
+        return "the charge has no Checkout.com payment id to refund"
+    if len(request.idempotency_key) > MAX_REFUND_REFERENCE:
+        return f"the refund's key is longer than Checkout.com's {MAX_REFUND_REFERENCE}-character reference"
+    return None
+
+
+def refund_request_body(request: ReversalRequest) -> bytes:
+    metadata = {REFUND_ORIGINAL_METADATA: request.original_idempotency_key}
+    if request.reason:
+        metadata[REFUND_REASON_METADATA] = request.reason
+    return _encode(
+        RefundRequest(amount=request.amount_minor, reference=request.idempotency_key, metadata=metadata)
+    )
+
+
+def _refund_accepted(request: ReversalRequest, status: int, body: bytes) -> ChargeResult:
+    try:
+        accepted = _decode_accepted(body)
+    except _UNPARSEABLE:
+        accepted = RefundAccepted()
+    if accepted.reference is not None and accepted.reference != request.idempotency_key:
+        # Checkout.com answers a reused key with the first request's answer: not this refund's.
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN,
+            provider_ref=accepted.action_id,
+            reason=_reason(f"{status} accepted for another reference:", repr(accepted.reference)),
+            needs_operator=True,
+        )
+    return ChargeResult(
+        outcome=Outcome.UNKNOWN,
+        provider_ref=accepted.action_id,
+        reason=_reason(
+            f"{status} accepted: refund action",
+            accepted.action_id,
+            "is processed asynchronously; reconciled by lookup",
+        ),
+    )
+
+
+def _refund_refused(code: str, what: str) -> ChargeResult:
+    return ChargeResult(outcome=_HARD, decline_code=code, retryable=False, reason=what)
+
+
+def refund_result(
+    request: ReversalRequest, status: int, headers: Mapping[str, str], body: bytes
+) -> ChargeResult:
+    """Map Checkout.com's answer to ``POST /payments/{id}/refunds``.
+
+    202 is the documented success, and only says the refund was accepted for processing.
+    403 ("Refund not allowed": the payment is not captured, or nothing remains to refund),
+    404 (no such payment) and 422 (invalid data, e.g. more than remains) refund nothing.
+    401 is the key; 429 a rate limit (nothing done). 409 (the key is in use by another
+    request), 5xx and anything else may have refunded: unknown, and never re-sent
+    (Checkout.com stores a key's answer only after a 2xx).
+    """
+    if status == 202:
+        return _refund_accepted(request, status, body)
+    if status == 403:
+        return _refund_refused("refund_not_allowed", "403 refund not allowed: nothing refunded")
+    if status == 404:
+        return _refund_refused("payment_not_found", "404 payment not found: nothing refunded")
+    if status == 422:
+        try:
+            error = _decode_error(body)
+        except _UNPARSEABLE:
+            error = ErrorBody()
+        code = (error.error_codes[0] if error.error_codes else error.error_type) or "request_invalid"
+        return _refund_refused(
+            code[:64], _reason("422", error.error_type, ",".join(error.error_codes), error.request_id)
+        )
+    if status == 401:
+        return ChargeResult(
+            outcome=Outcome.PROVIDER_ERROR,
+            retryable=False,
+            decline_code="unauthorized",
+            reason="401 unauthorized: Checkout.com refused the secret key",
+        )
+    if status == 429:
+        limited = _rate_limited(status, headers, body, None)
+        return msgspec.structs.replace(limited, reason=f"{status} rate limited: nothing refunded")
+    if status == 409:
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN, reason="409 conflict: the idempotency key is being processed"
+        )
+    return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"{status} answer: the refund may have been made")
+
+
+def decode_actions(body: bytes) -> list[PaymentAction] | None:
+    try:
+        return _decode_actions(body)
+    except _UNPARSEABLE:
+        return None
+
+
+def refund_lookup_result(actions: Iterable[PaymentAction], request: ReversalRequest) -> LookupResult:
+    """The payment's ``Refund`` action whose reference is the refund's key, read as its outcome:
+    approved, declined (with its response code), or still without a verdict."""
+    ours = [a for a in actions if a.type == "Refund" and a.reference == request.idempotency_key]
+    if not ours:
+        return LookupResult(found=False)
+    action = next((a for a in ours if a.approved), ours[0])
+    if action.amount is not None and action.amount != request.amount_minor:
+        return LookupResult(
+            found=True,
+            anomaly=f"refund action {action.id} is for {action.amount}, not {request.amount_minor}",
+        )
+    if action.approved is True:
+        return LookupResult(found=True, result=ChargeResult(outcome=Outcome.APPROVED, provider_ref=action.id))
+    if action.approved is False:
+        code = action.response_code or "declined"
+        return LookupResult(
+            found=True,
+            result=ChargeResult(
+                outcome=_HARD,
+                provider_ref=action.id,
+                decline_code=f"cko_{code}"[:64],
+                retryable=False,
+                reason=_reason("refund declined", code, action.response_summary),
+            ),
+        )
+    return LookupResult(
+        found=True,
+        result=ChargeResult(
+            outcome=Outcome.UNKNOWN, provider_ref=action.id, reason="refund action without a verdict yet"
+        ),
+    )

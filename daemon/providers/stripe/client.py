@@ -4,6 +4,10 @@ A renewal is one ``POST /v1/payment_intents`` that creates and confirms an off-s
 PaymentIntent on the customer's saved payment method, under payd's idempotency key.
 A lookup lists the customer's PaymentIntents (Stripe's list APIs are read-after-write
 consistent) and falls back to the Search API for attempts older than the pages it reads.
+
+A refund is one ``POST /v1/refunds`` of the charge's PaymentIntent under the refund's own
+idempotency key, which also travels in the refund's metadata; a refund lookup lists the
+PaymentIntent's refunds (``GET /v1/refunds?payment_intent=``) and keeps the one carrying it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from daemon.providers.api import (
     LookupResult,
     Outcome,
     ProviderConfig,
+    ReversalRequest,
     SecretName,
     require_secret,
 )
@@ -66,6 +71,7 @@ class StripeProvider(HttpAdapter[bytes]):
         lookup_by_key=True,
         lookup_by_reference=False,
         idempotency_key_ttl_s=IDEMPOTENCY_KEY_TTL_S,
+        refunds=True,
     )
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
@@ -115,6 +121,59 @@ class StripeProvider(HttpAdapter[bytes]):
         # is not proof; payd resends under the same key, which Stripe answers from its
         # idempotency store for 24 hours, so a late-indexed payment is never charged twice.
         return transform.search_lookup_result(page, request)
+
+    # -- refunds ----------------------------------------------------------------------------
+
+    async def refund(self, request: ReversalRequest) -> ChargeResult:
+        problem = transform.refund_problem(request)
+        if problem is not None:
+            return ChargeResult(
+                outcome=Outcome.PROVIDER_ERROR,
+                retryable=False,
+                decline_code="not_refundable_here",
+                reason=f"not sent: {problem}",
+            )
+        return await super().refund(request)
+
+    def refund_path(self, request: ReversalRequest) -> str:
+        return "v1/refunds"
+
+    def refund_body(self, request: ReversalRequest) -> bytes:
+        return transform.refund_form(request)
+
+    def refund_headers(self, request: ReversalRequest, body: bytes) -> Mapping[str, str]:
+        headers = _Headers(self._read_headers)
+        headers["Idempotency-Key"] = request.idempotency_key
+        headers["Content-Type"] = "application/x-www-form-urlencoded"
+        return headers
+
+    def refund_result(self, request: ReversalRequest, response: HttpResponse) -> ChargeResult:
+        return transform.refund_result(request, response.status, response.headers, response.body)
+
+    async def lookup_refund(self, request: ReversalRequest) -> LookupResult | None:
+        """The charge's refunds, newest first, read page by page for the one carrying the key.
+        Stripe's list endpoints are read-after-write consistent, so "not found" after every
+        page is read means Stripe executed no refund under the key."""
+        ref = request.original_provider_ref
+        if transform.refund_problem(request) is not None or ref is None:
+            return None  # never sent (refund() refuses it), so never unknown
+        target = "charge" if ref.startswith("ch_") else "payment_intent"
+        params = {target: ref, "limit": str(self._config.lookup_page_size)}
+        seen: list[transform.Refund] = []
+        for _ in range(self._config.lookup_max_pages):
+            query = urllib.parse.urlencode(params)
+            answer = await self.send("GET", f"v1/refunds?{query}", headers=self._read_headers)
+            if answer is None or answer.status != 200:
+                return None
+            page = transform.decode_refund_page(answer.body)
+            if page is None:
+                return None
+            seen.extend(page.data)
+            found = transform.refund_lookup_result(seen, request)
+            if found.found or not page.has_more or not page.data:
+                return found
+            params["starting_after"] = page.data[-1].id
+        return None  # more refunds than the pages read: ask again later
 
     async def _list_customer(
         self, customer: str, key: str

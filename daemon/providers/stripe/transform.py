@@ -19,7 +19,14 @@ from typing import Final
 
 import msgspec
 
-from daemon.providers.api import AttemptRequest, ChargeResult, LookupResult, Outcome, retry_after_seconds
+from daemon.providers.api import (
+    AttemptRequest,
+    ChargeResult,
+    LookupResult,
+    Outcome,
+    ReversalRequest,
+    retry_after_seconds,
+)
 
 SOFT: Final = Outcome.SOFT_DECLINE
 HARD: Final = Outcome.HARD_DECLINE
@@ -491,3 +498,217 @@ def lookup_result(intents: Sequence[PaymentIntent], request: AttemptRequest) -> 
             if result.outcome is wanted:
                 return LookupResult(found=True, result=result)
     return LookupResult(found=True, result=max(results, key=lambda pair: pair[0])[1])
+
+
+# --- refunds ------------------------------------------------------------------------------
+# ``POST /v1/refunds`` and ``GET /v1/refunds`` (stripe-python ``RefundCreateParams``,
+# ``RefundListParams`` and ``Refund``; the values are vendored in
+# tests/fixtures/providers/stripe_refund.json). A refund is addressed by the charge's
+# PaymentIntent (``pi_...``, what payd records as the charge's provider reference).
+
+REFUND_KEY_METADATA: Final = KEY_METADATA
+"""Refund metadata holding the refund's own idempotency key: what a refund lookup matches."""
+REFUND_ORIGINAL_METADATA: Final = "payd_original_key"
+"""Refund metadata holding the refunded charge's idempotency key."""
+REFUND_REASON_METADATA: Final = "payd_reason"
+"""Refund metadata holding a free-text reason that is none of Stripe's ``reason`` values."""
+MAX_METADATA_VALUE: Final = 500  # Stripe: "values can be up to 500 characters long"
+
+REFUND_REASONS: Final = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+"""The only values ``POST /v1/refunds`` accepts in ``reason`` (``RefundCreateParams.reason``);
+any other text travels in metadata instead, where it cannot fail validation."""
+
+
+class Refund(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    object: str
+    status: str | None = None
+    amount: int | None = None
+    currency: str | None = None
+    payment_intent: str | None = None
+    charge: str | None = None
+    created: int = 0
+    metadata: dict[str, str] = {}
+    failure_reason: str | None = None
+    pending_reason: str | None = None
+
+
+class RefundPage(msgspec.Struct, frozen=True, kw_only=True):
+    object: str
+    data: list[Refund]
+    has_more: bool = False
+
+
+_decode_refund = msgspec.json.Decoder(Refund).decode
+_decode_refund_page = msgspec.json.Decoder(RefundPage).decode
+
+
+def refund_problem(request: ReversalRequest) -> str | None:
+    """Why this refund cannot be sent to Stripe, found before sending it; None if it may go."""
+    ref = request.original_provider_ref
+    if ref is None or not ref.startswith(("pi_", "ch_")):
+        return f"the charge's Stripe id is {ref!r}, not a PaymentIntent (pi_...) or charge (ch_...)"
+    return None
+
+
+def refund_form(request: ReversalRequest) -> bytes:
+    """``POST /v1/refunds`` form body: the charge's PaymentIntent (or charge), the amount, and
+    the keys in metadata. The same request always encodes to the same bytes (a resend under
+    the same ``Idempotency-Key`` must carry the same parameters)."""
+    ref = request.original_provider_ref
+    assert ref is not None  # refund_problem() refuses the request otherwise
+    pairs = [
+        ("charge" if ref.startswith("ch_") else "payment_intent", ref),
+        ("amount", str(request.amount_minor)),
+        (f"metadata[{REFUND_KEY_METADATA}]", request.idempotency_key),
+        (f"metadata[{REFUND_ORIGINAL_METADATA}]", request.original_idempotency_key),
+    ]
+    if request.reason in REFUND_REASONS:
+        pairs.append(("reason", request.reason))
+    elif request.reason:
+        pairs.append((f"metadata[{REFUND_REASON_METADATA}]", request.reason[:MAX_METADATA_VALUE]))
+    return urllib.parse.urlencode(pairs).encode()
+
+
+def _refund_succeeded(refund: Refund) -> ChargeResult:
+    return ChargeResult(outcome=Outcome.APPROVED, provider_ref=refund.id)
+
+
+def _refund_in_progress(refund: Refund) -> ChargeResult:
+    # pending: "the refund is processing" (pending_reason processing, insufficient_funds,
+    # charge_pending); requires_action: the customer must give refund details (non-card
+    # methods). Both end by themselves in succeeded, failed or canceled: a lookup reads it.
+    detail = f" ({refund.pending_reason})" if refund.pending_reason else ""
+    return ChargeResult(
+        outcome=Outcome.UNKNOWN,
+        provider_ref=refund.id,
+        reason=f"refund {refund.status}{detail}: not final, money may move",
+    )
+
+
+def _refund_failed(refund: Refund) -> ChargeResult:
+    # failed: "the refund has failed" and the funds return to the merchant's balance;
+    # canceled: cancelled before it was processed. Nothing reached the customer either way.
+    code = refund.failure_reason or refund.status or "failed"
+    return ChargeResult(
+        outcome=HARD,
+        provider_ref=refund.id,
+        decline_code=code[:64],
+        retryable=False,
+        reason=f"refund {refund.status}" + (f": {refund.failure_reason}" if refund.failure_reason else ""),
+    )
+
+
+# Refund.status (stripe-python ``Refund.status``; docs.stripe.com/refunds#failed-refunds).
+REFUND_STATUSES: Final[Mapping[str, Callable[[Refund], ChargeResult]]] = {
+    "succeeded": _refund_succeeded,
+    "pending": _refund_in_progress,
+    "requires_action": _refund_in_progress,
+    "failed": _refund_failed,
+    "canceled": _refund_failed,
+}
+
+# Stripe error codes (stripe-python's error ``code`` enumeration) by which Stripe refuses a
+# refund it did not execute: sending it again cannot help. Their rows override ERROR_TABLE.
+REFUND_REFUSALS: Final = frozenset(
+    {
+        "charge_already_refunded",  # "the charge has already been refunded"
+        "amount_too_large",  # more than remains unrefunded
+        "amount_too_small",
+        "charge_disputed",  # "the charge has been charged back"
+        "refund_disputed_payment",
+        "charge_not_refundable",
+        "intent_invalid_state",  # the PaymentIntent has no succeeded charge to refund
+        "balance_insufficient",
+        "resource_missing",  # no such PaymentIntent or charge
+    }
+)
+
+
+def refund_identity_problem(refund: Refund, request: ReversalRequest) -> str | None:
+    """Why ``refund`` is not ``request``'s (key, charge, amount, currency), or None if it is."""
+    target = "charge" if (request.original_provider_ref or "").startswith("ch_") else "payment_intent"
+    checks = (
+        (
+            "metadata." + REFUND_KEY_METADATA,
+            refund.metadata.get(REFUND_KEY_METADATA),
+            request.idempotency_key,
+        ),
+        (target, getattr(refund, target), request.original_provider_ref),
+        ("amount", refund.amount, request.amount_minor),
+        ("currency", refund.currency, request.currency.lower()),
+    )
+    for name, found, wanted in checks:
+        if found != wanted:
+            return f"refund {refund.id} has {name} {found!r}, the refund asked for {wanted!r}"
+    return None
+
+
+def refund_status_result(refund: Refund) -> ChargeResult:
+    mapper = REFUND_STATUSES.get(refund.status or "")
+    if mapper is None:
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN,
+            provider_ref=refund.id,
+            reason=f"unrecognised refund status {refund.status}",
+            needs_operator=True,
+        )
+    return mapper(refund)
+
+
+def refund_result(
+    request: ReversalRequest, status: int, headers: Mapping[str, str], body: bytes
+) -> ChargeResult:
+    """Map Stripe's answer to ``POST /v1/refunds``; a body that does not parse is UNKNOWN."""
+    try:
+        if status == 200:
+            refund = _decode_refund(body)
+            if refund.object != "refund":
+                return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"200 with a {refund.object} object")
+            problem = refund_identity_problem(refund, request)
+            if problem is not None:
+                # A replay of another request under this key: whatever it did stands.
+                return ChargeResult(
+                    outcome=Outcome.UNKNOWN, provider_ref=refund.id, reason=problem, needs_operator=True
+                )
+            return refund_status_result(refund)
+        error = _decode_error(body).error
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable {status} answer")
+    if status in (400, 404) and error.type == "invalid_request_error" and error.code in REFUND_REFUSALS:
+        return ChargeResult(
+            outcome=HARD,
+            decline_code=error.code,
+            retryable=False,
+            reason=f"{status} {error.type} {error.code}: refund refused, nothing refunded",
+        )
+    return _error_result(status, headers, error)
+
+
+def decode_refund_page(body: bytes) -> RefundPage | None:
+    """A list page of refunds; None if it does not parse."""
+    try:
+        page = _decode_refund_page(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    return page if page.object == "list" else None
+
+
+def refund_lookup_result(refunds: Sequence[Refund], request: ReversalRequest) -> LookupResult:
+    """What the refunds carrying the refund's key say of it: normally one (Stripe stores a
+    key's answer, so a resend replays it rather than refunding again)."""
+    ours = [
+        refund for refund in refunds if refund.metadata.get(REFUND_KEY_METADATA) == request.idempotency_key
+    ]
+    if not ours:
+        return LookupResult(found=False)
+    for refund in ours:
+        problem = refund_identity_problem(refund, request)
+        if problem is not None:
+            return LookupResult(found=True, anomaly=problem)
+    results = [refund_status_result(refund) for refund in ours]
+    for wanted in (Outcome.APPROVED, Outcome.UNKNOWN):
+        for result in results:
+            if result.outcome is wanted:
+                return LookupResult(found=True, result=result)
+    return LookupResult(found=True, result=results[0])

@@ -32,6 +32,16 @@ How faults look here: rate limited is 429 with ``Retry-After``; an API error is 
 (Bad gateway, the 5xx Checkout.com documents); an injected hang ends in 503.
 ``GET /checkout/_sandbox/requests/{idempotency_key}`` shows what a charge request
 carried (body and header names, never the key's value), for tests.
+
+Refunds: ``POST /payments/{id}/refunds`` (checkout-sdk-python ``RefundRequest``: amount,
+reference, metadata; ``Cko-Idempotency-Key``) is executed by the core's refund book (at
+most once per key, never more than remains, shown in the ledger) and answered ``202`` with
+its ``action_id`` and ``reference``, as Checkout.com does; the outcome is then read from
+``GET /payments/{id}/actions``, where the refund is a ``Refund`` action with that reference.
+Refused: 404 (no such payment), 403 (not approved, or nothing left to refund), 422
+``refund_amount_exceeds_balance`` (more than remains; the sandbox's code for it),
+``amount_invalid`` and ``reference_invalid`` (over 80 characters); 409 while the same key
+runs. Refunds of a ``pm_refund_timeout`` payment are recorded, then answered after the hang.
 """
 
 from __future__ import annotations
@@ -53,6 +63,7 @@ from payd_sandbox.gateway import (
     Gateway,
     Refusal,
 )
+from daemon.providers.sandbox.refunds import Refund, RefundBody, RefundRefusal
 
 PREFIX: Final = "/checkout"
 
@@ -631,13 +642,171 @@ async def _get_received(request: web.Request) -> web.Response:
     return _response(200, _encode(received))
 
 
+# --- refunds and actions ----------------------------------------------------------------
+
+_MAX_REFUND_REFERENCE: Final = 80
+
+
+class _RefundRequest(msgspec.Struct, kw_only=True):
+    amount: int | None = None
+    reference: str | None = None
+    metadata: dict[str, str | int | float | bool | None] | None = None
+
+
+class _KeptRefund(msgspec.Struct, frozen=True, kw_only=True):
+    reference: str | None
+    metadata: dict[str, str | int | float | bool | None]
+
+
+class _RefundAccepted(msgspec.Struct, kw_only=True, omit_defaults=True):
+    action_id: str
+    links: dict[str, _Link] = msgspec.field(name="_links")
+    reference: str | None = None
+
+
+class _ActionBody(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One entry of ``GET /payments/{id}/actions``."""
+
+    id: str
+    type: str
+    processed_on: str
+    amount: int
+    approved: bool
+    response_code: str
+    response_summary: str
+    reference: str | None = None
+    metadata: dict[str, str | int | float | bool | None] | None = None
+
+
+_REFUNDS_KEY: Final = web.AppKey("checkout_dialect_refunds", dict[str, _KeptRefund])
+_decode_refund_request = msgspec.json.Decoder(_RefundRequest).decode
+
+
+def _refund_action_id(refund: Refund) -> str:
+    return "act_" + refund.id.removeprefix("re_")
+
+
+def _charge_of(request: web.Request) -> Charge | None:
+    return request.app[GATEWAY_KEY].charge_by_id(
+        "ch_" + request.match_info["payment_id"].removeprefix("pay_")
+    )
+
+
+def _refund_refusal(refusal: RefundRefusal, remaining: int) -> web.Response:
+    if refusal is RefundRefusal.IDEMPOTENCY_CONFLICT:
+        return _response(409)
+    if refusal is RefundRefusal.EXCEEDS_REMAINING and remaining > 0:
+        return _invalid("refund_amount_exceeds_balance")
+    return _response(403)  # "Refund not allowed"
+
+
+async def _post_refund(request: web.Request) -> web.Response:
+    if not _authorized(request):
+        return _response(401)
+    try:
+        body = _decode_refund_request(await request.read() or b"{}")
+    except msgspec.DecodeError:  # ValidationError included
+        return _invalid("request_malformed")
+    if body.amount is not None and body.amount <= 0:
+        return _invalid("amount_invalid")
+    if body.reference is not None and len(body.reference) > _MAX_REFUND_REFERENCE:
+        return _invalid("reference_invalid")
+    gateway = request.app[GATEWAY_KEY]
+    charge = _charge_of(request)
+    if charge is None or request.app[_RECEIVED_KEY].by_key.get(charge.idempotency_key) is None:
+        return _response(404)
+    remaining = charge.amount_minor - gateway.refunds.refunded(charge.id)
+    if charge.status is not ChargeStatus.APPROVED or remaining <= 0:
+        return _response(403)  # "Refund not allowed": not captured, or already all refunded
+    # Without the header Checkout.com does not deduplicate; neither does this.
+    key = request.headers.get("Cko-Idempotency-Key") or "cko_none_" + secrets.token_hex(12)
+    kept = request.app[_REFUNDS_KEY]
+    first_use = key not in kept
+    kept.setdefault(key, _KeptRefund(reference=body.reference, metadata=dict(body.metadata or {})))
+    amount = body.amount if body.amount is not None else remaining
+    result = await gateway.refund(charge, key=key, body=RefundBody(amount_minor=amount))
+    if result is RefundRefusal.IDEMPOTENCY_MISMATCH:
+        # Checkout.com answers a reused key with the original response, whatever the body.
+        earlier = gateway.refunds.lookup(key)
+        if earlier is not None:
+            result = earlier, True
+    if isinstance(result, RefundRefusal):
+        if first_use and gateway.refunds.lookup(key) is None:
+            kept.pop(key, None)  # nothing executed: the key stays free
+        return _refund_refusal(result, charge.amount_minor - gateway.refunds.refunded(charge.id))
+    refund, _replayed = result
+    accepted = _RefundAccepted(
+        action_id=_refund_action_id(refund),
+        reference=kept[key].reference,
+        links={"payment": _Link(_links(request, _payment_id(charge))["self"].href)},
+    )
+    return _response(202, _encode(accepted))
+
+
+async def _get_actions(request: web.Request) -> web.Response:
+    """The payment's actions, newest first: its refunds, its capture, its authorization."""
+    if not _authorized(request):
+        return _response(401)
+    charge = _charge_of(request)
+    received = None if charge is None else request.app[_RECEIVED_KEY].by_key.get(charge.idempotency_key)
+    if charge is None or received is None:
+        return _response(404)
+    gateway = request.app[GATEWAY_KEY]
+    kept = request.app[_REFUNDS_KEY]
+    scenario = _scenario(charge, received)
+    approved = charge.status is ChargeStatus.APPROVED
+    actions = [
+        _ActionBody(
+            id=_refund_action_id(refund),
+            type="Refund",
+            processed_on=_iso(refund.created_at),
+            amount=refund.amount_minor,
+            approved=True,
+            response_code="10000",
+            response_summary="Approved",
+            reference=kept[refund.idempotency_key].reference if refund.idempotency_key in kept else None,
+            metadata=kept[refund.idempotency_key].metadata if refund.idempotency_key in kept else None,
+        )
+        for refund in reversed(gateway.refunds.refunds)
+        if refund.charge == charge.id
+    ]
+    if approved:
+        actions.append(
+            _ActionBody(
+                id="act_cap_" + charge.id.removeprefix("ch_"),
+                type="Capture",
+                processed_on=_iso(charge.created_at),
+                amount=charge.amount_minor,
+                approved=True,
+                response_code="10000",
+                response_summary="Approved",
+            )
+        )
+    actions.append(
+        _ActionBody(
+            id="act_" + charge.id.removeprefix("ch_"),
+            type="Authorization",
+            processed_on=_iso(charge.created_at),
+            amount=charge.amount_minor,
+            approved=approved,
+            response_code=scenario.response_code,
+            response_summary=scenario.summary,
+            reference=charge.merchant_reference,
+        )
+    )
+    return _response(200, _encode(actions))
+
+
 def add_routes(app: web.Application) -> None:
     app[_RECEIVED_KEY] = _Received()
+    app[_REFUNDS_KEY] = {}
     app.add_routes(
         [
             web.post(f"{PREFIX}/payments", _post_payment),
             web.get(f"{PREFIX}/payments", _list_payments),
             web.get(f"{PREFIX}/payments/{{payment_id}}", _get_payment),
+            web.post(f"{PREFIX}/payments/{{payment_id}}/refunds", _post_refund),
+            web.get(f"{PREFIX}/payments/{{payment_id}}/actions", _get_actions),
             web.get(f"{PREFIX}/_sandbox/requests/{{idempotency_key}}", _get_received),
         ]
     )

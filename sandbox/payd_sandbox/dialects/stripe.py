@@ -50,6 +50,7 @@ from payd_sandbox.gateway import (
     Gateway,
     Refusal,
 )
+from daemon.providers.sandbox.refunds import Refund, RefundBody, RefundRefusal
 
 PREFIX: Final = "/stripe"
 
@@ -194,10 +195,20 @@ class _Intent(msgspec.Struct, kw_only=True):
     executed: bool = False
 
 
+class _RefundForm(msgspec.Struct, frozen=True, kw_only=True):
+    """What Stripe keeps of a refund request that the core's refund has no field for."""
+
+    form: tuple[tuple[str, str], ...]
+    payment_intent: str | None
+    reason: str | None
+    metadata: dict[str, str]
+
+
 class _State:
     def __init__(self) -> None:
         self.intents: dict[str, _Intent] = {}  # by idempotency key, in creation order
         self.keys_of_ids: dict[str, str] = {}  # PaymentIntent id -> idempotency key
+        self.refund_forms: dict[str, _RefundForm] = {}  # by the refund's idempotency key
 
 
 _STATE_KEY: Final = web.AppKey("stripe_dialect_state", _State)
@@ -670,6 +681,191 @@ async def _retrieve(request: web.Request) -> web.Response:
     return _json(200, intents[0])
 
 
+# --- refunds ------------------------------------------------------------------------------
+# POST /v1/refunds and GET /v1/refunds, with the parameters of stripe-python's
+# RefundCreateParams and RefundListParams (tests/fixtures/providers/stripe_refund.json).
+# The core's RefundBook executes each refund: per key at most once, never more than
+# remains of the charge, and the ledger shows each charge's refunded and net amounts.
+
+_REFUND_PARAMETERS: Final = frozenset(
+    {
+        "amount",
+        "charge",
+        "currency",
+        "customer",
+        "instructions_email",
+        "origin",
+        "payment_intent",
+        "reason",
+        "refund_application_fee",
+        "reverse_transfer",
+    }
+)
+_REFUND_REASONS: Final = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
+
+
+def _charge_id(payment_intent: str) -> str:
+    return "ch_" + payment_intent.removeprefix("pi_")
+
+
+def _refund_pairs(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], dict[str, str]]:
+    fields: dict[str, str] = {}
+    metadata: dict[str, str] = {}
+    for name, value in pairs:
+        if (match := _METADATA.match(name)) is not None:
+            if len(value) > 500:
+                raise _invalid("Metadata values can have up to 500 characters.", param=name)
+            metadata[match.group(1)] = value
+        elif name in _REFUND_PARAMETERS or (_LISTED.match(name) and name.startswith("expand[")):
+            fields[name] = value
+        else:
+            raise _invalid(f"Received unknown parameter: {name}", param=name, code="parameter_unknown")
+    if len(metadata) > 50:
+        raise _invalid("You can have up to 50 metadata keys.", param="metadata")
+    return fields, metadata
+
+
+def _refund_object(refund: Refund, charge: Charge, kept: _RefundForm | None) -> dict[str, object]:
+    return {
+        "id": refund.id,
+        "object": "refund",
+        "amount": refund.amount_minor,
+        "balance_transaction": None,
+        "charge": charge.id,
+        "created": int(refund.created_at),
+        "currency": refund.currency.lower(),
+        "metadata": kept.metadata if kept is not None else {},
+        "payment_intent": _intent_id(charge),
+        "reason": kept.reason if kept is not None else None,
+        "status": refund.status,
+    }
+
+
+async def _create_refund(request: web.Request) -> web.Response:
+    try:
+        _authenticate(request, write=True)
+        if request.content_type != _FORM:
+            raise _invalid(f"Invalid request: unsupported Content-Type {request.content_type}")
+        try:
+            text = (await request.read()).decode()
+            pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=bool(text))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _invalid(f"Invalid request body: {exc}") from None
+        fields, metadata = _refund_pairs(pairs)
+        return await _refund(request, fields, metadata, tuple(sorted(pairs)))
+    except _Refused as refused:
+        return _error(refused.status, refused.error)
+
+
+async def _refund(
+    request: web.Request,
+    fields: dict[str, str],
+    metadata: dict[str, str],
+    canonical: tuple[tuple[str, str], ...],
+) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    state = request.app[_STATE_KEY]
+    key = request.headers.get("Idempotency-Key", "")
+    if not 1 <= len(key) <= _MAX_KEY_LENGTH:
+        raise _invalid(f"sandbox: send an Idempotency-Key header of 1-{_MAX_KEY_LENGTH} characters")
+    earlier = state.refund_forms.get(key)
+    if earlier is not None and earlier.form != canonical:
+        raise _Refused(400, _mismatch(key))
+    intent, charge_id = fields.get("payment_intent"), fields.get("charge")
+    if (intent is None) == (charge_id is None):
+        raise _invalid("You must pass exactly one of `charge` or `payment_intent`.", code="parameter_missing")
+    reason = fields.get("reason")
+    if reason is not None and reason not in _REFUND_REASONS:
+        message = f"Invalid reason: must be one of {', '.join(sorted(_REFUND_REASONS))}"
+        raise _invalid(message, param="reason")
+    charge = gateway.charge_by_id(_charge_id(intent) if intent is not None else charge_id or "")
+    if charge is None:
+        kind, name = ("payment_intent", intent) if intent is not None else ("charge", charge_id)
+        message = f"No such {kind}: '{name}'"
+        raise _Refused(
+            404,
+            {"type": "invalid_request_error", "code": "resource_missing", "param": kind, "message": message},
+        )
+    remaining = charge.amount_minor - gateway.refunds.refunded(charge.id)
+    amount_text = fields.get("amount")
+    if amount_text is not None and (not amount_text.isdecimal() or int(amount_text) < 1):
+        raise _invalid("Invalid integer: " + amount_text, param="amount", code="parameter_invalid_integer")
+    amount = int(amount_text) if amount_text is not None else remaining
+    kept = _RefundForm(form=canonical, payment_intent=intent, reason=reason, metadata=metadata)
+    if amount < 1:  # nothing remains, and no amount asked: the whole charge was refunded
+        raise _already_refunded(charge)
+    state.refund_forms.setdefault(key, kept)
+    result = await gateway.refund(charge, key=key, body=RefundBody(amount_minor=amount, reason=reason))
+    if isinstance(result, RefundRefusal):
+        if earlier is None:
+            state.refund_forms.pop(key, None)  # nothing executed: the key stays free
+        remaining = charge.amount_minor - gateway.refunds.refunded(charge.id)
+        raise _refund_refusal(result, charge, amount, key, remaining)
+    refund, replayed = result
+    headers = {"Idempotent-Replayed": "true"} if replayed else None
+    return _json(200, _refund_object(refund, charge, state.refund_forms.get(key)), headers)
+
+
+def _already_refunded(charge: Charge) -> _Refused:
+    message = f"Charge {charge.id} has already been refunded."
+    return _invalid(message, code="charge_already_refunded")
+
+
+def _refund_refusal(
+    refusal: RefundRefusal, charge: Charge, amount: int, key: str, remaining: int
+) -> _Refused:
+    if refusal is RefundRefusal.EXCEEDS_REMAINING:
+        if remaining <= 0:
+            return _already_refunded(charge)
+        return _invalid(
+            f"Refund amount ({amount}) is greater than unrefunded amount on charge ({remaining})",
+            param="amount",
+            code="amount_too_large",
+        )
+    if refusal is RefundRefusal.NOT_REFUNDABLE:
+        message = f"This PaymentIntent ({_intent_id(charge)}) does not have a successful charge to refund."
+        return _invalid(message, code="charge_not_refundable")
+    if refusal is RefundRefusal.IDEMPOTENCY_CONFLICT:
+        message = "There is currently another in-progress request using this idempotency key."
+        error: dict[str, object] = {
+            "type": "invalid_request_error",
+            "code": "idempotency_key_in_use",
+            "message": message,
+        }
+        return _Refused(409, error)
+    if refusal is RefundRefusal.IDEMPOTENCY_MISMATCH:
+        return _Refused(400, _mismatch(key))
+    return _Refused(
+        404, {"type": "invalid_request_error", "code": "resource_missing", "message": "No such charge"}
+    )
+
+
+async def _list_refunds(request: web.Request) -> web.Response:
+    try:
+        _authenticate(request, write=False)
+        limit = _limit(request)
+        gateway = request.app[GATEWAY_KEY]
+        state = request.app[_STATE_KEY]
+        intent, charge_id = request.query.get("payment_intent"), request.query.get("charge")
+        wanted = _charge_id(intent) if intent is not None else charge_id
+        charges = {c.id: c for c in gateway.ledger() if wanted is None or c.id == wanted}
+        refunds = [
+            _refund_object(refund, charges[refund.charge], state.refund_forms.get(refund.idempotency_key))
+            for refund in reversed(gateway.refunds.refunds)
+            if refund.charge in charges
+        ]
+        after = request.query.get("starting_after")
+        if after is not None:
+            ids = [refund["id"] for refund in refunds]
+            if after not in ids:
+                raise _invalid(f"No such refund: '{after}'", param="starting_after")
+            refunds = refunds[ids.index(after) + 1 :]
+    except _Refused as refused:
+        return _error(refused.status, refused.error)
+    body = {"object": "list", "url": "/v1/refunds", "has_more": len(refunds) > limit, "data": refunds[:limit]}
+    return _json(200, body)
+
+
 ACCOUNT_DEFAULT_VERSION: Final = "2022-11-15"
 """The version Stripe applies to a request without ``Stripe-Version``: the account's default."""
 _ADVICE_SINCE: Final = "2024-12-18"
@@ -713,5 +909,7 @@ def add_routes(app: web.Application) -> None:
             web.get(f"{PREFIX}/v1/payment_intents", _versioned(_list)),
             web.get(f"{PREFIX}/v1/payment_intents/search", _versioned(_search)),
             web.get(f"{PREFIX}/v1/payment_intents/{{intent}}", _versioned(_retrieve)),
+            web.post(f"{PREFIX}/v1/refunds", _versioned(_create_refund)),
+            web.get(f"{PREFIX}/v1/refunds", _versioned(_list_refunds)),
         ]
     )
