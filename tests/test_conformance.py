@@ -10,8 +10,11 @@ adapters show that each check can fail.
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, ClassVar, Final
 
 import msgspec
@@ -33,6 +36,8 @@ from daemon.providers.conformance import (
     status_exit,
 )
 from daemon.providers.iyzico.client import IyzicoProvider, IyzicoProviderConfig
+from daemon.providers.sandbox import transform as sandbox_transform
+from daemon.providers.sandbox.adapter import SandboxProvider, SandboxProviderConfig
 from daemon.providers.stripe.client import StripeProvider
 from tests import test_provider_adyen, test_provider_checkout, test_provider_iyzico, test_provider_stripe
 from tests.plugins.payd_echo_provider import EchoProvider
@@ -49,6 +54,7 @@ TOKENS: Final = {
     Scenario.CHARGE_THEN_HANG: "pm_timeout",
 }
 HANG_S: Final = 5.0  # well past the kit's hang_timeout_s
+SANDBOX_DOC: Final = Path(__file__).resolve().parents[1] / "docs" / "sandbox.md"
 
 
 class SandboxFace:
@@ -74,10 +80,11 @@ class SandboxDialectConformance(AdapterConformance):
     """The kit on a built-in adapter against its sandbox dialect."""
 
     kind: ClassVar[str]
+    prefix: ClassVar[str | None] = None  # default: /KIND
 
     @pytest.fixture
     def fake(self, sandbox: Sandbox) -> SandboxFace:
-        return SandboxFace(sandbox, f"/{self.kind}")
+        return SandboxFace(sandbox, f"/{self.kind}" if self.prefix is None else self.prefix)
 
     def payment_method(self, scenario: Scenario, request: AttemptRequest) -> str:
         return TOKENS[scenario]
@@ -150,6 +157,69 @@ class TestIyzicoConformance(SandboxDialectConformance):
 
     def payment_method(self, scenario: Scenario, request: AttemptRequest) -> str:
         return f"cuk-{request.idempotency_key}:{TOKENS[scenario]}"  # cardUserKey:cardToken
+
+
+def sandbox_answers() -> list[tuple[int, str, bytes]]:
+    """(HTTP status, status or error type, body) of every charge answer docs/sandbox.md lists."""
+    text = SANDBOX_DOC.read_text(encoding="utf-8")
+    table = text.split("### `POST /v1/charges`", 1)[1].split("Answers:", 1)[1].split("The charge object:")[0]
+    answers = []
+    for status, cell in re.findall(r"^\| (\d{3}) \| (.*?) \|", table, re.M):
+        body = re.search(r"`(\{.*?\}\})`", cell)
+        if body is not None:  # an error body, as documented
+            answers.append((int(status), json.loads(body.group(1))["error"]["type"], body.group(1).encode()))
+        else:  # the charge object with this status
+            charge_status = re.search(r'"status": "(\w+)"', cell)
+            assert charge_status is not None, cell
+            answers.append((int(status), charge_status.group(1), b""))
+    return answers
+
+
+class TestSandboxConformance(SandboxDialectConformance):
+    """The sandbox adapter against the gateway's own API (``/v1/charges``, docs/sandbox.md)."""
+
+    kind = "sandbox"
+    prefix = ""
+    provider_class = SandboxProvider
+
+    def provider_config(self, base_url: str, *, timeout_s: float) -> ProviderConfig:
+        table = {"kind": "sandbox", "base_url": base_url, "max_in_flight": 10, "timeout_s": timeout_s}
+        return msgspec.convert(table, SandboxProviderConfig)
+
+    def official_statuses(self) -> Iterable[StatusSample]:
+        request = self.attempt()
+
+        def charge(status: str, **changes: Any) -> bytes:
+            fields = {
+                "id": "ch_1",
+                "status": status,
+                "decline_code": "insufficient_funds" if status == "declined" else None,
+                "retryable": status == "declined",
+                "idempotency_key": request.idempotency_key,
+                "merchant_reference": request.merchant_reference,
+                "amount_minor": request.amount_minor,
+                "currency": request.currency,
+                "created_at": 1795000000.0,
+            }
+            return json.dumps(fields | changes).encode()
+
+        # What a lookup under the key reads after each unknown answer (docs/sandbox.md, "Order of
+        # processing"): 409, the charge still in progress, finished; 422, the other charge.
+        after = {
+            "idempotency_conflict": charge("approved"),
+            "idempotency_mismatch": charge("approved", amount_minor=request.amount_minor + 1),
+        }
+        answers = sandbox_answers()
+        assert {status for status, _, _ in answers} >= {200, 402, 409, 422, 500}, answers
+        for status, value, error in answers:
+            first = sandbox_transform.charge_result(status, {"Retry-After": "1"}, error or charge(value))
+            if error:  # nothing was stored under the key, unless another request holds it
+                stored = after.get(value)
+                found = None if stored is None else sandbox_transform.lookup_result(200, stored, request)
+                later = None if found is None else found.result
+            else:
+                later = sandbox_transform.lookup_result(status, charge(value), request).result
+            yield StatusSample(str(status), value, first, later)
 
 
 class TestEchoPluginConformance(EchoConformance):
