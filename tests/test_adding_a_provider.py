@@ -8,21 +8,25 @@ with Retry-After). Nothing here speaks for a real provider.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
+import json
 import re
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 import pytest
 from aiohttp import web
 
 from daemon.models import AttemptRequest, Outcome
-from daemon.providers.api import HttpAdapter, Provider
+from daemon.providers.api import HttpAdapter, HttpResponse, Provider, ProviderConfig
+from daemon.providers.conformance import AdapterConformance, Charged, Scenario, StatusSample
 from tests.test_architecture import API, imported_names
 
 GUIDE = Path(__file__).resolve().parents[1] / "docs" / "providers.md"
@@ -43,45 +47,74 @@ def guide_module(directory: Path, monkeypatch: pytest.MonkeyPatch) -> ModuleType
     return module
 
 
-def acme_gateway() -> web.Application:
-    charges: dict[str, tuple[int, dict[str, Any]]] = {}
+class AcmeGateway:
+    """Acme over HTTP: charges stored under their idempotency key, chosen by token."""
 
-    async def charge(request: web.Request) -> web.Response:
+    def __init__(self) -> None:
+        self.charges: dict[str, tuple[int, dict[str, Any]]] = {}
+        self.release = asyncio.Event()  # set on shutdown: hanging answers end
+        self.base_url = ""
+
+    async def charged(self, request: AttemptRequest) -> list[Charged]:
+        """The kit's view of the books: approvals made for the attempt."""
+        return [
+            Charged(answer["amount"], answer["currency"])
+            for _, answer in self.charges.values()
+            if answer["reference"] == request.merchant_reference and answer["status"] == "succeeded"
+        ]
+
+    async def charge(self, request: web.Request) -> web.Response:
         assert request.headers["Authorization"] == "Bearer acme-secret"
         key = request.headers["Idempotency-Key"]
-        if key not in charges:
+        if key not in self.charges:
             body = await request.json()
             token = body["token"]
             if token == "pm_busy":
                 return web.json_response({}, status=429, headers={"Retry-After": "2"})
-            answer = {"id": f"ch_{len(charges) + 1}", "status": "succeeded"}
+            if token == "pm_unavailable":  # refused before processing, nothing stored
+                return web.json_response({"error": "unavailable"}, status=503)
+            answer = {
+                "id": f"ch_{len(self.charges) + 1}",
+                "status": "succeeded",
+                "amount": body["amount"],
+                "currency": body["currency"],
+                "reference": body["reference"],
+            }
             if token == "pm_stolen":
-                answer = {"id": f"ch_{len(charges) + 1}", "status": "declined", "decline_code": "stolen_card"}
-            charges[key] = (200, answer)
-        status, answer = charges[key]
+                answer |= {"status": "declined", "decline_code": "stolen_card"}
+            self.charges[key] = (200, answer)
+            if token == "pm_hang":  # charged, then the answer is held back
+                await self.release.wait()
+        status, answer = self.charges[key]
         return web.json_response(answer, status=status)
 
-    async def by_key(request: web.Request) -> web.Response:
-        stored = charges.get(request.match_info["key"])
+    async def by_key(self, request: web.Request) -> web.Response:
+        stored = self.charges.get(request.match_info["key"])
         if stored is None:
             return web.json_response({"error": "not_found"}, status=404)
         return web.json_response(stored[1], status=stored[0])
 
-    app = web.Application()
-    app.router.add_post("/v1/charges", charge)
-    app.router.add_get("/v1/charges/by-key/{key}", by_key)
-    return app
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[AcmeGateway]:
+        app = web.Application()
+        app.router.add_post("/v1/charges", self.charge)
+        app.router.add_get("/v1/charges/by-key/{key}", self.by_key)
+        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        self.base_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        try:
+            yield self
+        finally:
+            self.release.set()
+            await runner.cleanup()
 
 
 @pytest.fixture
 async def acme_url() -> AsyncIterator[str]:
-    runner = web.AppRunner(acme_gateway())
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with AcmeGateway().running() as gateway:
+        yield gateway.base_url
 
 
 def attempt(token: str, key: str) -> AttemptRequest:
@@ -140,3 +173,62 @@ async def test_the_guide_adapter_charges_and_looks_up_over_http(
         assert await unreachable.lookup(attempt("pm_ok", "acme-4")) is None
     finally:
         await unreachable.close()
+
+
+async def test_the_guide_adapter_flags_a_charge_of_another_amount_under_its_key(
+    tmp_path: Path, acme_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The guide's lookup compares what it found with the attempt: the same key for another
+    amount is an anomaly, never settled as the attempt (before, it was taken as approved)."""
+    acme = guide_module(tmp_path, monkeypatch)
+    monkeypatch.setenv("PAYD_ACME_API_KEY", "acme-secret")
+    table = {"kind": "acme", "base_url": acme_url, "max_in_flight": 4, "merchant_id": "m_1"}
+    provider = acme.AcmeProvider("acme", msgspec.convert(table, acme.AcmeConfig))
+    try:
+        assert (await provider.charge(attempt("pm_ok", "acme-5"))).outcome is Outcome.APPROVED
+        other = msgspec.structs.replace(attempt("pm_ok", "acme-5"), amount_minor=1000)
+        found = await provider.lookup(other)
+        assert found is not None and found.found and found.result is None and found.anomaly
+    finally:
+        await provider.close()
+
+
+ACME_TOKENS = {
+    Scenario.APPROVE: "pm_ok",
+    Scenario.DECLINE: "pm_stolen",
+    Scenario.FAIL_BEFORE_PROCESSING: "pm_unavailable",
+    Scenario.CHARGE_THEN_HANG: "pm_hang",
+}
+
+
+class TestGuideAdapterConformance(AdapterConformance):
+    """The guide's adapter passes payd's conformance kit (docs/providers.md, "Conformance kit")
+    against the Acme gateway above."""
+
+    secrets: ClassVar = {"acme_api_key": "acme-secret"}
+    acme: ModuleType
+
+    @property  # type: ignore[override]
+    def provider_class(self) -> Any:
+        return self.acme.AcmeProvider
+
+    @pytest.fixture
+    async def fake(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[AcmeGateway]:
+        self.acme = guide_module(tmp_path, monkeypatch)
+        async with AcmeGateway().running() as gateway:
+            yield gateway
+
+    def provider_config(self, base_url: str, *, timeout_s: float) -> ProviderConfig:
+        table = {"kind": "acme", "base_url": base_url, "max_in_flight": 4, "timeout_s": timeout_s}
+        return msgspec.convert(table | {"merchant_id": "m_1"}, self.acme.AcmeConfig)
+
+    async def arrange(self, fake: Any, scenario: Scenario, request: AttemptRequest) -> AttemptRequest:
+        return msgspec.structs.replace(request, payment_method=ACME_TOKENS[scenario])
+
+    def official_statuses(self) -> Iterable[StatusSample]:
+        # Acme's statuses: the guide's wire type lists them (``AcmeCharge.status``).
+        for status in ("succeeded", "declined"):
+            body = {"id": "ch_1", "status": status, "amount": 1, "currency": "EUR", "reference": "r"}
+            answer = HttpResponse(200, {}, json.dumps(body).encode())
+            result = self.acme.charge_result(answer)
+            yield StatusSample("status", status, result, result)

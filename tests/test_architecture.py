@@ -14,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 API = "daemon.providers.api"
+KIT = "daemon.providers.conformance"
 ADAPTER_KINDS = ("sandbox", "stripe", "adyen", "checkout", "iyzico")
 PLUGIN = ROOT / "tests" / "plugins" / "payd_echo_provider"
 
@@ -24,6 +25,7 @@ ALLOWED: Mapping[str, frozenset[str]] = {
     "registry": frozenset({"leaf", "provider-api", "adapter"}),  # the one door to the adapters
     "gateway": frozenset(),  # the sandbox gateway stands alone: no payd in a fake payment provider
     "core": frozenset({"leaf", "provider-api", "registry"}),
+    "kit": frozenset(),  # test tooling for plugin authors: it imports only the API, nothing imports it
 }
 # The one import from daemon into the gateway's distribution: `payd sandbox`, inside the
 # command's function, so that only that command loads it (tests/test_sandbox_package.py).
@@ -38,6 +40,8 @@ def layer(module: str) -> str:
         return "provider-api"
     if module == "daemon.providers.registry":
         return "registry"
+    if module == KIT:
+        return "kit"
     if module.partition(".")[0] == "payd_sandbox":
         return "gateway"
     if module.startswith(tuple(f"daemon.providers.{kind}" for kind in ADAPTER_KINDS)):
@@ -130,7 +134,10 @@ def forbidden_imports(graph: Mapping[str, set[str]]) -> list[str]:
         mine = layer(module)
         for target in sorted(targets):
             theirs = layer(target)
-            if mine == "adapter":
+            if mine == "kit":
+                if target != API:
+                    problems.append(f"{module} -> {target}: the conformance kit imports only {API}")
+            elif mine == "adapter":
                 # An adapter sees the provider API and its own package, nothing else of payd.
                 own = theirs == "adapter" and adapter_package(target) == adapter_package(module)
                 if target != API and not own:
@@ -222,9 +229,24 @@ def _external(module: str) -> set[str]:
 
 def test_the_example_plugin_imports_only_the_provider_api() -> None:
     """The plugin the tests install (``tests/plugins/payd_echo_provider``) is written against
-    ``daemon.providers.api`` alone, as docs/providers.md tells plugin authors to."""
+    ``daemon.providers.api`` alone, as docs/providers.md tells plugin authors to; its test
+    support (``testing``) may also use the conformance kit, and nothing else of payd."""
     files = module_files(PLUGIN)
     assert files, PLUGIN
     for module, path in files.items():
         ours = {name for name in imported_names(module, path) if name.split(".")[0] == "daemon"}
-        assert {resolve(name, DAEMON) for name in ours} == {API}, (module, sorted(ours))
+        allowed = {API, KIT} if module.endswith(".testing") else {API}
+        assert {API} <= {resolve(name, DAEMON) for name in ours} <= allowed, (module, sorted(ours))
+
+
+def test_the_conformance_kit_is_test_tooling_on_the_api_alone() -> None:
+    """The kit imports nothing of payd but the provider API, and no module of the daemon imports
+    it: it is shipped for plugin authors' tests, and pulls pytest in."""
+    graph = import_graph(DAEMON)
+    assert graph[KIT] == {API}
+    assert [module for module, targets in graph.items() if KIT in targets] == []
+    bad = {"daemon.service": {KIT}, KIT: {API, "daemon.config"}}
+    assert forbidden_imports(bad) == [
+        f"{KIT} -> daemon.config: the conformance kit imports only {API}",
+        f"daemon.service (core) -> {KIT} (kit)",
+    ]

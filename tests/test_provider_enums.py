@@ -23,7 +23,6 @@ would be looked up for ever: the test fails on it. The tables in ``docs/provider
 
 from __future__ import annotations
 
-import enum
 import json
 import re
 from collections.abc import Callable
@@ -38,6 +37,7 @@ from daemon.providers.adyen import transform as adyen
 from daemon.providers.adyen.client import AdyenProvider
 from daemon.providers.base import Capabilities, LookupResult
 from daemon.providers.checkout import transform as checkout
+from daemon.providers.conformance import Exit, NoExit, status_exit
 from daemon.providers.iyzico import transform as iyzico
 from daemon.providers.iyzico.client import IyzicoProvider
 from daemon.providers.stripe import transform as stripe
@@ -59,13 +59,6 @@ CHECKOUT_CODES: Final = _fixture("checkout_response_codes.json")
 IYZICO_STATUS: Final = _fixture("iyzico_payment_status.json")
 
 
-class Exit(enum.StrEnum):
-    TERMINAL = "terminal"
-    LOOKUP = "lookup"
-    RESEND = "resend"
-    OPERATOR = "operator"
-
-
 # The values each provider documents as "in progress": the provider moves them on by itself.
 IN_PROGRESS: Final[dict[str, frozenset[tuple[str, str]]]] = {
     # Checkout.com "Payment statuses": Pending (processing continues), Retry Scheduled (a
@@ -85,18 +78,12 @@ def classify(
     first: ChargeResult, later: ChargeResult | None, capabilities: Capabilities, in_progress: bool
 ) -> tuple[Outcome, Exit]:
     """The attempt's exit after ``first``; ``later`` is what reconciliation reads afterwards
-    (a lookup, or for a provider without one, a resend's replay)."""
-    if first.outcome is not Outcome.UNKNOWN:
-        return first.outcome, Exit.TERMINAL
-    assert later is not None, "an unknown answer needs a way to ask again"
-    if later.needs_operator and later.outcome is Outcome.UNKNOWN:
-        return first.outcome, Exit.OPERATOR
-    has_lookup = capabilities.lookup_by_key or capabilities.lookup_by_reference
-    if later.outcome is not Outcome.UNKNOWN:
-        return first.outcome, Exit.LOOKUP if has_lookup else Exit.RESEND
-    if has_lookup and in_progress:
-        return first.outcome, Exit.LOOKUP
-    pytest.fail(f"unknown for ever: {first.reason!r}, then {later.reason!r}")
+    (a lookup, or for a provider without one, a resend's replay). The rule is the conformance
+    kit's (``daemon.providers.conformance.status_exit``), which plugin adapters run too."""
+    try:
+        return first.outcome, status_exit(first, later, capabilities, in_progress=in_progress)
+    except NoExit as error:
+        pytest.fail(str(error))
 
 
 # --- one sample answer per official value ----------------------------------------------------

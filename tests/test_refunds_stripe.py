@@ -24,9 +24,9 @@ import pytest
 
 from daemon.models import ChargeResult, Outcome, ReversalRequest
 from daemon.providers import registry
-from daemon.providers.sandbox.dialects import stripe as dialect
 from daemon.providers.stripe import transform
 from daemon.providers.stripe.client import StripeProvider
+from payd_sandbox.dialects import stripe as dialect
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
 from tests.test_provider_stripe import API_KEY, attempt, open_stripe, stripe_config
 from tests.test_reversals import _queue_empty, charged, net_by_key, refund, wait_reversals

@@ -219,6 +219,14 @@ def test_sandbox_mapping_keeps_may_have_charged_apart() -> None:
     result = charge_result(429, {"Retry-After": "7"}, limited)
     assert result.outcome is Outcome.RATE_LIMITED and result.retry_after_s == 7
     assert all(outcome is not Outcome.APPROVED for outcome, _ in ERROR_TABLE.values())
+    # A 400 is refused before processing (docs/sandbox.md): charged=false or not. (Before, a
+    # 400 without it was unknown, and re-sent to the same 400 for ever.)
+    invalid = json.dumps({"error": {"type": "invalid_request", "message": "bad"}}).encode()
+    refused = charge_result(400, {}, invalid)
+    assert (refused.outcome, refused.retryable) == (Outcome.PROVIDER_ERROR, False)
+    # A key that belongs to another charge: no later answer settles it, an operator must.
+    reused = charge_result(422, {}, json.dumps({"error": {"type": "idempotency_mismatch"}}).encode())
+    assert (reused.outcome, reused.needs_operator) == (Outcome.UNKNOWN, True)
 
 
 def test_secrets_never_print(tmp_path: object) -> None:

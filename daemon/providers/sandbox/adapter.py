@@ -59,7 +59,7 @@ class SandboxProvider(HttpAdapter[bytes]):
         if answer.status == 404:
             return LookupResult(found=False)
         if answer.status in (200, 402):
-            return LookupResult(found=True, result=transform.charge_result(answer.status, {}, answer.body))
+            return transform.lookup_result(answer.status, answer.body, request)
         return None
 
     # -- refunds ----------------------------------------------------------------------------

@@ -11,7 +11,14 @@ from typing import Final, Literal
 
 import msgspec
 
-from daemon.providers.api import AttemptRequest, ChargeResult, Outcome, ReversalRequest, retry_after_seconds
+from daemon.providers.api import (
+    AttemptRequest,
+    ChargeResult,
+    LookupResult,
+    Outcome,
+    ReversalRequest,
+    retry_after_seconds,
+)
 
 
 class ChargeBody(msgspec.Struct, frozen=True, kw_only=True):
@@ -30,6 +37,14 @@ class Charge(msgspec.Struct, frozen=True, kw_only=True):
     retryable: bool = False
 
 
+class FoundCharge(Charge, frozen=True, kw_only=True):
+    """A charge as ``GET /v1/charges/{key}`` answers it: with what it was for."""
+
+    merchant_reference: str
+    amount_minor: int
+    currency: str
+
+
 class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
     type: str
     charged: bool | None = None
@@ -43,6 +58,7 @@ class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
 _encode = msgspec.json.Encoder().encode
 _decode_charge = msgspec.json.Decoder(Charge).decode
 _decode_error = msgspec.json.Decoder(ErrorBody).decode
+_decode_found = msgspec.json.Decoder(FoundCharge).decode
 
 
 def charge_body(request: AttemptRequest) -> bytes:
@@ -72,8 +88,11 @@ def _error_result(status: int, headers: Mapping[str, str], body: bytes) -> Charg
     if row is None:
         return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unrecognised answer {status} {error.type}")
     outcome, retryable = row
-    if outcome is Outcome.PROVIDER_ERROR and error.charged is not False:
-        # Only an explicit "nothing charged" makes a server error safe to call clean.
+    if (status, error.type) in FOR_OPERATOR:
+        return ChargeResult(outcome=outcome, needs_operator=True, reason=FOR_OPERATOR[status, error.type])
+    if outcome is Outcome.PROVIDER_ERROR and status >= 500 and error.charged is not False:
+        # Only an explicit "nothing charged" makes a server error safe to call clean. A 400 is
+        # refused before processing (docs/sandbox.md: charged "no"), with or without it.
         return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"{status} {error.type} without charged=false")
     retry_after = retry_after_seconds(headers) if outcome is Outcome.RATE_LIMITED else None
     return ChargeResult(
@@ -97,6 +116,13 @@ ERROR_TABLE: Final[dict[tuple[int, str], tuple[Outcome, bool]]] = {
     (422, "idempotency_mismatch"): (Outcome.UNKNOWN, True),
 }
 
+# Unknown answers no later answer settles: the attempt is parked for an operator.
+FOR_OPERATOR: Final[dict[tuple[int, str], str]] = {
+    # The key belongs to another charge (or another request in progress): a lookup under it
+    # finds that one, never this attempt's, so only a person can tell what happened.
+    (422, "idempotency_mismatch"): "422 idempotency_mismatch: the key was used for another charge",
+}
+
 _BY_STATUS: Final[dict[int, Callable[[int, Mapping[str, str], bytes], ChargeResult]]] = {
     200: lambda _status, _headers, body: _charge_result(body),
     402: lambda _status, _headers, body: _charge_result(body),
@@ -110,6 +136,24 @@ def charge_result(status: int, headers: Mapping[str, str], body: bytes) -> Charg
         return mapper(status, headers, body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable {status} answer")
+
+
+def lookup_result(status: int, body: bytes, request: AttemptRequest) -> LookupResult:
+    """A charge found under the attempt's key (200 or 402): its result, or an anomaly when it
+    was for another amount, currency or reference (the key reused): never settled as this one."""
+    try:
+        found = _decode_found(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return LookupResult(
+            found=True, result=ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable {status} answer")
+        )
+    theirs = (found.amount_minor, found.currency, found.merchant_reference)
+    mine = (request.amount_minor, request.currency, request.merchant_reference)
+    if theirs != mine:
+        return LookupResult(
+            found=True, anomaly=f"the charge under this key is for {theirs}, the attempt {mine}"
+        )
+    return LookupResult(found=True, result=charge_result(status, {}, body))
 
 
 # -- refunds --------------------------------------------------------------------------------

@@ -50,7 +50,7 @@ from payd_sandbox.gateway import (
     Gateway,
     Refusal,
 )
-from daemon.providers.sandbox.refunds import Refund, RefundBody, RefundRefusal
+from payd_sandbox.refunds import Refund, RefundBody, RefundRefusal
 
 PREFIX: Final = "/stripe"
 
