@@ -192,6 +192,78 @@ def cmd_refund(config: Config, args: argparse.Namespace) -> int:
     return _run(commands.reporting("refund", publishing))
 
 
+def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
+    from pathlib import Path  # noqa: PLC0415
+
+    from daemon.operator import commands  # noqa: PLC0415
+    from daemon.operator.rollback import (  # noqa: PLC0415
+        RollbackError,
+        Selection,
+        check_names,
+        parse_amount,
+        parse_moment,
+        read_keys,
+    )
+    from daemon.operator.rollback_run import Order, rollback  # noqa: PLC0415
+
+    run = args.report if args.report is not None else args.run
+    try:
+        check_names(run, args.currency, args.rate)
+        keys = read_keys(args.keys, "arguments")
+        if args.keys_file:
+            keys += read_keys(Path(args.keys_file).read_text().splitlines(), args.keys_file)
+        low, high = parse_amount(args.amount_minor) if args.amount_minor else (None, None)
+        selection = Selection(
+            provider=args.provider,
+            since=parse_moment("--since", args.since) if args.since else None,
+            until=parse_moment("--until", args.until) if args.until else None,
+            plan=args.plan,
+            amount_min=low,
+            amount_max=high,
+            currency=args.currency,
+            keys=tuple(keys),
+        )
+    except (RollbackError, OSError) as error:
+        print(f"payd rollback: {error}", file=sys.stderr)
+        return 2
+    report_only = args.report is not None
+    if not args.dry_run and run is None:
+        print(
+            "payd rollback: name the run (--run NAME: its refund keys and its resume), or --dry-run",
+            file=sys.stderr,
+        )
+        return 2
+    if args.dry_run and selection.empty():
+        print("payd rollback: name at least one filter (never every charge by accident)", file=sys.stderr)
+        return 2
+    order = Order(
+        selection=selection,
+        run=run,
+        dry_run=args.dry_run,
+        report_only=report_only,
+        reason=args.reason,
+        rate_per_s=args.rate,
+        wait_s=args.wait,
+        stop_if_halted=args.stop_if_halted,
+        as_json=args.json,
+        operator=commands.resolve_operator(args.operator),
+    )
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # stop after the publish in progress
+            loop.add_signal_handler(signum, stop.set)
+        return await commands.reporting("rollback", rollback(config, order, stop))
+
+    # stdout carries the report (--json for scripts); the command says what matters itself.
+    logging_handle = configure_logging("error", "console", stream=sys.stderr)
+    try:
+        return _run(main())
+    finally:
+        logging_handle.close()
+
+
 def cmd_dead(config: Config, args: argparse.Namespace) -> int:
     from daemon.operator import commands  # noqa: PLC0415
 
@@ -286,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     refunding.add_argument("--amount", type=int, help="in the minor unit (default: all that remains)")
     refunding.add_argument("--reason", help="kept with the refund and sent where the provider takes one")
     refunding.add_argument("--refund-key", help="the refund's own idempotency key (default: refund:KEY:N)")
+    add_rollback_command(add)
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)
     from daemon.providers.sandbox import gateway  # noqa: PLC0415
@@ -341,6 +414,34 @@ def add_operator_commands(commands: Any) -> Any:
     replay.add_argument("--operator", help="who you are (default: $SUDO_USER, then $USER)")
     replay.add_argument("--json", action="store_true", help="the report as JSON")
     return attempts_commands
+
+
+def add_rollback_command(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """``payd rollback`` (docs/runbook.md, "Roll back many charges")."""
+    rolling = add("rollback", cmd_rollback, "refund many succeeded charges: paced, resumable, reported")
+    rolling.add_argument("keys", nargs="*", metavar="KEY", help="charge idempotency keys to select")
+    rolling.add_argument("--keys-file", metavar="FILE", help="charge keys, one a line")
+    rolling.add_argument("--provider", help="the provider (connection) that took the money")
+    rolling.add_argument("--since", metavar="WHEN", help="completed at or after (ISO 8601, UTC unless zoned)")
+    rolling.add_argument("--until", metavar="WHEN", help="completed before (ISO 8601, UTC unless zoned)")
+    rolling.add_argument("--plan", help="charges of subscriptions on this plan")
+    rolling.add_argument("--amount-minor", metavar="N|MIN..MAX", help="charged amount, exact or a range")
+    rolling.add_argument("--currency", help="ISO 4217 code, e.g. EUR")
+    rolling.add_argument(
+        "--dry-run", action="store_true", help="print what would be reversed; publish nothing"
+    )
+    rolling.add_argument(
+        "--run", metavar="NAME", help="the run's name (A-Za-z0-9_-, 32 at most): new or resumed"
+    )
+    rolling.add_argument("--report", metavar="NAME", help="print a run's report again; publish nothing")
+    rolling.add_argument("--reason", help="kept with each refund (default: rollback NAME)")
+    rolling.add_argument(
+        "--rate", type=float, default=50.0, help="refunds a second per provider, at most (%(default)s)"
+    )
+    rolling.add_argument("--wait", type=float, metavar="S", help="then wait up to S seconds for the outcomes")
+    rolling.add_argument("--stop-if-halted", action="store_true", help="stop rather than wait out a halt")
+    rolling.add_argument("--operator", help="who you are (default: $SUDO_USER, then $USER)")
+    rolling.add_argument("--json", action="store_true", help="the preview or report as JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
