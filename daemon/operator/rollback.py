@@ -441,9 +441,9 @@ class Report(msgspec.Struct, frozen=True, kw_only=True):
 
 async def report(cursor: Cursor, run: Run) -> Report:
     await cursor.execute(
-        f"SELECT {_OUTCOME_SQL} AS outcome, i.currency, COUNT(*), "
+        f"SELECT {_OUTCOME_SQL} AS bucket, i.currency, COUNT(*), "
         f"CAST(SUM(IF(i.remaining_minor = 0, i.charged_minor, i.remaining_minor)) AS SIGNED) {_ITEMS} "
-        "GROUP BY outcome, i.currency ORDER BY outcome, i.currency",
+        "GROUP BY bucket, i.currency ORDER BY bucket, i.currency",
         (run.id,),
     )
     tallies = [Tally(**msgspec.structs.asdict(row)) for row in await fetch_all(cursor, _TallyRow)]

@@ -320,7 +320,7 @@ def render_report(found: Report, out: TextIO) -> None:
     )
     for outcome, label in _LABELS.items():
         amounts = ", ".join(f"{t.amount_minor} {t.currency}" for t in found.tallies if t.outcome == outcome)
-        print(f"  {label:<17} {found.counts[outcome]:>9}  {amounts}", file=out)
+        print(f"  {label:<17} {found.counts[outcome]:>9}  {amounts}".rstrip(), file=out)
     for refusal in found.refusals:
         print(f"  refused {refusal.decline_code or '-'}: {refusal.charges}, e.g. {refusal.example}", file=out)
     for item in [*found.refused, *found.unknown]:
