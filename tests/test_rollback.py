@@ -9,6 +9,7 @@ The command runs as a process (``payd rollback``), as an operator runs it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import signal
 from collections import Counter
@@ -20,9 +21,22 @@ import aiomysql
 import pytest
 import redis.asyncio as aioredis
 
+from daemon.config import MySQLSettings
 from daemon.halt import HaltKeys, HaltOrder
-from daemon.operator.rollback import Selection, chunks, parse_amount, parse_moment, where
+from daemon.operator.rollback import (
+    Selection,
+    chunks,
+    create_run,
+    parse_amount,
+    parse_moment,
+    refund_key,
+    where,
+)
+from daemon.operator.rollback_run import pace
+from daemon.secrets import load_secret
+from daemon.storage.db import close_pool, open_pool, transaction
 from tests.support import (
+    DATABASE,
     NAMESPACE,
     PAYD,
     Broker,
@@ -464,7 +478,8 @@ async def test_a_halted_fleet_gets_nothing_published_until_it_resumes(
     """While the fleet is halted (globally, or the charges' provider), a run publishes nothing:
     with --stop-if-halted it stops at once (exit 1, its report shows everything not published);
     otherwise it says so and waits, and after the halt is lifted it publishes and every charge
-    is refunded once."""
+    is refunded once. A charge refunded in part by someone else after the run froze it is
+    refused (exceeds_remaining: the frozen amount no longer fits), named in the report, exit 1."""
     db = rb
     keys = [f"halt-{i}" for i in range(5)]
     client = aioredis.from_url("redis://127.0.0.1:6379/0")
@@ -483,6 +498,12 @@ async def test_a_halted_fleet_gets_nothing_published_until_it_resumes(
             assert json.loads(out)["counts"]["not_published"] == 5
 
             await client.delete(KEYS.global_key)
+            await broker.publish([refund_body("someone-else", "halt-0", 300)])
+            await eventually(
+                lambda: _count(db, "SELECT COUNT(*) FROM reversals WHERE state = 'succeeded'", 1),
+                timeout=30,
+                what="the other refund",
+            )
             await client.set(
                 KEYS.provider_key("sandbox"), json.dumps({"reason": "x", "by": "t", "at": "now"})
             )
@@ -498,16 +519,23 @@ async def test_a_halted_fleet_gets_nothing_published_until_it_resumes(
             await asyncio.sleep(1)
             queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
             assert queue.declaration_result.message_count == 0
-            assert await query(db, "SELECT COUNT(*) FROM reversals") == [(0,)], (
+            assert await query(db, "SELECT COUNT(*) FROM reversals") == [(1,)], (
                 "nothing published while halted"
             )
             await client.delete(KEYS.provider_key("sandbox"))
             out_bytes, _ = await asyncio.wait_for(waiting.communicate(), 90)
-            assert waiting.returncode == 0, out_bytes.decode()
+            assert waiting.returncode == 1, "a refusal is not a clean finish"
+            text = out_bytes.decode()
+            assert "  reversed                  4  4000 EUR" in text
+            assert "  refused exceeds_remaining: 1, e.g. 1000 exceeds what remains of charge halt-0" in text
+            assert "failed: halt-0 (refund rollback:held:halt-0): 1000 exceeds what remains" in text
     finally:
         await client.aclose()
-    assert refunds_per_charge(await sandbox.ledger()) == {key: (1000, 0) for key in keys}
-    assert (await sandbox.stats())["refund_requests"] == 5
+    assert refunds_per_charge(await sandbox.ledger()) == {
+        "halt-0": (300, 700),
+        **{key: (1000, 0) for key in keys[1:]},
+    }
+    assert (await sandbox.stats())["refund_requests"] == 5, "4 of the run and the other one"
 
 
 async def test_interrupted_by_sigterm_stops_after_the_publish_in_progress_and_resumes(
@@ -551,3 +579,85 @@ async def _clear_halts() -> None:
     client = aioredis.from_url("redis://127.0.0.1:6379/0")
     await client.delete(KEYS.global_key, KEYS.provider_key("sandbox"))
     await client.aclose()
+
+
+def test_pace_stays_under_the_providers_configured_rates(daemons: DaemonFactory) -> None:
+    """A run's pace per provider is --rate, lowered to the provider's fleet-wide or local rate."""
+    config, _, _ = daemons.config(
+        providers__sandbox={"rate_per_s": 20},
+        providers__fleet={
+            "kind": "sandbox",
+            "base_url": "http://127.0.0.1:1",
+            "max_in_flight": 1,
+            "fleet_rate_per_s": 5,
+            "rate_per_s": 40,
+        },
+    )
+    assert pace(config, "sandbox", 50) == 20
+    assert pace(config, "sandbox", 10) == 10
+    assert pace(config, "fleet", 50) == 5
+    assert pace(config, "gone", 50) == 50, "a provider no longer configured: --rate alone"
+
+
+async def test_freeze_keeps_what_remained_and_long_keys_get_a_digest(rb: aiomysql.Pool) -> None:
+    """A run's frozen items carry what remained of each charge (reserving reversals subtracted,
+    a failed one not), 0 for a charge wholly reversed, and the refund key rollback:RUN:KEY, or
+    the key's digest where it would pass 128 characters: the database computes the very key
+    ``refund_key`` does."""
+    db = rb
+    long_key = "L" * 128
+    for key in ("part", "whole", "failed-before", long_key):
+        await add_charge(db, key)
+    for key, charge, amount, state in (
+        ("r1", "part", 300, "succeeded"),
+        ("r2", "whole", 600, "succeeded"),
+        ("r3", "whole", 400, "unknown"),
+        ("r4", "failed-before", 1000, "failed"),
+    ):
+        await query(
+            db,
+            "INSERT INTO reversals (idempotency_key, original_idempotency_key, original_attempt_id, "
+            "provider, amount_minor, currency, state) SELECT %s, %s, id, 'sandbox', %s, 'EUR', %s "
+            "FROM attempts WHERE idempotency_key = %s",
+            key,
+            charge,
+            amount,
+            state,
+            charge,
+        )
+    pool = await open_pool(MySQLSettings(database=DATABASE), load_secret("mysql_password"))
+    try:
+        async with transaction(pool) as cursor:
+            _, frozen = await create_run(
+                cursor, "r", Selection(provider="sandbox"), reason=None, created_by="test"
+            )
+    finally:
+        await close_pool(pool)
+    assert frozen == 4
+    items = dict(
+        await query(db, "SELECT charge_key, CONCAT(refund_key, ' ', remaining_minor) FROM rollback_items")
+    )
+    assert items == {
+        "part": "rollback:r:part 700",
+        "whole": "rollback:r:whole 0",
+        "failed-before": "rollback:r:failed-before 1000",
+        long_key: f"{refund_key('r', long_key)} 1000",
+    }
+    assert refund_key("r", long_key) == "rollback:r:" + hashlib.sha256(long_key.encode()).hexdigest()[:40]
+
+
+async def test_an_unreadable_halt_state_publishes_nothing(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """Redis out of reach: the halt state is unknown, which counts as halted (daemon/halt.py), so
+    the run publishes nothing and says why."""
+    await add_charge(rb, "redis-down")
+    _, config, _ = daemons.config(redis={"url": "redis://127.0.0.1:1/0"})
+    code, out, err = await payd(
+        "rollback", "--config", str(config), "--run", "blind", "redis-down", "--stop-if-halted"
+    )
+    assert code == 1, out + err
+    assert "the halt state cannot be read" in err
+    assert "not published             1" in out
+    queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+    assert queue.declaration_result.message_count == 0
