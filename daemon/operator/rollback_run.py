@@ -32,7 +32,7 @@ import msgspec
 import pymysql
 import redis.asyncio as aioredis
 
-from daemon.broker import Broker
+from daemon.broker import Broker, BrokerUnavailable
 from daemon.config import Config
 from daemon.halt import POLL_INTERVAL_S, HaltKeys, HaltState
 from daemon.models import RefundRequest
@@ -58,6 +58,8 @@ MARK_EVERY: Final = 100
 """Confirmed publishes recorded (``published_at``) together."""
 PROGRESS_EVERY_S: Final = 1.0
 DEFAULT_RATE: Final = 50.0
+OUTCOME_POLL_S: Final = 1.0
+"""``--wait`` reads the run's report this often at most (one grouped query over its items)."""
 
 
 class Ended(enum.StrEnum):
@@ -251,8 +253,11 @@ async def wait_for_outcomes(
     deadline = time.monotonic() + timeout_s
     shown = -math.inf
     while True:
+        asked = time.monotonic()
         async with transaction(pool) as cursor:
             now = await report(cursor, run)
+        # A large run's report is a query of seconds: the database spends at most a third of its time on it.
+        pause = max(OUTCOME_POLL_S, 2 * (time.monotonic() - asked))
         open_ = now.counts["pending"] + now.counts["unknown"]
         if open_ == 0 or time.monotonic() >= deadline or stop.is_set():
             return now
@@ -267,7 +272,7 @@ async def wait_for_outcomes(
                 flush=True,
             )
         try:
-            await asyncio.wait_for(stop.wait(), 0.5)
+            await asyncio.wait_for(stop.wait(), min(pause, max(deadline - time.monotonic(), 0.01)))
         except TimeoutError:
             continue
 
@@ -406,6 +411,10 @@ async def _rollback(
             wait_on_halt=not order.stop_if_halted,
             err=err,
         )
+    except BrokerUnavailable as error:
+        # What the broker confirmed is recorded (publish_run's finally); the rest waits for a resume.
+        print(f"payd rollback: lost the broker ({error}); run the same command again to resume", file=err)
+        return 1
     finally:
         await broker.close()
         await client.aclose()
