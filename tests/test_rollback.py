@@ -307,12 +307,13 @@ async def test_dry_run_over_100000_charges_totals_exactly_and_publishes_nothing(
     assert queue.declaration_result.message_count == 0
     assert await query(db, "SELECT COUNT(*) FROM rollback_items") == [(0,)]
 
-    plan = await query(
-        db,
-        "EXPLAIN SELECT a.id FROM attempts a WHERE a.state = 'succeeded' "
-        "AND a.finished_at >= '2026-01-01 05:00:00' AND a.finished_at < '2026-01-01 06:00:00'",
-    )
-    assert plan[0][5] == "ix_attempts_finished", plan
+    async with db.acquire() as connection, connection.cursor(aiomysql.DictCursor) as cursor:
+        await cursor.execute(
+            "EXPLAIN SELECT a.id FROM attempts a WHERE a.state = 'succeeded' "
+            "AND a.finished_at >= '2026-01-01 05:00:00' AND a.finished_at < '2026-01-01 06:00:00'"
+        )
+        plan = await cursor.fetchall()
+    assert plan[0]["key"] == "ix_attempts_finished", plan
 
 
 # -- runs, with a daemon and the sandbox ------------------------------------------------------
