@@ -543,19 +543,22 @@ async def test_interrupted_by_sigterm_stops_after_the_publish_in_progress_and_re
     rb: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
     """SIGTERM stops a slow run cleanly (exit 1, says how to resume, what it published is
-    recorded as published); the same command finishes the rest, each charge refunded once."""
+    recorded as published); while it runs, a second process of the same run is turned away; the
+    same command then finishes the rest, each charge refunded once."""
     db = rb
     keys = [f"term-{i:02d}" for i in range(40)]
     async with daemons.in_process() as daemon:
         await take_charges(db, broker, keys)
         config = str(daemons.workdir / f"payd-{daemon.port}.toml")
-        command = ("rollback", "--config", config, "--run", "term", "--rate", "10", *keys)
+        command = ("rollback", "--config", config, "--run", "term", "--rate", "3", *keys)
         running = await asyncio.create_subprocess_exec(
             PAYD, *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
         )
         assert running.stderr is not None
         while "published" not in (line := (await asyncio.wait_for(running.stderr.readline(), 60)).decode()):
             assert line, "payd rollback ended early"
+        code, _, err = await payd(*command)
+        assert code == 1 and "is being run by another process right now" in err, err
         running.send_signal(signal.SIGTERM)
         _, rest = await asyncio.wait_for(running.communicate(), 30)
         assert running.returncode == 1

@@ -25,6 +25,8 @@ import enum
 import math
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Final, TextIO
 
 import aiomysql
@@ -393,7 +395,53 @@ async def _rollback(
             print(f"payd rollback: no run named {order.run}", file=err)
             return 1
         return await _report(pool, run, order, out)
-    run = await _start_or_resume(pool, run, order, err)
+    async with _one_process(pool, order.run) as alone:
+        if not alone:
+            print(
+                f"payd rollback: run {order.run} is being run by another process right now; "
+                "follow it with payd rollback --report",
+                file=err,
+            )
+            return 1
+        return await _publish(
+            config, pool, await _start_or_resume(pool, run, order, err), order, stop, err=err, out=out
+        )
+
+
+@asynccontextmanager
+async def _one_process(pool: aiomysql.Pool, run: str) -> AsyncIterator[bool]:
+    """A named lock held on one connection for the run's life: two processes running the same
+    run would be safe (the keys deduplicate) but would pace and report twice. The server frees
+    the lock with the connection, a process killed included."""
+    connection = await pool.acquire()
+    try:
+        async with connection.cursor() as cursor:
+            await cursor.execute(
+                "SELECT CONCAT('payd.rollback.', LEFT(SHA2(CONCAT(DATABASE(), ':', %s), 256), 40))", (run,)
+            )
+            (name,) = await cursor.fetchone()
+            await cursor.execute("SELECT GET_LOCK(%s, 0)", (name,))
+            (locked,) = await cursor.fetchone()
+        try:
+            yield locked == 1
+        finally:
+            if locked == 1:
+                async with connection.cursor() as cursor:
+                    await cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
+    finally:
+        pool.release(connection)
+
+
+async def _publish(
+    config: Config,
+    pool: aiomysql.Pool,
+    run: Run,
+    order: Order,
+    stop: asyncio.Event,
+    *,
+    out: TextIO,
+    err: TextIO,
+) -> int:
     providers = await _providers(pool, run)
     client = redis_client(config.redis, load_secret("redis_password"))
     broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
