@@ -224,7 +224,6 @@ class Preview(msgspec.Struct, frozen=True, kw_only=True):
     by_currency: list[Group]
     by_provider: list[Group]
     unselected_keys: list[Unselected]
-    published: int = 0
 
 
 async def preview(cursor: Cursor, selection: Selection) -> Preview:
