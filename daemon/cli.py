@@ -193,61 +193,15 @@ def cmd_refund(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
-    from pathlib import Path  # noqa: PLC0415
-
     from daemon.operator import commands  # noqa: PLC0415
-    from daemon.operator.rollback import (  # noqa: PLC0415
-        RollbackError,
-        Selection,
-        check_names,
-        parse_amount,
-        parse_moment,
-        read_keys,
-    )
-    from daemon.operator.rollback_run import Order, rollback  # noqa: PLC0415
+    from daemon.operator.rollback import RollbackError  # noqa: PLC0415
+    from daemon.operator.rollback_run import order_from_args, rollback  # noqa: PLC0415
 
-    run = args.report if args.report is not None else args.run
     try:
-        check_names(run, args.currency, args.rate)
-        keys = read_keys(args.keys, "arguments")
-        if args.keys_file:
-            keys += read_keys(Path(args.keys_file).read_text().splitlines(), args.keys_file)
-        low, high = parse_amount(args.amount_minor) if args.amount_minor else (None, None)
-        selection = Selection(
-            provider=args.provider,
-            since=parse_moment("--since", args.since) if args.since else None,
-            until=parse_moment("--until", args.until) if args.until else None,
-            plan=args.plan,
-            amount_min=low,
-            amount_max=high,
-            currency=args.currency,
-            keys=tuple(keys),
-        )
-    except (RollbackError, OSError) as error:
+        order = order_from_args(config, args, operator=commands.resolve_operator(args.operator))
+    except RollbackError as error:
         print(f"payd rollback: {error}", file=sys.stderr)
         return 2
-    report_only = args.report is not None
-    if not args.dry_run and run is None:
-        print(
-            "payd rollback: name the run (--run NAME: its refund keys and its resume), or --dry-run",
-            file=sys.stderr,
-        )
-        return 2
-    if args.dry_run and selection.empty():
-        print("payd rollback: name at least one filter (never every charge by accident)", file=sys.stderr)
-        return 2
-    order = Order(
-        selection=selection,
-        run=run,
-        dry_run=args.dry_run,
-        report_only=report_only,
-        reason=args.reason,
-        rate_per_s=args.rate,
-        wait_s=args.wait,
-        stop_if_halted=args.stop_if_halted,
-        as_json=args.json,
-        operator=commands.resolve_operator(args.operator),
-    )
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -417,7 +371,7 @@ def add_operator_commands(commands: Any) -> Any:
 
 
 def add_rollback_command(add: Callable[..., argparse.ArgumentParser]) -> None:
-    """``payd rollback`` (docs/runbook.md, "Roll back many charges")."""
+    """``payd rollback`` (docs/runbook.md, "Many charges: payd rollback")."""
     rolling = add("rollback", cmd_rollback, "refund many succeeded charges: paced, resumable, reported")
     rolling.add_argument("keys", nargs="*", metavar="KEY", help="charge idempotency keys to select")
     rolling.add_argument("--keys-file", metavar="FILE", help="charge keys, one a line")

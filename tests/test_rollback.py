@@ -197,6 +197,15 @@ async def test_selection_filters_and_keys_not_selected(
     assert code == 2 and f"{bad_file}:2:" in err
     code, _, err = await payd("rollback", "--config", str(config), "--dry-run", "--amount-minor", "ten")
     assert code == 2 and "--amount-minor 'ten'" in err
+    code, _, err = await payd("rollback", "--config", str(config), "--dry-run", "--keys-file", "/nonexistent")
+    assert code == 2 and "--keys-file:" in err
+    # A reason the daemon's intake would refuse (it looks like a card number) would dead-letter every refund.
+    code, _, err = await payd(
+        "rollback", "--config", str(config), "--run", "r1", "a", "--reason", "card 4242424242424242"
+    )
+    assert code == 2 and err.startswith("payd rollback: --reason:") and "4242" not in err, err
+    code, _, err = await payd("rollback", "--config", str(config), "--run", "bad name", "a")
+    assert code == 2 and "run name 'bad name'" in err
     assert await query(db, "SELECT COUNT(*) FROM rollback_runs") == [(0,)], (
         "a dry run or a refusal records nothing"
     )

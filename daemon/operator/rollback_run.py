@@ -20,6 +20,7 @@ daemon already holds is not published again either.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import enum
 import math
@@ -27,6 +28,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Final, TextIO
 
 import aiomysql
@@ -44,11 +46,16 @@ from daemon.operator.rollback import (
     RollbackError,
     Run,
     Selection,
+    check_names,
     create_run,
     find_run,
+    parse_amount,
+    parse_moment,
     preview,
+    read_keys,
     report,
 )
+from daemon.pipeline.intake import Invalid, decode_request
 from daemon.redis_link import redis_client
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, fetch_all, open_pool, placeholders, transaction
@@ -361,6 +368,53 @@ class Order(msgspec.Struct, frozen=True, kw_only=True):
     stop_if_halted: bool = False
     as_json: bool = False
     operator: str | None = None
+
+
+def order_from_args(config: Config, args: argparse.Namespace, *, operator: str | None) -> Order:
+    """The command line's order, checked: a usage problem raises ``RollbackError`` naming it."""
+    run = args.report if args.report is not None else args.run
+    check_names(run, args.currency, args.rate)
+    keys = read_keys(args.keys, "arguments")
+    if args.keys_file:
+        try:
+            keys += read_keys(Path(args.keys_file).read_text().splitlines(), args.keys_file)
+        except OSError as error:
+            raise RollbackError(f"--keys-file: {error}") from None
+    low, high = parse_amount(args.amount_minor) if args.amount_minor else (None, None)
+    selection = Selection(
+        provider=args.provider,
+        since=parse_moment("--since", args.since) if args.since else None,
+        until=parse_moment("--until", args.until) if args.until else None,
+        plan=args.plan,
+        amount_min=low,
+        amount_max=high,
+        currency=args.currency,
+        keys=tuple(keys),
+    )
+    if not args.dry_run and run is None:
+        raise RollbackError("name the run (--run NAME: its refund keys and its resume), or --dry-run")
+    if args.dry_run and selection.empty():
+        raise RollbackError("name at least one filter (never every charge by accident)")
+    if args.reason is not None:
+        # Judged as the daemon's intake will judge each refund: a refused reason would dead-letter them all.
+        sample = {"operation": "refund", "idempotency_key": "k", "original_idempotency_key": "k"}
+        decoded = decode_request(
+            msgspec.json.encode({**sample, "amount_minor": 1, "reason": args.reason}), config.providers
+        )
+        if isinstance(decoded, Invalid):
+            raise RollbackError(f"--reason: {decoded.reason}")
+    return Order(
+        selection=selection,
+        run=run,
+        dry_run=args.dry_run,
+        report_only=args.report is not None,
+        reason=args.reason,
+        rate_per_s=args.rate,
+        wait_s=args.wait,
+        stop_if_halted=args.stop_if_halted,
+        as_json=args.json,
+        operator=operator,
+    )
 
 
 async def rollback(
