@@ -192,6 +192,32 @@ def cmd_refund(config: Config, args: argparse.Namespace) -> int:
     return _run(commands.reporting("refund", publishing))
 
 
+def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
+    from daemon.operator import commands  # noqa: PLC0415
+    from daemon.operator.rollback import RollbackError  # noqa: PLC0415
+    from daemon.operator.rollback_run import order_from_args, rollback  # noqa: PLC0415
+
+    try:
+        order = order_from_args(config, args, operator=commands.resolve_operator(args.operator))
+    except RollbackError as error:
+        print(f"payd rollback: {error}", file=sys.stderr)
+        return 2
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):  # stop after the publish in progress
+            loop.add_signal_handler(signum, stop.set)
+        return await commands.reporting("rollback", rollback(config, order, stop))
+
+    # stdout carries the report (--json for scripts); the command says what matters itself.
+    logging_handle = configure_logging("error", "console", stream=sys.stderr)
+    try:
+        return _run(main())
+    finally:
+        logging_handle.close()
+
+
 def cmd_dead(config: Config, args: argparse.Namespace) -> int:
     from daemon.operator import commands  # noqa: PLC0415
 
@@ -285,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     refunding.add_argument("--amount", type=int, help="in the minor unit (default: all that remains)")
     refunding.add_argument("--reason", help="kept with the refund and sent where the provider takes one")
     refunding.add_argument("--refund-key", help="the refund's own idempotency key (default: refund:KEY:N)")
+    add_rollback_command(add)
     # The gateway parses its own flags (payd sandbox --help): the words after `sandbox`
     # reach it unparsed (main), so building this parser never imports it. --config is
     # accepted, as by every command, and unused: the gateway reads no configuration.
@@ -345,6 +372,34 @@ def add_operator_commands(commands: Any) -> Any:
     replay.add_argument("--operator", help="who you are (default: $SUDO_USER, then $USER)")
     replay.add_argument("--json", action="store_true", help="the report as JSON")
     return attempts_commands
+
+
+def add_rollback_command(add: Callable[..., argparse.ArgumentParser]) -> None:
+    """``payd rollback`` (docs/runbook.md, "Many charges: payd rollback")."""
+    rolling = add("rollback", cmd_rollback, "refund many succeeded charges: paced, resumable, reported")
+    rolling.add_argument("keys", nargs="*", metavar="KEY", help="charge idempotency keys to select")
+    rolling.add_argument("--keys-file", metavar="FILE", help="charge keys, one a line")
+    rolling.add_argument("--provider", help="the provider (connection) that took the money")
+    rolling.add_argument("--since", metavar="WHEN", help="completed at or after (ISO 8601, UTC unless zoned)")
+    rolling.add_argument("--until", metavar="WHEN", help="completed before (ISO 8601, UTC unless zoned)")
+    rolling.add_argument("--plan", help="charges of subscriptions on this plan")
+    rolling.add_argument("--amount-minor", metavar="N|MIN..MAX", help="charged amount, exact or a range")
+    rolling.add_argument("--currency", help="ISO 4217 code, e.g. EUR")
+    rolling.add_argument(
+        "--dry-run", action="store_true", help="print what would be reversed; publish nothing"
+    )
+    rolling.add_argument(
+        "--run", metavar="NAME", help="the run's name (A-Za-z0-9_-, 32 at most): new or resumed"
+    )
+    rolling.add_argument("--report", metavar="NAME", help="print a run's report again; publish nothing")
+    rolling.add_argument("--reason", help="kept with each refund (default: rollback NAME)")
+    rolling.add_argument(
+        "--rate", type=float, default=50.0, help="refunds a second per provider, at most (%(default)s)"
+    )
+    rolling.add_argument("--wait", type=float, metavar="S", help="then wait up to S seconds for the outcomes")
+    rolling.add_argument("--stop-if-halted", action="store_true", help="stop rather than wait out a halt")
+    rolling.add_argument("--operator", help="who you are (default: $SUDO_USER, then $USER)")
+    rolling.add_argument("--json", action="store_true", help="the preview or report as JSON")
 
 
 def main(argv: list[str] | None = None) -> int:
