@@ -92,13 +92,14 @@ class AdyenProvider(HttpAdapter[bytes]):
     def __init__(self, name: str, config: ProviderConfig) -> None:
         assert isinstance(config, AdyenProviderConfig)
         api_key = require_secret(config.secret_name, needed_by=f"providers.{name} (the Adyen API key)")
+        hmac_key = _hmac_key(name, config.hmac_secret_name)  # secrets first: no session to leak
         super().__init__(name, config, charge_path=f"{config.api_version}/payments")
         self._api_key: Secret = api_key
         self._merchant_account = config.merchant_account
         self._return_url = config.return_url
         self._capture_delay_hours = config.capture_delay_hours
         self._api_version = config.api_version
-        self._hmac_key = _hmac_key(name, config.hmac_secret_name)
+        self._hmac_key = hmac_key
 
     def prepare_charge(self, request: AttemptRequest) -> bytes | ChargeResult:
         problem = transform.shopper_reference_problem(request)
