@@ -347,6 +347,7 @@ def test_each_provider_page_states_every_official_value_and_what_payd_does(provi
 
 ADYEN_REVERSALS: Final = _fixture("adyen_checkout_v71_reversals.json")["schemas"]
 ADYEN_WEBHOOKS: Final = _fixture("adyen_webhooks_v1.json")
+IYZICO_REVERSALS: Final = _fixture("iyzico_reversals.json")
 _REVERSAL_TABLE: Final = re.compile(r"<!-- reversal-exits -->\n(.*?)<!-- /reversal-exits -->", re.S)
 
 
@@ -371,8 +372,33 @@ def _adyen_notice(event_code: str, success: str) -> ChargeResult:
     return adyen.notice_result(item, adyen.REVERSAL_EVENTS[event_code])
 
 
+_IYZICO_REVERSAL: Final = iyzico.ExpectedReversal(
+    conversation_id="rf", payment_id="9", price=Decimal("4.0"), currency="TRY"
+)
+
+
+def _iyzico_reversal(status: str) -> ChargeResult:
+    fields: dict[str, Any] = {"status": status, "conversationId": "rf", "paymentId": "9", "price": 4.0}
+    if status == "failure":  # a failure body carries its errorCode: an unlisted one here
+        fields["errorCode"] = "99999"
+    return iyzico.reversal_result(
+        200, {}, json.dumps(fields | {"currency": "TRY"}).encode(), _IYZICO_REVERSAL
+    )
+
+
+def _iyzico_transport(what: str) -> ChargeResult:
+    if what == "5xx":
+        return iyzico.reversal_result(502, {}, b"", _IYZICO_REVERSAL)
+    # What the shared exchange answers for a timeout after sending, as the adapter passes it on.
+    return iyzico.operator_unknown(ChargeResult(outcome=Outcome.UNKNOWN, reason="timed out"))
+
+
 def _reversal_samples() -> dict[str, dict[tuple[str, str], tuple[str, str]]]:
-    rows: dict[str, dict[tuple[str, str], tuple[str, str]]] = {"adyen": {}}
+    rows: dict[str, dict[tuple[str, str], tuple[str, str]]] = {"adyen": {}, "iyzico": {}}
+    for status in IYZICO_REVERSALS["status"]:
+        rows["iyzico"][("status", status)] = reversal_exit(_iyzico_reversal(status))
+    for what in ("5xx", "timeout"):
+        rows["iyzico"][("http", what)] = reversal_exit(_iyzico_transport(what))
     for schema in ("PaymentRefundResponse", "PaymentCancelResponse"):
         for status in ADYEN_REVERSALS[schema]["properties"]["status"]["enum"]:
             rows["adyen"][(f"{schema}.status", status)] = reversal_exit(_adyen_modification(status))
@@ -387,7 +413,7 @@ def _reversal_samples() -> dict[str, dict[tuple[str, str], tuple[str, str]]]:
     return rows
 
 
-@pytest.mark.parametrize("provider", ["adyen"])
+@pytest.mark.parametrize("provider", ["adyen", "iyzico"])
 def test_each_reversal_answer_has_an_exit_and_the_page_states_it(provider: str) -> None:
     """Every documented answer to a refund or cancel ends terminal, pending until the provider's
     notification, or parked for an operator, and docs/providers/NAME.md says so row by row."""
