@@ -24,7 +24,8 @@ from daemon.storage.reversals import (
     settle_reversal,
     take_due_reversals,
 )
-from tests.support import query
+from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
+from tests.test_reversals import charged, refund, wait_reversals
 
 ACCEPTED = ChargeResult(outcome=Outcome.UNKNOWN, accepted=True, provider_ref="MOD1", reason="received")
 SUCCEEDED = ChargeResult(outcome=Outcome.APPROVED, provider_ref="MOD1")
@@ -215,3 +216,29 @@ async def test_a_pending_or_unknown_reversal_holds_its_amount_against_the_charge
     )
     assert refused.refused is not None and refused.refused.decline_code == "exceeds_remaining"
     assert "300 of 1000" in (refused.refused.reason or "")
+
+
+async def test_daemon_keeps_a_refund_pending_until_a_lookup_reads_its_outcome(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """The sandbox accepts a pm_refund_pending charge's refund as pending: payd records it
+    pending (refund.pending), looks it up on the reconcile backoff without ever sending it
+    again, and records succeeded once the lookup reads it so (refund.succeeded)."""
+    await sandbox.behave(hang_s=2)
+    await broker.follow_events()
+    async with daemons.in_process(pipeline={"reconcile_backoff_s": [0.3]}):
+        await charged(db, broker, request("ch-pend", payment_method="pm_refund_pending"))
+        await broker.publish([refund("rf-pend", "ch-pend", 250)])
+        assert await wait_reversals(db, ["rf-pend"], done=("pending",)) == {"rf-pend": "pending"}
+        assert await wait_reversals(db, ["rf-pend"]) == {"rf-pend": "succeeded"}
+
+        async def both_events() -> bool:
+            kinds = [e["type"] for e in broker.events if e.get("idempotency_key") == "rf-pend"]
+            return kinds == ["refund.pending", "refund.succeeded"]
+
+        await eventually(both_events, timeout=20, what="refund.pending then refund.succeeded")
+    ((reconcile_tries,),) = await query(db, "SELECT reconcile_tries FROM reversals")
+    assert reconcile_tries >= 1, "the outcome came from a lookup"
+    stats = await sandbox.stats()
+    assert stats["refund_requests"] == 1, "a pending refund is never sent again"
+    assert [(c["refunded_minor"], c["net_minor"]) for c in await sandbox.ledger()] == [(250, 750)]
