@@ -506,3 +506,22 @@ def test_signature_is_base64_of_a_sha256() -> None:
     """A sanity check of the encoding the receiver compares (32 bytes, base64)."""
     signature = transform.notification_signature(refund_item(), bytes.fromhex(HMAC_KEY))
     assert len(base64.b64decode(signature)) == 32
+
+
+@pytest.mark.usefixtures("adyen_secrets")
+async def test_daemon_resends_a_timed_out_adyen_refund_under_its_key_and_refunds_once(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Adyen has no read of a refund: a refund whose answer timed out is unknown, re-sent under
+    the same Idempotency-Key (Adyen answers it from its store: received), pending, and settled
+    by the notification. The gateway refunded it once."""
+    await sandbox.behave(hang_s=4)
+    async with daemons.in_process(providers__adyen=adyen_table(sandbox, timeout_s=1)) as daemon:
+        await _register_webhook(sandbox, daemon.port)
+        await charged(db, broker, charge_body("ch-t", 1000, payment_method="pm_refund_timeout"))
+        await broker.publish([refund("rf-t", "ch-t", 300)])
+        assert await wait_reversals(db, ["rf-t"], done=("unknown",)) == {"rf-t": "unknown"}
+        assert await wait_reversals(db, ["rf-t"], timeout=30) == {"rf-t": "succeeded"}
+    refunds = await sandbox.refunds()
+    assert [r["amount_minor"] for r in refunds] == [300], "refunded once"
+    assert (await sandbox.stats())["refund_requests"] >= 2, "the resend reached the gateway"

@@ -377,6 +377,7 @@ async def test_capabilities_say_resend_not_lookup(adyen: AdyenProvider) -> None:
         lookup_by_reference=False,
         idempotency_key_ttl_s=7 * DAY,
         refunds=True,
+        refund_lookup=False,
     )
     assert await adyen.lookup(attempt()) is None
 

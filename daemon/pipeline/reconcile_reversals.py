@@ -9,7 +9,11 @@ them that long, and stores them whatever the answer) and ``resend_after_s`` has
 passed, so it cannot refund twice; without idempotency keys it becomes failed
 (``not_received``) after ``not_found_grace_s``. Anything else stays unknown and
 is asked again after its backoff, visible to operators in ``payd attempts show``.
-An adapter that raises leaves the refund unknown (logged), never settled.
+An adapter that raises leaves the refund unknown (logged), never settled. A
+provider with no refund lookup (``Capabilities.refund_lookup`` false: Adyen,
+iyzico) is never asked: an unknown refund is re-sent under its key where keys
+make that safe, by the same rules, and otherwise waits for the provider's
+notification or an operator, never failed.
 
 A pending refund (the provider accepted it and decides later) is only ever looked
 up, never sent again nor failed for want of a record: it ends by the lookup, the
@@ -138,6 +142,12 @@ class ReversalReconciler:
         refunder = refunding(lane.provider) if lane is not None else None
         if lane is None or refunder is None:
             return None  # stays unknown, visible to operators
+        if not refunder.capabilities.refund_lookup:
+            # Nothing to ask: a pending one waits for the notification; an unknown one is re-sent
+            # under its key where that cannot refund twice (as a charge is), else waits likewise.
+            if item.state is ReversalState.PENDING or not refunder.capabilities.honours_idempotency_key:
+                return None
+            return await self._resend(lane, refunder, item)
         found = await bounded_call(lane, self._metrics, lambda: refunder.lookup_refund(item.reversal))
         if found is None or found.anomaly is not None:
             return None
@@ -155,23 +165,30 @@ class ReversalReconciler:
     async def _not_found(
         self, lane: Lane, refunder: RefundingProvider, item: DueReversal
     ) -> ChargeResult | None:
+        if refunder.capabilities.honours_idempotency_key:
+            return await self._resend(lane, refunder, item)
+        return NOT_RECEIVED if item.seconds_since_claim >= self._settings.not_found_grace_s else None
+
+    async def _resend(
+        self, lane: Lane, refunder: RefundingProvider, item: DueReversal
+    ) -> ChargeResult | None:
+        """The same refund under the same key, only while the provider's key guarantees it cannot
+        refund twice; a definitive answer, or None to try again after the backoff."""
         capabilities = refunder.capabilities
         age = item.seconds_since_claim
-        if capabilities.honours_idempotency_key:
-            ttl = capabilities.idempotency_key_ttl_s
-            may_resend = (
-                not capabilities.resend_only_after_2xx
-                and age >= self._settings.resend_after_s
-                and (ttl is None or age < ttl * 0.9)
-            )
-            if not may_resend:
-                return None
-            result = await bounded_call(
-                lane, self._metrics, lambda: refunder.refund(item.reversal), may_charge=True
-            )
-            if result is None or result.outcome in CHARGED_NOTHING:
-                return None
-            if result.outcome is Outcome.UNKNOWN and not result.accepted:
-                return None
-            return result  # an accepted answer to the resend makes it pending
-        return NOT_RECEIVED if age >= self._settings.not_found_grace_s else None
+        ttl = capabilities.idempotency_key_ttl_s
+        may_resend = (
+            not capabilities.resend_only_after_2xx
+            and age >= self._settings.resend_after_s
+            and (ttl is None or age < ttl * 0.9)
+        )
+        if not may_resend:
+            return None
+        result = await bounded_call(
+            lane, self._metrics, lambda: refunder.refund(item.reversal), may_charge=True
+        )
+        if result is None or result.outcome in CHARGED_NOTHING:
+            return None
+        if result.outcome is Outcome.UNKNOWN and not result.accepted:
+            return None
+        return result  # an accepted answer to the resend makes it pending

@@ -98,6 +98,10 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     refunds: bool = False
     """The adapter implements ``refund`` and ``lookup_refund`` (``RefundingProvider``); a refund
     to a provider without it is refused, never sent."""
+    refund_lookup: bool = True
+    """``lookup_refund`` can find a refund by its key. False (Adyen, iyzico): it always answers
+    "could not ask", and an unknown refund is re-sent under its key where the provider honours
+    keys (within their lifetime), else left to the provider's notification or an operator."""
 
 
 class LookupResult(msgspec.Struct, frozen=True, kw_only=True):

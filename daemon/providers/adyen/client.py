@@ -87,6 +87,7 @@ class AdyenProvider(HttpAdapter[bytes]):
         lookup_by_reference=False,
         idempotency_key_ttl_s=IDEMPOTENCY_KEY_TTL_S,
         refunds=True,
+        refund_lookup=False,
     )
 
     def __init__(self, name: str, config: ProviderConfig) -> None:

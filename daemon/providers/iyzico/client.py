@@ -115,7 +115,11 @@ class IyzicoProvider(HttpAdapter[_Prepared]):
     # No idempotency keys at iyzico: the reconciler must never send an attempt again, only
     # look it up, which works by conversationId (= payd's idempotency key).
     capabilities: Capabilities = Capabilities(
-        honours_idempotency_key=False, lookup_by_key=True, lookup_by_reference=False, refunds=True
+        honours_idempotency_key=False,
+        lookup_by_key=True,
+        lookup_by_reference=False,
+        refunds=True,
+        refund_lookup=False,
     )
 
     def __init__(self, name: str, config: ProviderConfig) -> None:
