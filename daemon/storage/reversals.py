@@ -631,20 +631,22 @@ class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_tries: int
     created_at: datetime
     finished_at: datetime | None
+    operation: ReversalOperation = ReversalOperation.REFUND
+    """Refund or void (cancel before settlement)."""
 
 
 async def reversals_of(cursor: Cursor, original_idempotency_key: str) -> list[ReversalLine]:
     """Every reversal asked of one charge, oldest first (refused ones included)."""
     await cursor.execute(
         "SELECT id, idempotency_key, amount_minor, state, decline_code, provider_ref, reason, result_reason, "
-        "tries, reconcile_tries, created_at, finished_at FROM reversals "
+        "tries, reconcile_tries, created_at, finished_at, operation FROM reversals "
         "WHERE original_idempotency_key = %s ORDER BY id",
         (original_idempotency_key,),
     )
     names = [field.name for field in msgspec.structs.fields(ReversalLine)]
     return [
         msgspec.convert(
-            dict(zip(names, (*row[:10], _utc(row[10]), _utc(row[11])), strict=True)), ReversalLine
+            dict(zip(names, (*row[:10], _utc(row[10]), _utc(row[11]), row[12]), strict=True)), ReversalLine
         )
         for row in await cursor.fetchall()
     ]
