@@ -525,3 +525,31 @@ async def test_daemon_resends_a_timed_out_adyen_refund_under_its_key_and_refunds
     refunds = await sandbox.refunds()
     assert [r["amount_minor"] for r in refunds] == [300], "refunded once"
     assert (await sandbox.stats())["refund_requests"] >= 2, "the resend reached the gateway"
+
+
+async def test_with_basic_auth_configured_a_notification_needs_it_too(
+    make_adyen: Callable[..., AdyenProvider], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adyen's webhook can also send HTTP basic authentication; when configured it is required,
+    compared as bytes, in addition to the signature."""
+    monkeypatch.setenv("PAYD_ADYEN_WEBHOOK_AUTH", "adyen-hook:s3cret:with:colons")
+    adyen = make_adyen(webhook_basic_auth_secret_name="adyen_webhook_auth")
+    body = envelope(signed(refund_item()))
+    good = "Basic " + base64.b64encode(b"adyen-hook:s3cret:with:colons").decode()
+    wrong = "Basic " + base64.b64encode(b"adyen-hook:guess").decode()
+    for header in (
+        {},
+        {"Authorization": wrong},
+        {"Authorization": "Basic %%%"},
+        {"Authorization": "Bearer x"},
+    ):
+        refused = adyen.read_notification(body, header)
+        assert isinstance(refused, NotificationRefused) and (refused.status, refused.kind) == (
+            401,
+            "bad_credentials",
+        )
+    assert isinstance(adyen.read_notification(body, {"Authorization": good}), Notifications)
+    # The signature is still checked behind the password.
+    forged = envelope(signed(refund_item(), key="00" * 32))
+    refused = adyen.read_notification(forged, {"Authorization": good})
+    assert isinstance(refused, NotificationRefused) and refused.kind == "bad_signature"

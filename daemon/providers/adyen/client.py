@@ -71,6 +71,9 @@ class AdyenProviderConfig(ProviderConfig, frozen=True, kw_only=True):
     hmac_secret_name: SecretName = "adyen_hmac_key"  # noqa: S105 -- the secret's name, not its value
     """Name of the secret holding the webhook HMAC key (hex, from Adyen's Customer Area) that
     signs REFUND/CANCELLATION notifications. Unset: notifications are refused, refunds stay pending."""
+    webhook_basic_auth_secret_name: SecretName | None = None
+    """Name of a secret holding ``USERNAME:PASSWORD``: when set, a notification must also carry
+    that HTTP basic authentication (Adyen's webhook setting), or it is refused (401)."""
     capture_delay_hours: Annotated[int, msgspec.Meta(ge=1, le=672)] | None = None
     """Sent as ``captureDelayHours``: Adyen captures each payment this long after authorising it,
     and until shortly before then a full reversal is a cancel (a void) instead of a refund.
@@ -94,6 +97,13 @@ class AdyenProvider(HttpAdapter[bytes]):
         assert isinstance(config, AdyenProviderConfig)
         api_key = require_secret(config.secret_name, needed_by=f"providers.{name} (the Adyen API key)")
         hmac_key = _hmac_key(name, config.hmac_secret_name)  # secrets first: no session to leak
+        basic_auth = (
+            require_secret(
+                config.webhook_basic_auth_secret_name, needed_by=f"providers.{name} (webhook basic auth)"
+            )
+            if config.webhook_basic_auth_secret_name
+            else None
+        )
         super().__init__(name, config, charge_path=f"{config.api_version}/payments")
         self._api_key: Secret = api_key
         self._merchant_account = config.merchant_account
@@ -101,6 +111,7 @@ class AdyenProvider(HttpAdapter[bytes]):
         self._capture_delay_hours = config.capture_delay_hours
         self._api_version = config.api_version
         self._hmac_key = hmac_key
+        self._basic_auth = basic_auth
 
     def prepare_charge(self, request: AttemptRequest) -> bytes | ChargeResult:
         problem = transform.shopper_reference_problem(request)
@@ -204,7 +215,12 @@ class AdyenProvider(HttpAdapter[bytes]):
         self, body: bytes, headers: Mapping[str, str]
     ) -> Notifications | NotificationRefused:
         """Every item must carry a valid ``hmacSignature``, or nothing in the request counts."""
-        del headers
+        if self._basic_auth is not None and not transform.basic_auth_matches(
+            headers.get("Authorization", ""), self._basic_auth.reveal()
+        ):
+            return NotificationRefused(
+                status=401, kind="bad_credentials", reason="basic authentication missing or wrong"
+            )
         if self._hmac_key is None:
             return NotificationRefused(
                 status=503, kind="not_configured", reason="no HMAC key configured for these notifications"

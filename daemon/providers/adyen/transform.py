@@ -631,6 +631,19 @@ class HmacKeyError(ValueError):
     """The configured HMAC key is not the hex string Adyen's Customer Area shows."""
 
 
+def basic_auth_matches(header: str, credentials: str) -> bool:
+    """Whether an ``Authorization: Basic ...`` header carries ``USERNAME:PASSWORD``, compared in
+    constant time; anything unreadable is a mismatch, never an error."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(token.strip(), validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(given, credentials.encode())
+
+
 def hmac_key_bytes(hex_key: str) -> bytes:
     try:
         key = bytes.fromhex(hex_key.strip())
