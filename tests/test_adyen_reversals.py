@@ -417,6 +417,13 @@ async def test_daemon_adyen_refund_is_pending_until_the_signed_notification_sett
             await _metric(daemon.port, 'payd_webhook_notifications_total{provider="adyen",result="already"}')
             == 1
         )
+        # A refund payd never sent (another system on the account): acknowledged, counted, no change.
+        stranger = envelope(signed(refund_item(merchantReference="not-ours", pspReference="ZZZ")))
+        assert await _post_webhook(daemon.port, stranger) == (200, "[accepted]")
+        unmatched = 'payd_webhook_notifications_total{provider="adyen",result="unmatched"}'
+        assert await _metric(daemon.port, unmatched) == 1
+        unreadable = json.dumps({"error": "unreadable notification: no notificationItems"})
+        assert await _post_webhook(daemon.port, b"[]") == (400, unreadable)
 
         async def both_events() -> bool:
             return {e["type"] for e in broker.events if e.get("idempotency_key") == "rf-a"} >= {
