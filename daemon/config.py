@@ -207,6 +207,9 @@ class PipelineSettings(Section, frozen=True):
     """An unknown attempt the provider has no record of becomes failed only after this long."""
     queued_orphan_after_s: PositiveFloat = 3600.0
     """A queued attempt nobody claimed for this long (its message is gone) fails as never_sent."""
+    pending_reversal_alert_s: PositiveFloat = 86400.0
+    """A refund or void the provider accepted but has not decided for this long is counted in
+    ``payd_refunds_pending_stale`` and logged (``refund.pending_stale``) for an operator."""
 
 
 class OutboxSettings(Section, frozen=True):

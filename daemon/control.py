@@ -1,4 +1,4 @@
-"""The control endpoint: /healthz, /readyz, /metrics, /status on localhost by default.
+"""The control endpoint: /healthz, /readyz, /metrics, /status on localhost by default; /webhooks/{provider}.
 
 ``/admin/*`` is a sub-application behind one middleware: the bearer token
 (compared in constant time, as bytes), and a clear 503 when the halt store
@@ -30,6 +30,7 @@ from daemon.pipeline.attempts import AttemptPipeline
 from daemon.redis_errors import REDIS_ERRORS
 from daemon.secrets import Secret
 from daemon.supervisor import Supervisor
+from daemon.webhooks import WebhookReceiver
 
 log = structlog.get_logger("payd.control")
 
@@ -54,6 +55,7 @@ class ControlState:
         redis: aioredis.Redis,
         control_token: Secret | None,
         operator: OperatorTools | None = None,
+        webhooks: WebhookReceiver | None = None,
     ) -> None:
         self.instance_id = instance_id
         self.broker = broker
@@ -66,6 +68,7 @@ class ControlState:
         self.redis = redis
         self.control_token = control_token
         self.operator = operator
+        self.webhooks = webhooks
         self.started = time.time()
         metrics.registry.register(LiveStateCollector(self))
 
@@ -240,6 +243,8 @@ def build_control_app(state: ControlState) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/status", status)
+    if state.webhooks is not None:  # providers' notifications: verified by each adapter, no token
+        state.webhooks.register(app)
     admin = web.Application(middlewares=[_admin_guard(state.control_token)])
     admin.router.add_post("/halt", admin_halt)
     admin.router.add_post("/resume", admin_resume)

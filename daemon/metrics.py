@@ -115,6 +115,18 @@ class Metrics:
             ["provider", "state"],
             registry=r,
         )
+        self.refunds_pending_stale = Gauge(
+            "payd_refunds_pending_stale",
+            "Refunds the provider accepted but has not decided for longer than pending_reversal_alert_s",
+            registry=r,
+        )
+        self.webhook_notifications = Counter(
+            "payd_webhook_notifications",
+            "Reversal notifications received, by provider and what came of each (settled, duplicate, "
+            "unmatched, mismatch, conflict, ignored, bad_signature, malformed, ...)",
+            ["provider", "result"],
+            registry=r,
+        )
         self.orphans_failed = Counter(
             "payd_orphans_failed",
             "Queued attempts nobody claimed within queued_orphan_after_s, failed as never_sent",

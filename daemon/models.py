@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+from datetime import datetime
 from typing import Annotated, Final, Literal
 
 import msgspec
@@ -121,6 +122,10 @@ class ChargeResult(msgspec.Struct, frozen=True, kw_only=True):
     needs_operator: bool = False
     """For UNKNOWN: no later answer of the provider will settle it (a state that never ends by
     itself, a replayed answer): reconciliation parks it for an operator, with ``reason``."""
+    accepted: bool = False
+    """For UNKNOWN: the provider acknowledged the request and will decide it later (Adyen's
+    ``received``): it reached the provider, so it is never sent again. A reversal answered so
+    becomes ``pending`` until a lookup, the provider's notification or an operator settles it."""
 
 
 class Attempt(msgspec.Struct, frozen=True, kw_only=True):
@@ -175,12 +180,34 @@ class ReversalState(enum.StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     UNKNOWN = "unknown"
+    PENDING = "pending"
+    """The provider accepted it and tells its outcome later (``ChargeResult.accepted``): never
+    sent again; settled by a lookup, the provider's notification or an operator."""
 
 
 RESERVING_REVERSAL_STATES: Final = frozenset(
-    {ReversalState.QUEUED, ReversalState.IN_FLIGHT, ReversalState.SUCCEEDED, ReversalState.UNKNOWN}
+    {
+        ReversalState.QUEUED,
+        ReversalState.IN_FLIGHT,
+        ReversalState.SUCCEEDED,
+        ReversalState.UNKNOWN,
+        ReversalState.PENDING,
+    }
 )
 """The states whose amounts count against a charge (invariant 7)."""
+
+OPEN_REVERSAL_STATES: Final = frozenset(
+    {ReversalState.IN_FLIGHT, ReversalState.UNKNOWN, ReversalState.PENDING}
+)
+"""Sent (or maybe sent) and not yet decided: the states a result may still be recorded in."""
+
+
+class ReversalOperation(enum.StrEnum):
+    """How the provider is asked to reverse a charge; chosen by the adapter at the claim."""
+
+    REFUND = "refund"
+    VOID = "void"
+    """Cancelled before settlement: always the whole charge, and cheaper where offered."""
 
 
 class ReversalRequest(msgspec.Struct, frozen=True, kw_only=True):
@@ -200,3 +227,10 @@ class ReversalRequest(msgspec.Struct, frozen=True, kw_only=True):
     subscription_id: int | None = None
     """The charge's subscription and cycle, for events (a one-off charge has neither)."""
     cycle: int | None = None
+    operation: ReversalOperation = ReversalOperation.REFUND
+    """Refund or void: the adapter's choice (``reversal_operation``), written with the claim
+    before any provider call, so a retry or a lookup always addresses the same operation."""
+    charge_amount_minor: int | None = None
+    """What the charge took (a void reverses exactly this much)."""
+    charged_at: datetime | None = None
+    """When the charge was recorded succeeded (UTC): whether it can still be voided depends on it."""

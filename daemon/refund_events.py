@@ -1,4 +1,8 @@
-"""Refund events as they go into the outbox: ``refund.succeeded|failed|unknown`` on ``payd.events``."""
+"""Refund events as they go into the outbox: ``refund.succeeded|failed|unknown|pending`` on ``payd.events``.
+
+``refund.pending`` says the provider accepted the reversal and will decide it later (Adyen); a
+``refund.succeeded`` or ``refund.failed`` follows. A void's events carry ``operation: "void"``.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ from typing import Final
 import msgspec
 
 from daemon.events import OutboxRow, event_row, stable_id
-from daemon.models import ChargeResult, ReversalState
+from daemon.models import ChargeResult, ReversalOperation, ReversalState
 
 # Not the payment events' namespace: a refund key may equal a charge key (the alphabets are
 # the same), and their events must never share an id.
@@ -18,6 +22,7 @@ ROUTING_KEY_OF_REVERSAL_STATE: Final[dict[ReversalState, str]] = {
     ReversalState.SUCCEEDED: "refund.succeeded",
     ReversalState.FAILED: "refund.failed",
     ReversalState.UNKNOWN: "refund.unknown",
+    ReversalState.PENDING: "refund.pending",
 }
 
 
@@ -41,6 +46,8 @@ class RefundEvent(msgspec.Struct, frozen=True, kw_only=True):
     reversal_id: int
     state: str
     reason: str | None = None
+    operation: str = ReversalOperation.REFUND.value
+    """``refund`` or ``void`` (cancelled before settlement)."""
 
 
 class RefundFacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,6 +61,7 @@ class RefundFacts(msgspec.Struct, frozen=True, kw_only=True):
     currency: str | None
     subscription_id: int | None = None
     cycle: int | None = None
+    operation: ReversalOperation = ReversalOperation.REFUND
 
 
 def refund_event_id(idempotency_key: str, state: ReversalState) -> str:
@@ -83,5 +91,6 @@ def refund_event(
         reversal_id=facts.reversal_id,
         state=state.value,
         reason=result.reason,
+        operation=facts.operation.value,
     )
     return event_row(identifier, routing_key, event)

@@ -26,6 +26,7 @@ SECRET_NAMES: Final = (
     # The built-in provider adapters' default credential names (each can be renamed per provider).
     "stripe_api_key",
     "adyen_api_key",
+    "adyen_hmac_key",
     "checkout_api_key",
     "iyzico_api_key",
     "iyzico_secret_key",

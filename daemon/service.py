@@ -43,6 +43,7 @@ from daemon.storage.identity import instance_identity
 from daemon.subscriptions.policy import SubscriptionPolicy
 from daemon.subscriptions.scheduler import build_scheduler
 from daemon.supervisor import FaultInjector, RestartPolicy, Supervisor, Tier
+from daemon.webhooks import WebhookReceiver
 
 log = structlog.get_logger("payd")
 
@@ -250,6 +251,7 @@ async def serve(
             redis=redis_client,
             control_token=load_secret("control_token"),
             operator=OperatorTools(pool=pool, config=config, policy=policy, instance_id=instance_id),
+            webhooks=WebhookReceiver(pool=pool, lanes=lanes, metrics=metrics, on_recorded=relay.wake),
         )
         await _open_control(config, control, stack, shutdown)
 

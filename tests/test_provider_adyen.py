@@ -369,13 +369,15 @@ async def test_connection_refused_is_not_sent(make_provider: ProviderFactory) ->
 
 async def test_capabilities_say_resend_not_lookup(adyen: AdyenProvider) -> None:
     """Adyen cannot be asked about a payment: no lookup (it answers None, "could not ask"),
-    but keys are honoured for Adyen's documented minimum of 7 days."""
+    but keys are honoured for Adyen's documented minimum of 7 days; it refunds and cancels."""
     assert isinstance(adyen, Provider)
     assert adyen.capabilities == Capabilities(
         honours_idempotency_key=True,
         lookup_by_key=False,
         lookup_by_reference=False,
         idempotency_key_ttl_s=7 * DAY,
+        refunds=True,
+        refund_lookup=False,
     )
     assert await adyen.lookup(attempt()) is None
 

@@ -323,3 +323,95 @@ def test_each_provider_page_states_every_official_value_and_what_payd_does(provi
         if p == provider
     }
     assert documented_exits(provider) == computed
+
+
+# --- reversals (refunds and voids) ------------------------------------------------------------
+#
+# A reversal's answers have exits of their own: ``terminal``, ``notification`` (accepted by the
+# provider, pending until its notification, never re-sent), ``operator`` (parked: nothing the
+# provider says will settle it). Each value comes from the provider's vendored material; the
+# table between ``<!-- reversal-exits -->`` markers in docs/providers/NAME.md states the same.
+
+ADYEN_REVERSALS: Final = _fixture("adyen_checkout_v71_reversals.json")["schemas"]
+ADYEN_WEBHOOKS: Final = _fixture("adyen_webhooks_v1.json")
+IYZICO_REVERSALS: Final = _fixture("iyzico_reversals.json")
+_REVERSAL_TABLE: Final = re.compile(r"<!-- reversal-exits -->\n(.*?)<!-- /reversal-exits -->", re.S)
+
+
+def reversal_exit(result: ChargeResult) -> tuple[str, str]:
+    if result.outcome is not Outcome.UNKNOWN:
+        return result.outcome.value, "terminal"
+    if result.accepted:
+        return result.outcome.value, "notification"
+    if result.needs_operator:
+        return result.outcome.value, "operator"
+    pytest.fail(f"a reversal answer that is unknown for ever: {result.reason!r}")
+
+
+def _adyen_modification(status: str) -> ChargeResult:
+    body = json.dumps({"status": status, "pspReference": "R", "paymentPspReference": "P", "reference": "rf"})
+    return adyen.reversal_result(201, {}, body.encode(), reference="rf", payment_psp_reference="P")
+
+
+def _adyen_notice(event_code: str, success: str) -> ChargeResult:
+    item = adyen.read_item({"eventCode": event_code, "success": success, "pspReference": "R"})
+    assert not isinstance(item, str)
+    return adyen.notice_result(item, adyen.REVERSAL_EVENTS[event_code])
+
+
+_IYZICO_REVERSAL: Final = iyzico.ExpectedReversal(
+    conversation_id="rf", payment_id="9", price=Decimal("4.0"), currency="TRY"
+)
+
+
+def _iyzico_reversal(status: str) -> ChargeResult:
+    fields: dict[str, Any] = {"status": status, "conversationId": "rf", "paymentId": "9", "price": 4.0}
+    if status == "failure":  # a failure body carries its errorCode: an unlisted one here
+        fields["errorCode"] = "99999"
+    return iyzico.reversal_result(
+        200, {}, json.dumps(fields | {"currency": "TRY"}).encode(), _IYZICO_REVERSAL
+    )
+
+
+def _iyzico_transport(what: str) -> ChargeResult:
+    if what == "5xx":
+        return iyzico.reversal_result(502, {}, b"", _IYZICO_REVERSAL)
+    # What the shared exchange answers for a timeout after sending, as the adapter passes it on.
+    return iyzico.operator_unknown(ChargeResult(outcome=Outcome.UNKNOWN, reason="timed out"))
+
+
+def _reversal_samples() -> dict[str, dict[tuple[str, str], tuple[str, str]]]:
+    rows: dict[str, dict[tuple[str, str], tuple[str, str]]] = {"adyen": {}, "iyzico": {}}
+    for status in IYZICO_REVERSALS["status"]:
+        rows["iyzico"][("status", status)] = reversal_exit(_iyzico_reversal(status))
+    for what in ("5xx", "timeout"):
+        rows["iyzico"][("http", what)] = reversal_exit(_iyzico_transport(what))
+    for schema in ("PaymentRefundResponse", "PaymentCancelResponse"):
+        for status in ADYEN_REVERSALS[schema]["properties"]["status"]["enum"]:
+            rows["adyen"][(f"{schema}.status", status)] = reversal_exit(_adyen_modification(status))
+    assert set(adyen.REVERSAL_EVENTS) <= set(
+        ADYEN_WEBHOOKS["schemas"]["NotificationRequestItem"]["properties"]["eventCode"]["enum"]
+    )
+    for event_code in adyen.REVERSAL_EVENTS:
+        for success in ("true", "false"):  # Adyen: "success": "true" or "false", a string
+            rows["adyen"][(f"{event_code}.success", success)] = reversal_exit(
+                _adyen_notice(event_code, success)
+            )
+    return rows
+
+
+@pytest.mark.parametrize("provider", ["adyen", "iyzico"])
+def test_each_reversal_answer_has_an_exit_and_the_page_states_it(provider: str) -> None:
+    """Every documented answer to a refund or cancel ends terminal, pending until the provider's
+    notification, or parked for an operator, and docs/providers/NAME.md says so row by row."""
+    computed = _reversal_samples()[provider]
+    text = (DOCS / f"{provider}.md").read_text()
+    match = _REVERSAL_TABLE.search(text)
+    assert match is not None, f"docs/providers/{provider}.md has no <!-- reversal-exits --> table"
+    documented: dict[tuple[str, str], tuple[str, str]] = {}
+    for line in match.group(1).splitlines()[2:]:
+        row = _ROW.match(line)
+        assert row is not None, f"unreadable row: {line!r}"
+        field, value, outcome, exit_ = row.groups()
+        documented[(field, value)] = (outcome, exit_)
+    assert documented == computed

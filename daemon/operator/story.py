@@ -336,7 +336,7 @@ def _reversals_section(story: AttemptStory, out: TextIO) -> None:
     for line in story.reversals:
         why = line.result_reason if line.state.value in ("failed", "unknown") else line.reason
         print(
-            f"  {_when(line.created_at)}  refund {line.idempotency_key} {line.amount_minor}: "
+            f"  {_when(line.created_at)}  {line.operation.value} {line.idempotency_key} {line.amount_minor}: "
             f"{line.state.value}"
             + (f" ({line.decline_code})" if line.decline_code else "")
             + (f" [provider ref {line.provider_ref}]" if line.provider_ref else "")

@@ -9,25 +9,46 @@ them that long, and stores them whatever the answer) and ``resend_after_s`` has
 passed, so it cannot refund twice; without idempotency keys it becomes failed
 (``not_received``) after ``not_found_grace_s``. Anything else stays unknown and
 is asked again after its backoff, visible to operators in ``payd attempts show``.
-An adapter that raises leaves the refund unknown (logged), never settled.
+An adapter that raises leaves the refund unknown (logged), never settled. A
+provider with no refund lookup (``Capabilities.refund_lookup`` false: Adyen,
+iyzico) is never asked: an unknown refund is re-sent under its key where keys
+make that safe, by the same rules, and otherwise waits for the provider's
+notification or an operator, never failed.
+
+A pending refund (the provider accepted it and decides later) is only ever looked
+up, never sent again nor failed for want of a record: it ends by the lookup, the
+provider's notification (``daemon.webhooks``) or an operator. Pending refunds older
+than ``pipeline.pending_reversal_alert_s`` are counted in
+``payd_refunds_pending_stale`` and logged (``refund.pending_stale``), at most
+every ``_STALE_CHECK_S``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
+from typing import Final
 
 import aiomysql
 import structlog
 
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
-from daemon.models import CHARGED_NOTHING, ChargeResult, Outcome
+from daemon.models import CHARGED_NOTHING, ChargeResult, Outcome, ReversalState
 from daemon.pipeline.execute import Lane, bounded_call
 from daemon.providers.base import RefundingProvider, refunding
-from daemon.storage.reversals import DueReversal, expire_reversal_leases, record_reversal, take_due_reversals
+from daemon.storage.reversals import (
+    DueReversal,
+    expire_reversal_leases,
+    record_reversal,
+    stale_pending,
+    take_due_reversals,
+)
 
 log = structlog.get_logger("payd.reconcile.refunds")
+
+_STALE_CHECK_S: Final = 30.0
 
 NOT_RECEIVED = ChargeResult(
     outcome=Outcome.PROVIDER_ERROR,
@@ -52,9 +73,28 @@ class ReversalReconciler:
         self._settings = settings
         self._metrics = metrics
         self._on_recorded = on_recorded
+        self._stale_checked = float("-inf")
+
+    async def check_stale_pending(self) -> int:
+        """Count (gauge) and log pending refunds older than the alert age; how many there are."""
+        self._stale_checked = time.monotonic()
+        count, oldest = await stale_pending(self._pool, older_than_s=self._settings.pending_reversal_alert_s)
+        self._metrics.refunds_pending_stale.set(count)
+        if count:
+            log.warning(
+                "refund.pending_stale",
+                count=count,
+                older_than_s=self._settings.pending_reversal_alert_s,
+                oldest=[f"{p.provider}/{p.idempotency_key} ({p.age_s:.0f} s)" for p in oldest],
+                advice="no outcome came: check the provider's dashboard and its notifications, "
+                "then settle each by hand",
+            )
+        return count
 
     async def reconcile_once(self) -> int:
-        """One pass; how many unknown refunds were settled."""
+        """One pass; how many unknown or pending refunds were settled."""
+        if time.monotonic() - self._stale_checked >= _STALE_CHECK_S:
+            await self.check_stale_pending()
         expired = await expire_reversal_leases(self._pool, limit=self._settings.reconcile_batch_size)
         if expired:
             log.warning("reconcile.refund_leases_expired", count=expired)
@@ -77,6 +117,8 @@ class ReversalReconciler:
                     original_idempotency_key=item.reversal.original_idempotency_key,
                     provider=item.reversal.provider,
                     outcome=verdict.outcome.value,
+                    accepted=verdict.accepted,
+                    was=item.state.value,
                 )
         if settled:
             self._on_recorded()
@@ -100,33 +142,53 @@ class ReversalReconciler:
         refunder = refunding(lane.provider) if lane is not None else None
         if lane is None or refunder is None:
             return None  # stays unknown, visible to operators
+        if not refunder.capabilities.refund_lookup:
+            # Nothing to ask: a pending one waits for the notification; an unknown one is re-sent
+            # under its key where that cannot refund twice (as a charge is), else waits likewise.
+            if item.state is ReversalState.PENDING or not refunder.capabilities.honours_idempotency_key:
+                return None
+            return await self._resend(lane, refunder, item)
         found = await bounded_call(lane, self._metrics, lambda: refunder.lookup_refund(item.reversal))
         if found is None or found.anomaly is not None:
             return None
+        pending = item.state is ReversalState.PENDING
         if found.found:
-            if found.result is None or found.result.outcome is Outcome.UNKNOWN:
+            result = found.result
+            if result is None or (result.outcome is Outcome.UNKNOWN and (pending or not result.accepted)):
                 return None
-            return found.result
+            return result
+        if pending:
+            # The provider took it: a lookup that cannot find it yet never means "not received".
+            return None
         return await self._not_found(lane, refunder, item)
 
     async def _not_found(
         self, lane: Lane, refunder: RefundingProvider, item: DueReversal
     ) -> ChargeResult | None:
+        if refunder.capabilities.honours_idempotency_key:
+            return await self._resend(lane, refunder, item)
+        return NOT_RECEIVED if item.seconds_since_claim >= self._settings.not_found_grace_s else None
+
+    async def _resend(
+        self, lane: Lane, refunder: RefundingProvider, item: DueReversal
+    ) -> ChargeResult | None:
+        """The same refund under the same key, only while the provider's key guarantees it cannot
+        refund twice; a definitive answer, or None to try again after the backoff."""
         capabilities = refunder.capabilities
         age = item.seconds_since_claim
-        if capabilities.honours_idempotency_key:
-            ttl = capabilities.idempotency_key_ttl_s
-            may_resend = (
-                not capabilities.resend_only_after_2xx
-                and age >= self._settings.resend_after_s
-                and (ttl is None or age < ttl * 0.9)
-            )
-            if not may_resend:
-                return None
-            result = await bounded_call(
-                lane, self._metrics, lambda: refunder.refund(item.reversal), may_charge=True
-            )
-            if result is None or result.outcome is Outcome.UNKNOWN or result.outcome in CHARGED_NOTHING:
-                return None
-            return result
-        return NOT_RECEIVED if age >= self._settings.not_found_grace_s else None
+        ttl = capabilities.idempotency_key_ttl_s
+        may_resend = (
+            not capabilities.resend_only_after_2xx
+            and age >= self._settings.resend_after_s
+            and (ttl is None or age < ttl * 0.9)
+        )
+        if not may_resend:
+            return None
+        result = await bounded_call(
+            lane, self._metrics, lambda: refunder.refund(item.reversal), may_charge=True
+        )
+        if result is None or result.outcome in CHARGED_NOTHING:
+            return None
+        if result.outcome is Outcome.UNKNOWN and not result.accepted:
+            return None
+        return result  # an accepted answer to the resend makes it pending

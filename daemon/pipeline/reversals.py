@@ -24,15 +24,22 @@ from aio_pika.abc import AbstractIncomingMessage
 from daemon.broker import settle
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
-from daemon.models import ChargeResult, Outcome, RefundRequest, ReversalRequest, ReversalState
+from daemon.models import (
+    ChargeResult,
+    Outcome,
+    RefundRequest,
+    ReversalOperation,
+    ReversalRequest,
+    ReversalState,
+)
 from daemon.pipeline.execute import AttemptRun, Lane, execute
-from daemon.providers.base import Provider, refunding
+from daemon.providers.base import Provider, refunding, reversal_operation
 from daemon.storage.db import DB_ERRORS
 from daemon.storage.reversals import (
-    STATE_OF_REVERSAL_OUTCOME,
     ReversalClaim,
     claim_reversal,
     record_reversal,
+    reversal_state_of,
 )
 
 log = structlog.get_logger("payd.refunds")
@@ -73,6 +80,16 @@ def can_refund(lanes: Mapping[str, Lane]) -> Callable[[str], bool]:
     return lambda name: name in lanes and refunding(lanes[name].provider) is not None
 
 
+def operation_of(lanes: Mapping[str, Lane]) -> Callable[[ReversalRequest], ReversalOperation]:
+    """The adapter's choice of refund or void for a claimed reversal (asked once, at the claim)."""
+
+    def choose(reversal: ReversalRequest) -> ReversalOperation:
+        lane = lanes.get(reversal.provider)
+        return ReversalOperation.REFUND if lane is None else reversal_operation(lane.provider, reversal)
+
+    return choose
+
+
 class ReversalFlow:
     """One refund request from delivery to ack. Owned by the attempt pipeline, which hands
     refund requests here and drains these tasks with its own."""
@@ -108,6 +125,7 @@ class ReversalFlow:
                 claimed_by=claimed_by,
                 lease_s=self._settings.lease_s,
                 refundable=can_refund(self._lanes),
+                operation_of=operation_of(self._lanes),
             )
         except DB_ERRORS as error:
             log.error("refund.claim_failed", error=repr(error), idempotency_key=request.idempotency_key)
@@ -186,15 +204,17 @@ class ReversalFlow:
         if result is None:
             log.info("refund.released", idempotency_key=reversal.idempotency_key)
             return
-        state = STATE_OF_REVERSAL_OUTCOME[result.outcome]
+        state = reversal_state_of(result)
         self._metrics.refunds.labels(reversal.provider, state.value).inc()
-        log_line = log.warning if state is not ReversalState.SUCCEEDED else log.info
+        calm = (ReversalState.SUCCEEDED, ReversalState.PENDING)
+        log_line = log.info if state in calm else log.warning
         log_line(
             "refund.finished",
             idempotency_key=reversal.idempotency_key,
             original_idempotency_key=reversal.original_idempotency_key,
             reversal_id=reversal.reversal_id,
             provider=reversal.provider,
+            operation=reversal.operation.value,
             amount_minor=reversal.amount_minor,
             currency=reversal.currency,
             outcome=result.outcome.value,

@@ -13,7 +13,11 @@ from ``exchange`` already classified (never sent / may have charged).
 A refund is the same flow with its own steps: ``refund_path`` (addressed by the
 charge's provider id), ``refund_body``, ``refund_headers``, ``refund_result``;
 ``lookup_refund`` asks after one by its key. A kind that fills them in sets
-``Capabilities.refunds``; the defaults refuse without sending anything.
+``Capabilities.refunds``; the defaults refuse without sending anything. A kind that
+can also void overrides ``reversal_operation``; each step then reads
+``request.operation`` (stored with the claim, so a resend addresses the same one).
+An answer that says "received, decided later" is ``Outcome.UNKNOWN`` with
+``accepted=True``: the reversal becomes pending and is never sent again.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import ClassVar, Generic, TypeVar
 
 import aiohttp
 
-from daemon.models import AttemptRequest, ChargeResult, Outcome, ReversalRequest
+from daemon.models import AttemptRequest, ChargeResult, Outcome, ReversalOperation, ReversalRequest
 from daemon.providers.base import Capabilities, LookupResult, ProviderConfig
 from daemon.providers.http import HttpResponse, exchange, open_session
 
@@ -89,6 +93,11 @@ class HttpAdapter(abc.ABC, Generic[Prepared]):
         return answer
 
     # -- refunds: steps a kind with Capabilities.refunds overrides -------------------------
+
+    def reversal_operation(self, request: ReversalRequest) -> ReversalOperation:
+        """Refund or void (a kind that can cancel before settlement overrides this)."""
+        del request
+        return ReversalOperation.REFUND
 
     def refund_path(self, request: ReversalRequest) -> str:
         raise NotImplementedError(_NO_REFUNDS)

@@ -11,17 +11,22 @@ the storage, and this module imports nothing that does (``tests/test_architectur
 from __future__ import annotations
 
 from daemon.errors import ConfigError
-from daemon.models import AttemptRequest, ChargeResult, Outcome, ReversalRequest
+from daemon.models import AttemptRequest, ChargeResult, Outcome, ReversalOperation, ReversalRequest
 from daemon.providers.adapter import HttpAdapter
 from daemon.providers.base import (
     Capabilities,
     LookupResult,
+    NotificationRefused,
+    Notifications,
+    NotifiedProvider,
     PositiveFloat,
     Provider,
     ProviderConfig,
     ProviderFactory,
     RefundingProvider,
+    ReversalNotice,
     SecretName,
+    VoidingProvider,
 )
 from daemon.providers.http import HttpResponse, exchange, open_session, retry_after_seconds
 from daemon.secrets import Secret, load_secret, require_secret
@@ -34,15 +39,21 @@ __all__ = [
     "HttpAdapter",
     "HttpResponse",
     "LookupResult",
+    "NotificationRefused",
+    "Notifications",
+    "NotifiedProvider",
     "Outcome",
     "PositiveFloat",
     "Provider",
     "ProviderConfig",
     "ProviderFactory",
     "RefundingProvider",
+    "ReversalNotice",
+    "ReversalOperation",
     "ReversalRequest",
     "Secret",
     "SecretName",
+    "VoidingProvider",
     "exchange",
     "load_secret",
     "open_session",

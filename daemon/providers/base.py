@@ -11,7 +11,7 @@ from typing import Annotated, ClassVar, Protocol, runtime_checkable
 
 import msgspec
 
-from daemon.models import AttemptRequest, ChargeResult, ReversalRequest
+from daemon.models import AttemptRequest, ChargeResult, ReversalOperation, ReversalRequest
 
 PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 NonNegativeFloat = Annotated[float, msgspec.Meta(ge=0)]
@@ -98,6 +98,10 @@ class Capabilities(msgspec.Struct, frozen=True, kw_only=True):
     refunds: bool = False
     """The adapter implements ``refund`` and ``lookup_refund`` (``RefundingProvider``); a refund
     to a provider without it is refused, never sent."""
+    refund_lookup: bool = True
+    """``lookup_refund`` can find a refund by its key. False (Adyen, iyzico): it always answers
+    "could not ask", and an unknown refund is re-sent under its key where the provider honours
+    keys (within their lifetime), else left to the provider's notification or an operator."""
 
 
 class LookupResult(msgspec.Struct, frozen=True, kw_only=True):
@@ -143,6 +147,74 @@ class RefundingProvider(Provider, Protocol):
     async def refund(self, request: ReversalRequest) -> ChargeResult: ...
 
     async def lookup_refund(self, request: ReversalRequest) -> LookupResult | None: ...
+
+
+@runtime_checkable
+class VoidingProvider(Protocol):
+    """A refunding provider that can also cancel a charge before settlement (a void)."""
+
+    def reversal_operation(self, request: ReversalRequest) -> ReversalOperation:
+        """Refund or void for this reversal, from what ``request`` says of the charge (its amount,
+        when it was charged). Called once, at the claim; the choice is stored with the reversal."""
+        ...
+
+
+def reversal_operation(provider: Provider, request: ReversalRequest) -> ReversalOperation:
+    """The adapter's choice for ``request``; a void only ever for the whole charge."""
+    if not isinstance(provider, VoidingProvider):
+        return ReversalOperation.REFUND
+    chosen = provider.reversal_operation(request)
+    if chosen is ReversalOperation.VOID and request.amount_minor != request.charge_amount_minor:
+        return ReversalOperation.REFUND
+    return chosen
+
+
+class ReversalNotice(msgspec.Struct, frozen=True, kw_only=True):
+    """The outcome of one reversal as its provider reported it by notification (a webhook)."""
+
+    operation: ReversalOperation
+    provider_ref: str | None
+    """The provider's id of the reversal (Adyen: the modification's ``pspReference``)."""
+    idempotency_key: str | None
+    """payd's key of the reversal, where the provider echoes what payd sent as its reference."""
+    original_provider_ref: str | None = None
+    """The provider's id of the charge reversed."""
+    amount_minor: int | None = None
+    currency: str | None = None
+    result: ChargeResult
+    """APPROVED (it succeeded) or a decline/error (it failed): never UNKNOWN."""
+
+
+class Notifications(msgspec.Struct, frozen=True, kw_only=True):
+    """A verified notification request: the reversal outcomes in it and the answer it expects."""
+
+    notices: list[ReversalNotice]
+    ignored: int = 0
+    """Items of no concern to reversals (other event codes): acknowledged, nothing done."""
+    answer: bytes = b""
+    content_type: str = "text/plain"
+
+
+class NotificationRefused(msgspec.Struct, frozen=True, kw_only=True):
+    """A notification request that must not be believed or cannot be read: nothing is done."""
+
+    status: int
+    kind: str
+    """A short label for the metric: ``bad_signature``, ``malformed``, ``not_configured``."""
+    reason: str
+
+
+@runtime_checkable
+class NotifiedProvider(Protocol):
+    """A provider that reports reversal outcomes by notification to ``POST /webhooks/{name}``."""
+
+    name: str
+
+    def read_notification(
+        self, body: bytes, headers: Mapping[str, str]
+    ) -> Notifications | NotificationRefused:
+        """Verify (signature) and read one notification request; never raises for bad input."""
+        ...
 
 
 def refunding(provider: Provider) -> RefundingProvider | None:

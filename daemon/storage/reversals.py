@@ -9,10 +9,17 @@ reversal of the same charge waits on that one row lock, so two daemons, duplicat
 requests and concurrent operators are serialised there and cannot overshoot.
 A refusal is written too, as a terminal ``failed`` row with its reason and its
 ``refund.failed`` event, so a redelivery of the same request finds it and does nothing.
+
+The adapter's choice of refund or void is written in the claim's transaction, before
+any provider call. A reversal the provider accepted but decides later is ``pending``:
+its amount stays reserved, it is never sent again, and it ends by a lookup
+(``take_due_reversals``), the provider's notification (``settle_by_notice``) or an
+operator (``settle_reversal``).
 """
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
@@ -23,11 +30,13 @@ import pymysql
 
 from daemon.events import OutboxRow, now_iso
 from daemon.models import (
+    OPEN_REVERSAL_STATES,
     RESERVING_REVERSAL_STATES,
     AttemptState,
     ChargeResult,
     Outcome,
     RefundRequest,
+    ReversalOperation,
     ReversalRequest,
     ReversalState,
 )
@@ -47,11 +56,19 @@ STATE_OF_REVERSAL_OUTCOME: Final[dict[Outcome, ReversalState]] = {
     Outcome.PROVIDER_ERROR: ReversalState.FAILED,
 }
 
+
+def reversal_state_of(result: ChargeResult) -> ReversalState:
+    """The state a reversal's result leaves it in: an accepted unknown is pending."""
+    if result.outcome is Outcome.UNKNOWN and result.accepted:
+        return ReversalState.PENDING
+    return STATE_OF_REVERSAL_OUTCOME[result.outcome]
+
+
 # The reversal with what its provider needs of the charge, joined from the charge's row.
 _REVERSAL_SELECT: Final = (
     "SELECT r.id, r.idempotency_key, r.original_idempotency_key, a.provider_ref, a.subscription_id, "
-    "a.cycle, r.provider, r.amount_minor, r.currency, r.reason "
-    "FROM reversals r JOIN attempts a ON a.id = r.original_attempt_id "
+    "a.cycle, r.provider, r.amount_minor, r.currency, r.reason, r.operation, a.amount_minor, "
+    "a.finished_at FROM reversals r JOIN attempts a ON a.id = r.original_attempt_id "
 )
 
 
@@ -67,6 +84,9 @@ def _reversal_of(row: Sequence[Any]) -> ReversalRequest:
         amount,
         currency,
         reason,
+        operation,
+        charge_amount,
+        charged_at,
     ) = row
     reference = f"{subscription_id}:{cycle}" if subscription_id is not None else original_key
     return ReversalRequest(
@@ -81,6 +101,9 @@ def _reversal_of(row: Sequence[Any]) -> ReversalRequest:
         reason=reason,
         subscription_id=subscription_id,
         cycle=cycle,
+        operation=ReversalOperation(operation),
+        charge_amount_minor=charge_amount,
+        charged_at=_utc(charged_at),
     )
 
 
@@ -94,6 +117,7 @@ def _facts(reversal: ReversalRequest) -> RefundFacts:
         currency=reversal.currency,
         subscription_id=reversal.subscription_id,
         cycle=reversal.cycle,
+        operation=reversal.operation,
     )
 
 
@@ -168,8 +192,12 @@ async def claim_reversal(
     claimed_by: str,
     lease_s: float,
     refundable: Callable[[str], bool],
+    operation_of: Callable[[ReversalRequest], ReversalOperation] = lambda _: ReversalOperation.REFUND,
 ) -> ReversalClaim:
-    """The write-ahead row of one refund, claimed in flight, or why it is not sent (see module)."""
+    """The write-ahead row of one refund, claimed in flight, or why it is not sent (see module).
+
+    ``operation_of`` is the adapter's choice of refund or void, asked once, here: it is stored
+    in the same commit as the claim, before any provider call."""
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT id, state, provider, routed_provider, amount_minor, currency, subscription_id, cycle "
@@ -243,7 +271,14 @@ async def claim_reversal(
             await insert_outbox(cursor, [event])
             return ReversalClaim(refused=verdict)
         await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (reversal_id,))
-        return ReversalClaim(claimed=_reversal_of(await _written(cursor)))
+        claimed = _reversal_of(await _written(cursor))
+        operation = operation_of(claimed)
+        if operation is not claimed.operation:
+            await cursor.execute(
+                "UPDATE reversals SET operation = %s WHERE id = %s", (operation.value, reversal_id)
+            )
+            claimed = msgspec.structs.replace(claimed, operation=operation)
+        return ReversalClaim(claimed=claimed)
 
 
 async def _seen_before(
@@ -297,31 +332,199 @@ async def record_reversal(
                 (tries, reversal.reversal_id),
             )
             return True
-        new_state = STATE_OF_REVERSAL_OUTCOME[result.outcome]
-        open_now = state_now in (ReversalState.IN_FLIGHT, ReversalState.UNKNOWN)
-        if not open_now or (new_state is ReversalState.UNKNOWN and state_now is ReversalState.UNKNOWN):
-            return False
-        await cursor.execute(
-            "UPDATE reversals SET state = %s, outcome = %s, decline_code = %s, provider_ref = %s, "
-            "result_reason = %s, tries = tries + %s, "
-            "recheck_at = IF(%s, NOW(6) + INTERVAL %s MICROSECOND, NULL), "
-            "finished_at = IF(%s, NULL, NOW(6)) WHERE id = %s",
-            (
-                new_state.value,
-                result.outcome.value,
-                result.decline_code,
-                result.provider_ref,
-                (result.reason or "")[:255] or None,
-                tries,
-                new_state is ReversalState.UNKNOWN,
-                int(unknown_recheck_s * 1_000_000),
-                new_state is ReversalState.UNKNOWN,
-                reversal.reversal_id,
-            ),
+        return await _apply(cursor, reversal, state_now, result, tries=tries, recheck_s=unknown_recheck_s)
+
+
+def _moves(state_now: ReversalState | None, new_state: ReversalState) -> bool:
+    """Whether a result may move a reversal from ``state_now`` to ``new_state``.
+
+    Only open reversals move. Unknown comes only from in flight (a later "don't know" says
+    nothing new); pending from in flight or unknown (the provider has it now); a final state
+    from any open one.
+    """
+    if state_now not in OPEN_REVERSAL_STATES:
+        return False
+    if new_state is ReversalState.UNKNOWN:
+        return state_now is ReversalState.IN_FLIGHT
+    if new_state is ReversalState.PENDING:
+        return state_now is not ReversalState.PENDING
+    return True
+
+
+async def _apply(
+    cursor: Cursor,
+    reversal: ReversalRequest,
+    state_now: ReversalState | None,
+    result: ChargeResult,
+    *,
+    tries: int,
+    recheck_s: float,
+) -> bool:
+    """Record ``result`` on a reversal whose row the caller holds locked, with its event."""
+    new_state = reversal_state_of(result)
+    if not _moves(state_now, new_state):
+        return False
+    still_open = new_state in OPEN_REVERSAL_STATES
+    # An unknown no later answer settles is parked: no automatic lookups (recheck_at NULL).
+    parked = new_state is ReversalState.UNKNOWN and result.needs_operator
+    await cursor.execute(
+        "UPDATE reversals SET state = %s, outcome = %s, decline_code = %s, "
+        "provider_ref = COALESCE(%s, provider_ref), result_reason = %s, tries = tries + %s, "
+        "recheck_at = IF(%s, NOW(6) + INTERVAL %s MICROSECOND, NULL), "
+        "finished_at = IF(%s, NULL, NOW(6)) WHERE id = %s",
+        (
+            new_state.value,
+            result.outcome.value,
+            result.decline_code,
+            result.provider_ref,
+            (result.reason or "")[:255] or None,
+            tries,
+            still_open and not parked,
+            int(recheck_s * 1_000_000),
+            still_open,
+            reversal.reversal_id,
+        ),
+    )
+    event = refund_event(_facts(reversal), state=new_state, result=result, occurred_at=now_iso())
+    await insert_outbox(cursor, [event])
+    return True
+
+
+class Settled(enum.StrEnum):
+    """What settling one reversal from outside the pipeline came to."""
+
+    SETTLED = "settled"
+    ALREADY = "already"
+    """It had already ended as the notice says: nothing changed (a duplicate notification)."""
+    CONFLICT = "conflict"
+    """It had already ended otherwise: nothing changed, an operator should look."""
+    NOT_OPEN = "not_open"
+    """Not pending or unknown (queued or in flight without a provider answer): refused."""
+    UNMATCHED = "unmatched"
+    """No reversal of this provider has that reference or key."""
+    MISMATCH = "mismatch"
+    """It names another amount, currency or operation than the reversal: never settled."""
+
+
+async def settle_reversal(
+    pool: aiomysql.Pool, idempotency_key: str, *, succeeded: bool, reason: str, by: str
+) -> Settled:
+    """An operator closes a pending or unknown reversal after checking the provider's dashboard.
+
+    Written as the provider's answer would be (state, ``refund.*`` event), with who and why in
+    the result's reason. Anything not pending or unknown is refused (``NOT_OPEN``/``ALREADY``).
+    """
+    async with transaction(pool) as cursor:
+        locked = await _lock_one(cursor, "idempotency_key = %s", (idempotency_key,))
+        if locked is None:
+            return Settled.UNMATCHED
+        reversal, state_now = locked
+        if state_now not in (ReversalState.PENDING, ReversalState.UNKNOWN):
+            final = state_now in (ReversalState.SUCCEEDED, ReversalState.FAILED)
+            return Settled.ALREADY if final else Settled.NOT_OPEN
+        text = f"settled by {by}: {reason}"[:255]
+        result = (
+            ChargeResult(outcome=Outcome.APPROVED, reason=text)
+            if succeeded
+            else ChargeResult(
+                outcome=Outcome.PROVIDER_ERROR, retryable=False, decline_code="settled_failed", reason=text
+            )
         )
-        event = refund_event(_facts(reversal), state=new_state, result=result, occurred_at=now_iso())
-        await insert_outbox(cursor, [event])
-        return True
+        await _apply(cursor, reversal, state_now, result, tries=0, recheck_s=0)
+        return Settled.SETTLED
+
+
+class Notice(msgspec.Struct, frozen=True, kw_only=True):
+    """A provider's notification of one reversal's outcome, as storage matches it."""
+
+    provider: str
+    provider_ref: str | None
+    idempotency_key: str | None
+    operation: ReversalOperation
+    amount_minor: int | None
+    currency: str | None
+    result: ChargeResult
+
+
+async def settle_by_notice(pool: aiomysql.Pool, notice: Notice) -> tuple[Settled, ReversalRequest | None]:
+    """Settle the reversal a provider's notification speaks of, idempotently.
+
+    Matched by payd's key where the provider echoes it (a notification may overtake the first
+    answer), else by the provider's reference of the reversal, recorded from that answer. A
+    duplicate changes nothing; a notice naming another amount or operation settles nothing.
+    """
+    async with transaction(pool) as cursor:
+        locked = None
+        if notice.idempotency_key is not None:  # the unique key's index: the usual way
+            locked = await _lock_one(
+                cursor, "provider = %s AND idempotency_key = %s", (notice.provider, notice.idempotency_key)
+            )
+        if locked is None and notice.provider_ref is not None:  # a reference payd had to shorten
+            locked = await _lock_one(
+                cursor, "provider = %s AND provider_ref = %s", (notice.provider, notice.provider_ref)
+            )
+        if locked is None:
+            return Settled.UNMATCHED, None
+        reversal, state_now = locked
+        differs = (
+            notice.operation is not reversal.operation
+            or (notice.amount_minor is not None and notice.amount_minor != reversal.amount_minor)
+            or (notice.currency is not None and notice.currency != reversal.currency)
+        )
+        if differs:
+            return Settled.MISMATCH, reversal
+        new_state = reversal_state_of(notice.result)
+        if state_now in (ReversalState.SUCCEEDED, ReversalState.FAILED):
+            return (Settled.ALREADY if state_now is new_state else Settled.CONFLICT), reversal
+        if state_now not in OPEN_REVERSAL_STATES:
+            return Settled.NOT_OPEN, reversal
+        await _apply(cursor, reversal, state_now, notice.result, tries=0, recheck_s=0)
+        return Settled.SETTLED, reversal
+
+
+async def _lock_one(
+    cursor: Cursor, where: str, params: Sequence[object]
+) -> tuple[ReversalRequest, ReversalState] | None:
+    """One reversal's row locked (only that row: the claim locks the charge's row first, so
+    locking it here too could deadlock), then read with what its provider needs of the charge."""
+    await cursor.execute(f"SELECT id, state FROM reversals WHERE {where} LIMIT 1 FOR UPDATE", params)  # noqa: S608
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (row[0],))
+    return _reversal_of(await _written(cursor)), ReversalState(row[1])
+
+
+class StalePending(msgspec.Struct, frozen=True, kw_only=True):
+    idempotency_key: str
+    provider: str
+    age_s: float
+
+
+async def stale_pending(
+    pool: aiomysql.Pool, *, older_than_s: float, limit: int = 20
+) -> tuple[int, list[StalePending]]:
+    """How many reversals have been pending longer than ``older_than_s``, and the oldest few."""
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "SELECT COUNT(*) FROM reversals WHERE state = 'pending' "
+            "AND updated_at < NOW(6) - INTERVAL %s MICROSECOND",
+            (int(older_than_s * 1_000_000),),
+        )
+        (count,) = await _written(cursor)
+        if not count:
+            return 0, []
+        await cursor.execute(
+            "SELECT idempotency_key, provider, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)) FROM reversals "
+            "WHERE state = 'pending' AND updated_at < NOW(6) - INTERVAL %s MICROSECOND "
+            "ORDER BY claimed_at LIMIT %s",
+            (int(older_than_s * 1_000_000), limit),
+        )
+        oldest = [
+            StalePending(idempotency_key=key, provider=provider, age_s=(age_us or 0) / 1_000_000)
+            for key, provider, age_us in await cursor.fetchall()
+        ]
+    return int(count), oldest
 
 
 LEASE_EXPIRED: Final = "lease expired: the instance that claimed this refund stopped"
@@ -330,7 +533,7 @@ LEASE_EXPIRED: Final = "lease expired: the instance that claimed this refund sto
 async def expire_reversal_leases(pool: aiomysql.Pool, *, limit: int) -> int:
     """In-flight reversals whose claimer stopped renewing become unknown: they may have been sent."""
     async with transaction(pool) as cursor:
-        ids = await _lock_due(cursor, "in_flight", "<", limit)
+        ids = await _lock_due(cursor, ("in_flight",), "<", limit)
         if not ids:
             return 0
         reversals = await _read_reversals(cursor, ids)
@@ -353,25 +556,29 @@ class DueReversal(msgspec.Struct, frozen=True, kw_only=True):
     reversal: ReversalRequest
     reconcile_tries: int
     seconds_since_claim: float
+    state: ReversalState = ReversalState.UNKNOWN
+    """Unknown (may be looked up, or re-sent where that is safe) or pending (looked up only)."""
 
 
 async def take_due_reversals(
     pool: aiomysql.Pool, *, limit: int, backoff_s: Sequence[float]
 ) -> list[DueReversal]:
-    """Unknown reversals due a lookup, pushed back by their next backoff so no one else takes them."""
+    """Unknown and pending reversals due a lookup, pushed back by their next backoff so no one
+    else takes them."""
     async with transaction(pool) as cursor:
-        ids = await _lock_due(cursor, "unknown", "<=", limit)
+        ids = await _lock_due(cursor, ("unknown", "pending"), "<=", limit)
         if not ids:
             return []
         await cursor.execute(
-            "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)) FROM reversals "  # noqa: S608
-            f"WHERE id IN ({placeholders(len(ids))})",
+            "SELECT id, reconcile_tries, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), state "  # noqa: S608
+            f"FROM reversals WHERE id IN ({placeholders(len(ids))})",
             ids,
         )
         counters = {
-            reversal_id: (tries, age_us or 0) for reversal_id, tries, age_us in await cursor.fetchall()
+            reversal_id: (tries, age_us or 0, ReversalState(state))
+            for reversal_id, tries, age_us, state in await cursor.fetchall()
         }
-        for reversal_id, (tries, _age) in counters.items():
+        for reversal_id, (tries, _age, _state) in counters.items():
             wait_us = int(backoff_s[min(tries, len(backoff_s) - 1)] * 1_000_000)
             await cursor.execute(
                 "UPDATE reversals SET reconcile_tries = reconcile_tries + 1, "
@@ -384,19 +591,20 @@ async def take_due_reversals(
             reversal=reversal,
             reconcile_tries=counters[reversal.reversal_id][0],
             seconds_since_claim=counters[reversal.reversal_id][1] / 1_000_000,
+            state=counters[reversal.reversal_id][2],
         )
         for reversal in reversals
     ]
 
 
-async def _lock_due(cursor: Cursor, state: str, before: str, limit: int) -> list[int]:
-    """Ids of reversals in ``state`` whose ``recheck_at`` has come, locked (``SKIP LOCKED``: other
+async def _lock_due(cursor: Cursor, states: Sequence[str], before: str, limit: int) -> list[int]:
+    """Ids of reversals in ``states`` whose ``recheck_at`` has come, locked (``SKIP LOCKED``: other
     instances take others). Only ``reversals`` rows are locked: a lock on the charge's row too
     would hold up a claim of another refund of it for the length of this pass."""
     await cursor.execute(
-        f"SELECT id FROM reversals WHERE state = %s AND recheck_at {before} NOW(6) "  # noqa: S608 (fixed text)
-        "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
-        (state, limit),
+        f"SELECT id FROM reversals WHERE state IN ({placeholders(len(states))}) "  # noqa: S608 (fixed text)
+        f"AND recheck_at {before} NOW(6) ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
+        (*states, limit),
     )
     return [reversal_id for (reversal_id,) in await cursor.fetchall()]
 
@@ -423,20 +631,22 @@ class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_tries: int
     created_at: datetime
     finished_at: datetime | None
+    operation: ReversalOperation = ReversalOperation.REFUND
+    """Refund or void (cancel before settlement)."""
 
 
 async def reversals_of(cursor: Cursor, original_idempotency_key: str) -> list[ReversalLine]:
     """Every reversal asked of one charge, oldest first (refused ones included)."""
     await cursor.execute(
         "SELECT id, idempotency_key, amount_minor, state, decline_code, provider_ref, reason, result_reason, "
-        "tries, reconcile_tries, created_at, finished_at FROM reversals "
+        "tries, reconcile_tries, created_at, finished_at, operation FROM reversals "
         "WHERE original_idempotency_key = %s ORDER BY id",
         (original_idempotency_key,),
     )
     names = [field.name for field in msgspec.structs.fields(ReversalLine)]
     return [
         msgspec.convert(
-            dict(zip(names, (*row[:10], _utc(row[10]), _utc(row[11])), strict=True)), ReversalLine
+            dict(zip(names, (*row[:10], _utc(row[10]), _utc(row[11]), row[12]), strict=True)), ReversalLine
         )
         for row in await cursor.fetchall()
     ]

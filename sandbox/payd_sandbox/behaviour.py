@@ -57,6 +57,7 @@ TOKEN_OUTCOMES: Final[Mapping[str, Outcome]] = {
     "pm_error": Outcome.ERROR,
     "pm_timeout": Outcome.TIMEOUT,
     "pm_refund_timeout": Outcome.APPROVE,  # its refunds hang (refunds.REFUND_HANGS)
+    "pm_refund_pending": Outcome.APPROVE,  # its refunds are pending until hang_s (refunds.REFUND_PENDS)
 }
 
 _MIX_NAMES: Final = frozenset(outcome.value for outcome in Outcome)

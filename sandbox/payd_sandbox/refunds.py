@@ -7,7 +7,10 @@ parameters: 422; still running: 409), and never refunds more than remains of
 the charge: the remaining amount is checked again after the latency pause,
 when the refund is recorded, so concurrent refunds cannot overshoot. Refunds of
 a charge made with ``pm_refund_timeout`` are recorded, then answered only
-after ``hang_s`` (the refund twin of ``pm_timeout``).
+after ``hang_s`` (the refund twin of ``pm_timeout``). Refunds of a charge made
+with ``pm_refund_pending`` are recorded (the ledger counts them) but answered
+``status: pending``, and read back ``succeeded`` only once ``hang_s`` has passed:
+a provider that accepts a refund and decides it later.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from aiohttp import web
 
 REFUND_HANGS: Final = "pm_refund_timeout"
 """A charge made with this token approves; each of its refunds is recorded, then hangs."""
+REFUND_PENDS: Final = "pm_refund_pending"
+"""A charge made with this token approves; each of its refunds is pending until ``hang_s`` passes."""
 
 
 class Charge(Protocol):
@@ -55,7 +60,7 @@ class RefundBody(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
 
 
-class Refund(msgspec.Struct, frozen=True, kw_only=True):
+class Refund(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     id: str
     status: str
     charge: str
@@ -64,6 +69,8 @@ class Refund(msgspec.Struct, frozen=True, kw_only=True):
     currency: str
     reason: str | None
     created_at: float
+    settles_at: float | None = None
+    """For a pending refund: when it reads ``succeeded``."""
 
 
 class _Pending(msgspec.Struct, frozen=True):
@@ -86,7 +93,11 @@ class RefundBook:
         return self._refunded.get(charge_id, 0)
 
     def lookup(self, key: str) -> Refund | None:
-        return self._by_key.get(key)
+        """The refund under ``key`` as it stands now: a pending one turns succeeded when due."""
+        refund = self._by_key.get(key)
+        if refund is not None and refund.settles_at is not None and time.time() >= refund.settles_at:
+            return msgspec.structs.replace(refund, status="succeeded", settles_at=None)
+        return refund
 
     def _earlier_use(self, key: str, charge_id: str, amount: int) -> Refund | RefundRefusal | None:
         done = self._by_key.get(key)
@@ -116,7 +127,7 @@ class RefundBook:
             return RefundRefusal.NOT_FOUND
         earlier = self._earlier_use(key, charge.id, body.amount_minor)
         if isinstance(earlier, Refund):
-            return earlier, True
+            return self.lookup(key) or earlier, True
         if earlier is not None:
             return earlier
         if charge.status != "approved":
@@ -127,9 +138,11 @@ class RefundBook:
             # Checked when recorded, after the pause: refunds racing each other cannot overshoot.
             if self.refunded(charge.id) + body.amount_minor > charge.amount_minor:
                 return RefundRefusal.EXCEEDS_REMAINING
+            pends = charge.payment_method == REFUND_PENDS
             refund = Refund(
                 id="re_" + secrets.token_hex(12),
-                status="succeeded",
+                status="pending" if pends else "succeeded",
+                settles_at=time.time() + hang_s if pends else None,
                 charge=charge.id,
                 idempotency_key=key,
                 amount_minor=body.amount_minor,

@@ -12,15 +12,17 @@ Sources: docs/providers/adyen.md lists the Adyen documentation each table follow
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
+import hmac
 import re
 from collections.abc import Callable, Mapping
 from typing import Final
 
 import msgspec
 
-from daemon.providers.api import AttemptRequest, ChargeResult, Outcome, retry_after_seconds
+from daemon.providers.api import AttemptRequest, ChargeResult, Outcome, ReversalOperation, retry_after_seconds
 
 # --- request ---------------------------------------------------------------------------------
 
@@ -55,6 +57,12 @@ class PaymentRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
     return_url: str
     shopper_interaction: str = "ContAuth"
     recurring_processing_model: str = "Subscription"
+
+
+class DelayedCapturePaymentRequest(PaymentRequest, frozen=True, kw_only=True, rename="camel"):
+    """A payment captured ``captureDelayHours`` after authorisation: until then it can be voided."""
+
+    capture_delay_hours: int
 
 
 _encode = msgspec.json.Encoder().encode
@@ -92,19 +100,32 @@ def shopper_reference_problem(request: AttemptRequest) -> str | None:
 
 
 def payment_body(
-    request: AttemptRequest, merchant_account: str, return_url: str = DEFAULT_RETURN_URL
+    request: AttemptRequest,
+    merchant_account: str,
+    return_url: str = DEFAULT_RETURN_URL,
+    capture_delay_hours: int | None = None,
 ) -> bytes:
     assert request.customer_ref is not None  # checked by shopper_reference_problem first
-    return _encode(
-        PaymentRequest(
-            amount=Amount(value=request.amount_minor, currency=request.currency),
-            reference=payment_reference(request),
-            merchant_account=merchant_account,
-            payment_method=StoredCard(type="scheme", stored_payment_method_id=request.payment_method),
-            shopper_reference=request.customer_ref,
-            return_url=return_url,
-        )
+    payment = PaymentRequest(
+        amount=Amount(value=request.amount_minor, currency=request.currency),
+        reference=payment_reference(request),
+        merchant_account=merchant_account,
+        payment_method=StoredCard(type="scheme", stored_payment_method_id=request.payment_method),
+        shopper_reference=request.customer_ref,
+        return_url=return_url,
     )
+    if capture_delay_hours is None:  # Adyen's default: captured at once, never voidable
+        return _encode(payment)
+    delayed = DelayedCapturePaymentRequest(
+        amount=payment.amount,
+        reference=payment.reference,
+        merchant_account=merchant_account,
+        payment_method=payment.payment_method,
+        shopper_reference=payment.shopper_reference,
+        return_url=return_url,
+        capture_delay_hours=capture_delay_hours,
+    )
+    return _encode(delayed)
 
 
 # --- answers ---------------------------------------------------------------------------------
@@ -493,3 +514,250 @@ def charge_result(
     except (msgspec.DecodeError, msgspec.ValidationError):
         return ChargeResult(outcome=Outcome.UNKNOWN, reason="unparseable 200 answer")
     return _from_payment(payment, reference, amount)
+
+
+# --- reversals: /payments/{pspReference}/refunds and /cancels ------------------------------
+#
+# Checkout API v71 (tests/fixtures/providers/adyen_checkout_v71_reversals.json): both answer
+# 201 with ``status: "received"``; the outcome comes later in a REFUND or CANCELLATION
+# notification (webhook) whose ``success`` is "true" or "false". Adyen has no read of a
+# refund, so a reversal answered "received" is pending until that notification arrives.
+
+RECEIVED: Final = "received"
+
+
+class RefundRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    amount: Amount
+    merchant_account: str
+    reference: str
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    merchant_account: str
+    reference: str
+
+
+class ModificationResponse(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """PaymentRefundResponse / PaymentCancelResponse: the fields payd reads."""
+
+    status: str
+    psp_reference: str | None = None
+    payment_psp_reference: str | None = None
+    reference: str | None = None
+    merchant_account: str | None = None
+    amount: Amount | None = None
+
+
+_decode_modification = msgspec.json.Decoder(ModificationResponse).decode
+
+
+def reversal_reference(key: str) -> str:
+    """What Adyen sees as our reference of a reversal: payd's key, shortened like a payment's
+    when it exceeds 80 characters (a notification then matches by Adyen's pspReference)."""
+    if len(key) <= MAX_REFERENCE:
+        return key
+    return "payd-" + hashlib.sha256(key.encode()).hexdigest()
+
+
+def refund_body(*, amount: Amount, merchant_account: str, reference: str) -> bytes:
+    return _encode(RefundRequest(amount=amount, merchant_account=merchant_account, reference=reference))
+
+
+def cancel_body(*, merchant_account: str, reference: str) -> bytes:
+    return _encode(CancelRequest(merchant_account=merchant_account, reference=reference))
+
+
+def reversal_result(
+    status: int, headers: Mapping[str, str], body: bytes, *, reference: str, payment_psp_reference: str
+) -> ChargeResult:
+    """Map Adyen's answer to a refund or cancel request: ``received`` is an accepted UNKNOWN
+    (pending, decided by notification); errors follow the same tables as a payment's."""
+    if status not in (200, 201):
+        return _from_error(status, headers, body)
+    try:
+        answer = _decode_modification(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return ChargeResult(outcome=Outcome.UNKNOWN, reason=f"unparseable {status} answer to a reversal")
+    if answer.reference is not None and answer.reference != reference:
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN,
+            reason=f"identity mismatch: answer is for reference {_text(answer.reference, 80)}, not ours",
+            needs_operator=True,
+        )
+    if answer.payment_psp_reference is not None and answer.payment_psp_reference != payment_psp_reference:
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN,
+            reason=f"identity mismatch: answer is for payment {_text(answer.payment_psp_reference, 40)}",
+            needs_operator=True,
+        )
+    if answer.status != RECEIVED:
+        return ChargeResult(
+            outcome=Outcome.UNKNOWN,
+            provider_ref=answer.psp_reference,
+            reason=f"unexpected status {_text(answer.status, 40)} (Adyen documents only received)",
+            needs_operator=True,
+        )
+    return ChargeResult(
+        outcome=Outcome.UNKNOWN,
+        accepted=True,
+        provider_ref=answer.psp_reference,
+        reason="received: Adyen sends the outcome by notification",
+    )
+
+
+# --- notifications (webhooks) ---------------------------------------------------------------
+#
+# Adyen's standard webhook (Webhooks v1, tests/fixtures/providers/adyen_webhooks_v1.json):
+# {"live": "false", "notificationItems": [{"NotificationRequestItem": {...}}]}, each item
+# signed in ``additionalData.hmacSignature``: base64 HMAC-SHA256, with the hex-decoded key,
+# of pspReference:originalReference:merchantAccountCode:merchantReference:value:currency:
+# eventCode:success (Adyen's adyen-python-api-library ``Adyen/util.py``; a missing field is
+# empty). The receiver answers ``[accepted]`` once every item is stored.
+
+ACCEPTED_ANSWER: Final = b"[accepted]"
+_SIGNED_FIELDS: Final = (
+    "pspReference",
+    "originalReference",
+    "merchantAccountCode",
+    "merchantReference",
+    "value",
+    "currency",
+    "eventCode",
+    "success",
+)
+
+
+class HmacKeyError(ValueError):
+    """The configured HMAC key is not the hex string Adyen's Customer Area shows."""
+
+
+def basic_auth_matches(header: str, credentials: str) -> bool:
+    """Whether an ``Authorization: Basic ...`` header carries ``USERNAME:PASSWORD``, compared in
+    constant time; anything unreadable is a mismatch, never an error."""
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        given = base64.b64decode(token.strip(), validate=True)
+    except ValueError:
+        return False
+    return hmac.compare_digest(given, credentials.encode())
+
+
+def hmac_key_bytes(hex_key: str) -> bytes:
+    try:
+        key = bytes.fromhex(hex_key.strip())
+    except ValueError:
+        raise HmacKeyError("the HMAC key must be hexadecimal, as Adyen's Customer Area shows it") from None
+    if not key:
+        raise HmacKeyError("the HMAC key is empty")
+    return key
+
+
+def _field_text(item: Mapping[str, object], name: str) -> str:
+    if name in ("value", "currency"):
+        amount = item.get("amount")
+        value = amount.get(name, "") if isinstance(amount, dict) else ""
+    else:
+        value = item.get(name, "")
+    if value is None:
+        return ""
+    if isinstance(value, bool):  # never JSON true/false in Adyen's items, but keep str() exact
+        return "true" if value else "false"
+    return str(value)
+
+
+def notification_signature(item: Mapping[str, object], key: bytes) -> str:
+    """The ``hmacSignature`` Adyen computes for one NotificationRequestItem."""
+    signing = ":".join(_field_text(item, name) for name in _SIGNED_FIELDS)
+    return base64.b64encode(hmac.new(key, signing.encode("utf-8"), hashlib.sha256).digest()).decode("ascii")
+
+
+def signature_valid(item: Mapping[str, object], key: bytes) -> bool:
+    additional = item.get("additionalData")
+    given = additional.get("hmacSignature") if isinstance(additional, dict) else None
+    if not isinstance(given, str) or not given:
+        return False
+    return hmac.compare_digest(notification_signature(item, key).encode(), given.encode())
+
+
+# eventCode -> the reversal it reports. Others (AUTHORISATION, CAPTURE, REFUND_FAILED,
+# CANCEL_OR_REFUND, ...) are acknowledged and ignored: payd never sends the requests behind them.
+REVERSAL_EVENTS: Final[Mapping[str, ReversalOperation]] = {
+    "REFUND": ReversalOperation.REFUND,
+    "CANCELLATION": ReversalOperation.VOID,
+}
+
+
+class NotificationItem(msgspec.Struct, frozen=True, kw_only=True):
+    """What payd reads of one verified item (``items`` parses them; signing uses the raw dict)."""
+
+    psp_reference: str | None
+    original_reference: str | None
+    merchant_account: str | None
+    merchant_reference: str | None
+    event_code: str
+    success: bool
+    amount: Amount | None
+    reason: str | None
+
+
+def _text_field(item: Mapping[str, object], name: str) -> str | None:
+    value = item.get(name)
+    return value if isinstance(value, str) else None
+
+
+def notification_items(body: bytes) -> list[dict[str, object]] | str:
+    """The raw NotificationRequestItems of a notification request, or why it cannot be read."""
+    try:
+        document = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return "not JSON"
+    wrappers = document.get("notificationItems") if isinstance(document, dict) else None
+    if not isinstance(wrappers, list) or not wrappers:
+        return "no notificationItems"
+    items = []
+    for wrapper in wrappers:
+        item = wrapper.get("NotificationRequestItem") if isinstance(wrapper, dict) else None
+        if not isinstance(item, dict):
+            return "a notificationItems entry without NotificationRequestItem"
+        items.append(item)
+    return items
+
+
+def read_item(item: Mapping[str, object]) -> NotificationItem | str:
+    """The fields of a verified item, or what is wrong with it."""
+    event_code = _text_field(item, "eventCode")
+    success = _text_field(item, "success")
+    if event_code is None or success not in ("true", "false"):
+        return 'eventCode and success ("true"/"false") are required'
+    raw_amount = item.get("amount")
+    amount = None
+    if isinstance(raw_amount, dict):
+        value, currency = raw_amount.get("value"), raw_amount.get("currency")
+        if isinstance(value, int) and isinstance(currency, str):
+            amount = Amount(value=value, currency=currency)
+    return NotificationItem(
+        psp_reference=_text_field(item, "pspReference"),
+        original_reference=_text_field(item, "originalReference"),
+        merchant_account=_text_field(item, "merchantAccountCode"),
+        merchant_reference=_text_field(item, "merchantReference"),
+        event_code=event_code,
+        success=success == "true",
+        amount=amount,
+        reason=_text_field(item, "reason"),
+    )
+
+
+def notice_result(item: NotificationItem, operation: ReversalOperation) -> ChargeResult:
+    """``success: "true"``: the reversal succeeded; ``"false"``: it failed (Adyen's reason kept)."""
+    if item.success:
+        return ChargeResult(outcome=Outcome.APPROVED, provider_ref=item.psp_reference)
+    what = "refund" if operation is ReversalOperation.REFUND else "cancel"
+    return ChargeResult(
+        outcome=Outcome.PROVIDER_ERROR,
+        retryable=False,
+        provider_ref=item.psp_reference,
+        decline_code=f"adyen_{what}_failed",
+        reason=_text(f"{item.event_code} success=false: {item.reason or 'no reason given'}", 250),
+    )

@@ -487,7 +487,7 @@ def _failure(answer: Answer, code: str, headers: Mapping[str, str]) -> ChargeRes
     )
 
 
-def _error_code(answer: Answer) -> str | None:
+def _error_code(answer: Answer | ReversalAnswer) -> str | None:
     return None if answer.error_code is None else str(answer.error_code)
 
 
@@ -577,3 +577,149 @@ def lookup_result(
     if error_row(code).about_payment:
         return LookupResult(found=True, result=_failure(answer, code, {}))
     return None  # about the lookup itself (signature, limit, validation): ask again later
+
+
+# --- reversals: refund (v2, by paymentId) and same-day cancel -------------------------------
+#
+# iyzico "Refund & Cancel" (docs.iyzico.com/en/advanced/refund-and-cancel): Refund V2,
+# ``POST /v2/payment/refund`` with ``paymentId`` and ``price`` ("Enables refunds over paymentId.
+# No item breakdown is required; the system determines the basket item to refund"; the
+# official iyzipay-python ``Payment.refund`` calls it), and ``POST /payment/cancel`` with
+# ``paymentId``, which cancels the whole payment and works only on the day it was made
+# ("before banks perform their own reconciliation"). Both answer ``status: success`` with the
+# ``price`` and ``currency`` reversed, or ``status: failure`` with an ``errorCode``. iyzico keeps
+# no idempotency key and has no read of a refund, so an answer that is not plainly one of
+# those two is UNKNOWN for an operator: never sent again, never looked up.
+
+REFUND_PATH: Final = "/v2/payment/refund"
+CANCEL_PATH: Final = "/payment/cancel"
+
+
+class RefundRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    locale: str
+    conversation_id: str
+    payment_id: str
+    price: str
+    currency: str
+    ip: str
+
+
+class CancelRequest(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    locale: str
+    conversation_id: str
+    payment_id: str
+    ip: str
+
+
+class ReversalAnswer(msgspec.Struct, frozen=True, kw_only=True, rename="camel"):
+    """The fields payd reads from a refund or cancel answer."""
+
+    status: str
+    error_code: str | int | None = None
+    error_group: str | None = None
+    error_message: str | None = None
+    conversation_id: str | None = None
+    payment_id: str | int | None = None
+    payment_transaction_id: str | int | None = None
+    price: Decimal | None = None
+    currency: str | None = None
+
+
+_decode_reversal = msgspec.json.Decoder(ReversalAnswer).decode
+
+
+class ExpectedReversal(msgspec.Struct, frozen=True, kw_only=True):
+    """What an answer to one reversal must echo."""
+
+    conversation_id: str
+    payment_id: str
+    price: Decimal | None
+    """The amount refunded; None for a cancel (the whole payment, whatever iyzico holds)."""
+    currency: str
+
+
+def refund_body(
+    *, locale: str, conversation_id: str, payment_id: str, price: str, currency: str, ip: str
+) -> bytes:
+    return _encode(
+        RefundRequest(
+            locale=locale,
+            conversation_id=conversation_id,
+            payment_id=payment_id,
+            price=price,
+            currency=currency,
+            ip=ip,
+        )
+    )
+
+
+def cancel_body(*, locale: str, conversation_id: str, payment_id: str, ip: str) -> bytes:
+    return _encode(
+        CancelRequest(locale=locale, conversation_id=conversation_id, payment_id=payment_id, ip=ip)
+    )
+
+
+def _operator(reason: str, provider_ref: str | None = None) -> ChargeResult:
+    return ChargeResult(
+        outcome=Outcome.UNKNOWN,
+        provider_ref=provider_ref,
+        needs_operator=True,
+        reason=(
+            f"{reason}; iyzico keeps no idempotency key and has no read of a refund: "
+            "check the payment in the iyzico panel, then settle this reversal by hand"
+        )[:255],
+    )
+
+
+def operator_unknown(result: ChargeResult) -> ChargeResult:
+    """A transport UNKNOWN (timeout, connection lost after sending) of a reversal, for an operator."""
+    return _operator(result.reason or "no answer")
+
+
+def _reversal_mismatch(answer: ReversalAnswer, expected: ExpectedReversal) -> str | None:
+    checks = (
+        ("conversationId", answer.conversation_id, expected.conversation_id),
+        ("paymentId", None if answer.payment_id is None else str(answer.payment_id), expected.payment_id),
+        ("currency", answer.currency, expected.currency),
+        ("price", answer.price, expected.price),
+    )
+    for name, got, wanted in checks:
+        if wanted is not None and got is not None and got != wanted:
+            return f"iyzico answer with another {name}: {got!r}, not {wanted!r}"
+    return None
+
+
+def reversal_result(
+    status: int, headers: Mapping[str, str], body: bytes, expected: ExpectedReversal
+) -> ChargeResult:
+    """Map a refund or cancel answer: success approved, failure failed (nothing reversed), a
+    429 rate limited (refused before processing), anything else unknown for an operator."""
+    if status == 429:
+        retry_after = retry_after_seconds(headers, RATE_LIMIT_WAIT_S)
+        return ChargeResult(outcome=Outcome.RATE_LIMITED, retry_after_s=retry_after, reason="iyzico 429")
+    if not _readable(status):
+        return _operator(f"iyzico answered {status}")
+    try:
+        answer = _decode_reversal(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _operator(f"unparseable iyzico {status} answer")
+    reference = None if answer.payment_transaction_id is None else str(answer.payment_transaction_id)
+    if answer.status == "success":
+        problem = _reversal_mismatch(answer, expected)
+        if problem is not None:
+            return _operator(problem, reference)
+        return ChargeResult(outcome=Outcome.APPROVED, provider_ref=reference or expected.payment_id)
+    code = _error_code(answer)
+    if answer.status != "failure" or code is None:
+        return _operator(f"iyzico status {answer.status!r} without errorCode")
+    row = error_row(code)
+    if row.outcome is Outcome.RATE_LIMITED:
+        retry_after = retry_after_seconds(headers, RATE_LIMIT_WAIT_S)
+        return ChargeResult(outcome=Outcome.RATE_LIMITED, retry_after_s=retry_after, reason=f"iyzico {code}")
+    message = f": {answer.error_message[:120]}" if answer.error_message else ""
+    return ChargeResult(
+        outcome=Outcome.PROVIDER_ERROR,
+        retryable=False,
+        decline_code=f"iyzico_{code}",
+        reason=f"iyzico {code} {answer.error_group or ''}".rstrip() + message,
+    )

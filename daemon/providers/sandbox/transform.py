@@ -166,7 +166,7 @@ class RefundBody(msgspec.Struct, frozen=True, kw_only=True):
 
 class Refund(msgspec.Struct, frozen=True, kw_only=True):
     id: str
-    status: Literal["succeeded"]
+    status: Literal["succeeded", "pending"]
     idempotency_key: str
     amount_minor: int
 
@@ -199,6 +199,10 @@ def refund_result(
                 or refund.amount_minor != request.amount_minor
             ):
                 return ChargeResult(outcome=Outcome.UNKNOWN, reason="the refund answered is not this one")
+            if refund.status == "pending":  # accepted, decided later: a lookup reads the outcome
+                return ChargeResult(
+                    outcome=Outcome.UNKNOWN, accepted=True, provider_ref=refund.id, reason="refund pending"
+                )
             return ChargeResult(outcome=Outcome.APPROVED, provider_ref=refund.id)
         kind = _decode_error(body).error.type
         if (status, kind) in REFUND_REFUSALS:

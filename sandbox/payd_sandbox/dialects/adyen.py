@@ -30,15 +30,33 @@ The core knows only its own tokens, so an Adyen token is executed as the core
 token with the same effect on money (``_Script.core_method``), and the Adyen
 answer it stands for is remembered per idempotency key, so a replay returns
 exactly the first answer, as Adyen's idempotency does.
+
+Reversals (Checkout API v71): ``POST /adyen/{version}/payments/{pspReference}/refunds``
+(``merchantAccount``, ``amount``, ``reference``) and ``.../cancels`` (``merchantAccount``,
+``reference``) answer 201 ``status: received``; the reversal is executed in the core's
+refund book at once (the ledger shows it), and its outcome goes out as a REFUND or
+CANCELLATION notification, ``success`` "true" or "false" (a refund beyond what
+remains; a cancel of a payment already captured: one made without
+``captureDelayHours``, or whose delay has run out). ``POST /adyen/_sandbox/webhook``
+``{"url": ..., "hmac_key": HEX}`` makes the face sign each notification (HMAC-SHA256
+as Adyen documents it) and POST it to ``url`` until it answers ``[accepted]``;
+``GET /adyen/_sandbox/notifications`` lists every notification made, signed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import hashlib
+import hmac
 import re
 import secrets
+import time
 from collections.abc import Mapping
-from typing import Final
+from datetime import UTC, datetime
+from typing import Any, Final
 
+import aiohttp
 import msgspec
 from aiohttp import web
 
@@ -49,6 +67,7 @@ from payd_sandbox.gateway import (
     ChargeStatus,
     Refusal,
 )
+from payd_sandbox.refunds import Refund, RefundBody, RefundRefusal
 
 PREFIX: Final = "/adyen"
 
@@ -82,6 +101,7 @@ class _PaymentRequest(msgspec.Struct, frozen=True, rename="camel"):
     shopper_interaction: str | None = None
     recurring_processing_model: str | None = None
     return_url: str | None = None
+    capture_delay_hours: int | None = None
 
 
 class _PaymentResponse(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
@@ -420,12 +440,269 @@ async def _post_payments(request: web.Request) -> web.Response:
                     script.fail_status, "000", "sandbox: internal error after processing", "internal"
                 )
         body = _scripted_body(script, result.charge) if script else _core_body(result.charge)
+        _note_capture(request.app, payment, result.charge, replayed=result.replayed)
         headers = {"Idempotency-Key": given_key} if given_key else None
         return _json(200, _encode(body), headers)
     finally:
         gateway.depart(stats)
 
 
+# --- reversals and notifications ---------------------------------------------------------------
+
+
+class _ModificationRequest(msgspec.Struct, frozen=True, rename="camel"):
+    """PaymentRefundRequest / PaymentCancelRequest, every field optional (Adyen's 422 if missing)."""
+
+    merchant_account: str | None = None
+    amount: _Amount | None = None
+    reference: str | None = None
+
+
+class _ModificationResponse(msgspec.Struct, frozen=True, kw_only=True, rename="camel", omit_defaults=True):
+    merchant_account: str
+    payment_psp_reference: str
+    psp_reference: str
+    status: str
+    reference: str | None = None
+    amount: _Amount | None = None
+
+
+class _Webhook(msgspec.Struct, kw_only=True):
+    url: str | None = None
+    hmac_key: str | None = None
+
+
+class _Modifications(msgspec.Struct, kw_only=True):
+    """The face's own records: Adyen's answer per modification key, and every notification."""
+
+    answers: dict[str, tuple[str, int | None, bytes]] = msgspec.field(default_factory=dict)
+    notifications: list[dict[str, Any]] = msgspec.field(default_factory=list)
+    webhook: _Webhook = msgspec.field(default_factory=_Webhook)
+    deliveries: set[asyncio.Task[None]] = msgspec.field(default_factory=set)
+
+
+_decode_modification = msgspec.json.Decoder(_ModificationRequest).decode
+_decode_webhook = msgspec.json.Decoder(_Webhook).decode
+_CAPTURES_KEY: Final = web.AppKey("adyen_captures", dict[str, float])
+"""pspReference -> when the payment is captured, for payments made with ``captureDelayHours``."""
+_MODIFICATIONS_KEY: Final = web.AppKey("adyen_modifications", _Modifications)
+_SIGNED_FIELDS: Final = (
+    "pspReference",
+    "originalReference",
+    "merchantAccountCode",
+    "merchantReference",
+    "value",
+    "currency",
+    "eventCode",
+    "success",
+)
+
+
+def _sign(item: Mapping[str, Any], hex_key: str) -> str:
+    """Adyen's notification HMAC: base64 HMAC-SHA256 (hex-decoded key) of the fields joined by ':'."""
+    values = {**item, "value": item["amount"]["value"], "currency": item["amount"]["currency"]}
+    signing = ":".join(str(values.get(name, "")) for name in _SIGNED_FIELDS)
+    digest = hmac.new(bytes.fromhex(hex_key), signing.encode(), hashlib.sha256).digest()
+    return base64.b64encode(digest).decode()
+
+
+def _modification_reference(key: str) -> str:
+    """A modification's own pspReference, the same for every replay of its key."""
+    return hashlib.sha256(key.encode()).hexdigest()[:16].upper()
+
+
+def _find_payment(request: web.Request, psp: str) -> Charge | None:
+    for charge in request.app[GATEWAY_KEY].ledger():
+        if _psp_reference(charge) == psp:
+            return charge
+    return None
+
+
+async def _deliver(app: web.Application, item: dict[str, Any]) -> None:
+    """POST one notification to the registered webhook until it answers ``[accepted]``."""
+    webhook = app[_MODIFICATIONS_KEY].webhook
+    if webhook.url is None:
+        return
+    body = {"live": "false", "notificationItems": [{"NotificationRequestItem": item}]}
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        for attempt in range(8):
+            try:
+                async with session.post(webhook.url, json=body) as response:
+                    if (await response.read()) == b"[accepted]":
+                        return
+            except (aiohttp.ClientError, TimeoutError):
+                pass
+            await asyncio.sleep(0.2 * 2**attempt)
+
+
+def _notify(app: web.Application, item: dict[str, Any]) -> None:
+    records = app[_MODIFICATIONS_KEY]
+    if records.webhook.hmac_key:
+        item["additionalData"] = {"hmacSignature": _sign(item, records.webhook.hmac_key)}
+    records.notifications.append(item)
+    if records.webhook.url is not None:
+        task = asyncio.create_task(_deliver(app, item))
+        records.deliveries.add(task)
+        task.add_done_callback(records.deliveries.discard)
+
+
+def _note_capture(app: web.Application, payment: _PaymentRequest, charge: Charge, *, replayed: bool) -> None:
+    """Remember when a payment made with ``captureDelayHours`` is captured (until then: voidable)."""
+    if payment.capture_delay_hours and not replayed:
+        app[_CAPTURES_KEY][_psp_reference(charge)] = charge.created_at + payment.capture_delay_hours * 3600.0
+
+
+def _captured(request: web.Request, charge: Charge) -> bool:
+    captures_at = request.app[_CAPTURES_KEY].get(_psp_reference(charge))
+    return captures_at is None or time.time() >= captures_at
+
+
+_REFUND_FAILURES: Final[Mapping[RefundRefusal, str]] = {
+    RefundRefusal.EXCEEDS_REMAINING: "Insufficient in-process funds on paymentPspReference",
+    RefundRefusal.NOT_REFUNDABLE: "Transaction not refundable: the payment was not authorised",
+    RefundRefusal.NOT_FOUND: "Original pspReference not found",
+}
+
+
+def _modification_problem(
+    body: _ModificationRequest, given_key: str | None, *, cancel: bool
+) -> web.Response | None:
+    """Adyen's answer to the first way a refund or cancel request is off its documented shape."""
+    if given_key is not None and not 0 < len(given_key) <= _MAX_KEY:
+        return _invalid(f"Idempotency-Key must hold 1-{_MAX_KEY} characters")
+    if not body.merchant_account:
+        return _invalid("Invalid Merchant Account", "901")
+    if body.reference is not None and len(body.reference) > _MAX_REFERENCE:
+        return _invalid(f"Field 'reference' holds at most {_MAX_REFERENCE} characters")
+    if cancel:
+        return None
+    if body.amount is None or body.amount.value is None or body.amount.currency is None:
+        return _invalid("Required object 'amount' is not provided.", "100")
+    if body.amount.value <= 0:
+        return _invalid("Invalid amount specified", "137")
+    return None
+
+
+async def _modify(request: web.Request, *, cancel: bool) -> web.Response:
+    records = request.app[_MODIFICATIONS_KEY]
+    psp = request.match_info["psp"]
+    if not request.headers.get("X-API-Key"):
+        return _error(401, "000", "HTTP Status Response - Unauthorized", "security")
+    try:
+        body = _decode_modification(await request.read())
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return _error(400, "000", "Unable to parse message", "validation")
+    given_key = request.headers.get("Idempotency-Key")
+    problem = _modification_problem(body, given_key, cancel=cancel)
+    if problem is not None:
+        return problem
+    charge = _find_payment(request, psp)
+    if charge is None:
+        return _invalid("Original pspReference required for this operation", "167")
+    amount = charge.amount_minor if cancel else (body.amount.value if body.amount else None) or 0
+    if not cancel and body.amount is not None and body.amount.currency != charge.currency:
+        return _invalid("Currency of modification does not match the payment", "128")
+    key = given_key or "adyen-unkeyed-" + secrets.token_hex(16)
+    operation = "cancels" if cancel else "refunds"
+    earlier = records.answers.get(key)
+    if earlier is not None:
+        if earlier[:2] != (f"{operation}/{psp}", None if cancel else amount):
+            return _error(422, "704", _IDEMPOTENCY_IN_PROGRESS, "validation")
+        return _json(201, earlier[2], {"Idempotency-Key": given_key} if given_key else None)
+    answer = _encode(
+        _ModificationResponse(
+            merchant_account=body.merchant_account or "",
+            payment_psp_reference=psp,
+            psp_reference=_modification_reference(key),
+            status="received",
+            reference=body.reference,
+            amount=None if cancel else _Amount(amount, charge.currency),
+        )
+    )
+    outcome = await _execute(request, charge, key, amount, cancel=cancel)
+    if outcome is RefundRefusal.IDEMPOTENCY_CONFLICT:
+        return _error(409, "704", _IDEMPOTENCY_IN_PROGRESS, "validation")
+    if outcome is RefundRefusal.IDEMPOTENCY_MISMATCH:
+        return _error(422, "704", _IDEMPOTENCY_IN_PROGRESS, "validation")
+    if isinstance(outcome, RefundRefusal):  # a StrEnum: tested before plain str
+        failure: str | None = _REFUND_FAILURES.get(outcome, outcome.value)
+    else:
+        failure = outcome if isinstance(outcome, str) else None
+    records.answers[key] = (f"{operation}/{psp}", None if cancel else amount, answer)
+    if not (isinstance(outcome, tuple) and outcome[1]):  # a replay in the core: notified already
+        _notify(
+            request.app,
+            {
+                "pspReference": _modification_reference(key),
+                "originalReference": psp,
+                "merchantAccountCode": body.merchant_account,
+                "merchantReference": body.reference or "",
+                "amount": {"value": amount, "currency": charge.currency},
+                "eventCode": "CANCELLATION" if cancel else "REFUND",
+                "eventDate": datetime.now(UTC).isoformat(timespec="seconds"),
+                "success": "false" if failure else "true",
+                "reason": failure or "",
+                "paymentMethod": "visa",
+            },
+        )
+    return _json(201, answer, {"Idempotency-Key": given_key} if given_key else None)
+
+
+_ALREADY_CAPTURED: Final = "Payment already captured: refund it instead"
+
+
+async def _execute(
+    request: web.Request, charge: Charge, key: str, amount: int, *, cancel: bool
+) -> tuple[Refund, bool] | RefundRefusal | str:
+    """The reversal in the core's refund book (the ledger shows it), or why it failed."""
+    if cancel and _captured(request, charge):
+        return _ALREADY_CAPTURED
+    gateway = request.app[GATEWAY_KEY]
+    if cancel and gateway.refunds.refunded(charge.id):
+        return RefundRefusal.EXCEEDS_REMAINING  # a cancel reverses the whole payment or nothing
+    reason = "cancel" if cancel else "refund"
+    return await gateway.refund(charge, key=key, body=RefundBody(amount_minor=amount, reason=reason))
+
+
+async def _post_refunds(request: web.Request) -> web.Response:
+    return await _modify(request, cancel=False)
+
+
+async def _post_cancels(request: web.Request) -> web.Response:
+    return await _modify(request, cancel=True)
+
+
+async def _post_webhook(request: web.Request) -> web.Response:
+    try:
+        webhook = _decode_webhook(await request.read())
+        if webhook.hmac_key is not None:
+            bytes.fromhex(webhook.hmac_key)
+    except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as error:
+        return _json(400, _encode({"error": f"invalid webhook settings: {error}"}))
+    request.app[_MODIFICATIONS_KEY].webhook = webhook
+    return _json(200, _encode({"url": webhook.url, "signed": webhook.hmac_key is not None}))
+
+
+async def _get_notifications(request: web.Request) -> web.Response:
+    return _json(200, _encode({"notifications": request.app[_MODIFICATIONS_KEY].notifications}))
+
+
+async def _stop_deliveries(app: web.Application) -> None:
+    for task in list(app[_MODIFICATIONS_KEY].deliveries):
+        task.cancel()
+
+
 def add_routes(app: web.Application) -> None:
     app[_SCRIPTS_KEY] = {}
-    app.add_routes([web.post(PREFIX + r"/{version:v[0-9]+}/payments", _post_payments)])
+    app[_CAPTURES_KEY] = {}
+    app[_MODIFICATIONS_KEY] = _Modifications()
+    app.on_shutdown.append(_stop_deliveries)
+    app.add_routes(
+        [
+            web.post(PREFIX + r"/{version:v[0-9]+}/payments", _post_payments),
+            web.post(PREFIX + r"/{version:v[0-9]+}/payments/{psp}/refunds", _post_refunds),
+            web.post(PREFIX + r"/{version:v[0-9]+}/payments/{psp}/cancels", _post_cancels),
+            web.post(PREFIX + "/_sandbox/webhook", _post_webhook),
+            web.get(PREFIX + "/_sandbox/notifications", _get_notifications),
+        ]
+    )

@@ -26,6 +26,16 @@ carry iyzico's response ``signature``: hex HMAC-SHA256 with the secret key over
 ``paymentId:currency:basketId:conversationId:paidPrice:price`` (iyzipay-python samples).
 ``GET /iyzico/_sandbox/details`` lists what each ``/payment/detail`` asked for
 (``paymentId``, ``paymentConversationId``), for tests.
+
+Reversals (iyzico "Refund & Cancel"): ``POST /iyzico/v2/payment/refund`` (``paymentId``,
+``price``, ``currency``, ``conversationId``, ``ip``) refunds part or all of an approved
+payment; ``POST /iyzico/payment/cancel`` (``paymentId``, ``conversationId``, ``ip``) reverses
+the whole payment, and only on the day it was made (Turkey time, UTC+3). Both go through
+the core's refund book (the ledger shows them) under a fresh key each time: iyzico keeps no
+idempotency key, so a request sent twice refunds twice, as iyzico would. A refund beyond
+what remains, or a cancel of a payment refunded in part, another day's payment or an
+unknown one, is ``status: failure``. A payment made with the card token
+``pm_refund_timeout`` records each refund, then answers only after ``hang_s``.
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Annotated, Final, Literal
 
@@ -51,6 +62,7 @@ from payd_sandbox.gateway import (
     ChargeStatus,
     Refusal,
 )
+from payd_sandbox.refunds import RefundBody, RefundRefusal
 
 PREFIX: Final = "/iyzico"
 
@@ -469,6 +481,102 @@ async def _get_details(request: web.Request) -> web.Response:
     return web.json_response(request.app[BOOK_KEY].details)
 
 
+# --- reversals --------------------------------------------------------------------------------
+
+
+class _Reversal(msgspec.Struct, rename="camel"):
+    """A refund (``price`` given) or cancel request; every field optional, checked below."""
+
+    payment_id: str = ""
+    conversation_id: str = ""
+    ip: str = ""
+    price: str | None = None
+    currency: str | None = None
+    locale: Literal["tr", "en"] = "tr"
+
+
+_decode_reversal = msgspec.json.Decoder(_Reversal).decode
+_TURKEY: Final = timezone(timedelta(hours=3))
+_REVERSAL_FAILURES: Final[Mapping[RefundRefusal, str]] = {
+    RefundRefusal.EXCEEDS_REMAINING: "Refund amount exceeds the refundable amount of the payment",
+    RefundRefusal.NOT_REFUNDABLE: "The payment was not successful: nothing to refund",
+    RefundRefusal.NOT_FOUND: "Payment not found (sandbox)",
+}
+# Codes of the sandbox's own, for failures iyzico documents in words only.
+REVERSAL_FAILURE_CODE: Final = "sandbox_reversal_refused"
+CANCEL_NOT_TODAY_CODE: Final = "sandbox_cancel_not_same_day"
+
+
+def _reversed(charge: Charge, conversation_id: str, amount: Decimal, currency: str) -> web.Response:
+    body = {
+        "status": "success",
+        "locale": "en",
+        "systemTime": int(time.time() * 1000),
+        "conversationId": conversation_id or None,
+        "paymentId": charge.id,
+        "paymentTransactionId": f"{charge.id}-1",
+        "price": _eight(amount),
+        "currency": currency,
+        "authCode": "000000",
+        "hostReference": f"host-{charge.id}",
+    }
+    return web.Response(body=_encode(body), content_type="application/json")
+
+
+async def _reverse(request: web.Request, *, cancel: bool) -> web.Response:
+    gateway = request.app[GATEWAY_KEY]
+    body = await request.read()
+    refused = _unauthenticated(request, body)
+    if refused is not None:
+        return refused
+    try:
+        ask = _decode_reversal(body)
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        return _invalid(str(error))
+    if not ask.payment_id or not ask.ip:
+        return _invalid("paymentId and ip are required", ask.conversation_id)
+    charge = gateway.charge_by_id(ask.payment_id)
+    if charge is None:
+        return _failure(
+            NOT_FOUND_ERROR_CODE, "Payment not found (sandbox)", conversation_id=ask.conversation_id
+        )
+    exponent = _CURRENCY_EXPONENTS[charge.currency]
+    if cancel:
+        made = datetime.fromtimestamp(charge.created_at, UTC).astimezone(_TURKEY).date()
+        if made != datetime.now(UTC).astimezone(_TURKEY).date():
+            message = "A payment can be cancelled only on the day it was made: refund it"
+            return _failure(CANCEL_NOT_TODAY_CODE, message, conversation_id=ask.conversation_id)
+        if gateway.refunds.refunded(charge.id):
+            refusal = RefundRefusal.EXCEEDS_REMAINING  # a cancel reverses the whole payment or nothing
+            return _failure(
+                REVERSAL_FAILURE_CODE, _REVERSAL_FAILURES[refusal], conversation_id=ask.conversation_id
+            )
+        amount_minor = charge.amount_minor
+    else:
+        if ask.price is None or ask.currency not in (None, charge.currency):
+            return _invalid("price is required, in the payment's currency", ask.conversation_id)
+        value = _amount(ask.price, charge.currency)
+        if value is None:
+            return _invalid("price must be a decimal string within the currency", ask.conversation_id)
+        amount_minor = int(value * 10**exponent)
+    key = f"{ask.conversation_id}~{secrets.token_hex(8)}"  # no idempotency at iyzico
+    result = await gateway.refund(
+        charge, key=key, body=RefundBody(amount_minor=amount_minor, reason="cancel" if cancel else "refund")
+    )
+    if isinstance(result, RefundRefusal):
+        message = _REVERSAL_FAILURES.get(result, result.value)
+        return _failure(REVERSAL_FAILURE_CODE, message, conversation_id=ask.conversation_id)
+    return _reversed(charge, ask.conversation_id, Decimal(amount_minor) / 10**exponent, charge.currency)
+
+
+async def _post_refund(request: web.Request) -> web.Response:
+    return await _reverse(request, cancel=False)
+
+
+async def _post_cancel(request: web.Request) -> web.Response:
+    return await _reverse(request, cancel=True)
+
+
 def add_routes(app: web.Application) -> None:
     app[BOOK_KEY] = _Book()
     app.add_routes(
@@ -476,5 +584,7 @@ def add_routes(app: web.Application) -> None:
             web.post(f"{PREFIX}/payment/auth", _post_payment),
             web.post(f"{PREFIX}/payment/detail", _post_detail),
             web.get(f"{PREFIX}/_sandbox/details", _get_details),
+            web.post(f"{PREFIX}/v2/payment/refund", _post_refund),
+            web.post(f"{PREFIX}/payment/cancel", _post_cancel),
         ]
     )

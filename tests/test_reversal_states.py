@@ -1,0 +1,244 @@
+"""The reversal state machine in MariaDB: pending, voids, notices and operator settles.
+
+Each test writes a succeeded charge as the pipeline leaves one, claims a reversal
+through ``claim_reversal`` and drives it with the storage functions the pipeline,
+the reconciler, the webhook receiver and operators use; the table and the outbox
+are the judges.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import aiomysql
+import pytest
+
+from daemon.models import ChargeResult, Outcome, RefundRequest, ReversalOperation, ReversalRequest
+from daemon.storage.reversals import (
+    Notice,
+    Settled,
+    claim_reversal,
+    record_reversal,
+    settle_by_notice,
+    settle_reversal,
+    take_due_reversals,
+)
+from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
+from tests.test_reversals import charged, refund, wait_reversals
+
+ACCEPTED = ChargeResult(outcome=Outcome.UNKNOWN, accepted=True, provider_ref="MOD1", reason="received")
+SUCCEEDED = ChargeResult(outcome=Outcome.APPROVED, provider_ref="MOD1")
+FAILED = ChargeResult(outcome=Outcome.PROVIDER_ERROR, retryable=False, decline_code="adyen_refund_failed")
+
+
+async def _charge(db: aiomysql.Pool, key: str = "ch-1", amount: int = 1000, age_h: float = 1) -> None:
+    await query(
+        db,
+        "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, state, "
+        "outcome, provider_ref, finished_at) VALUES (%s, 'adyen', %s, 'EUR', 'pm_ok', 'succeeded', "
+        "'approved', 'PSP1', NOW(6) - INTERVAL %s SECOND)",
+        key,
+        amount,
+        int(age_h * 3600),
+    )
+
+
+async def _claim(
+    db: aiomysql.Pool,
+    key: str = "rf-1",
+    amount: int = 400,
+    *,
+    original: str = "ch-1",
+    operation: ReversalOperation = ReversalOperation.REFUND,
+) -> ReversalRequest:
+    claim = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key=key, original_idempotency_key=original, amount_minor=amount
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+        operation_of=lambda _: operation,
+    )
+    assert claim.claimed is not None, claim
+    return claim.claimed
+
+
+async def _row(db: aiomysql.Pool, key: str = "rf-1") -> tuple[str, str | None, int]:
+    ((state, provider_ref, parked),) = await query(
+        db, "SELECT state, provider_ref, recheck_at IS NULL FROM reversals WHERE idempotency_key = %s", key
+    )
+    return state, provider_ref, parked
+
+
+async def _events(db: aiomysql.Pool) -> list[tuple[str, str]]:
+    rows = await query(db, "SELECT routing_key, payload FROM outbox ORDER BY id")
+    return [(routing_key, json.loads(payload)["operation"]) for routing_key, payload in rows]
+
+
+def _notice(**overrides: object) -> Notice:
+    fields: dict[str, object] = {
+        "provider": "adyen",
+        "provider_ref": "MOD1",
+        "idempotency_key": "rf-1",
+        "operation": ReversalOperation.REFUND,
+        "amount_minor": 400,
+        "currency": "EUR",
+        "result": SUCCEEDED,
+    } | overrides
+    return Notice(**fields)  # type: ignore[arg-type]
+
+
+async def test_the_claim_carries_what_the_adapter_chooses_by_and_stores_its_choice(db: aiomysql.Pool) -> None:
+    """The adapter is asked with the charge's amount and completion time, and a void is written
+    in the claim's own commit, before any provider call."""
+    await _charge(db, age_h=2)
+    seen: list[ReversalRequest] = []
+
+    def choose(reversal: ReversalRequest) -> ReversalOperation:
+        seen.append(reversal)
+        return ReversalOperation.VOID
+
+    claim = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key="rf-v", original_idempotency_key="ch-1", amount_minor=1000
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+        operation_of=choose,
+    )
+    assert claim.claimed is not None and claim.claimed.operation is ReversalOperation.VOID
+    (asked,) = seen
+    assert asked.charge_amount_minor == 1000 and asked.charged_at is not None
+    assert timedelta(hours=1) < datetime.now(UTC) - asked.charged_at < timedelta(hours=3)
+    assert await query(db, "SELECT operation, state FROM reversals") == [("void", "in_flight")]
+
+
+async def test_accepted_becomes_pending_then_a_notice_settles_it_once(db: aiomysql.Pool) -> None:
+    await _charge(db)
+    reversal = await _claim(db)
+    assert await record_reversal(db, reversal, ACCEPTED, tries=1, unknown_recheck_s=60)
+    assert await _row(db) == ("pending", "MOD1", 0)
+    # A later "still don't know" (a resend replaying received) changes nothing.
+    assert not await record_reversal(db, reversal, ACCEPTED, tries=1, unknown_recheck_s=60)
+    assert not await record_reversal(
+        db, reversal, ChargeResult(outcome=Outcome.UNKNOWN, reason="timeout"), tries=1, unknown_recheck_s=60
+    )
+    assert (await settle_by_notice(db, _notice()))[0] is Settled.SETTLED
+    assert await _row(db) == ("succeeded", "MOD1", 1)
+    assert (await settle_by_notice(db, _notice()))[0] is Settled.ALREADY
+    assert (await settle_by_notice(db, _notice(result=FAILED)))[0] is Settled.CONFLICT
+    assert await _row(db) == ("succeeded", "MOD1", 1)
+    assert await _events(db) == [("refund.pending", "refund"), ("refund.succeeded", "refund")]
+
+
+async def test_a_notice_that_overtakes_the_answer_settles_it_and_the_answer_changes_nothing(
+    db: aiomysql.Pool,
+) -> None:
+    await _charge(db)
+    reversal = await _claim(db)
+    # Matched by payd's key (the provider's reference is not recorded yet).
+    assert (await settle_by_notice(db, _notice(provider_ref="MOD9", result=FAILED)))[0] is Settled.SETTLED
+    assert not await record_reversal(db, reversal, ACCEPTED, tries=1, unknown_recheck_s=60)
+    assert (await _row(db))[0] == "failed"
+    assert [kind for kind, _ in await _events(db)] == ["refund.failed"]
+
+
+async def test_a_notice_naming_another_amount_operation_or_reversal_settles_nothing(
+    db: aiomysql.Pool,
+) -> None:
+    await _charge(db)
+    reversal = await _claim(db)
+    await record_reversal(db, reversal, ACCEPTED, tries=1, unknown_recheck_s=60)
+    assert (await settle_by_notice(db, _notice(amount_minor=401)))[0] is Settled.MISMATCH
+    assert (await settle_by_notice(db, _notice(currency="USD")))[0] is Settled.MISMATCH
+    assert (await settle_by_notice(db, _notice(operation=ReversalOperation.VOID)))[0] is Settled.MISMATCH
+    outcome, found = await settle_by_notice(db, _notice(idempotency_key="someone-else", provider_ref="X"))
+    assert (outcome, found) == (Settled.UNMATCHED, None)
+    assert (await settle_by_notice(db, _notice(provider="adyen_other")))[0] is Settled.UNMATCHED
+    # Matched by the provider's reference alone (a reference payd had to shorten).
+    assert (await settle_by_notice(db, _notice(idempotency_key="payd-abc")))[0] is Settled.SETTLED
+    assert (await _row(db))[0] == "succeeded"
+
+
+async def test_pending_reversals_are_due_lookups_and_parked_unknowns_are_not(db: aiomysql.Pool) -> None:
+    """A pending reversal is taken for a lookup (flagged pending, so it is never re-sent); an
+    unknown that nothing the provider says will settle is parked: never taken."""
+    await _charge(db)
+    pending = await _claim(db, "rf-p", 100)
+    parked = await _claim(db, "rf-x", 100)
+    await record_reversal(db, pending, ACCEPTED, tries=1, unknown_recheck_s=0)
+    lost = ChargeResult(outcome=Outcome.UNKNOWN, needs_operator=True, reason="no answer; settle by hand")
+    await record_reversal(db, parked, lost, tries=1, unknown_recheck_s=0)
+    assert await _row(db, "rf-x") == ("unknown", None, 1)
+    due = await take_due_reversals(db, limit=10, backoff_s=[30.0])
+    assert [(d.reversal.idempotency_key, d.state.value) for d in due] == [("rf-p", "pending")]
+
+
+async def test_an_operator_settles_only_pending_or_unknown_reversals(db: aiomysql.Pool) -> None:
+    await _charge(db)
+    in_flight = await _claim(db, "rf-f", 100)
+    pending = await _claim(db, "rf-p", 100)
+    await record_reversal(db, pending, ACCEPTED, tries=1, unknown_recheck_s=60)
+    assert await settle_reversal(db, "rf-f", succeeded=True, reason="r", by="ops") is Settled.NOT_OPEN
+    assert await settle_reversal(db, "rf-none", succeeded=True, reason="r", by="ops") is Settled.UNMATCHED
+    assert await settle_reversal(db, "rf-p", succeeded=False, reason="not in the dashboard", by="ops") is (
+        Settled.SETTLED
+    )
+    assert await query(
+        db, "SELECT state, decline_code, result_reason FROM reversals WHERE idempotency_key = 'rf-p'"
+    ) == [("failed", "settled_failed", "settled by ops: not in the dashboard")]
+    assert await settle_reversal(db, "rf-p", succeeded=True, reason="again", by="ops") is Settled.ALREADY
+    del in_flight
+
+
+@pytest.mark.parametrize("state", ["pending", "unknown"])
+async def test_a_pending_or_unknown_reversal_holds_its_amount_against_the_charge(
+    db: aiomysql.Pool, state: str
+) -> None:
+    await _charge(db)
+    first = await _claim(db, "rf-1", 700)
+    result = ACCEPTED if state == "pending" else ChargeResult(outcome=Outcome.UNKNOWN, reason="timeout")
+    await record_reversal(db, first, result, tries=1, unknown_recheck_s=60)
+    assert (await _row(db))[0] == state
+    refused = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key="rf-2", original_idempotency_key="ch-1", amount_minor=301
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+    )
+    assert refused.refused is not None and refused.refused.decline_code == "exceeds_remaining"
+    assert "300 of 1000" in (refused.refused.reason or "")
+
+
+async def test_daemon_keeps_a_refund_pending_until_a_lookup_reads_its_outcome(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """The sandbox accepts a pm_refund_pending charge's refund as pending: payd records it
+    pending (refund.pending), looks it up on the reconcile backoff without ever sending it
+    again, and records succeeded once the lookup reads it so (refund.succeeded)."""
+    await sandbox.behave(hang_s=2)
+    await broker.follow_events()
+    async with daemons.in_process(pipeline={"reconcile_backoff_s": [0.3]}):
+        await charged(db, broker, request("ch-pend", payment_method="pm_refund_pending"))
+        await broker.publish([refund("rf-pend", "ch-pend", 250)])
+        assert await wait_reversals(db, ["rf-pend"], done=("pending",)) == {"rf-pend": "pending"}
+        assert await wait_reversals(db, ["rf-pend"]) == {"rf-pend": "succeeded"}
+
+        async def both_events() -> bool:
+            kinds = [e["type"] for e in broker.events if e.get("idempotency_key") == "rf-pend"]
+            return kinds == ["refund.pending", "refund.succeeded"]
+
+        await eventually(both_events, timeout=20, what="refund.pending then refund.succeeded")
+    ((reconcile_tries,),) = await query(db, "SELECT reconcile_tries FROM reversals")
+    assert reconcile_tries >= 1, "the outcome came from a lookup"
+    stats = await sandbox.stats()
+    assert stats["refund_requests"] == 1, "a pending refund is never sent again"
+    assert [(c["refunded_minor"], c["net_minor"]) for c in await sandbox.ledger()] == [(250, 750)]
