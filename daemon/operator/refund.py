@@ -1,4 +1,4 @@
-"""``payd refund KEY [--amount N] [--reason R]``: publish a refund request for a succeeded charge.
+"""``payd refund KEY [--amount N] [--reason R] [--then cancel|pause]``: refund a succeeded charge.
 
 The command checks what it can see (the charge succeeded, the amount fits what
 remains) so an operator hears a refusal at once, then publishes the request on
@@ -7,6 +7,8 @@ claim enforces invariant 7 again under the charge's row lock, so two operators
 refunding the same charge at once cannot over-refund. The refund's own key
 defaults to ``refund:KEY:N`` (N counts the charge's reversals so far), so the same
 command run twice by accident before the first is claimed is one refund, not two.
+``--then cancel|pause`` asks the charge's subscription to follow a full refund
+(``daemon.subscriptions.refunds``). ``POST /admin/attempts/{key}/refund`` does the same.
 """
 
 from __future__ import annotations
@@ -15,14 +17,16 @@ import hashlib
 import sys
 from typing import Final, TextIO
 
+import aiomysql
 import msgspec
 
 from daemon.broker import Broker
 from daemon.config import Config
-from daemon.models import AttemptState, RefundRequest
+from daemon.models import AttemptState, RefundRequest, SubscriptionAction
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool, transaction
 from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
+from daemon.subscriptions.refunds import EFFECT_OF_ACTION
 
 _MAX_KEY: Final = 128
 
@@ -61,6 +65,7 @@ def plan_refund(
     amount: int | None,
     reason: str | None,
     refund_key: str | None,
+    then: SubscriptionAction | None = None,
 ) -> Published:
     if charge is None:
         raise RefundRefused(f"no charge with key {original_key}")
@@ -85,6 +90,7 @@ def plan_refund(
             "original_idempotency_key": original_key,
             "amount_minor": wanted,
             "reason": reason,
+            "subscription_action": then,
         },
         RefundRequest,
     )
@@ -96,6 +102,48 @@ def plan_refund(
     )
 
 
+async def prepare_refund(
+    pool: aiomysql.Pool,
+    original_key: str,
+    *,
+    amount: int | None,
+    reason: str | None,
+    refund_key: str | None,
+    then: SubscriptionAction | None = None,
+) -> Published:
+    """The refund request to publish, or ``RefundRefused`` (also for a request that does not
+    validate: the message names the field)."""
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "SELECT state, amount_minor, currency FROM attempts WHERE idempotency_key = %s",
+            (original_key,),
+        )
+        row = await cursor.fetchone()
+        lines = await reversals_of(cursor, original_key)
+    try:
+        return plan_refund(
+            original_key,
+            msgspec.convert(row, _Charge) if row else None,
+            lines,
+            amount=amount,
+            reason=reason,
+            refund_key=refund_key,
+            then=then,
+        )
+    except msgspec.ValidationError as invalid:
+        raise RefundRefused(str(invalid)) from None
+
+
+async def publish_refund(config: Config, plan: Published) -> None:
+    """Publish the request on ``payd.attempts`` and wait for the broker's confirm."""
+    broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
+    await broker.connect()
+    try:
+        await broker.publish("", broker.topology.attempts_queue, msgspec.json.encode(plan.request))
+    finally:
+        await broker.close()
+
+
 async def refund(
     config: Config,
     original_key: str,
@@ -103,42 +151,31 @@ async def refund(
     amount: int | None,
     reason: str | None,
     refund_key: str | None,
+    then: SubscriptionAction | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
     pool = await open_pool(config.mysql, load_secret("mysql_password"))
     try:
-        async with transaction(pool) as cursor:
-            await cursor.execute(
-                "SELECT state, amount_minor, currency FROM attempts WHERE idempotency_key = %s",
-                (original_key,),
-            )
-            row = await cursor.fetchone()
-            lines = await reversals_of(cursor, original_key)
-    finally:
-        await close_pool(pool)
-    try:
-        plan = plan_refund(
-            original_key,
-            msgspec.convert(row, _Charge) if row else None,
-            lines,
-            amount=amount,
-            reason=reason,
-            refund_key=refund_key,
+        plan = await prepare_refund(
+            pool, original_key, amount=amount, reason=reason, refund_key=refund_key, then=then
         )
-    except (RefundRefused, msgspec.ValidationError) as refusal:
+    except RefundRefused as refusal:
         print(f"payd refund: refused: {refusal}", file=err)
         return 1
-    broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
-    await broker.connect()
-    try:
-        await broker.publish("", broker.topology.attempts_queue, msgspec.json.encode(plan.request))
     finally:
-        await broker.close()
+        await close_pool(pool)
+    await publish_refund(config, plan)
+    follow = (
+        ""
+        if then is None
+        else f"; once it succeeds and nothing of the charge remains, its subscription is "
+        f"{EFFECT_OF_ACTION[then]}"
+    )
     print(
         f"published refund {plan.request.idempotency_key} of {plan.request.amount_minor} {plan.currency} "
         f"for charge {original_key} (confirmed by the broker); {plan.remaining_after_minor} of "
-        f"{plan.charged_minor} would remain. Follow it: payd attempts show {original_key}",
+        f"{plan.charged_minor} would remain{follow}. Follow it: payd attempts show {original_key}",
         file=out,
     )
     return 0

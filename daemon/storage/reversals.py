@@ -34,6 +34,7 @@ from daemon.models import (
 from daemon.refund_events import RefundFacts, refund_event
 from daemon.storage.db import Cursor, placeholders, transaction
 from daemon.storage.outbox import insert_outbox
+from daemon.subscriptions.refunds import follow_refund
 
 _ER_DUP_ENTRY: Final = 1062
 _RESERVING: Final = tuple(sorted(state.value for state in RESERVING_REVERSAL_STATES))
@@ -228,6 +229,11 @@ async def claim_reversal(
                 raise
             return ReversalClaim(already=ReversalState.FAILED)
         reversal_id = cursor.lastrowid
+        if request.subscription_action is not None:
+            await cursor.execute(
+                "UPDATE reversals SET subscription_action = %s WHERE id = %s",
+                (request.subscription_action.value, reversal_id),
+            )
         if verdict is not None:
             facts = RefundFacts(
                 reversal_id=reversal_id,
@@ -239,7 +245,21 @@ async def claim_reversal(
                 subscription_id=charge.subscription_id if charge else None,
                 cycle=charge.cycle if charge else None,
             )
-            event = refund_event(facts, state=ReversalState.FAILED, result=verdict, occurred_at=now_iso())
+            subscription = (
+                (
+                    request.subscription_action.value,
+                    "none: the refund was refused; the subscription is left as it is",
+                )
+                if request.subscription_action is not None
+                else None
+            )
+            event = refund_event(
+                facts,
+                state=ReversalState.FAILED,
+                result=verdict,
+                occurred_at=now_iso(),
+                subscription=subscription,
+            )
             await insert_outbox(cursor, [event])
             return ReversalClaim(refused=verdict)
         await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (reversal_id,))
@@ -319,7 +339,15 @@ async def record_reversal(
                 reversal.reversal_id,
             ),
         )
-        event = refund_event(_facts(reversal), state=new_state, result=result, occurred_at=now_iso())
+        occurred_at = now_iso()
+        follow = await follow_refund(cursor, reversal, new_state, occurred_at=occurred_at)
+        event = refund_event(
+            _facts(reversal),
+            state=new_state,
+            result=result,
+            occurred_at=occurred_at,
+            subscription=None if follow is None else (follow.action.value, follow.effect),
+        )
         await insert_outbox(cursor, [event])
         return True
 

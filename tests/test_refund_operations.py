@@ -1,0 +1,204 @@
+"""A refund's effect on its subscription, and refunds in the operator's tools, end to end.
+
+MariaDB, RabbitMQ and the sandbox gateway over HTTP; a daemon in process. A refund that
+carries ``subscription_action`` and leaves nothing of a renewal unrefunded cancels or pauses
+the subscription in the commit that records it; anything less leaves it alone, and the
+refund's event says which.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import aiomysql
+
+from daemon.pipeline.intake import Invalid, decode_request
+from tests.support import PAYD, Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
+from tests.test_reversals import charged, net_by_key, refund, wait_reversals
+
+
+async def payd(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        PAYD, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await process.communicate()
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def add_subscription(db: aiomysql.Pool, sid: int, *, status: str = "active") -> None:
+    """A subscription with its cycle 1 unpaid and no try scheduled (the test sends the renewal)."""
+    await query(
+        db,
+        "INSERT INTO subscriptions (id, status, provider, payment_method, amount_minor, currency, "
+        "billing_anchor) VALUES (%s, %s, 'sandbox', 'pm_ok', 1000, 'EUR', NOW(6) - INTERVAL 1 MINUTE)",
+        sid,
+        status,
+    )
+
+
+async def subscription_states(db: aiomysql.Pool) -> dict[int, tuple[str, str | None, Any]]:
+    rows = await query(db, "SELECT id, status, status_reason, next_attempt_at FROM subscriptions")
+    return {sid: (status, reason, next_at) for sid, status, reason, next_at in rows}
+
+
+def events_of(broker: Broker, prefix: str) -> dict[str, dict[str, Any]]:
+    """The latest event of each key (a refund's key, or a subscription's cause) of this family."""
+    return {e["idempotency_key"]: e for e in broker.events if e["type"].startswith(prefix)}
+
+
+async def test_a_full_refund_of_a_renewal_cancels_or_pauses_its_subscription_and_nothing_less_does(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Subscription 501: a partial refund asking to cancel leaves it active (the event says
+    "partial"), the refund of the rest asking to cancel cancels it (subscription.canceled whose
+    reason names the refund). 502: ``payd refund KEY --then pause`` pauses it (subscription.paused);
+    a further refund asking to cancel is refused and leaves it paused. 503: a full refund without
+    an action leaves it active. A one-off charge refunded with "cancel": nothing to follow."""
+    _, path, _ = daemons.config()
+    await broker.follow_events()
+    for sid in (501, 502, 503):
+        await add_subscription(db, sid)
+    async with daemons.in_process():
+        await charged(
+            db,
+            broker,
+            request("renew:501:1:0", subscription_id=501),
+            request("renew:502:1:0", subscription_id=502),
+            request("renew:503:1:0", subscription_id=503),
+            request("ch-oneoff", amount_minor=800),
+        )
+        paid = await subscription_states(db)
+        assert {sid: state[0] for sid, state in paid.items()} == {501: "active", 502: "active", 503: "active"}
+        assert all(state[2] is not None for state in paid.values()), "renewed: the next cycle is scheduled"
+
+        await broker.publish(
+            [
+                refund("rf-501-a", "renew:501:1:0", 300, subscription_action="cancel"),
+                refund("rf-503", "renew:503:1:0", 1000),
+                refund("rf-oneoff", "ch-oneoff", 800, subscription_action="cancel"),
+            ]
+        )
+        await wait_reversals(db, ["rf-501-a", "rf-503", "rf-oneoff"])
+        assert (await subscription_states(db))[501][0] == "active", "a partial refund cancels nothing"
+        await broker.publish([refund("rf-501-b", "renew:501:1:0", 700, subscription_action="cancel")])
+        code, out, err = await payd("refund", "renew:502:1:0", "--then", "pause", "--config", str(path))
+        assert code == 0, err
+        assert "its subscription is paused" in out
+        settled = await wait_reversals(db, ["rf-501-b", "refund:renew:502:1:0:1"])
+        assert set(settled.values()) == {"succeeded"}
+        await broker.publish([refund("rf-502-more", "renew:502:1:0", 1, subscription_action="cancel")])
+        assert await wait_reversals(db, ["rf-502-more"]) == {"rf-502-more": "failed"}
+
+        async def all_events() -> bool:
+            refunds = events_of(broker, "refund.")
+            subs = events_of(broker, "subscription.")
+            return len(refunds) >= 6 and {"rf-501-b", "refund:renew:502:1:0:1"} <= subs.keys()
+
+        await eventually(all_events, timeout=20, what="refund and subscription events")
+
+    after = await subscription_states(db)
+    assert after[501][:2] == ("canceled", "refunded: rf-501-b refunded charge renew:501:1:0")
+    assert after[502][:2] == ("paused", "refunded: refund:renew:502:1:0:1 refunded charge renew:502:1:0")
+    assert after[501][2] is None and after[502][2] is None, "nothing is scheduled for them any more"
+    assert after[503][0] == "active" and after[503][2] is not None
+    assert await query(db, "SELECT idempotency_key, subscription_action FROM reversals ORDER BY id") == [
+        ("rf-501-a", "cancel"),
+        ("rf-503", None),
+        ("rf-oneoff", "cancel"),
+        ("rf-501-b", "cancel"),
+        ("refund:renew:502:1:0:1", "pause"),
+        ("rf-502-more", "cancel"),
+    ]
+
+    refunds = events_of(broker, "refund.")
+    effects = {key: (e["subscription_action"], e["subscription_effect"]) for key, e in refunds.items()}
+    assert effects == {
+        "rf-501-a": (
+            "cancel",
+            "none: a partial refund (300 of 1000 EUR refunded); subscription 501 is left as it is",
+        ),
+        "rf-503": (None, None),
+        "rf-oneoff": ("cancel", "none: the charge is not a subscription's renewal"),
+        "rf-501-b": ("cancel", "canceled"),
+        "refund:renew:502:1:0:1": ("pause", "paused"),
+        "rf-502-more": ("cancel", "none: the refund was refused; the subscription is left as it is"),
+    }
+    subs = events_of(broker, "subscription.")
+    canceled, paused = subs["rf-501-b"], subs["refund:renew:502:1:0:1"]
+    assert (canceled["type"], canceled["subscription_id"]) == ("subscription.canceled", 501)
+    assert (canceled["status_before"], canceled["status_after"]) == ("active", "canceled")
+    assert canceled["reason"] == "refunded: rf-501-b refunded charge renew:501:1:0"
+    assert (paused["type"], paused["subscription_id"]) == ("subscription.paused", 502)
+    assert (paused["status_before"], paused["status_after"]) == ("active", "paused")
+    assert not any(e["subscription_id"] == 503 for e in subs.values() if e["type"] != "subscription.renewed")
+    assert net_by_key(await sandbox.ledger()) == {
+        "renew:501:1:0": (1000, 0),
+        "renew:502:1:0": (1000, 0),
+        "renew:503:1:0": (1000, 0),
+        "ch-oneoff": (800, 0),
+    }
+
+
+async def test_a_refund_of_a_canceled_subscriptions_renewal_changes_nothing_more(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A subscription canceled meanwhile stays canceled: a full refund asking to pause it emits
+    no subscription event, and its event says the subscription was already canceled."""
+    await broker.follow_events()
+    await add_subscription(db, 601)
+    async with daemons.in_process():
+        await charged(db, broker, request("renew:601:1:0", subscription_id=601))
+        await query(db, "UPDATE subscriptions SET status = 'canceled', status_reason = 'by the customer'")
+        await broker.publish([refund("rf-601", "renew:601:1:0", 1000, subscription_action="pause")])
+        assert await wait_reversals(db, ["rf-601"]) == {"rf-601": "succeeded"}
+        await eventually(
+            lambda: _has(broker, "refund.succeeded"), timeout=20, what="the refund.succeeded event"
+        )
+    assert (await subscription_states(db))[601][:2] == ("canceled", "by the customer")
+    [event] = [e for e in broker.events if e["type"] == "refund.succeeded"]
+    assert event["subscription_effect"] == "none: subscription 601 is already canceled"
+    assert not [e for e in broker.events if e["type"] in ("subscription.paused", "subscription.canceled")]
+
+
+async def _has(broker: Broker, event_type: str) -> bool:
+    return any(e["type"] == event_type for e in broker.events)
+
+
+def test_intake_refuses_an_unknown_subscription_action_naming_the_field() -> None:
+    """``subscription_action`` is "cancel" or "pause"; anything else is invalid (the request
+    is dead-lettered with this reason), and it is decoded onto the refund request."""
+    good = decode_request(
+        json.dumps(refund("r-1", "k-1", 5, subscription_action="pause")).encode(), {"sandbox"}
+    )
+    assert not isinstance(good, Invalid) and good.subscription_action == "pause"
+    bad = decode_request(
+        json.dumps(refund("r-2", "k-1", 5, subscription_action="delete")).encode(), {"sandbox"}
+    )
+    assert isinstance(bad, Invalid)
+    assert "$.subscription_action" in bad.reason and "delete" in bad.reason
+
+
+async def test_an_invalid_subscription_action_is_dead_lettered_with_its_reason(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """Through the daemon: the bad request ends in the dead-letter queue with the reason in
+    ``x-payd-error``; no reversal row is written and nothing reaches the gateway."""
+    async with daemons.in_process():
+        await charged(db, broker, request("ch-dl"))
+        await broker.publish([refund("rf-dl", "ch-dl", 10, subscription_action="suspend")])
+        dead: list[tuple[bytes, dict[str, Any]]] = []
+
+        async def dead_lettered() -> bool:
+            dead.extend(await broker.dead_letters())
+            return len(dead) >= 1
+
+        await eventually(dead_lettered, timeout=20, what="the request to be dead-lettered")
+    [(body, headers)] = dead
+    assert json.loads(body)["idempotency_key"] == "rf-dl"
+    assert "$.subscription_action" in headers["x-payd-error"]
+    assert await query(db, "SELECT COUNT(*) FROM reversals") == [(0,)]
+    assert (await sandbox.stats())["refund_requests"] == 0
+    assert await wait_settled(db, ["ch-dl"]) == {"ch-dl": "succeeded"}
