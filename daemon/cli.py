@@ -196,6 +196,7 @@ def cmd_refund(config: Config, args: argparse.Namespace) -> int:
         reason=args.reason,
         refund_key=args.refund_key,
         then=None if args.then is None else SubscriptionAction(args.then),
+        operator=args.operator,
     )
     return _run(commands.reporting("refund", publishing))
 
@@ -298,6 +299,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--then",
         choices=[action.value for action in SubscriptionAction],
         help="once the refund succeeds and nothing of the charge remains: cancel or pause its subscription",
+    )
+    refunding.add_argument(
+        "--operator", help="who asks, recorded on the charge (default: $SUDO_USER or $USER)"
     )
     sandbox = add("sandbox", cmd_sandbox, "run the sandbox payment gateway")
     sandbox.set_defaults(needs_config=False)

@@ -12,11 +12,12 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import aiomysql
 
 from daemon.pipeline.intake import Invalid, decode_request
 from tests.support import PAYD, Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
-from tests.test_reversals import charged, net_by_key, refund, wait_reversals
+from tests.test_reversals import _admin_headers, charged, net_by_key, refund, wait_reversals
 
 
 async def payd(*args: str) -> tuple[int, str, str]:
@@ -202,3 +203,71 @@ async def test_an_invalid_subscription_action_is_dead_lettered_with_its_reason(
     assert await query(db, "SELECT COUNT(*) FROM reversals") == [(0,)]
     assert (await sandbox.stats())["refund_requests"] == 0
     assert await wait_settled(db, ["ch-dl"]) == {"ch-dl": "succeeded"}
+
+
+# -- POST /admin/attempts/{key}/refund ------------------------------------------------------
+
+
+async def test_the_admin_refund_route_is_payd_refund_behind_the_token(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """No token: 401 and nothing published. A body that does not validate: 400 naming the field.
+    No operator: 400. An amount over what remains: 409 with the reason. A charge that does not
+    exist: 404. A good order: 202 with the refund's key; the daemon refunds it (ledger), the
+    subscription follows, and the charge's story records who asked, from where."""
+    await broker.follow_events()
+    await add_subscription(db, 701)
+    headers = {**await _admin_headers(), "X-Payd-Operator": "alice"}
+    async with daemons.in_process() as daemon, aiohttp.ClientSession() as http:
+        await charged(db, broker, request("renew:701:1:0", subscription_id=701))
+        url = f"http://127.0.0.1:{daemon.port}/admin/attempts/renew:701:1:0/refund"
+
+        async def post(body: dict[str, Any], sent: dict[str, str]) -> tuple[int, dict[str, Any]]:
+            async with http.post(url, json=body, headers=sent) as answer:
+                return answer.status, await answer.json()
+
+        status, _ = await post({"amount_minor": 100}, {"X-Payd-Operator": "alice"})
+        assert status == 401
+        status, answer = await post({"amount_minor": "a lot"}, headers)
+        assert status == 400 and "$.amount_minor" in answer["error"]
+        status, answer = await post({"subscription_action": "delete"}, headers)
+        assert status == 400 and "$.subscription_action" in answer["error"]
+        status, answer = await post({"amount_minor": 100}, await _admin_headers())
+        assert status == 400 and "operator" in answer["error"]
+        status, answer = await post({"amount_minor": 1001}, headers)
+        assert (status, answer) == (
+            409,
+            {"error": "1001 is not within what remains of charge renew:701:1:0: 1000 EUR"},
+        )
+        async with http.post(url.replace("renew:701:1:0", "no-such"), json={}, headers=headers) as missing:
+            assert missing.status == 404
+        assert await query(db, "SELECT COUNT(*) FROM reversals") == [(0,)], "nothing was published"
+
+        status, answer = await post({"reason": "wrong plan", "subscription_action": "cancel"}, headers)
+        assert status == 202, answer
+        assert answer == {
+            "idempotency_key": "refund:renew:701:1:0:1",
+            "original_idempotency_key": "renew:701:1:0",
+            "amount_minor": 1000,
+            "currency": "EUR",
+            "remaining_after_minor": 0,
+            "subscription_action": "cancel",
+            "operator": "alice",
+        }
+        assert await wait_reversals(db, ["refund:renew:701:1:0:1"]) == {"refund:renew:701:1:0:1": "succeeded"}
+        async with http.get(
+            f"http://127.0.0.1:{daemon.port}/admin/attempts/renew:701:1:0", headers=headers
+        ) as shown:
+            story = await shown.json()
+    assert net_by_key(await sandbox.ledger()) == {"renew:701:1:0": (1000, 0)}
+    assert (await subscription_states(db))[701][0] == "canceled"
+    [action] = story["operator_actions"]
+    assert (action["action"], action["operator"]) == ("refund", "alice")
+    assert action["via"].startswith("control:")
+    assert (
+        action["reason"]
+        == "refund refund:renew:701:1:0:1 of 1000 EUR, then cancel its subscription: wrong plan"
+    )
+    assert [(r["idempotency_key"], r["state"]) for r in story["reversals"]] == [
+        ("refund:renew:701:1:0:1", "succeeded")
+    ]

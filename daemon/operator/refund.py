@@ -14,6 +14,9 @@ command run twice by accident before the first is claimed is one refund, not two
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
+import socket
 import sys
 from typing import Final, TextIO
 
@@ -23,6 +26,7 @@ import msgspec
 from daemon.broker import Broker
 from daemon.config import Config
 from daemon.models import AttemptState, RefundRequest, SubscriptionAction
+from daemon.operator.commands import resolve_operator
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool, transaction
 from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
@@ -31,8 +35,16 @@ from daemon.subscriptions.refunds import EFFECT_OF_ACTION
 _MAX_KEY: Final = 128
 
 
+REFUND_ACTION: Final = "refund"
+"""The ``attempt_audit`` action of a refund an operator asked for (on the charge's key)."""
+
+
 class RefundRefused(Exception):
     """Why the command publishes nothing (exit 1)."""
+
+
+class ChargeNotFound(RefundRefused):
+    """No attempt has the key the refund names."""
 
 
 class Published(msgspec.Struct, frozen=True, kw_only=True):
@@ -41,9 +53,11 @@ class Published(msgspec.Struct, frozen=True, kw_only=True):
     charged_minor: int
     remaining_after_minor: int
     """What would remain of the charge once this refund succeeds."""
+    charge_id: int
 
 
 class _Charge(msgspec.Struct, frozen=True, array_like=True):
+    id: int
     state: AttemptState
     amount_minor: int
     currency: str
@@ -68,7 +82,7 @@ def plan_refund(
     then: SubscriptionAction | None = None,
 ) -> Published:
     if charge is None:
-        raise RefundRefused(f"no charge with key {original_key}")
+        raise ChargeNotFound(f"no charge with key {original_key}")
     if charge.state is not AttemptState.SUCCEEDED:
         raise RefundRefused(
             f"charge {original_key} is {charge.state.value}: only a succeeded charge is refunded"
@@ -99,6 +113,7 @@ def plan_refund(
         currency=charge.currency,
         charged_minor=charge.amount_minor,
         remaining_after_minor=remaining - wanted,
+        charge_id=charge.id,
     )
 
 
@@ -115,7 +130,7 @@ async def prepare_refund(
     validate: the message names the field)."""
     async with transaction(pool) as cursor:
         await cursor.execute(
-            "SELECT state, amount_minor, currency FROM attempts WHERE idempotency_key = %s",
+            "SELECT id, state, amount_minor, currency FROM attempts WHERE idempotency_key = %s",
             (original_key,),
         )
         row = await cursor.fetchone()
@@ -144,6 +159,54 @@ async def publish_refund(config: Config, plan: Published) -> None:
         await broker.close()
 
 
+async def audit_refund(pool: aiomysql.Pool, plan: Published, *, operator: str, via: str) -> None:
+    """Who asked for the refund, from where and why, on the charge's story (``attempt_audit``)."""
+    request = plan.request
+    then = (
+        f", then {request.subscription_action.value} its subscription" if request.subscription_action else ""
+    )
+    asked = f"refund {request.idempotency_key} of {request.amount_minor} {plan.currency}{then}"
+    said = f"{asked}: {request.reason or '-'}"
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "INSERT INTO attempt_audit (attempt_id, idempotency_key, action, operator, via, reason) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            (
+                plan.charge_id,
+                request.original_idempotency_key,
+                REFUND_ACTION,
+                operator[:128],
+                via[:128],
+                said[:255],
+            ),
+        )
+
+
+async def order_refund(
+    pool: aiomysql.Pool,
+    config: Config,
+    original_key: str,
+    *,
+    amount: int | None,
+    reason: str | None,
+    refund_key: str | None,
+    then: SubscriptionAction | None,
+    operator: str,
+    via: str,
+) -> Published:
+    """Check, publish (confirmed) and audit one refund; ``RefundRefused`` when nothing is published.
+
+    The audit row is written once the broker has confirmed: it records a refund that was asked
+    for. The daemon's claim still decides (invariant 7 under the charge's row lock).
+    """
+    plan = await prepare_refund(
+        pool, original_key, amount=amount, reason=reason, refund_key=refund_key, then=then
+    )
+    await publish_refund(config, plan)
+    await audit_refund(pool, plan, operator=operator, via=via)
+    return plan
+
+
 async def refund(
     config: Config,
     original_key: str,
@@ -152,20 +215,31 @@ async def refund(
     reason: str | None,
     refund_key: str | None,
     then: SubscriptionAction | None = None,
+    operator: str | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    # The account running the command when nothing names anyone (a refund asked for before
+    # ``--operator`` existed still works): the audit then records that account.
+    who = resolve_operator(operator) or pwd.getpwuid(os.getuid()).pw_name
     pool = await open_pool(config.mysql, load_secret("mysql_password"))
     try:
-        plan = await prepare_refund(
-            pool, original_key, amount=amount, reason=reason, refund_key=refund_key, then=then
+        plan = await order_refund(
+            pool,
+            config,
+            original_key,
+            amount=amount,
+            reason=reason,
+            refund_key=refund_key,
+            then=then,
+            operator=who,
+            via=f"cli@{socket.gethostname()}",
         )
     except RefundRefused as refusal:
         print(f"payd refund: refused: {refusal}", file=err)
         return 1
     finally:
         await close_pool(pool)
-    await publish_refund(config, plan)
     follow = (
         ""
         if then is None
