@@ -216,6 +216,7 @@ async def test_the_admin_refund_route_is_payd_refund_behind_the_token(
     exist: 404. A good order: 202 with the refund's key; the daemon refunds it (ledger), the
     subscription follows, and the charge's story records who asked, from where."""
     await broker.follow_events()
+    await query(db, "DELETE FROM attempt_audit WHERE idempotency_key = 'renew:701:1:0'")  # an earlier run's
     await add_subscription(db, 701)
     headers = {**await _admin_headers(), "X-Payd-Operator": "alice"}
     async with daemons.in_process() as daemon, aiohttp.ClientSession() as http:

@@ -32,7 +32,7 @@ from daemon.models import (
     ReversalState,
 )
 from daemon.refund_events import RefundFacts, refund_event
-from daemon.storage.db import Cursor, placeholders, transaction
+from daemon.storage.db import Cursor, fetch_all, placeholders, transaction
 from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.refunds import follow_refund
 
@@ -483,3 +483,111 @@ def reserved_minor(lines: Sequence[ReversalLine]) -> int:
 async def load_reversals(pool: aiomysql.Pool, original_idempotency_key: str) -> list[ReversalLine]:
     async with transaction(pool) as cursor:
         return await reversals_of(cursor, original_idempotency_key)
+
+
+# -- parked refunds and the operator's settle ---------------------------------------------
+# A refund whose lookup raised (an adapter bug) or whose provider says only an operator can
+# settle it is *parked*: it stays unknown (it may have refunded), with ``recheck_at`` NULL so
+# no reconciliation pass takes it (``_lock_due`` wants ``recheck_at <= NOW``), and the reason in
+# ``result_reason``. ``payd attempts unpark KEY`` makes it due again; ``payd attempts settle``
+# closes it.
+
+PARKED_PREFIX: Final = "parked: "
+
+
+async def park_reversal(pool: aiomysql.Pool, reversal_id: int, reason: str) -> bool:
+    """Take one unknown refund out of automatic reconciliation; False if it is no longer unknown."""
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "UPDATE reversals SET recheck_at = NULL, result_reason = %s WHERE id = %s AND state = 'unknown'",
+            ((PARKED_PREFIX + reason)[:255], reversal_id),
+        )
+        return bool(cursor.rowcount == 1)
+
+
+class _ReversalKey(msgspec.Struct, array_like=True, frozen=True):
+    idempotency_key: str
+
+
+async def unpark_reversals(pool: aiomysql.Pool, keys: Sequence[str] | None) -> list[str]:
+    """Parked refunds (``keys``, or all when None) due a lookup now, their backoff from the start."""
+    where = "state = 'unknown' AND recheck_at IS NULL"
+    params: list[Any] = []
+    if keys is not None:
+        if not keys:
+            return []
+        where += f" AND idempotency_key IN ({placeholders(len(keys))})"
+        params.extend(keys)
+    async with transaction(pool) as cursor:
+        await cursor.execute(f"SELECT idempotency_key FROM reversals WHERE {where} FOR UPDATE", params)  # noqa: S608
+        found = [row.idempotency_key for row in await fetch_all(cursor, _ReversalKey)]
+        if found:
+            await cursor.execute(
+                "UPDATE reversals SET recheck_at = NOW(6), reconcile_tries = 0, result_reason = NULL "  # noqa: S608
+                f"WHERE {where}",
+                params,
+            )
+    return found
+
+
+class UnknownReversal(msgspec.Struct, frozen=True, kw_only=True):
+    """An unknown refund, locked for an operator's settle."""
+
+    reversal: ReversalRequest
+    original_attempt_id: int
+
+
+class _LockedState(msgspec.Struct, array_like=True, frozen=True):
+    id: int
+    state: ReversalState
+    original_attempt_id: int | None
+
+
+async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, UnknownReversal] | None:
+    """The refund with this key and its state, locked; None when there is none."""
+    await cursor.execute(
+        "SELECT id, state, original_attempt_id FROM reversals WHERE idempotency_key = %s FOR UPDATE", (key,)
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    locked = msgspec.convert(row, _LockedState)
+    await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (locked.id,))
+    reversal = _reversal_of(await _written(cursor))
+    return locked.state, UnknownReversal(
+        reversal=reversal, original_attempt_id=locked.original_attempt_id or 0
+    )
+
+
+async def settle_unknown_reversal(
+    cursor: Cursor, reversal: ReversalRequest, state: ReversalState, result: ChargeResult
+) -> tuple[bool, str | None]:
+    """An operator's verdict on an unknown refund, with its ``refund.*`` event and its
+    subscription's follow-up, in the caller's transaction: (False, None) if it is no longer
+    unknown, else (True, what came of its ``subscription_action``)."""
+    await cursor.execute(
+        "UPDATE reversals SET state = %s, outcome = %s, decline_code = %s, "
+        "provider_ref = COALESCE(%s, provider_ref), result_reason = %s, recheck_at = NULL, "
+        "finished_at = NOW(6) WHERE id = %s AND state = 'unknown'",
+        (
+            state.value,
+            result.outcome.value,
+            result.decline_code,
+            result.provider_ref,
+            (result.reason or "")[:255] or None,
+            reversal.reversal_id,
+        ),
+    )
+    if cursor.rowcount != 1:
+        return False, None
+    occurred_at = now_iso()
+    follow = await follow_refund(cursor, reversal, state, occurred_at=occurred_at)
+    event = refund_event(
+        _facts(reversal),
+        state=state,
+        result=result,
+        occurred_at=occurred_at,
+        subscription=None if follow is None else (follow.action.value, follow.effect),
+    )
+    await insert_outbox(cursor, [event])
+    return True, None if follow is None else follow.effect
