@@ -92,6 +92,12 @@ async def test_a_full_refund_of_a_renewal_cancels_or_pauses_its_subscription_and
         assert set(settled.values()) == {"succeeded"}
         await broker.publish([refund("rf-502-more", "renew:502:1:0", 1, subscription_action="cancel")])
         assert await wait_reversals(db, ["rf-502-more"]) == {"rf-502-more": "failed"}
+        code, shown, err = await payd("attempts", "show", "renew:501:1:0", "--config", str(path))
+        assert code == 0, err
+        lines = {text.split()[2]: text for text in shown.splitlines() if " refund rf-501-" in text}
+        assert "300: succeeded" in lines["rf-501-a"] and "700: succeeded" in lines["rf-501-b"]
+        assert all(text.endswith("[then cancel the subscription]") for text in lines.values())
+        assert "status          canceled (refunded: rf-501-b refunded charge renew:501:1:0)" in shown
 
         async def all_events() -> bool:
             refunds = events_of(broker, "refund.")
@@ -269,6 +275,6 @@ async def test_the_admin_refund_route_is_payd_refund_behind_the_token(
         action["reason"]
         == "refund refund:renew:701:1:0:1 of 1000 EUR, then cancel its subscription: wrong plan"
     )
-    assert [(r["idempotency_key"], r["state"]) for r in story["reversals"]] == [
-        ("refund:renew:701:1:0:1", "succeeded")
+    assert [(r["idempotency_key"], r["state"], r["subscription_action"]) for r in story["reversals"]] == [
+        ("refund:renew:701:1:0:1", "succeeded", "cancel")
     ]

@@ -30,6 +30,7 @@ from daemon.models import (
     RefundRequest,
     ReversalRequest,
     ReversalState,
+    SubscriptionAction,
 )
 from daemon.refund_events import RefundFacts, refund_event
 from daemon.storage.db import Cursor, fetch_all, placeholders, transaction
@@ -56,33 +57,64 @@ _REVERSAL_SELECT: Final = (
 )
 
 
-def _reversal_of(row: Sequence[Any]) -> ReversalRequest:
-    (
-        reversal_id,
-        key,
-        original_key,
-        provider_ref,
-        subscription_id,
-        cycle,
-        provider,
-        amount,
-        currency,
-        reason,
-    ) = row
-    reference = f"{subscription_id}:{cycle}" if subscription_id is not None else original_key
+class _ReversalRow(msgspec.Struct, frozen=True, array_like=True):
+    """A row of ``_REVERSAL_SELECT``, its columns in order."""
+
+    id: int
+    idempotency_key: str
+    original_idempotency_key: str
+    provider_ref: str | None
+    subscription_id: int | None
+    cycle: int | None
+    provider: str
+    amount_minor: int
+    currency: str
+    reason: str | None
+
+
+def _reversal_of(row: _ReversalRow) -> ReversalRequest:
+    original_key = row.original_idempotency_key
+    reference = f"{row.subscription_id}:{row.cycle}" if row.subscription_id is not None else original_key
     return ReversalRequest(
-        reversal_id=reversal_id,
-        idempotency_key=key,
+        reversal_id=row.id,
+        idempotency_key=row.idempotency_key,
         original_idempotency_key=original_key,
-        original_provider_ref=provider_ref,
+        original_provider_ref=row.provider_ref,
         original_merchant_reference=reference,
-        provider=provider,
-        amount_minor=amount,
-        currency=currency,
-        reason=reason,
-        subscription_id=subscription_id,
-        cycle=cycle,
+        provider=row.provider,
+        amount_minor=row.amount_minor,
+        currency=row.currency,
+        reason=row.reason,
+        subscription_id=row.subscription_id,
+        cycle=row.cycle,
     )
+
+
+class _Earlier(msgspec.Struct, frozen=True, array_like=True):
+    """A refund key seen before, as the claim reads it."""
+
+    id: int
+    original_idempotency_key: str
+    amount_minor: int
+    state: ReversalState
+
+
+class _Amount(msgspec.Struct, frozen=True, array_like=True):
+    amount_minor: int
+
+
+class _State(msgspec.Struct, frozen=True, array_like=True):
+    state: ReversalState
+
+
+class _Id(msgspec.Struct, frozen=True, array_like=True):
+    id: int
+
+
+class _DueCounter(msgspec.Struct, frozen=True, array_like=True):
+    id: int
+    reconcile_tries: int
+    since_claim_us: int | None
 
 
 def _facts(reversal: ReversalRequest) -> RefundFacts:
@@ -187,7 +219,9 @@ async def claim_reversal(
         )
         earlier = await cursor.fetchone()
         if earlier is not None:
-            return await _seen_before(cursor, request, earlier, claimed_by=claimed_by, lease_s=lease_s)
+            return await _seen_before(
+                cursor, request, msgspec.convert(earlier, _Earlier), claimed_by=claimed_by, lease_s=lease_s
+            )
         reserved = 0
         if charge is not None:
             # A locking read: it sees every committed reversal of this charge.
@@ -196,7 +230,7 @@ async def claim_reversal(
                 f"WHERE original_attempt_id = %s AND state IN ({placeholders(len(_RESERVING))}) FOR UPDATE",
                 (charge.attempt_id, *_RESERVING),
             )
-            reserved = sum(amount for (amount,) in await cursor.fetchall())
+            reserved = sum(row.amount_minor for row in await fetch_all(cursor, _Amount))
         verdict = _judge(request, charge, reserved, charge is not None and refundable(charge.called_provider))
         try:
             await cursor.execute(
@@ -267,9 +301,14 @@ async def claim_reversal(
 
 
 async def _seen_before(
-    cursor: Cursor, request: RefundRequest, row: Sequence[Any], *, claimed_by: str, lease_s: float
+    cursor: Cursor, request: RefundRequest, row: _Earlier, *, claimed_by: str, lease_s: float
 ) -> ReversalClaim:
-    reversal_id, original_key, amount, state = row[0], row[1], row[2], ReversalState(row[3])
+    reversal_id, original_key, amount, state = (
+        row.id,
+        row.original_idempotency_key,
+        row.amount_minor,
+        row.state,
+    )
     if original_key != request.original_idempotency_key or amount != request.amount_minor:
         return ReversalClaim(mismatched=True)
     if state is not ReversalState.QUEUED:
@@ -284,12 +323,12 @@ async def _seen_before(
     return ReversalClaim(claimed=_reversal_of(await _written(cursor)))
 
 
-async def _written(cursor: Cursor) -> Sequence[Any]:
+async def _written(cursor: Cursor) -> _ReversalRow:
     """The row this transaction has just written or holds locked: it cannot be missing."""
     row = await cursor.fetchone()
     if row is None:
         raise LookupError("a reversal row written in this transaction is not there")
-    return row
+    return msgspec.convert(row, _ReversalRow)
 
 
 async def record_reversal(
@@ -307,7 +346,7 @@ async def record_reversal(
     async with transaction(pool) as cursor:
         await cursor.execute("SELECT state FROM reversals WHERE id = %s FOR UPDATE", (reversal.reversal_id,))
         row = await cursor.fetchone()
-        state_now = ReversalState(row[0]) if row else None
+        state_now = msgspec.convert(row, _State).state if row else None
         if result is None:
             if state_now is not ReversalState.IN_FLIGHT:
                 return False
@@ -397,7 +436,8 @@ async def take_due_reversals(
             ids,
         )
         counters = {
-            reversal_id: (tries, age_us or 0) for reversal_id, tries, age_us in await cursor.fetchall()
+            row.id: (row.reconcile_tries, row.since_claim_us or 0)
+            for row in await fetch_all(cursor, _DueCounter)
         }
         for reversal_id, (tries, _age) in counters.items():
             wait_us = int(backoff_s[min(tries, len(backoff_s) - 1)] * 1_000_000)
@@ -426,13 +466,13 @@ async def _lock_due(cursor: Cursor, state: str, before: str, limit: int) -> list
         "ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
         (state, limit),
     )
-    return [reversal_id for (reversal_id,) in await cursor.fetchall()]
+    return [row.id for row in await fetch_all(cursor, _Id)]
 
 
 async def _read_reversals(cursor: Cursor, ids: Sequence[int]) -> list[ReversalRequest]:
     """The reversals with what their provider needs of the charge (a plain read, no locks)."""
     await cursor.execute(_REVERSAL_SELECT + f"WHERE r.id IN ({placeholders(len(ids))})", ids)
-    return [_reversal_of(row) for row in await cursor.fetchall()]
+    return [_reversal_of(row) for row in await fetch_all(cursor, _ReversalRow)]
 
 
 class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -451,22 +491,45 @@ class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_tries: int
     created_at: datetime
     finished_at: datetime | None
+    subscription_action: SubscriptionAction | None = None
+    """What the refund asks of the charge's subscription once it succeeds in full."""
+
+
+class _LineRow(msgspec.Struct, frozen=True, array_like=True):
+    """A row of ``reversals_of``'s SELECT, its columns in order (``ReversalLine``'s fields)."""
+
+    reversal_id: int
+    idempotency_key: str
+    amount_minor: int
+    state: ReversalState
+    decline_code: str | None
+    provider_ref: str | None
+    reason: str | None
+    result_reason: str | None
+    tries: int
+    reconcile_tries: int
+    created_at: datetime
+    finished_at: datetime | None
+    subscription_action: SubscriptionAction | None
 
 
 async def reversals_of(cursor: Cursor, original_idempotency_key: str) -> list[ReversalLine]:
     """Every reversal asked of one charge, oldest first (refused ones included)."""
     await cursor.execute(
         "SELECT id, idempotency_key, amount_minor, state, decline_code, provider_ref, reason, result_reason, "
-        "tries, reconcile_tries, created_at, finished_at FROM reversals "
+        "tries, reconcile_tries, created_at, finished_at, subscription_action FROM reversals "
         "WHERE original_idempotency_key = %s ORDER BY id",
         (original_idempotency_key,),
     )
-    names = [field.name for field in msgspec.structs.fields(ReversalLine)]
     return [
-        msgspec.convert(
-            dict(zip(names, (*row[:10], _utc(row[10]), _utc(row[11])), strict=True)), ReversalLine
+        ReversalLine(
+            **{
+                **msgspec.structs.asdict(row),
+                "created_at": _utc(row.created_at),
+                "finished_at": _utc(row.finished_at),
+            }
         )
-        for row in await cursor.fetchall()
+        for row in await fetch_all(cursor, _LineRow)
     ]
 
 
