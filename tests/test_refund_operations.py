@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
 import aiomysql
 
+from daemon.models import RefundRequest, SubscriptionAction
 from daemon.pipeline.intake import Invalid, decode_request
+from daemon.subscriptions.lifecycle import refunded
+from daemon.subscriptions.model import ChangeKind, Subscription, SubscriptionStatus
+from daemon.subscriptions.periods import IntervalUnit
 from tests.support import PAYD, Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
 from tests.test_reversals import _admin_headers, charged, net_by_key, refund, wait_reversals
 
@@ -180,7 +185,7 @@ def test_intake_refuses_an_unknown_subscription_action_naming_the_field() -> Non
     good = decode_request(
         json.dumps(refund("r-1", "k-1", 5, subscription_action="pause")).encode(), {"sandbox"}
     )
-    assert not isinstance(good, Invalid) and good.subscription_action == "pause"
+    assert isinstance(good, RefundRequest) and good.subscription_action is SubscriptionAction.PAUSE
     bad = decode_request(
         json.dumps(refund("r-2", "k-1", 5, subscription_action="delete")).encode(), {"sandbox"}
     )
@@ -278,3 +283,66 @@ async def test_the_admin_refund_route_is_payd_refund_behind_the_token(
     assert [(r["idempotency_key"], r["state"], r["subscription_action"]) for r in story["reversals"]] == [
         ("refund:renew:701:1:0:1", "succeeded", "cancel")
     ]
+
+
+def _subscription(status: SubscriptionStatus) -> Subscription:
+    return Subscription(
+        id=9,
+        status=status,
+        plan=None,
+        provider="sandbox",
+        payment_method="pm_ok",
+        card_brand=None,
+        customer_ref=None,
+        amount_minor=1000,
+        currency="EUR",
+        interval_unit=IntervalUnit("month"),
+        interval_count=1,
+        paid_cycle=3,
+        billing_anchor=None,
+        anchor_cycle=0,
+        current_period_end=None,
+        next_attempt_at=datetime(2030, 1, 1, tzinfo=UTC),
+        pending_key="renew:9:4:0",
+        next_try=1,
+        dunning_step=1,
+        status_reason=None,
+        deferred_by="visa_15",
+        deferred_until=datetime(2030, 1, 1, tzinfo=UTC),
+    )
+
+
+def test_the_lifecycle_moves_a_subscription_for_a_full_refund_from_every_status() -> None:
+    """Cancel from active, past_due and paused; pause from active and past_due. Each stops all
+    scheduling and says why; a canceled subscription (either action) and a paused one (pause)
+    are left unchanged, with no event."""
+    reason = "refunded: rf refunded charge renew:9:3:0"
+    expected = {
+        (SubscriptionAction.CANCEL, SubscriptionStatus.ACTIVE): ChangeKind.CANCELED,
+        (SubscriptionAction.CANCEL, SubscriptionStatus.PAST_DUE): ChangeKind.CANCELED,
+        (SubscriptionAction.CANCEL, SubscriptionStatus.PAUSED): ChangeKind.CANCELED,
+        (SubscriptionAction.CANCEL, SubscriptionStatus.CANCELED): None,
+        (SubscriptionAction.PAUSE, SubscriptionStatus.ACTIVE): ChangeKind.PAUSED,
+        (SubscriptionAction.PAUSE, SubscriptionStatus.PAST_DUE): ChangeKind.PAUSED,
+        (SubscriptionAction.PAUSE, SubscriptionStatus.PAUSED): None,
+        (SubscriptionAction.PAUSE, SubscriptionStatus.CANCELED): None,
+    }
+    for (action, status), kind in expected.items():
+        sub = _subscription(status)
+        change = refunded(sub, action, key="rf", reason=reason)
+        if kind is None:
+            assert change is None and sub == _subscription(status), (action, status)
+            continue
+        assert change is not None, (action, status)
+        assert (change.kind, change.status_before, change.idempotency_key, change.reason) == (
+            kind,
+            status,
+            "rf",
+            reason,
+        )
+        after = (
+            SubscriptionStatus.CANCELED if action is SubscriptionAction.CANCEL else SubscriptionStatus.PAUSED
+        )
+        assert (sub.status, sub.status_reason) == (after, reason)
+        assert (sub.next_attempt_at, sub.pending_key, sub.deferred_by, sub.deferred_until) == (None,) * 4
+        assert sub.paid_cycle == 3, "a refund does not unpay the cycle"

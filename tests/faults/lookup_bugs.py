@@ -6,7 +6,8 @@ adapters have. Installed through the ``payd.providers`` entry point like any plu
   ``aiohttp/http_writer.py: _safe_header``);
 - a customer reference starting with ``hang`` makes the lookup never answer;
 - refunds are the sandbox's, but ``lookup_refund`` of a refund whose reason starts with
-  ``raise`` raises ``ValueError`` (an adapter that cannot read what it is asked about).
+  ``raise`` raises ``ValueError`` (an adapter that cannot read what it is asked about), and
+  one of a refund whose reason starts with ``hang`` never answers.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class LookupBugProvider:
     async def lookup_refund(self, request: ReversalRequest) -> LookupResult | None:
         if (request.reason or "").startswith("raise"):
             raise ValueError(f"cannot read refund {request.idempotency_key}")
+        if (request.reason or "").startswith("hang"):
+            await asyncio.Event().wait()
         return await self._sandbox.lookup_refund(request)
 
     async def close(self) -> None:

@@ -209,3 +209,29 @@ async def test_settling_a_parked_full_refund_over_http_moves_its_subscription(
     assert await query(db, "SELECT state, provider_ref FROM reversals") == [("succeeded", "re_801")]
     [canceled] = [e for e in broker.events if e["type"] == "subscription.canceled"]
     assert (canceled["idempotency_key"], canceled["subscription_id"]) == ("rf-801", 801)
+
+
+@pytest.mark.usefixtures("lookup_bugs_kind")
+async def test_a_refund_lookup_that_hangs_is_cut_off_and_asked_again_not_parked(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A lookup that never answers is bounded (the provider's timeouts): the refund stays unknown
+    and is asked again after its backoff (no answer is not an adapter bug, so it is not parked),
+    while a raising lookup in the same passes is parked: one refund cannot stall the others."""
+    await add_charge(db, "ch-hang")
+    await add_charge(db, "ch-raise")
+    await add_unknown_refund(db, "rf-hang", "ch-hang", reason="hang")
+    await add_unknown_refund(db, "rf-raise", "ch-raise", reason="raise")
+    async with daemon_with_buggy_lookups(daemons, sandbox) as (daemon, _):
+
+        async def asked_twice_and_other_parked() -> bool:
+            hung, raised = await refund_row(db, "rf-hang"), await refund_row(db, "rf-raise")
+            return hung["reconcile_tries"] >= 2 and raised["recheck_at"] is None
+
+        await eventually(asked_twice_and_other_parked, timeout=60, what="two bounded lookups and a parking")
+        hung = await refund_row(db, "rf-hang")
+        assert hung["state"] == "unknown" and hung["recheck_at"] is not None, "not parked"
+        assert hung["result_reason"] == "timed out"
+        assert await metric(daemon.port, "payd_reconciled_total", result="refund_parked") == 1
+        assert await metric(daemon.port, "payd_duty_crashes_total", duty="reconciler") == 0
+    assert (await refund_row(db, "rf-raise"))["state"] == "unknown"
