@@ -22,17 +22,19 @@ from typing import Final, TextIO
 
 import aiomysql
 import msgspec
+import structlog
 
 from daemon.broker import Broker
 from daemon.config import Config
 from daemon.models import AttemptState, RefundRequest, SubscriptionAction
 from daemon.operator.commands import resolve_operator
 from daemon.secrets import load_secret
-from daemon.storage.db import close_pool, open_pool, transaction
+from daemon.storage.db import DB_ERRORS, close_pool, open_pool, transaction
 from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
 from daemon.subscriptions.refunds import EFFECT_OF_ACTION
 
 _MAX_KEY: Final = 128
+log = structlog.get_logger("payd.operator")
 
 
 REFUND_ACTION: Final = "refund"
@@ -203,7 +205,19 @@ async def order_refund(
         pool, original_key, amount=amount, reason=reason, refund_key=refund_key, then=then
     )
     await publish_refund(config, plan)
-    await audit_refund(pool, plan, operator=operator, via=via)
+    try:
+        await audit_refund(pool, plan, operator=operator, via=via)
+    except DB_ERRORS as error:
+        # Published and confirmed: reporting a failure now could make the operator ask again,
+        # under the next refund key. The refund stands; the missing audit row is said loudly.
+        log.error(
+            "refund.audit_failed",
+            idempotency_key=plan.request.idempotency_key,
+            original_idempotency_key=original_key,
+            operator=operator,
+            via=via,
+            error=repr(error),
+        )
     return plan
 
 

@@ -73,10 +73,10 @@ async def follow_refund(
     def nothing(why: str) -> SubscriptionFollow:
         return SubscriptionFollow(action=action, effect=f"none: {why}")
 
-    if state is ReversalState.UNKNOWN:
+    if state.value in ("unknown", "pending"):  # an outcome still to come
         return SubscriptionFollow(
             action=action,
-            effect="waiting: the refund's outcome is unknown; the subscription follows if it succeeds",
+            effect=f"waiting: the refund is {state.value}; the subscription follows if it succeeds",
         )
     if state is not ReversalState.SUCCEEDED:
         return nothing(f"the refund is {state.value}; the subscription is left as it is")
