@@ -14,6 +14,7 @@ import uvloop
 
 from daemon.config import Config, ConfigError, load_config
 from daemon.logs import configure_logging
+from daemon.models import SubscriptionAction
 from daemon.secrets import describe_secrets, load_secret
 
 
@@ -188,7 +189,15 @@ def cmd_refund(config: Config, args: argparse.Namespace) -> int:
     from daemon.operator import commands  # noqa: PLC0415
     from daemon.operator.refund import refund  # noqa: PLC0415
 
-    publishing = refund(config, args.key, amount=args.amount, reason=args.reason, refund_key=args.refund_key)
+    publishing = refund(
+        config,
+        args.key,
+        amount=args.amount,
+        reason=args.reason,
+        refund_key=args.refund_key,
+        then=None if args.then is None else SubscriptionAction(args.then),
+        operator=args.operator,
+    )
     return _run(commands.reporting("refund", publishing))
 
 
@@ -311,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
     refunding.add_argument("--amount", type=int, help="in the minor unit (default: all that remains)")
     refunding.add_argument("--reason", help="kept with the refund and sent where the provider takes one")
     refunding.add_argument("--refund-key", help="the refund's own idempotency key (default: refund:KEY:N)")
+    refunding.add_argument(
+        "--then",
+        choices=[action.value for action in SubscriptionAction],
+        help="once the refund succeeds and nothing of the charge remains: cancel or pause its subscription",
+    )
+    refunding.add_argument(
+        "--operator", help="who asks, recorded on the charge (default: $SUDO_USER or $USER)"
+    )
     add_rollback_command(add)
     # The gateway parses its own flags (payd sandbox --help): the words after `sandbox`
     # reach it unparsed (main), so building this parser never imports it. --config is

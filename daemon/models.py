@@ -159,6 +159,13 @@ class PaymentEvent(msgspec.Struct, frozen=True, kw_only=True):
 # -- reversals (refunds) --------------------------------------------------------
 
 
+class SubscriptionAction(enum.StrEnum):
+    """What a full refund of a subscription's renewal does to the subscription (by request)."""
+
+    CANCEL = "cancel"
+    PAUSE = "pause"
+
+
 class RefundRequest(msgspec.Struct, frozen=True, kw_only=True):
     """A refund request as it arrives on ``payd.attempts`` (``"operation": "refund"``).
 
@@ -171,6 +178,9 @@ class RefundRequest(msgspec.Struct, frozen=True, kw_only=True):
     original_idempotency_key: IdempotencyKey
     amount_minor: PositiveAmount
     reason: ShortText | None = None
+    subscription_action: SubscriptionAction | None = None
+    """What the charge's subscription does once this refund succeeds and leaves nothing of the
+    charge unrefunded (``daemon.subscriptions.refunds``); None: nothing."""
 
 
 class ReversalState(enum.StrEnum):

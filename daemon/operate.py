@@ -124,9 +124,10 @@ def _print_duties(duties: dict[str, dict[str, Any]]) -> None:
 
 
 async def unpark(config: Config, keys: list[str], *, every: bool) -> int:
-    """``payd attempts unpark``: parked attempts go back to automatic reconciliation."""
+    """``payd attempts unpark``: parked attempts and refunds go back to automatic reconciliation."""
     from daemon.storage.attempts import unpark_attempts  # noqa: PLC0415 (keep halt/resume light)
     from daemon.storage.db import close_pool, open_pool  # noqa: PLC0415
+    from daemon.storage.reversals import unpark_reversals  # noqa: PLC0415
 
     if bool(keys) == every:
         print("payd attempts unpark: name idempotency keys, or --all", file=sys.stderr)
@@ -134,11 +135,14 @@ async def unpark(config: Config, keys: list[str], *, every: bool) -> int:
     pool = await open_pool(config.mysql, load_secret("mysql_password"))
     try:
         found = await unpark_attempts(pool, None if every else keys)
+        refunds = await unpark_reversals(pool, None if every else keys)
     finally:
         await close_pool(pool)
     for key in found:
         print(f"unparked {key}: looked up again at the next reconciliation pass")
-    missing = sorted(set(keys) - set(found))
+    for key in refunds:
+        print(f"unparked refund {key}: looked up again at the next reconciliation pass")
+    missing = sorted(set(keys) - set(found) - set(refunds))
     for key in missing:
-        print(f"payd attempts unpark: {key} is not a parked unknown attempt", file=sys.stderr)
+        print(f"payd attempts unpark: {key} is not a parked unknown attempt or refund", file=sys.stderr)
     return 1 if missing else 0

@@ -48,6 +48,11 @@ class RefundEvent(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
     operation: str = ReversalOperation.REFUND.value
     """``refund`` or ``void`` (cancelled before settlement)."""
+    subscription_action: str | None = None
+    """What the refund asked of the charge's subscription (``cancel``, ``pause``), if anything."""
+    subscription_effect: str | None = None
+    """What came of it: ``canceled``, ``paused`` or ``none: WHY`` (a partial or failed refund,
+    a one-off charge, a subscription already canceled)."""
 
 
 class RefundFacts(msgspec.Struct, frozen=True, kw_only=True):
@@ -70,8 +75,14 @@ def refund_event_id(idempotency_key: str, state: ReversalState) -> str:
 
 
 def refund_event(
-    facts: RefundFacts, *, state: ReversalState, result: ChargeResult, occurred_at: str
+    facts: RefundFacts,
+    *,
+    state: ReversalState,
+    result: ChargeResult,
+    occurred_at: str,
+    subscription: tuple[str, str] | None = None,
 ) -> OutboxRow:
+    """``subscription``: the refund's ``subscription_action`` and what came of it, when it asked one."""
     routing_key = ROUTING_KEY_OF_REVERSAL_STATE[state]
     identifier = refund_event_id(facts.idempotency_key, state)
     event = RefundEvent(
@@ -92,5 +103,7 @@ def refund_event(
         state=state.value,
         reason=result.reason,
         operation=facts.operation.value,
+        subscription_action=subscription[0] if subscription else None,
+        subscription_effect=subscription[1] if subscription else None,
     )
     return event_row(identifier, routing_key, event)

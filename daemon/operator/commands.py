@@ -123,6 +123,15 @@ async def settle(
         except SettleRefused as refusal:
             print(f"payd attempts settle: refused: {refusal}", file=err)
             return 1
+    if settled.operation == "refund":
+        effect = f"; its subscription: {settled.subscription_effect}" if settled.subscription_effect else ""
+        print(
+            f"settled refund {key} of charge {settled.original_idempotency_key} as {settled.state.value} "
+            f"(recorded: {who}, {order.via}){effect}. The running daemons publish "
+            f"refund.{settled.state.value} from the outbox.",
+            file=out,
+        )
+        return 0
     subscription = (
         f"; subscription {settled.subscription_id} cycle {settled.cycle} moved as by a real outcome"
         if settled.subscription_id is not None

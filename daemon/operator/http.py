@@ -3,6 +3,8 @@
     GET  /admin/attempts?state=unknown&provider=P&older_than=2h&limit=100
     GET  /admin/attempts/{key}                       the story (as ``payd attempts show --json``)
     POST /admin/attempts/{key}/settle                {"as": "failed", "reason": "...", "operator": "..."}
+    POST /admin/attempts/{key}/refund                {"amount_minor": 300, "reason": "...",
+                                                      "subscription_action": "cancel", "operator": "..."}
     GET  /admin/dead?limit=1000
     POST /admin/dead/replay                          {"all": true} or {"ids": ["..."]}
 
@@ -16,6 +18,7 @@ it is recorded.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
 
 import aiomysql
 import msgspec
@@ -23,9 +26,10 @@ import structlog
 from aiohttp import web
 
 from daemon.config import Config
-from daemon.models import AttemptState
+from daemon.models import AttemptState, IdempotencyKey, PositiveAmount, ShortText, SubscriptionAction
 from daemon.operator.dead import DeadLetterQueueMissing, list_dead, replay_dead
 from daemon.operator.listing import AttemptFilter, list_attempts, parse_duration
+from daemon.operator.refund import ChargeNotFound, RefundRefused, order_refund
 from daemon.operator.settle import AttemptNotFound, SettleAs, SettleOrder, SettleRefused, settle_attempt
 from daemon.operator.story import load_story
 from daemon.subscriptions.policy import SubscriptionPolicy
@@ -61,6 +65,28 @@ class SettleBody(
     provider_ref: str | None = None
 
 
+class RefundBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """As ``payd refund``: every field optional (the amount defaults to what remains)."""
+
+    amount_minor: PositiveAmount | None = None
+    reason: ShortText | None = None
+    refund_key: IdempotencyKey | None = None
+    subscription_action: SubscriptionAction | None = None
+    operator: str | None = None
+
+
+class RefundAccepted(msgspec.Struct, frozen=True, kw_only=True):
+    """202: published on ``payd.attempts`` (confirmed); the daemon's claim decides from there."""
+
+    idempotency_key: str
+    original_idempotency_key: str
+    amount_minor: int
+    currency: str
+    remaining_after_minor: int
+    subscription_action: SubscriptionAction | None
+    operator: str
+
+
 class ReplayBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     all: bool = False
     ids: list[str] = msgspec.field(default_factory=list)
@@ -75,12 +101,67 @@ def _error(message: str, status: int) -> web.Response:
     return _json({"error": message}, status)
 
 
+def _refund_route(tools: OperatorTools) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """``POST /admin/attempts/{key}/refund``: ``payd refund`` behind the token, audited."""
+
+    async def refund(request: web.Request) -> web.StreamResponse:
+        try:
+            body = msgspec.json.decode(await request.read() or b"{}", type=RefundBody)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            return _error(f"invalid body: {error}", 400)
+        who = _operator_of(request, body.operator)
+        if who is None:
+            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+        key = request.match_info["key"]
+        try:
+            plan = await order_refund(
+                tools.pool,
+                tools.config,
+                key,
+                amount=body.amount_minor,
+                reason=body.reason,
+                refund_key=body.refund_key,
+                then=body.subscription_action,
+                operator=who,
+                via=f"control:{tools.instance_id}",
+            )
+        except ChargeNotFound as missing:
+            return _error(str(missing), 404)
+        except RefundRefused as refusal:
+            return _error(str(refusal), 409)
+        log.warning(
+            "refund.ordered_by_operator",
+            idempotency_key=plan.request.idempotency_key,
+            original_idempotency_key=key,
+            amount_minor=plan.request.amount_minor,
+            subscription_action=body.subscription_action,
+            operator=who,
+        )
+        return _json(
+            RefundAccepted(
+                idempotency_key=plan.request.idempotency_key,
+                original_idempotency_key=key,
+                amount_minor=plan.request.amount_minor,
+                currency=plan.currency,
+                remaining_after_minor=plan.remaining_after_minor,
+                subscription_action=plan.request.subscription_action,
+                operator=who,
+            ),
+            202,
+        )
+
+    return refund
+
+
+def _operator_of(request: web.Request, named: str | None) -> str | None:
+    who = request.headers.get(OPERATOR_HEADER) or named
+    return who.strip() if who and who.strip() else None
+
+
 def register_operator_routes(admin: web.Application, tools: OperatorTools) -> None:
     """Add the routes to ``admin``, the application mounted at ``/admin/`` behind the token."""
 
-    def operator_of(request: web.Request, named: str | None) -> str | None:
-        who = request.headers.get(OPERATOR_HEADER) or named
-        return who.strip() if who and who.strip() else None
+    operator_of = _operator_of
 
     async def show(request: web.Request) -> web.StreamResponse:
         story = await load_story(tools.pool, request.match_info["key"])
@@ -166,5 +247,6 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
     admin.router.add_get("/attempts", list_)
     admin.router.add_get("/attempts/{key}", show)
     admin.router.add_post("/attempts/{key}/settle", settle)
+    admin.router.add_post("/attempts/{key}/refund", _refund_route(tools))
     admin.router.add_get("/dead", dead)
     admin.router.add_post("/dead/replay", replay)

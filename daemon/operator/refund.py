@@ -1,4 +1,4 @@
-"""``payd refund KEY [--amount N] [--reason R]``: publish a refund request for a succeeded charge.
+"""``payd refund KEY [--amount N] [--reason R] [--then cancel|pause]``: refund a succeeded charge.
 
 The command checks what it can see (the charge succeeded, the amount fits what
 remains) so an operator hears a refusal at once, then publishes the request on
@@ -7,28 +7,46 @@ claim enforces invariant 7 again under the charge's row lock, so two operators
 refunding the same charge at once cannot over-refund. The refund's own key
 defaults to ``refund:KEY:N`` (N counts the charge's reversals so far), so the same
 command run twice by accident before the first is claimed is one refund, not two.
+``--then cancel|pause`` asks the charge's subscription to follow a full refund
+(``daemon.subscriptions.refunds``). ``POST /admin/attempts/{key}/refund`` does the same.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
+import pwd
+import socket
 import sys
 from typing import Final, TextIO
 
+import aiomysql
 import msgspec
+import structlog
 
 from daemon.broker import Broker
 from daemon.config import Config
-from daemon.models import AttemptState, RefundRequest
+from daemon.models import AttemptState, RefundRequest, SubscriptionAction
+from daemon.operator.commands import resolve_operator
 from daemon.secrets import load_secret
-from daemon.storage.db import close_pool, open_pool, transaction
+from daemon.storage.db import DB_ERRORS, close_pool, open_pool, transaction
 from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
+from daemon.subscriptions.refunds import EFFECT_OF_ACTION
 
 _MAX_KEY: Final = 128
+log = structlog.get_logger("payd.operator")
+
+
+REFUND_ACTION: Final = "refund"
+"""The ``attempt_audit`` action of a refund an operator asked for (on the charge's key)."""
 
 
 class RefundRefused(Exception):
     """Why the command publishes nothing (exit 1)."""
+
+
+class ChargeNotFound(RefundRefused):
+    """No attempt has the key the refund names."""
 
 
 class Published(msgspec.Struct, frozen=True, kw_only=True):
@@ -37,9 +55,11 @@ class Published(msgspec.Struct, frozen=True, kw_only=True):
     charged_minor: int
     remaining_after_minor: int
     """What would remain of the charge once this refund succeeds."""
+    charge_id: int
 
 
 class _Charge(msgspec.Struct, frozen=True, array_like=True):
+    id: int
     state: AttemptState
     amount_minor: int
     currency: str
@@ -61,9 +81,10 @@ def plan_refund(
     amount: int | None,
     reason: str | None,
     refund_key: str | None,
+    then: SubscriptionAction | None = None,
 ) -> Published:
     if charge is None:
-        raise RefundRefused(f"no charge with key {original_key}")
+        raise ChargeNotFound(f"no charge with key {original_key}")
     if charge.state is not AttemptState.SUCCEEDED:
         raise RefundRefused(
             f"charge {original_key} is {charge.state.value}: only a succeeded charge is refunded"
@@ -85,6 +106,7 @@ def plan_refund(
             "original_idempotency_key": original_key,
             "amount_minor": wanted,
             "reason": reason,
+            "subscription_action": then,
         },
         RefundRequest,
     )
@@ -93,7 +115,110 @@ def plan_refund(
         currency=charge.currency,
         charged_minor=charge.amount_minor,
         remaining_after_minor=remaining - wanted,
+        charge_id=charge.id,
     )
+
+
+async def prepare_refund(
+    pool: aiomysql.Pool,
+    original_key: str,
+    *,
+    amount: int | None,
+    reason: str | None,
+    refund_key: str | None,
+    then: SubscriptionAction | None = None,
+) -> Published:
+    """The refund request to publish, or ``RefundRefused`` (also for a request that does not
+    validate: the message names the field)."""
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "SELECT id, state, amount_minor, currency FROM attempts WHERE idempotency_key = %s",
+            (original_key,),
+        )
+        row = await cursor.fetchone()
+        lines = await reversals_of(cursor, original_key)
+    try:
+        return plan_refund(
+            original_key,
+            msgspec.convert(row, _Charge) if row else None,
+            lines,
+            amount=amount,
+            reason=reason,
+            refund_key=refund_key,
+            then=then,
+        )
+    except msgspec.ValidationError as invalid:
+        raise RefundRefused(str(invalid)) from None
+
+
+async def publish_refund(config: Config, plan: Published) -> None:
+    """Publish the request on ``payd.attempts`` and wait for the broker's confirm."""
+    broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
+    await broker.connect()
+    try:
+        await broker.publish("", broker.topology.attempts_queue, msgspec.json.encode(plan.request))
+    finally:
+        await broker.close()
+
+
+async def audit_refund(pool: aiomysql.Pool, plan: Published, *, operator: str, via: str) -> None:
+    """Who asked for the refund, from where and why, on the charge's story (``attempt_audit``)."""
+    request = plan.request
+    then = (
+        f", then {request.subscription_action.value} its subscription" if request.subscription_action else ""
+    )
+    asked = f"refund {request.idempotency_key} of {request.amount_minor} {plan.currency}{then}"
+    said = f"{asked}: {request.reason or '-'}"
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "INSERT INTO attempt_audit (attempt_id, idempotency_key, action, operator, via, reason) "
+            "VALUES (%s, %s, %s, %s, %s, %s)",
+            (
+                plan.charge_id,
+                request.original_idempotency_key,
+                REFUND_ACTION,
+                operator[:128],
+                via[:128],
+                said[:255],
+            ),
+        )
+
+
+async def order_refund(
+    pool: aiomysql.Pool,
+    config: Config,
+    original_key: str,
+    *,
+    amount: int | None,
+    reason: str | None,
+    refund_key: str | None,
+    then: SubscriptionAction | None,
+    operator: str,
+    via: str,
+) -> Published:
+    """Check, publish (confirmed) and audit one refund; ``RefundRefused`` when nothing is published.
+
+    The audit row is written once the broker has confirmed: it records a refund that was asked
+    for. The daemon's claim still decides (invariant 7 under the charge's row lock).
+    """
+    plan = await prepare_refund(
+        pool, original_key, amount=amount, reason=reason, refund_key=refund_key, then=then
+    )
+    await publish_refund(config, plan)
+    try:
+        await audit_refund(pool, plan, operator=operator, via=via)
+    except DB_ERRORS as error:
+        # Published and confirmed: reporting a failure now could make the operator ask again,
+        # under the next refund key. The refund stands; the missing audit row is said loudly.
+        log.error(
+            "refund.audit_failed",
+            idempotency_key=plan.request.idempotency_key,
+            original_idempotency_key=original_key,
+            operator=operator,
+            via=via,
+            error=repr(error),
+        )
+    return plan
 
 
 async def refund(
@@ -103,42 +228,42 @@ async def refund(
     amount: int | None,
     reason: str | None,
     refund_key: str | None,
+    then: SubscriptionAction | None = None,
+    operator: str | None = None,
     out: TextIO = sys.stdout,
     err: TextIO = sys.stderr,
 ) -> int:
+    # The account running the command when nothing names anyone (a refund asked for before
+    # ``--operator`` existed still works): the audit then records that account.
+    who = resolve_operator(operator) or pwd.getpwuid(os.getuid()).pw_name
     pool = await open_pool(config.mysql, load_secret("mysql_password"))
     try:
-        async with transaction(pool) as cursor:
-            await cursor.execute(
-                "SELECT state, amount_minor, currency FROM attempts WHERE idempotency_key = %s",
-                (original_key,),
-            )
-            row = await cursor.fetchone()
-            lines = await reversals_of(cursor, original_key)
-    finally:
-        await close_pool(pool)
-    try:
-        plan = plan_refund(
+        plan = await order_refund(
+            pool,
+            config,
             original_key,
-            msgspec.convert(row, _Charge) if row else None,
-            lines,
             amount=amount,
             reason=reason,
             refund_key=refund_key,
+            then=then,
+            operator=who,
+            via=f"cli@{socket.gethostname()}",
         )
-    except (RefundRefused, msgspec.ValidationError) as refusal:
+    except RefundRefused as refusal:
         print(f"payd refund: refused: {refusal}", file=err)
         return 1
-    broker = Broker(config.rabbitmq, load_secret("rabbitmq_password"))
-    await broker.connect()
-    try:
-        await broker.publish("", broker.topology.attempts_queue, msgspec.json.encode(plan.request))
     finally:
-        await broker.close()
+        await close_pool(pool)
+    follow = (
+        ""
+        if then is None
+        else f"; once it succeeds and nothing of the charge remains, its subscription is "
+        f"{EFFECT_OF_ACTION[then]}"
+    )
     print(
         f"published refund {plan.request.idempotency_key} of {plan.request.amount_minor} {plan.currency} "
         f"for charge {original_key} (confirmed by the broker); {plan.remaining_after_minor} of "
-        f"{plan.charged_minor} would remain. Follow it: payd attempts show {original_key}",
+        f"{plan.charged_minor} would remain{follow}. Follow it: payd attempts show {original_key}",
         file=out,
     )
     return 0

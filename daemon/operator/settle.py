@@ -8,21 +8,31 @@ row, the subscription moved as a real outcome would move it, the ordinary
 naming who, when and why. The UPDATE is conditional on ``state = 'unknown'``
 and its row count checked, so a reconciler settling the same row at the same
 moment makes exactly one of the two win and the other change nothing.
+
+A key that names an unknown or pending refund (and no unknown charge) settles
+the refund the same way (a pending one whose provider's answer never came): the operator has found it on the provider's dashboard, refunded
+(``succeeded``) or not (``failed``: its amount no longer counts against the
+charge). One commit writes the refund's row, its ``refund.*`` event, its
+subscription's follow-up (``subscription_action``) and the audit row, which is
+filed under the charge's key so the charge's story shows it. Settling, not
+refusing: a refund parked or stuck unknown has no other exit than an operator's
+word, and the charge's invariant 7 is kept by the same conditional update.
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Final
+from typing import Final, Literal
 
 import aiomysql
 import msgspec
 
 from daemon.events import now_iso, payment_event
-from daemon.models import AttemptState, ChargeResult, Outcome
+from daemon.models import AttemptState, ChargeResult, Outcome, ReversalState
 from daemon.storage.attempts import REQUEST_COLUMNS, request_from_row
 from daemon.storage.db import Cursor, transaction
 from daemon.storage.outbox import insert_outbox
+from daemon.storage.reversals import UnknownReversal, lock_reversal, settle_unknown_reversal
 from daemon.subscriptions.effects import apply_subscription_effects
 from daemon.subscriptions.policy import SubscriptionPolicy
 
@@ -49,12 +59,21 @@ class SettleOrder(msgspec.Struct, frozen=True, kw_only=True):
     """The provider's reference for the charge, when the dashboard shows one."""
 
 
+SETTLE_REFUND_ACTION: Final = "settle_refund"
+
+
 class Settled(msgspec.Struct, frozen=True, kw_only=True):
     attempt_id: int
+    """The charge's (for a refund, the charge it refunds)."""
     idempotency_key: str
     state: AttemptState
     subscription_id: int | None
     cycle: int | None
+    operation: Literal["charge", "refund"] = "charge"
+    original_idempotency_key: str | None = None
+    """For a refund: the charge it refunds."""
+    subscription_effect: str | None = None
+    """For a refund that asked its subscription to follow: what came of it."""
 
 
 class SettleRefused(Exception):
@@ -102,8 +121,12 @@ async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder, *, policy: Sub
             (order.idempotency_key,),
         )
         row = await cursor.fetchone()
+        if row is None or msgspec.convert(row[:3], _SettleHead).state is not AttemptState.UNKNOWN:
+            refund = await lock_reversal(cursor, order.idempotency_key)
+            if refund is not None and (row is None or refund[0] is ReversalState.UNKNOWN):
+                return await _settle_refund(cursor, order, refund[0], refund[1])
         if row is None:
-            raise AttemptNotFound(f"no attempt with key {order.idempotency_key}")
+            raise AttemptNotFound(f"no attempt with key {order.idempotency_key} (nor a refund)")
         head = msgspec.convert(row[:3], _SettleHead)
         attempt_id, state, routed_provider = head.id, head.state, head.routed_provider
         if state is not AttemptState.UNKNOWN:
@@ -174,3 +197,42 @@ async def _conditional_update(
         ),
     )
     return bool(cursor.rowcount == 1)
+
+
+async def _settle_refund(
+    cursor: Cursor, order: SettleOrder, state: ReversalState, unknown: UnknownReversal
+) -> Settled:
+    key, reversal = order.idempotency_key, unknown.reversal
+    if state not in (ReversalState.UNKNOWN, ReversalState.PENDING):
+        raise SettleRefused(f"refund {key} is {state.value}; only an unknown or pending refund can be settled")
+    new_state = ReversalState(order.settle_as.value)
+    result = _result(order)
+    done, effect = await settle_unknown_reversal(cursor, reversal, new_state, result)
+    if not done:
+        raise SettleRefused(f"refund {key} was settled by someone else meanwhile")
+    await cursor.execute(
+        "INSERT INTO attempt_audit (attempt_id, idempotency_key, action, state_before, state_after, "
+        "operator, via, reason, provider_ref) "
+        "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        (
+            unknown.original_attempt_id,
+            reversal.original_idempotency_key,
+            SETTLE_REFUND_ACTION,
+            state.value,
+            new_state.value,
+            order.operator[:128],
+            order.via[:128],
+            f"refund {key}: {order.reason}"[:255],
+            order.provider_ref,
+        ),
+    )
+    return Settled(
+        attempt_id=unknown.original_attempt_id,
+        idempotency_key=key,
+        state=AttemptState(new_state.value),
+        subscription_id=reversal.subscription_id,
+        cycle=reversal.cycle,
+        operation="refund",
+        original_idempotency_key=reversal.original_idempotency_key,
+        subscription_effect=effect,
+    )

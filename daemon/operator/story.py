@@ -25,7 +25,7 @@ import msgspec
 from daemon.events import event_id as payment_event_id
 from daemon.models import TERMINAL_STATES, AttemptState
 from daemon.storage.attempts import REQUEST_COLUMNS, request_from_row
-from daemon.storage.db import Cursor, placeholders, transaction
+from daemon.storage.db import Cursor, fetch_all, placeholders, transaction
 from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
 from daemon.subscriptions.events import event_id as subscription_event_id
 from daemon.subscriptions.model import ChangeKind
@@ -186,6 +186,10 @@ async def _subscription(cursor: Cursor, subscription_id: int) -> SubscriptionVie
     return msgspec.convert(rows[0], SubscriptionView) if rows else None
 
 
+class _EventId(msgspec.Struct, frozen=True, array_like=True):
+    event_id: str
+
+
 async def _events(
     cursor: Cursor, key: str, attempt: Attempt, actions: Sequence[OperatorAction]
 ) -> list[Event]:
@@ -211,7 +215,7 @@ async def _events(
         f"SELECT event_id FROM outbox WHERE event_id IN ({placeholders(len(candidates))})",  # noqa: S608
         candidates,
     )
-    pending = {identifier for (identifier,) in await cursor.fetchall()}
+    pending = {row.event_id for row in await fetch_all(cursor, _EventId)}
     events = [Event(event_id=i, type=t, published=i not in pending) for i, t in emitted]
     events += [
         Event(event_id=i, type=t, published=False) for i, t in subscription_ids.items() if i in pending
@@ -340,6 +344,11 @@ def _reversals_section(story: AttemptStory, out: TextIO) -> None:
             f"{line.state.value}"
             + (f" ({line.decline_code})" if line.decline_code else "")
             + (f" [provider ref {line.provider_ref}]" if line.provider_ref else "")
+            + (
+                f" [then {line.subscription_action.value} the subscription]"
+                if line.subscription_action
+                else ""
+            )
             + (f" - {why}" if why else ""),
             file=out,
         )

@@ -9,11 +9,15 @@ them that long, and stores them whatever the answer) and ``resend_after_s`` has
 passed, so it cannot refund twice; without idempotency keys it becomes failed
 (``not_received``) after ``not_found_grace_s``. Anything else stays unknown and
 is asked again after its backoff, visible to operators in ``payd attempts show``.
-An adapter that raises leaves the refund unknown (logged), never settled. A
-provider with no refund lookup (``Capabilities.refund_lookup`` false: Adyen,
-iyzico) is never asked: an unknown refund is re-sent under its key where keys
-make that safe, by the same rules, and otherwise waits for the provider's
-notification or an operator, never failed.
+An adapter that raises leaves the refund unknown, never settled, and *parks* it
+for an operator as a charge is parked (``refund.parked``, metric
+``payd_reconciled_total{result="refund_parked"}``, ``payd attempts list``): no
+automatic lookup until ``payd attempts unpark KEY`` or ``payd attempts settle KEY``.
+So does a lookup answer the adapter marks ``needs_operator``. A provider with no
+refund lookup (``Capabilities.refund_lookup`` false: Adyen, iyzico) is never
+asked: an unknown refund is re-sent under its key where keys make that safe, by
+the same rules, and otherwise waits for the provider's notification or an
+operator, never failed.
 
 A pending refund (the provider accepted it and decides later) is only ever looked
 up, never sent again nor failed for want of a record: it ends by the lookup, the
@@ -34,6 +38,7 @@ import aiomysql
 import structlog
 
 from daemon.config import PipelineSettings
+from daemon.logs import redact_text
 from daemon.metrics import Metrics
 from daemon.models import CHARGED_NOTHING, ChargeResult, Outcome, ReversalState
 from daemon.pipeline.execute import Lane, bounded_call
@@ -41,6 +46,7 @@ from daemon.providers.base import RefundingProvider, refunding
 from daemon.storage.reversals import (
     DueReversal,
     expire_reversal_leases,
+    park_reversal,
     record_reversal,
     stale_pending,
     take_due_reversals,
@@ -127,14 +133,29 @@ class ReversalReconciler:
     async def _contained(self, item: DueReversal) -> ChargeResult | None:
         try:
             return await self._look_up(item)
-        except Exception as error:  # an adapter bug: the refund stays unknown, asked again later
+        except Exception as error:  # an adapter bug: the refund stays unknown, parked for an operator
             log.error(
                 "reconcile.refund_lookup_raised",
                 idempotency_key=item.reversal.idempotency_key,
                 provider=item.reversal.provider,
                 error=repr(error),
             )
+            await self._park(item, redact_text(f"lookup raised {type(error).__name__}: {error}"))
             return None
+
+    async def _park(self, item: DueReversal, reason: str) -> None:
+        """Out of automatic reconciliation until an operator acts (see the module)."""
+        if not await park_reversal(self._pool, item.reversal.reversal_id, reason):
+            return
+        self._metrics.reconciled.labels("refund_parked").inc()
+        log.error(
+            "refund.parked",
+            idempotency_key=item.reversal.idempotency_key,
+            original_idempotency_key=item.reversal.original_idempotency_key,
+            reversal_id=item.reversal.reversal_id,
+            provider=item.reversal.provider,
+            reason=reason,
+        )
 
     async def _look_up(self, item: DueReversal) -> ChargeResult | None:
         """A definitive result for ``item``, or None to ask again after its backoff."""
@@ -154,6 +175,9 @@ class ReversalReconciler:
         pending = item.state is ReversalState.PENDING
         if found.found:
             result = found.result
+            if result is not None and result.needs_operator:
+                await self._park(item, result.reason or "the provider's answer needs an operator")
+                return None
             if result is None or (result.outcome is Outcome.UNKNOWN and (pending or not result.accepted)):
                 return None
             return result

@@ -39,10 +39,12 @@ from daemon.models import (
     ReversalOperation,
     ReversalRequest,
     ReversalState,
+    SubscriptionAction,
 )
 from daemon.refund_events import RefundFacts, refund_event
-from daemon.storage.db import Cursor, placeholders, transaction
+from daemon.storage.db import Cursor, fetch_all, fetch_one, placeholders, transaction
 from daemon.storage.outbox import insert_outbox
+from daemon.subscriptions.refunds import follow_refund
 
 _ER_DUP_ENTRY: Final = 1062
 _RESERVING: Final = tuple(sorted(state.value for state in RESERVING_REVERSAL_STATES))
@@ -72,39 +74,71 @@ _REVERSAL_SELECT: Final = (
 )
 
 
-def _reversal_of(row: Sequence[Any]) -> ReversalRequest:
-    (
-        reversal_id,
-        key,
-        original_key,
-        provider_ref,
-        subscription_id,
-        cycle,
-        provider,
-        amount,
-        currency,
-        reason,
-        operation,
-        charge_amount,
-        charged_at,
-    ) = row
-    reference = f"{subscription_id}:{cycle}" if subscription_id is not None else original_key
+class _ReversalRow(msgspec.Struct, frozen=True, array_like=True):
+    """A row of ``_REVERSAL_SELECT``, its columns in order."""
+
+    id: int
+    idempotency_key: str
+    original_idempotency_key: str
+    provider_ref: str | None
+    subscription_id: int | None
+    cycle: int | None
+    provider: str
+    amount_minor: int
+    currency: str
+    reason: str | None
+    operation: ReversalOperation
+    charge_amount_minor: int
+    charged_at: datetime | None
+
+
+def _reversal_of(row: _ReversalRow) -> ReversalRequest:
+    original_key = row.original_idempotency_key
+    reference = f"{row.subscription_id}:{row.cycle}" if row.subscription_id is not None else original_key
     return ReversalRequest(
-        reversal_id=reversal_id,
-        idempotency_key=key,
+        reversal_id=row.id,
+        idempotency_key=row.idempotency_key,
         original_idempotency_key=original_key,
-        original_provider_ref=provider_ref,
+        original_provider_ref=row.provider_ref,
         original_merchant_reference=reference,
-        provider=provider,
-        amount_minor=amount,
-        currency=currency,
-        reason=reason,
-        subscription_id=subscription_id,
-        cycle=cycle,
-        operation=ReversalOperation(operation),
-        charge_amount_minor=charge_amount,
-        charged_at=_utc(charged_at),
+        provider=row.provider,
+        amount_minor=row.amount_minor,
+        currency=row.currency,
+        reason=row.reason,
+        subscription_id=row.subscription_id,
+        cycle=row.cycle,
+        operation=row.operation,
+        charge_amount_minor=row.charge_amount_minor,
+        charged_at=_utc(row.charged_at),
     )
+
+
+class _Earlier(msgspec.Struct, frozen=True, array_like=True):
+    """A refund key seen before, as the claim reads it."""
+
+    id: int
+    original_idempotency_key: str
+    amount_minor: int
+    state: ReversalState
+
+
+class _Amount(msgspec.Struct, frozen=True, array_like=True):
+    amount_minor: int
+
+
+class _State(msgspec.Struct, frozen=True, array_like=True):
+    state: ReversalState
+
+
+class _Id(msgspec.Struct, frozen=True, array_like=True):
+    id: int
+
+
+class _DueCounter(msgspec.Struct, frozen=True, array_like=True):
+    id: int
+    reconcile_tries: int
+    since_claim_us: int | None
+    state: ReversalState
 
 
 def _facts(reversal: ReversalRequest) -> RefundFacts:
@@ -214,7 +248,9 @@ async def claim_reversal(
         )
         earlier = await cursor.fetchone()
         if earlier is not None:
-            return await _seen_before(cursor, request, earlier, claimed_by=claimed_by, lease_s=lease_s)
+            return await _seen_before(
+                cursor, request, msgspec.convert(earlier, _Earlier), claimed_by=claimed_by, lease_s=lease_s
+            )
         reserved = 0
         if charge is not None:
             # A locking read: it sees every committed reversal of this charge.
@@ -223,7 +259,7 @@ async def claim_reversal(
                 f"WHERE original_attempt_id = %s AND state IN ({placeholders(len(_RESERVING))}) FOR UPDATE",
                 (charge.attempt_id, *_RESERVING),
             )
-            reserved = sum(amount for (amount,) in await cursor.fetchall())
+            reserved = sum(row.amount_minor for row in await fetch_all(cursor, _Amount))
         verdict = _judge(request, charge, reserved, charge is not None and refundable(charge.called_provider))
         try:
             await cursor.execute(
@@ -256,6 +292,11 @@ async def claim_reversal(
                 raise
             return ReversalClaim(already=ReversalState.FAILED)
         reversal_id = cursor.lastrowid
+        if request.subscription_action is not None:
+            await cursor.execute(
+                "UPDATE reversals SET subscription_action = %s WHERE id = %s",
+                (request.subscription_action.value, reversal_id),
+            )
         if verdict is not None:
             facts = RefundFacts(
                 reversal_id=reversal_id,
@@ -267,7 +308,21 @@ async def claim_reversal(
                 subscription_id=charge.subscription_id if charge else None,
                 cycle=charge.cycle if charge else None,
             )
-            event = refund_event(facts, state=ReversalState.FAILED, result=verdict, occurred_at=now_iso())
+            subscription = (
+                (
+                    request.subscription_action.value,
+                    "none: the refund was refused; the subscription is left as it is",
+                )
+                if request.subscription_action is not None
+                else None
+            )
+            event = refund_event(
+                facts,
+                state=ReversalState.FAILED,
+                result=verdict,
+                occurred_at=now_iso(),
+                subscription=subscription,
+            )
             await insert_outbox(cursor, [event])
             return ReversalClaim(refused=verdict)
         await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (reversal_id,))
@@ -282,9 +337,14 @@ async def claim_reversal(
 
 
 async def _seen_before(
-    cursor: Cursor, request: RefundRequest, row: Sequence[Any], *, claimed_by: str, lease_s: float
+    cursor: Cursor, request: RefundRequest, row: _Earlier, *, claimed_by: str, lease_s: float
 ) -> ReversalClaim:
-    reversal_id, original_key, amount, state = row[0], row[1], row[2], ReversalState(row[3])
+    reversal_id, original_key, amount, state = (
+        row.id,
+        row.original_idempotency_key,
+        row.amount_minor,
+        row.state,
+    )
     if original_key != request.original_idempotency_key or amount != request.amount_minor:
         return ReversalClaim(mismatched=True)
     if state is not ReversalState.QUEUED:
@@ -299,12 +359,12 @@ async def _seen_before(
     return ReversalClaim(claimed=_reversal_of(await _written(cursor)))
 
 
-async def _written(cursor: Cursor) -> Sequence[Any]:
+async def _written(cursor: Cursor) -> _ReversalRow:
     """The row this transaction has just written or holds locked: it cannot be missing."""
     row = await cursor.fetchone()
     if row is None:
         raise LookupError("a reversal row written in this transaction is not there")
-    return row
+    return msgspec.convert(row, _ReversalRow)
 
 
 async def record_reversal(
@@ -322,7 +382,7 @@ async def record_reversal(
     async with transaction(pool) as cursor:
         await cursor.execute("SELECT state FROM reversals WHERE id = %s FOR UPDATE", (reversal.reversal_id,))
         row = await cursor.fetchone()
-        state_now = ReversalState(row[0]) if row else None
+        state_now = msgspec.convert(row, _State).state if row else None
         if result is None:
             if state_now is not ReversalState.IN_FLIGHT:
                 return False
@@ -385,7 +445,15 @@ async def _apply(
             reversal.reversal_id,
         ),
     )
-    event = refund_event(_facts(reversal), state=new_state, result=result, occurred_at=now_iso())
+    occurred_at = now_iso()
+    follow = await follow_refund(cursor, reversal, new_state, occurred_at=occurred_at)
+    event = refund_event(
+        _facts(reversal),
+        state=new_state,
+        result=result,
+        occurred_at=occurred_at,
+        subscription=None if follow is None else (follow.action.value, follow.effect),
+    )
     await insert_outbox(cursor, [event])
     return True
 
@@ -501,6 +569,16 @@ class StalePending(msgspec.Struct, frozen=True, kw_only=True):
     age_s: float
 
 
+class _Count(msgspec.Struct, frozen=True, array_like=True):
+    count: int
+
+
+class _StaleRow(msgspec.Struct, frozen=True, array_like=True):
+    idempotency_key: str
+    provider: str
+    age_us: int = 0
+
+
 async def stale_pending(
     pool: aiomysql.Pool, *, older_than_s: float, limit: int = 20
 ) -> tuple[int, list[StalePending]]:
@@ -511,18 +589,21 @@ async def stale_pending(
             "AND updated_at < NOW(6) - INTERVAL %s MICROSECOND",
             (int(older_than_s * 1_000_000),),
         )
-        (count,) = await _written(cursor)
+        count = (await fetch_one(cursor, _Count)).count
         if not count:
             return 0, []
         await cursor.execute(
-            "SELECT idempotency_key, provider, TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)) FROM reversals "
+            "SELECT idempotency_key, provider, COALESCE(TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), 0) "
+            "FROM reversals "
             "WHERE state = 'pending' AND updated_at < NOW(6) - INTERVAL %s MICROSECOND "
             "ORDER BY claimed_at LIMIT %s",
             (int(older_than_s * 1_000_000), limit),
         )
         oldest = [
-            StalePending(idempotency_key=key, provider=provider, age_s=(age_us or 0) / 1_000_000)
-            for key, provider, age_us in await cursor.fetchall()
+            StalePending(
+                idempotency_key=row.idempotency_key, provider=row.provider, age_s=row.age_us / 1_000_000
+            )
+            for row in await fetch_all(cursor, _StaleRow)
         ]
     return int(count), oldest
 
@@ -575,8 +656,8 @@ async def take_due_reversals(
             ids,
         )
         counters = {
-            reversal_id: (tries, age_us or 0, ReversalState(state))
-            for reversal_id, tries, age_us, state in await cursor.fetchall()
+            row.id: (row.reconcile_tries, row.since_claim_us or 0, row.state)
+            for row in await fetch_all(cursor, _DueCounter)
         }
         for reversal_id, (tries, _age, _state) in counters.items():
             wait_us = int(backoff_s[min(tries, len(backoff_s) - 1)] * 1_000_000)
@@ -606,13 +687,13 @@ async def _lock_due(cursor: Cursor, states: Sequence[str], before: str, limit: i
         f"AND recheck_at {before} NOW(6) ORDER BY recheck_at LIMIT %s FOR UPDATE SKIP LOCKED",
         (*states, limit),
     )
-    return [reversal_id for (reversal_id,) in await cursor.fetchall()]
+    return [row.id for row in await fetch_all(cursor, _Id)]
 
 
 async def _read_reversals(cursor: Cursor, ids: Sequence[int]) -> list[ReversalRequest]:
     """The reversals with what their provider needs of the charge (a plain read, no locks)."""
     await cursor.execute(_REVERSAL_SELECT + f"WHERE r.id IN ({placeholders(len(ids))})", ids)
-    return [_reversal_of(row) for row in await cursor.fetchall()]
+    return [_reversal_of(row) for row in await fetch_all(cursor, _ReversalRow)]
 
 
 class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
@@ -631,24 +712,48 @@ class ReversalLine(msgspec.Struct, frozen=True, kw_only=True):
     reconcile_tries: int
     created_at: datetime
     finished_at: datetime | None
+    subscription_action: SubscriptionAction | None = None
+    """What the refund asks of the charge's subscription once it succeeds in full."""
     operation: ReversalOperation = ReversalOperation.REFUND
     """Refund or void (cancel before settlement)."""
+
+
+class _LineRow(msgspec.Struct, frozen=True, array_like=True):
+    """A row of ``reversals_of``'s SELECT, its columns in order (``ReversalLine``'s fields)."""
+
+    reversal_id: int
+    idempotency_key: str
+    amount_minor: int
+    state: ReversalState
+    decline_code: str | None
+    provider_ref: str | None
+    reason: str | None
+    result_reason: str | None
+    tries: int
+    reconcile_tries: int
+    created_at: datetime
+    finished_at: datetime | None
+    subscription_action: SubscriptionAction | None
+    operation: ReversalOperation
 
 
 async def reversals_of(cursor: Cursor, original_idempotency_key: str) -> list[ReversalLine]:
     """Every reversal asked of one charge, oldest first (refused ones included)."""
     await cursor.execute(
         "SELECT id, idempotency_key, amount_minor, state, decline_code, provider_ref, reason, result_reason, "
-        "tries, reconcile_tries, created_at, finished_at, operation FROM reversals "
+        "tries, reconcile_tries, created_at, finished_at, subscription_action, operation FROM reversals "
         "WHERE original_idempotency_key = %s ORDER BY id",
         (original_idempotency_key,),
     )
-    names = [field.name for field in msgspec.structs.fields(ReversalLine)]
     return [
-        msgspec.convert(
-            dict(zip(names, (*row[:10], _utc(row[10]), _utc(row[11]), row[12]), strict=True)), ReversalLine
+        ReversalLine(
+            **{
+                **msgspec.structs.asdict(row),
+                "created_at": _utc(row.created_at),
+                "finished_at": _utc(row.finished_at),
+            }
         )
-        for row in await cursor.fetchall()
+        for row in await fetch_all(cursor, _LineRow)
     ]
 
 
@@ -665,3 +770,111 @@ def reserved_minor(lines: Sequence[ReversalLine]) -> int:
 async def load_reversals(pool: aiomysql.Pool, original_idempotency_key: str) -> list[ReversalLine]:
     async with transaction(pool) as cursor:
         return await reversals_of(cursor, original_idempotency_key)
+
+
+# -- parked refunds and the operator's settle ---------------------------------------------
+# A refund whose lookup raised (an adapter bug) or whose provider says only an operator can
+# settle it is *parked*: it stays unknown (it may have refunded), with ``recheck_at`` NULL so
+# no reconciliation pass takes it (``_lock_due`` wants ``recheck_at <= NOW``), and the reason in
+# ``result_reason``. ``payd attempts unpark KEY`` makes it due again; ``payd attempts settle``
+# closes it.
+
+PARKED_PREFIX: Final = "parked: "
+
+
+async def park_reversal(pool: aiomysql.Pool, reversal_id: int, reason: str) -> bool:
+    """Take one unknown refund out of automatic reconciliation; False if it is no longer unknown."""
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "UPDATE reversals SET recheck_at = NULL, result_reason = %s WHERE id = %s AND state = 'unknown'",
+            ((PARKED_PREFIX + reason)[:255], reversal_id),
+        )
+        return bool(cursor.rowcount == 1)
+
+
+class _ReversalKey(msgspec.Struct, array_like=True, frozen=True):
+    idempotency_key: str
+
+
+async def unpark_reversals(pool: aiomysql.Pool, keys: Sequence[str] | None) -> list[str]:
+    """Parked refunds (``keys``, or all when None) due a lookup now, their backoff from the start."""
+    where = "state = 'unknown' AND recheck_at IS NULL"
+    params: list[Any] = []
+    if keys is not None:
+        if not keys:
+            return []
+        where += f" AND idempotency_key IN ({placeholders(len(keys))})"
+        params.extend(keys)
+    async with transaction(pool) as cursor:
+        await cursor.execute(f"SELECT idempotency_key FROM reversals WHERE {where} FOR UPDATE", params)  # noqa: S608
+        found = [row.idempotency_key for row in await fetch_all(cursor, _ReversalKey)]
+        if found:
+            await cursor.execute(
+                "UPDATE reversals SET recheck_at = NOW(6), reconcile_tries = 0, result_reason = NULL "  # noqa: S608
+                f"WHERE {where}",
+                params,
+            )
+    return found
+
+
+class UnknownReversal(msgspec.Struct, frozen=True, kw_only=True):
+    """An unknown refund, locked for an operator's settle."""
+
+    reversal: ReversalRequest
+    original_attempt_id: int
+
+
+class _LockedState(msgspec.Struct, array_like=True, frozen=True):
+    id: int
+    state: ReversalState
+    original_attempt_id: int | None
+
+
+async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, UnknownReversal] | None:
+    """The refund with this key and its state, locked; None when there is none."""
+    await cursor.execute(
+        "SELECT id, state, original_attempt_id FROM reversals WHERE idempotency_key = %s FOR UPDATE", (key,)
+    )
+    row = await cursor.fetchone()
+    if row is None:
+        return None
+    locked = msgspec.convert(row, _LockedState)
+    await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (locked.id,))
+    reversal = _reversal_of(await _written(cursor))
+    return locked.state, UnknownReversal(
+        reversal=reversal, original_attempt_id=locked.original_attempt_id or 0
+    )
+
+
+async def settle_unknown_reversal(
+    cursor: Cursor, reversal: ReversalRequest, state: ReversalState, result: ChargeResult
+) -> tuple[bool, str | None]:
+    """An operator's verdict on an unknown refund, with its ``refund.*`` event and its
+    subscription's follow-up, in the caller's transaction: (False, None) if it is no longer
+    unknown, else (True, what came of its ``subscription_action``)."""
+    await cursor.execute(
+        "UPDATE reversals SET state = %s, outcome = %s, decline_code = %s, "
+        "provider_ref = COALESCE(%s, provider_ref), result_reason = %s, recheck_at = NULL, "
+        "finished_at = NOW(6) WHERE id = %s AND state IN ('unknown', 'pending')",
+        (
+            state.value,
+            result.outcome.value,
+            result.decline_code,
+            result.provider_ref,
+            (result.reason or "")[:255] or None,
+            reversal.reversal_id,
+        ),
+    )
+    if cursor.rowcount != 1:
+        return False, None
+    occurred_at = now_iso()
+    follow = await follow_refund(cursor, reversal, state, occurred_at=occurred_at)
+    event = refund_event(
+        _facts(reversal),
+        state=state,
+        result=result,
+        occurred_at=occurred_at,
+        subscription=None if follow is None else (follow.action.value, follow.effect),
+    )
+    await insert_outbox(cursor, [event])
+    return True, None if follow is None else follow.effect

@@ -11,6 +11,8 @@ cause.
     active|past_due ──hard decline / never-retry code──> on_hard_decline
     active|past_due ──due, but a card-network limit reached──> unchanged, deferred (retry_deferred)
     paused, canceled: never dispatched; an attempt already under way still settles
+    active|past_due|paused ──full refund of a renewal, "cancel"──> canceled (canceled)
+    active|past_due ──full refund of a renewal, "pause"──> paused (paused)
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from datetime import datetime, timedelta
 
 import msgspec
 
-from daemon.models import AttemptRequest, AttemptState, ChargeResult, Outcome
+from daemon.models import AttemptRequest, AttemptState, ChargeResult, Outcome, SubscriptionAction
 from daemon.subscriptions.model import CHARGEABLE, ChangeKind, Subscription, SubscriptionStatus
 from daemon.subscriptions.periods import period_end, spread
 from daemon.subscriptions.policy import SubscriptionPolicy
@@ -197,4 +199,25 @@ def defer(sub: Subscription, *, rule: str, retry_at: datetime, key: str, reason:
         reason=reason,
         deferred_by=rule,
         retry_at=retry_at,
+    )
+
+
+def refunded(sub: Subscription, action: SubscriptionAction, *, key: str, reason: str) -> Change | None:
+    """A full refund of one of its renewals, asked to ``action`` the subscription (``key``: the
+    refund's). None when the subscription is already where the action would take it (or
+    canceled, which nothing undoes)."""
+    if sub.status is SubscriptionStatus.CANCELED:
+        return None
+    if action is SubscriptionAction.CANCEL:
+        return stop(sub, SubscriptionStatus.CANCELED, key=key, reason=reason)
+    if sub.status is SubscriptionStatus.PAUSED:
+        return None
+    before = sub.status
+    sub.status = SubscriptionStatus.PAUSED
+    sub.status_reason = reason
+    sub.next_attempt_at = None
+    sub.pending_key = None
+    sub.deferred_by = sub.deferred_until = None
+    return Change(
+        kind=ChangeKind.PAUSED, status_before=before, cycle=sub.cycle, idempotency_key=key, reason=reason
     )

@@ -44,7 +44,10 @@ class ChangeKind(enum.StrEnum):
     DUNNING_EXHAUSTED = "dunning_exhausted"
     """Past due and no further try: the retry schedule ran out."""
     CANCELED = "canceled"
-    """Canceled by a hard decline, a never-retry code, or exhausted dunning."""
+    """Canceled by a hard decline, a never-retry code, exhausted dunning, or a full refund
+    asked to cancel it (``subscription_action``)."""
+    PAUSED = "paused"
+    """Paused by a full refund of a renewal asked to pause it (``subscription_action``)."""
 
 
 class Subscription(msgspec.Struct, kw_only=True):

@@ -4,7 +4,10 @@ adapters have. Installed through the ``payd.providers`` entry point like any plu
 - a customer reference is sent in a header, as some adapters do; one holding a newline makes
   aiohttp raise ``ValueError`` before anything is sent (its header-injection guard,
   ``aiohttp/http_writer.py: _safe_header``);
-- a customer reference starting with ``hang`` makes the lookup never answer.
+- a customer reference starting with ``hang`` makes the lookup never answer;
+- refunds are the sandbox's, but ``lookup_refund`` of a refund whose reason starts with
+  ``raise`` raises ``ValueError`` (an adapter that cannot read what it is asked about), and
+  one of a refund whose reason starts with ``hang`` never answers.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from typing import ClassVar
 import aiohttp
 
 from daemon.config import ProviderConfig
-from daemon.models import AttemptRequest, ChargeResult
+from daemon.models import AttemptRequest, ChargeResult, ReversalRequest
 from daemon.providers.base import Capabilities, LookupResult
 from daemon.providers.sandbox.adapter import SandboxProvider, SandboxProviderConfig
 
@@ -44,6 +47,16 @@ class LookupBugProvider:
             async with self._session.get(url, headers={"Customer-Reference": reference}):
                 pass
         return await self._sandbox.lookup(request)
+
+    async def refund(self, request: ReversalRequest) -> ChargeResult:
+        return await self._sandbox.refund(request)
+
+    async def lookup_refund(self, request: ReversalRequest) -> LookupResult | None:
+        if (request.reason or "").startswith("raise"):
+            raise ValueError(f"cannot read refund {request.idempotency_key}")
+        if (request.reason or "").startswith("hang"):
+            await asyncio.Event().wait()
+        return await self._sandbox.lookup_refund(request)
 
     async def close(self) -> None:
         await self._session.close()
