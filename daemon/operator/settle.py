@@ -10,7 +10,8 @@ and its row count checked, so a reconciler settling the same row at the same
 moment makes exactly one of the two win and the other change nothing.
 
 A key that names an unknown or pending refund (and no unknown charge) settles
-the refund the same way (a pending one whose provider's answer never came): the operator has found it on the provider's dashboard, refunded
+the refund the same way (a pending one: its provider's answer never came): the
+operator has found it on the provider's dashboard, refunded
 (``succeeded``) or not (``failed``: its amount no longer counts against the
 charge). One commit writes the refund's row, its ``refund.*`` event, its
 subscription's follow-up (``subscription_action``) and the audit row, which is
@@ -204,7 +205,9 @@ async def _settle_refund(
 ) -> Settled:
     key, reversal = order.idempotency_key, unknown.reversal
     if state not in (ReversalState.UNKNOWN, ReversalState.PENDING):
-        raise SettleRefused(f"refund {key} is {state.value}; only an unknown or pending refund can be settled")
+        raise SettleRefused(
+            f"refund {key} is {state.value}; only an unknown or pending refund can be settled"
+        )
     new_state = ReversalState(order.settle_as.value)
     result = _result(order)
     done, effect = await settle_unknown_reversal(cursor, reversal, new_state, result)
