@@ -217,7 +217,8 @@ REQUEST_X: Final = reversal("pi_abc", 500, key="rf-x")
 
 @pytest.mark.parametrize("status", SPEC["status"])
 def test_every_refund_status_is_mapped(status: str) -> None:
-    """succeeded: approved; pending and requires_action: unknown, settled by a later lookup
+    """succeeded: approved; pending and requires_action: unknown and accepted (pending), settled
+    by a later lookup
     (Stripe moves them on by itself); failed and canceled: failed with Stripe's failure_reason."""
     result = transform.refund_result(
         REQUEST_X, 200, {}, _refund(status, failure_reason="expired_or_canceled_card")
@@ -231,6 +232,8 @@ def test_every_refund_status_is_mapped(status: str) -> None:
     }[status]
     assert result.outcome is wanted
     assert not result.needs_operator
+    # Stripe has a pending refund: accepted, so it is recorded pending and never sent again.
+    assert result.accepted is (status in ("pending", "requires_action"))
     if wanted is HARD:
         assert (result.decline_code, result.retryable) == ("expired_or_canceled_card", False)
 

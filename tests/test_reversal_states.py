@@ -242,3 +242,24 @@ async def test_daemon_keeps_a_refund_pending_until_a_lookup_reads_its_outcome(
     stats = await sandbox.stats()
     assert stats["refund_requests"] == 1, "a pending refund is never sent again"
     assert [(c["refunded_minor"], c["net_minor"]) for c in await sandbox.ledger()] == [(250, 750)]
+
+
+async def test_an_accepted_refund_frees_its_slot_and_is_a_healthy_answer(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A pending answer is the provider's word, not payd giving up: its max_in_flight slot is
+    free at once and the breaker counts it a success. With one slot held for ten minutes per
+    unanswered call, the second of three refunds could not be sent within the wait; with
+    ``breaker_min_calls = 2``, three "failures" would open the breaker."""
+    await sandbox.behave(hang_s=600)  # every refund stays pending for the whole test
+    lane = {"max_in_flight": 1, "slot_hold_s": 600, "breaker_min_calls": 2}
+    charges = [f"ch-acc-{i}" for i in range(3)]
+    keys = [f"rf-acc-{i}" for i in range(3)]
+    async with daemons.in_process(providers__sandbox=lane) as daemon:
+        await charged(db, broker, *(request(key, payment_method="pm_refund_pending") for key in charges))
+        await broker.publish([refund(key, charge, 100) for key, charge in zip(keys, charges, strict=True)])
+        states = await wait_reversals(db, keys, done=("pending",), timeout=60)
+        lane_status = (await daemon.status())["providers"]["sandbox"]
+    assert states == dict.fromkeys(keys, "pending")
+    assert (lane_status["held"], lane_status["breaker"], lane_status["breaker_trips"]) == (0, "closed", 0)
+    assert (await sandbox.stats())["refund_requests"] == 3, "each sent once"

@@ -144,10 +144,17 @@ async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> Charg
         result = ChargeResult(outcome=Outcome.UNKNOWN, reason=f"adapter raised {type(error).__name__}")
         return result
     finally:
-        # Cancelled (result None) or unknown: the provider may still be working on it.
-        free_slot(lane, metrics, abandoned=result is None or result.outcome is Outcome.UNKNOWN)
+        # Cancelled (result None) or unknown: the provider may still be working on it. An
+        # accepted answer (the provider took it and decides later) is an answer: the slot is free.
+        free_slot(lane, metrics, abandoned=result is None or unanswered(result))
         in_flight.dec()
         metrics.provider_call_seconds.labels(lane.name).observe(time.monotonic() - started)
+
+
+def unanswered(result: ChargeResult) -> bool:
+    """Whether payd gave up on the call without the provider's word: unknown, and not accepted
+    (an accepted one reached the provider, which decides it later, off this connection)."""
+    return result.outcome is Outcome.UNKNOWN and not result.accepted
 
 
 def free_slot(lane: Lane, metrics: Metrics, *, abandoned: bool) -> None:
@@ -187,9 +194,7 @@ async def bounded_call(
     except TimeoutError:
         return None
     finally:
-        unsettled = answered is None or (
-            isinstance(answered, ChargeResult) and answered.outcome is Outcome.UNKNOWN
-        )
+        unsettled = answered is None or (isinstance(answered, ChargeResult) and unanswered(answered))
         free_slot(lane, metrics, abandoned=may_charge and unsettled)
 
 
@@ -234,7 +239,8 @@ async def execute(
         run.tries += 1
         run.calling = True
         result = await _call_provider(lane, run, metrics)
-        lane.breaker.record(result.outcome)
+        # An accepted answer (Adyen's "received", Checkout.com's 202) is a healthy provider.
+        lane.breaker.record(Outcome.APPROVED if result.accepted else result.outcome)
         if result.outcome not in CHARGED_NOTHING:
             return result
         run.calling = False

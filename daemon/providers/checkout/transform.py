@@ -645,9 +645,12 @@ def _refund_accepted(request: ReversalRequest, status: int, body: bytes) -> Char
             reason=_reason(f"{status} accepted for another reference:", repr(accepted.reference)),
             needs_operator=True,
         )
+    # Checkout.com has the refund: pending (accepted), never sent again, settled by the
+    # payment's Refund action (lookup_refund).
     return ChargeResult(
         outcome=Outcome.UNKNOWN,
         provider_ref=accepted.action_id,
+        accepted=True,
         reason=_reason(
             f"{status} accepted: refund action",
             accepted.action_id,

@@ -578,10 +578,12 @@ def _refund_in_progress(refund: Refund) -> ChargeResult:
     # pending: "the refund is processing" (pending_reason processing, insufficient_funds,
     # charge_pending); requires_action: the customer must give refund details (non-card
     # methods). Both end by themselves in succeeded, failed or canceled: a lookup reads it.
+    # Stripe has the refund, so it is pending (accepted): never sent again, only looked up.
     detail = f" ({refund.pending_reason})" if refund.pending_reason else ""
     return ChargeResult(
         outcome=Outcome.UNKNOWN,
         provider_ref=refund.id,
+        accepted=True,
         reason=f"refund {refund.status}{detail}: not final, money may move",
     )
 
