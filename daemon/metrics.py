@@ -137,6 +137,12 @@ class Metrics:
             "Unknown attempts parked after a lookup raised: no automatic lookups until an operator acts",
             registry=r,
         )
+        self.refunds_parked = Gauge(
+            "payd_refunds_parked",
+            "Unknown refunds parked (a lookup raised, or nothing the provider says can settle them): "
+            "no automatic lookups until an operator acts",
+            registry=r,
+        )
         self.duty_up = Gauge(
             "payd_duty_up",
             "1 while the background duty runs; 0 crashed, restarting or stopped",

@@ -33,6 +33,10 @@ class _Backlog(msgspec.Struct, array_like=True, frozen=True):
     parked: int
 
 
+class _Count(msgspec.Struct, array_like=True, frozen=True):
+    count: int
+
+
 class HealthProbe:
     def __init__(self, pool: aiomysql.Pool, broker: Broker, metrics: Metrics) -> None:
         self._pool = pool
@@ -73,11 +77,17 @@ class HealthProbe:
                 "COUNT(parked_at) FROM attempts WHERE state = 'unknown'"
             )
             backlog = await fetch_one(cursor, _Backlog)
+            # A parked refund is unknown with no next lookup (ix_reversals_recheck covers it).
+            await cursor.execute(
+                "SELECT COUNT(*) FROM reversals WHERE state = 'unknown' AND recheck_at IS NULL"
+            )
+            refunds_parked = (await fetch_one(cursor, _Count)).count
             # The relay updates this gauge after each batch; a relay that cannot publish (the
             # broker is away) runs no batch, so the probe keeps it true meanwhile.
             outbox_lag = await read_outbox_lag(cursor)
         self._metrics.unknown_attempts.set(backlog.unknown)
         self._metrics.parked.set(backlog.parked)
+        self._metrics.refunds_parked.set(refunds_parked)
         self.parked_attempts = backlog.parked
         self._metrics.unknown_oldest.set((backlog.oldest_us or 0) / 1_000_000)
         self._metrics.outbox_lag.set(outbox_lag)

@@ -308,6 +308,8 @@ async def test_ops_files_name_only_metrics_the_daemon_exports(
         "payd_orphans_failed_total",
         "payd_duty_failing",
         "payd_attempts_parked",
+        "payd_refunds_parked",
+        "payd_refunds_pending_stale",
     ):
         assert wanted in in_queries, f"no alert uses {wanted}"
 

@@ -104,6 +104,11 @@ async def test_a_refund_whose_lookup_raises_is_parked_listed_unparked_and_settle
         assert poisoned["result_reason"] == "parked: lookup raised ValueError: cannot read refund rf-poison"
         assert await metric(daemon.port, "payd_reconciled_total", result="refund_parked") == 1
 
+        async def gauge_says_parked() -> bool:  # the probe counts it fleet-wide every 2 s
+            return await metric(daemon.port, "payd_refunds_parked") == 1
+
+        await eventually(gauge_says_parked, timeout=20, what="payd_refunds_parked to count the refund")
+
         listed = await payd(config_path, site, "attempts", "list", "--state", "unknown")
         assert listed.returncode == 0, listed.stderr
         assert "no unknown attempts match" in listed.stdout
