@@ -212,7 +212,10 @@ class AttemptPipeline:
             self._start(attempt, delivery.message, lease_deadline)
         self.counters.claimed += len(outcome.claimed)
 
-        settled_now = [first[key].message for key in (*outcome.already, *outcome.cycle_taken)]
+        settled_now = [
+            first[key].message
+            for key in (*outcome.already, *outcome.cycle_taken, *outcome.subscription_canceled)
+        ]
         settled_now += [d.message for d in repeats]
         self.counters.duplicates += len(outcome.already) + len(repeats)
         self._metrics.messages.labels("duplicate").inc(len(outcome.already) + len(repeats))

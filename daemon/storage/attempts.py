@@ -8,7 +8,7 @@ outbox events in one commit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final
 
 import aiomysql
@@ -54,6 +54,8 @@ class ClaimOutcome(msgspec.Struct, kw_only=True):
     altered: set[str] = msgspec.field(default_factory=set)
     """The row this claim wrote reads back different from the request (the database altered
     a value it cannot hold): the row is removed again and the request is invalid."""
+    subscription_canceled: set[str] = msgspec.field(default_factory=set)
+    """A renewal of a subscription canceled since its request was published: failed unsent."""
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -221,6 +223,8 @@ async def claim_attempts(
             else:
                 outcome.already[key] = state
         if claimable:
+            await _drop_canceled(cursor, claimable, by_key, outcome)
+        if claimable:
             await _mark_in_flight(cursor, claimable, outcome, claimed_by=claimed_by, lease_s=lease_s)
         if outcome.cycle_taken:
             await fail_unsent(cursor, [(claimable[k], by_key[k]) for k in outcome.cycle_taken], CYCLE_TAKEN)
@@ -230,6 +234,46 @@ async def claim_attempts(
                 altered,
             )
     return outcome
+
+
+SUBSCRIPTION_CANCELED: Final = ChargeResult(
+    outcome=Outcome.PROVIDER_ERROR,
+    retryable=False,
+    decline_code="subscription_canceled",
+    reason="the subscription was canceled after this renewal was published: not sent",
+)
+
+
+class _SubscriptionId(msgspec.Struct, frozen=True, array_like=True):
+    id: int
+
+
+async def _drop_canceled(
+    cursor: Cursor, claimable: dict[str, int], by_key: Mapping[str, AttemptRequest], outcome: ClaimOutcome
+) -> None:
+    """Renewals of subscriptions canceled since their request was published end failed, unsent.
+
+    A customer who canceled is not charged for a try that was only queued: the cancel may
+    have come while the request waited in the queue (or in a prefetch buffer). A plain read,
+    not a locking one: the subscription's row is the record step's to lock, and a cancel
+    committed after this read meets an attempt already under way (``paid_while_canceled``).
+    Requests for subscriptions payd does not hold are not affected.
+    """
+    wanted = {by_key[key].subscription_id for key in claimable} - {None}
+    if not wanted:
+        return
+    await cursor.execute(
+        f"SELECT id FROM subscriptions WHERE id IN ({placeholders(len(wanted))}) AND status = 'canceled'",  # noqa: S608
+        tuple(wanted),
+    )
+    canceled = {row.id for row in await fetch_all(cursor, _SubscriptionId)}
+    if not canceled:
+        return
+    stopped = [key for key in claimable if by_key[key].subscription_id in canceled]
+    await fail_unsent(cursor, [(claimable[key], by_key[key]) for key in stopped], SUBSCRIPTION_CANCELED)
+    for key in stopped:
+        del claimable[key]
+        outcome.subscription_canceled.add(key)
 
 
 CYCLE_TAKEN: Final = ChargeResult(
