@@ -328,14 +328,15 @@ class AttemptPipeline:
         request = finished.attempt.request
         if finished.result is None:
             self.counters.released += 1
-            self._metrics.messages.labels("released").inc()
+            self._metrics.message("released").inc()
             return
         self.counters.finished += 1
         result = finished.result
         provider = finished.run.provider
-        self._metrics.attempts.labels(provider, result.outcome.value).inc()
-        self._metrics.attempt_seconds.labels(provider).observe(now - finished.run.started)
-        self._metrics.messages.labels("processed").inc()
+        bound = self._metrics.provider(provider)
+        bound.attempts(result.outcome.value).inc()
+        bound.attempt_seconds.observe(now - finished.run.started)
+        self._metrics.message("processed").inc()
         if result.outcome in DECLINES:
             # Decline codes come from the adapters' tables, so the label set stays bounded.
             self._metrics.declines.labels(provider, result.decline_code or "unspecified").inc()
