@@ -17,6 +17,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Final, cast
 
@@ -209,7 +211,7 @@ class Broker:
             closable.close_callbacks.add(lost)
         self._connection = connection
         if self._on_message is not None and not self._paused:
-            self._consumer_tag = await self._queue.consume(self._on_message)
+            self._consumer_tag = await self._queue.consume(tracked(self._on_message))
         self.node = address
         self.connected.set()
 
@@ -247,7 +249,7 @@ class Broker:
     async def start_consuming(self, on_message: OnMessage) -> None:
         self._on_message = on_message
         if self._queue is not None and self.connected.is_set():
-            self._consumer_tag = await self._queue.consume(on_message)
+            self._consumer_tag = await self._queue.consume(tracked(on_message))
 
     async def queue_depths(self) -> dict[str, int]:
         """Messages ready in the attempts and dead-letter queues (a re-declare with the same
@@ -287,7 +289,7 @@ class Broker:
             and self._queue is not None
             and self.connected.is_set()
         ):
-            self._consumer_tag = await self._queue.consume(self._on_message)
+            self._consumer_tag = await self._queue.consume(tracked(self._on_message))
 
     def _channel(self) -> AbstractChannel:
         if not self.connected.is_set() or self._publish_channel is None:
@@ -392,22 +394,152 @@ def delivery_channel_open(message: AbstractIncomingMessage) -> bool:
         return False
 
 
-async def settle(message: AbstractIncomingMessage, *, ack: bool) -> bool:
-    """Ack (or requeue) a delivery on the channel it came on; False if that channel is gone.
+async def settle(message: AbstractIncomingMessage, *, ack: bool, requeue: bool = True) -> bool:
+    """Ack (or nack: requeue, or dead-letter with ``requeue=False``) a delivery on the channel
+    it came on; False if that channel is gone.
 
     A delivery whose channel died is requeued by the broker on its own; it will
     come back as a duplicate, which the claim step stops.
     """
-    if message.delivery_tag is None:
+    tag = message.delivery_tag
+    if tag is None:
         return True
     try:
         channel = message.channel  # raises if the channel it came on has closed
         # wait=False: an ack is fire-and-forget in AMQP; waiting for the socket write
         # would only cost event-loop turns per message.
         if ack:
-            await channel.basic_ack(delivery_tag=message.delivery_tag, wait=False)
+            await channel.basic_ack(delivery_tag=tag, wait=False)
         else:
-            await channel.basic_nack(delivery_tag=message.delivery_tag, requeue=True, wait=False)
+            await channel.basic_nack(delivery_tag=tag, requeue=requeue, wait=False)
     except BROKER_ERRORS:
         return False
+    # Only now: the frame is queued, ahead of any multiple ack computed from here on.
+    _unsettled_of(channel).settled(tag)
     return True
+
+
+# -- acking many deliveries in one frame ------------------------------------------------
+#
+# A record batch settles tens of deliveries at once. ``basic.ack`` with ``multiple`` acks
+# every unsettled delivery up to its tag on that channel, so it is used only where it is
+# provably the same as acking each: every delivery tag below it on the channel is either
+# in the batch or already settled. Delivery tags count 1, 2, 3... per channel; each is
+# registered (``tracked``) before payd's handler sees the delivery, and removed only
+# after its own settle frame is queued, so a tag still in ``_Unsettled`` is one nobody
+# has settled yet. Anything unexpected (tags registered out of order) turns the channel
+# back to one ack per delivery.
+
+
+class _Unsettled:
+    """The delivery tags of one channel not yet settled, in delivery order."""
+
+    __slots__ = ("__weakref__", "last", "order", "pending", "trusted")
+
+    def __init__(self) -> None:
+        self.pending: set[int] = set()
+        self.order: deque[int] = deque()
+        """Registered tags in increasing order; settled ones leave it lazily from the front."""
+        self.last = 0
+        self.trusted = True
+        """False once tags arrived other than 1, 2, 3...: no multiple ack on this channel."""
+
+    def delivered(self, tag: int) -> None:
+        if tag != self.last + 1:
+            self.trusted = False
+        self.last = max(self.last, tag)
+        self.pending.add(tag)
+        self.order.append(tag)
+
+    def settled(self, tag: int) -> None:
+        self.pending.discard(tag)
+        order = self.order
+        while order and order[0] not in self.pending:
+            order.popleft()
+
+    def lowest_other(self, mine: set[int]) -> int | None:
+        """The lowest unsettled tag that is not in ``mine``; None if there is none."""
+        pending = self.pending
+        for tag in self.order:
+            if tag in pending and tag not in mine:
+                return tag
+        return None
+
+
+_UNSETTLED: weakref.WeakKeyDictionary[Any, _Unsettled] = weakref.WeakKeyDictionary()
+
+
+def _unsettled_of(channel: Any) -> _Unsettled:
+    unsettled = _UNSETTLED.get(channel)
+    if unsettled is None:
+        unsettled = _UNSETTLED[channel] = _Unsettled()
+    return unsettled
+
+
+def tracked(on_message: OnMessage) -> OnMessage:
+    """``on_message`` behind the registration of each delivery's tag (see ``settle_batch``)."""
+
+    async def deliver(message: AbstractIncomingMessage) -> None:
+        tag = message.delivery_tag
+        if tag is not None:
+            with contextlib.suppress(*BROKER_ERRORS):  # a closed channel settles nothing more
+                _unsettled_of(message.channel).delivered(tag)
+        await on_message(message)
+
+    return deliver
+
+
+class Settled(msgspec.Struct, kw_only=True):
+    stale: int = 0
+    """Deliveries whose channel had closed (the broker redelivers them)."""
+    frames: int = 0
+    """Ack and nack frames sent."""
+
+
+async def settle_batch(outcomes: Sequence[tuple[AbstractIncomingMessage, bool]]) -> Settled:
+    """Settle many deliveries, ``(message, ack)``: nacks (requeue) one by one, then acks,
+    as one ``multiple`` ack for those below every other unsettled delivery of their channel
+    and one by one for the rest. The same as ``settle`` on each, in fewer frames."""
+    done = Settled()
+    acks: dict[Any, list[AbstractIncomingMessage]] = {}
+    for message, ack in outcomes:
+        if ack:
+            try:
+                channel = message.channel
+            except BROKER_ERRORS:
+                done.stale += 1
+                continue
+            acks.setdefault(channel, []).append(message)
+        elif await settle(message, ack=False):
+            done.frames += 1
+        else:
+            done.stale += 1
+    for channel, messages in acks.items():
+        await _ack_all(channel, messages, done)
+    return done
+
+
+async def _ack_all(channel: Any, messages: list[AbstractIncomingMessage], done: Settled) -> None:
+    unsettled = _unsettled_of(channel)
+    tags = {m.delivery_tag for m in messages if m.delivery_tag is not None}
+    below: list[int] = []
+    if unsettled.trusted and len(tags) > 1:
+        lowest = unsettled.lowest_other(tags)
+        below = [tag for tag in tags if lowest is None or tag < lowest]
+    rest = messages
+    if len(below) > 1:
+        try:
+            await channel.basic_ack(delivery_tag=max(below), multiple=True, wait=False)
+        except BROKER_ERRORS:
+            done.stale += len(messages)
+            return
+        done.frames += 1
+        for tag in below:
+            unsettled.settled(tag)
+        covered = set(below)
+        rest = [m for m in messages if m.delivery_tag not in covered]
+    for message in rest:
+        if await settle(message, ack=True):
+            done.frames += 1
+        else:
+            done.stale += 1
