@@ -19,7 +19,7 @@ import contextlib
 import random
 import weakref
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, cast
 
 import aio_pika
@@ -111,6 +111,137 @@ async def declare_topology(
             "x-dead-letter-routing-key": topology.dead_queue,
         },
     )
+
+
+class Delivery(AbstractIncomingMessage):
+    """One delivery as the pipeline reads it, built straight from aiormq's frame.
+
+    aio-pika's ``IncomingMessage`` copies and checks some twenty properties through its
+    own ``__setattr__`` and runs the handler in a task of its own: tens of microseconds
+    per delivery, a tenth of an attempt's CPU at saturation, for fields payd never
+    reads. This one holds what payd reads (body, headers, message id, tag) and builds
+    aio-pika's message only if something else is asked of it. Acks, nacks and rejects go
+    to the channel the delivery came on, as aio-pika's do.
+    """
+
+    __slots__ = (
+        "_full",
+        "_processed",
+        "_raw",
+        "body",
+        "consumer_tag",
+        "delivery_tag",
+        "exchange",
+        "headers",
+        "message_id",
+        "redelivered",
+        "routing_key",
+    )
+
+    def __init__(self, raw: aiormq.abc.DeliveredMessage) -> None:
+        properties = raw.header.properties
+        self._raw = raw
+        self._full: aio_pika.IncomingMessage | None = None
+        self._processed = False
+        self.body = raw.body
+        self.headers = properties.headers or {}
+        self.message_id = properties.message_id
+        self.delivery_tag = raw.delivery_tag
+        self.redelivered = raw.redelivered
+        self.routing_key = raw.routing_key
+        self.exchange = raw.exchange
+        self.consumer_tag = raw.consumer_tag
+
+    def _message(self) -> aio_pika.IncomingMessage:
+        if self._full is None:
+            self._full = aio_pika.IncomingMessage(self._raw)
+        return self._full
+
+    def __getattr__(self, name: str) -> Any:
+        # The properties payd does not read (content type, timestamp, ...), from aio-pika.
+        return getattr(self._message(), name)
+
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel:
+        channel = self._raw.channel
+        if channel.is_closed:
+            raise aio_pika.exceptions.ChannelInvalidStateError
+        return channel
+
+    @property
+    def processed(self) -> bool:
+        return self._processed
+
+    @property
+    def properties(self) -> aiormq.spec.Basic.Properties:
+        return self._raw.header.properties
+
+    def info(self) -> aio_pika.abc.MessageInfo:
+        return self._message().info()
+
+    @property
+    def locked(self) -> bool:
+        return True  # a delivery is read, never edited
+
+    def lock(self) -> None:
+        """Deliveries are always locked."""
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.body)
+
+    def process(
+        self, requeue: bool = False, reject_on_redelivered: bool = False, ignore_processed: bool = False
+    ) -> aio_pika.abc.AbstractProcessContext:
+        return aio_pika.message.ProcessContext(
+            cast(aio_pika.IncomingMessage, self),
+            requeue=requeue,
+            reject_on_redelivered=reject_on_redelivered,
+            ignore_processed=ignore_processed,
+        )
+
+    def _settling(self) -> aiormq.abc.AbstractChannel:
+        if self._processed:
+            raise aio_pika.exceptions.MessageProcessError("Message already processed", self)
+        self._processed = True
+        return self.channel
+
+    async def ack(self, multiple: bool = False) -> None:
+        channel = self._settling()
+        if self.delivery_tag is not None:
+            await channel.basic_ack(delivery_tag=self.delivery_tag, multiple=multiple)
+            if not multiple:
+                _unsettled_of(channel).settled(self.delivery_tag)
+
+    async def reject(self, requeue: bool = False) -> None:
+        channel = self._settling()
+        if self.delivery_tag is not None:
+            await channel.basic_reject(delivery_tag=self.delivery_tag, requeue=requeue)
+            _unsettled_of(channel).settled(self.delivery_tag)
+
+    async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+        channel = self._settling()
+        if self.delivery_tag is not None:
+            await channel.basic_nack(delivery_tag=self.delivery_tag, multiple=multiple, requeue=requeue)
+            if not multiple:
+                _unsettled_of(channel).settled(self.delivery_tag)
+
+
+async def consume(queue: AbstractQueue, on_message: OnMessage) -> str:
+    """Consume ``queue`` at the aiormq level: each delivery becomes a ``Delivery``, its tag
+    registered for ``settle_batch``, and ``on_message`` runs in aiormq's task for it
+    (aio-pika's consumer would add a second task and its ``IncomingMessage``)."""
+    channel = cast(aiormq.Channel, await queue.channel.get_underlay_channel())
+
+    async def deliver(raw: aiormq.abc.DeliveredMessage) -> None:
+        delivery = Delivery(raw)
+        if delivery.delivery_tag is not None:
+            _unsettled_of(raw.channel).delivered(delivery.delivery_tag)
+        await on_message(delivery)
+
+    consuming = await channel.basic_consume(queue.name, deliver, no_ack=False)
+    if consuming.consumer_tag is None:  # pamqp types it optional; the broker always sends one
+        raise aiormq.exceptions.AMQPError("the broker gave the consumer no tag")
+    return consuming.consumer_tag
 
 
 class Broker:
@@ -211,7 +342,7 @@ class Broker:
             closable.close_callbacks.add(lost)
         self._connection = connection
         if self._on_message is not None and not self._paused:
-            self._consumer_tag = await self._queue.consume(tracked(self._on_message))
+            self._consumer_tag = await consume(self._queue, self._on_message)
         self.node = address
         self.connected.set()
 
@@ -249,7 +380,7 @@ class Broker:
     async def start_consuming(self, on_message: OnMessage) -> None:
         self._on_message = on_message
         if self._queue is not None and self.connected.is_set():
-            self._consumer_tag = await self._queue.consume(tracked(on_message))
+            self._consumer_tag = await consume(self._queue, on_message)
 
     async def queue_depths(self) -> dict[str, int]:
         """Messages ready in the attempts and dead-letter queues (a re-declare with the same
@@ -289,7 +420,7 @@ class Broker:
             and self._queue is not None
             and self.connected.is_set()
         ):
-            self._consumer_tag = await self._queue.consume(tracked(self._on_message))
+            self._consumer_tag = await consume(self._queue, self._on_message)
 
     def _channel(self) -> AbstractChannel:
         if not self.connected.is_set() or self._publish_channel is None:
@@ -425,7 +556,7 @@ async def settle(message: AbstractIncomingMessage, *, ack: bool, requeue: bool =
 # every unsettled delivery up to its tag on that channel, so it is used only where it is
 # provably the same as acking each: every delivery tag below it on the channel is either
 # in the batch or already settled. Delivery tags count 1, 2, 3... per channel; each is
-# registered (``tracked``) before payd's handler sees the delivery, and removed only
+# registered (``consume``) before payd's handler sees the delivery, and removed only
 # after its own settle frame is queued, so a tag still in ``_Unsettled`` is one nobody
 # has settled yet. Anything unexpected (tags registered out of order) turns the channel
 # back to one ack per delivery.
@@ -474,19 +605,6 @@ def _unsettled_of(channel: Any) -> _Unsettled:
     if unsettled is None:
         unsettled = _UNSETTLED[channel] = _Unsettled()
     return unsettled
-
-
-def tracked(on_message: OnMessage) -> OnMessage:
-    """``on_message`` behind the registration of each delivery's tag (see ``settle_batch``)."""
-
-    async def deliver(message: AbstractIncomingMessage) -> None:
-        tag = message.delivery_tag
-        if tag is not None:
-            with contextlib.suppress(*BROKER_ERRORS):  # a closed channel settles nothing more
-                _unsettled_of(message.channel).delivered(tag)
-        await on_message(message)
-
-    return deliver
 
 
 class Settled(msgspec.Struct, kw_only=True):

@@ -1,6 +1,6 @@
 """Acking a record batch in fewer frames must ack exactly the deliveries it would ack one by one.
 
-Against the real RabbitMQ: deliveries are consumed through ``tracked``, settled with
+Against the real RabbitMQ: deliveries are consumed as payd does (``consume``), settled with
 ``settle_batch``, then the channel is closed, so every delivery the broker still counts
 unacked comes back on the queue. A ``multiple`` ack that reached below an unsettled
 delivery would make that delivery vanish instead.
@@ -15,7 +15,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from daemon.broker import broker_url, settle, settle_batch, tracked
+from daemon.broker import broker_url, consume, settle, settle_batch
 from daemon.config import RabbitMQSettings
 from daemon.secrets import load_secret
 from tests.support import NAMESPACE
@@ -53,8 +53,7 @@ async def deliver(
         if len(received) >= count:
             arrived.set()
 
-    queue = await channel.get_queue(QUEUE, ensure=False)
-    await queue.consume(tracked(on_message))
+    await consume(await channel.get_queue(QUEUE, ensure=False), on_message)
     await asyncio.wait_for(arrived.wait(), 10)
     assert [m.delivery_tag for m in received] == list(range(1, count + 1))
     return channel, received
@@ -115,3 +114,42 @@ async def test_a_closed_channel_counts_stale(connection: AbstractConnection) -> 
     await channel.close()
     done = await settle_batch([(m, True) for m in messages])
     assert (done.frames, done.stale) == (0, 3)
+
+
+async def test_a_delivery_reads_as_aio_pikas_message(connection: AbstractConnection) -> None:
+    """What payd's consumer hands on says what aio-pika's own message says of the same
+    delivery (the fields payd reads directly, the rest through aio-pika), and settles once."""
+    sent = aio_pika.Message(
+        b'{"x": 1}',
+        headers={"x-payd-error": "why", "n": 3},
+        message_id="m-1",
+        content_type="application/json",
+        correlation_id="c-1",
+        app_id="tests",
+    )
+    async with connection.channel(publisher_confirms=True) as publisher:
+        for _ in range(2):
+            await publisher.default_exchange.publish(sent, routing_key=QUEUE)
+    async with connection.channel() as reader:
+        theirs = await (await reader.get_queue(QUEUE, ensure=False)).get(no_ack=True)
+    channel = await connection.channel()
+    got: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()
+
+    async def on_message(message: AbstractIncomingMessage) -> None:
+        await got.put(message)
+
+    await consume(await channel.get_queue(QUEUE, ensure=False), on_message)
+    ours = await asyncio.wait_for(got.get(), 10)
+    for name in ("body", "headers", "message_id", "content_type", "correlation_id", "app_id", "routing_key"):
+        assert getattr(ours, name) == getattr(theirs, name), name
+    assert ours.headers == {"x-payd-error": "why", "n": 3}
+    assert ours.redelivered is False
+    assert ours.delivery_tag == 1
+    assert not ours.processed
+    await ours.ack()
+    assert ours.processed
+    with pytest.raises(aio_pika.exceptions.MessageProcessError):
+        await ours.ack()
+    assert await left_unacked(connection, channel) == []
+    with pytest.raises(aio_pika.exceptions.ChannelInvalidStateError):
+        _ = ours.channel
