@@ -587,6 +587,9 @@ class _Unsettled:
         order = self.order
         while order and order[0] not in self.pending:
             order.popleft()
+        if len(order) > 2 * len(self.pending) + 1024:
+            # A delivery held long at the front keeps settled tags behind it: drop them.
+            self.order = deque(sorted(self.pending))
 
     def lowest_other(self, mine: set[int]) -> int | None:
         """The lowest unsettled tag that is not in ``mine``; None if there is none."""

@@ -15,7 +15,7 @@ import aio_pika
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
 
-from daemon.broker import broker_url, consume, settle, settle_batch
+from daemon.broker import _Unsettled, broker_url, consume, settle, settle_batch
 from daemon.config import RabbitMQSettings
 from daemon.secrets import load_secret
 from tests.support import NAMESPACE
@@ -153,3 +153,19 @@ async def test_a_delivery_reads_as_aio_pikas_message(connection: AbstractConnect
     assert await left_unacked(connection, channel) == []
     with pytest.raises(aio_pika.exceptions.ChannelInvalidStateError):
         _ = ours.channel
+
+
+def test_the_register_stays_small_behind_a_long_held_delivery() -> None:
+    """One delivery held while thousands after it are settled: the register keeps the
+    unsettled ones only (bounded memory), and still in order."""
+    unsettled = _Unsettled()
+    for tag in range(1, 10_001):
+        unsettled.delivered(tag)
+    for tag in range(2, 10_001):
+        if tag % 1000:
+            unsettled.settled(tag)
+    assert len(unsettled.order) <= 2 * len(unsettled.pending) + 1024
+    held = [tag for tag in unsettled.order if tag in unsettled.pending]
+    assert held == sorted(unsettled.pending) == [1, *range(1000, 10_001, 1000)]
+    assert unsettled.lowest_other({1}) == 1000
+    assert unsettled.trusted
