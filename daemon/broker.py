@@ -17,7 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
-from collections.abc import Awaitable, Callable, Sequence
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, Final, cast
 
 import aio_pika
@@ -109,6 +111,137 @@ async def declare_topology(
             "x-dead-letter-routing-key": topology.dead_queue,
         },
     )
+
+
+class Delivery(AbstractIncomingMessage):
+    """One delivery as the pipeline reads it, built straight from aiormq's frame.
+
+    aio-pika's ``IncomingMessage`` copies and checks some twenty properties through its
+    own ``__setattr__`` and runs the handler in a task of its own: tens of microseconds
+    per delivery, a tenth of an attempt's CPU at saturation, for fields payd never
+    reads. This one holds what payd reads (body, headers, message id, tag) and builds
+    aio-pika's message only if something else is asked of it. Acks, nacks and rejects go
+    to the channel the delivery came on, as aio-pika's do.
+    """
+
+    __slots__ = (
+        "_full",
+        "_processed",
+        "_raw",
+        "body",
+        "consumer_tag",
+        "delivery_tag",
+        "exchange",
+        "headers",
+        "message_id",
+        "redelivered",
+        "routing_key",
+    )
+
+    def __init__(self, raw: aiormq.abc.DeliveredMessage) -> None:
+        properties = raw.header.properties
+        self._raw = raw
+        self._full: aio_pika.IncomingMessage | None = None
+        self._processed = False
+        self.body = raw.body
+        self.headers = properties.headers or {}
+        self.message_id = properties.message_id
+        self.delivery_tag = raw.delivery_tag
+        self.redelivered = raw.redelivered
+        self.routing_key = raw.routing_key
+        self.exchange = raw.exchange
+        self.consumer_tag = raw.consumer_tag
+
+    def _message(self) -> aio_pika.IncomingMessage:
+        if self._full is None:
+            self._full = aio_pika.IncomingMessage(self._raw)
+        return self._full
+
+    def __getattr__(self, name: str) -> Any:
+        # The properties payd does not read (content type, timestamp, ...), from aio-pika.
+        return getattr(self._message(), name)
+
+    @property
+    def channel(self) -> aiormq.abc.AbstractChannel:
+        channel = self._raw.channel
+        if channel.is_closed:
+            raise aio_pika.exceptions.ChannelInvalidStateError
+        return channel
+
+    @property
+    def processed(self) -> bool:
+        return self._processed
+
+    @property
+    def properties(self) -> aiormq.spec.Basic.Properties:
+        return self._raw.header.properties
+
+    def info(self) -> aio_pika.abc.MessageInfo:
+        return self._message().info()
+
+    @property
+    def locked(self) -> bool:
+        return True  # a delivery is read, never edited
+
+    def lock(self) -> None:
+        """Deliveries are always locked."""
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.body)
+
+    def process(
+        self, requeue: bool = False, reject_on_redelivered: bool = False, ignore_processed: bool = False
+    ) -> aio_pika.abc.AbstractProcessContext:
+        return aio_pika.message.ProcessContext(
+            cast(aio_pika.IncomingMessage, self),
+            requeue=requeue,
+            reject_on_redelivered=reject_on_redelivered,
+            ignore_processed=ignore_processed,
+        )
+
+    def _settling(self) -> aiormq.abc.AbstractChannel:
+        if self._processed:
+            raise aio_pika.exceptions.MessageProcessError("Message already processed", self)
+        self._processed = True
+        return self.channel
+
+    async def ack(self, multiple: bool = False) -> None:
+        channel = self._settling()
+        if self.delivery_tag is not None:
+            await channel.basic_ack(delivery_tag=self.delivery_tag, multiple=multiple)
+            if not multiple:
+                _unsettled_of(channel).settled(self.delivery_tag)
+
+    async def reject(self, requeue: bool = False) -> None:
+        channel = self._settling()
+        if self.delivery_tag is not None:
+            await channel.basic_reject(delivery_tag=self.delivery_tag, requeue=requeue)
+            _unsettled_of(channel).settled(self.delivery_tag)
+
+    async def nack(self, multiple: bool = False, requeue: bool = True) -> None:
+        channel = self._settling()
+        if self.delivery_tag is not None:
+            await channel.basic_nack(delivery_tag=self.delivery_tag, multiple=multiple, requeue=requeue)
+            if not multiple:
+                _unsettled_of(channel).settled(self.delivery_tag)
+
+
+async def consume(queue: AbstractQueue, on_message: OnMessage) -> str:
+    """Consume ``queue`` at the aiormq level: each delivery becomes a ``Delivery``, its tag
+    registered for ``settle_batch``, and ``on_message`` runs in aiormq's task for it
+    (aio-pika's consumer would add a second task and its ``IncomingMessage``)."""
+    channel = cast(aiormq.Channel, await queue.channel.get_underlay_channel())
+
+    async def deliver(raw: aiormq.abc.DeliveredMessage) -> None:
+        delivery = Delivery(raw)
+        if delivery.delivery_tag is not None:
+            _unsettled_of(raw.channel).delivered(delivery.delivery_tag)
+        await on_message(delivery)
+
+    consuming = await channel.basic_consume(queue.name, deliver, no_ack=False)
+    if consuming.consumer_tag is None:  # pamqp types it optional; the broker always sends one
+        raise aiormq.exceptions.AMQPError("the broker gave the consumer no tag")
+    return consuming.consumer_tag
 
 
 class Broker:
@@ -209,7 +342,7 @@ class Broker:
             closable.close_callbacks.add(lost)
         self._connection = connection
         if self._on_message is not None and not self._paused:
-            self._consumer_tag = await self._queue.consume(self._on_message)
+            self._consumer_tag = await consume(self._queue, self._on_message)
         self.node = address
         self.connected.set()
 
@@ -247,7 +380,7 @@ class Broker:
     async def start_consuming(self, on_message: OnMessage) -> None:
         self._on_message = on_message
         if self._queue is not None and self.connected.is_set():
-            self._consumer_tag = await self._queue.consume(on_message)
+            self._consumer_tag = await consume(self._queue, on_message)
 
     async def queue_depths(self) -> dict[str, int]:
         """Messages ready in the attempts and dead-letter queues (a re-declare with the same
@@ -287,7 +420,7 @@ class Broker:
             and self._queue is not None
             and self.connected.is_set()
         ):
-            self._consumer_tag = await self._queue.consume(self._on_message)
+            self._consumer_tag = await consume(self._queue, self._on_message)
 
     def _channel(self) -> AbstractChannel:
         if not self.connected.is_set() or self._publish_channel is None:
@@ -392,22 +525,142 @@ def delivery_channel_open(message: AbstractIncomingMessage) -> bool:
         return False
 
 
-async def settle(message: AbstractIncomingMessage, *, ack: bool) -> bool:
-    """Ack (or requeue) a delivery on the channel it came on; False if that channel is gone.
+async def settle(message: AbstractIncomingMessage, *, ack: bool, requeue: bool = True) -> bool:
+    """Ack (or nack: requeue, or dead-letter with ``requeue=False``) a delivery on the channel
+    it came on; False if that channel is gone.
 
     A delivery whose channel died is requeued by the broker on its own; it will
     come back as a duplicate, which the claim step stops.
     """
-    if message.delivery_tag is None:
+    tag = message.delivery_tag
+    if tag is None:
         return True
     try:
         channel = message.channel  # raises if the channel it came on has closed
         # wait=False: an ack is fire-and-forget in AMQP; waiting for the socket write
         # would only cost event-loop turns per message.
         if ack:
-            await channel.basic_ack(delivery_tag=message.delivery_tag, wait=False)
+            await channel.basic_ack(delivery_tag=tag, wait=False)
         else:
-            await channel.basic_nack(delivery_tag=message.delivery_tag, requeue=True, wait=False)
+            await channel.basic_nack(delivery_tag=tag, requeue=requeue, wait=False)
     except BROKER_ERRORS:
         return False
+    # Only now: the frame is queued, ahead of any multiple ack computed from here on.
+    _unsettled_of(channel).settled(tag)
     return True
+
+
+# -- acking many deliveries in one frame ------------------------------------------------
+#
+# A record batch settles tens of deliveries at once. ``basic.ack`` with ``multiple`` acks
+# every unsettled delivery up to its tag on that channel, so it is used only where it is
+# provably the same as acking each: every delivery tag below it on the channel is either
+# in the batch or already settled. Delivery tags count 1, 2, 3... per channel; each is
+# registered (``consume``) before payd's handler sees the delivery, and removed only
+# after its own settle frame is queued, so a tag still in ``_Unsettled`` is one nobody
+# has settled yet. Anything unexpected (tags registered out of order) turns the channel
+# back to one ack per delivery.
+
+
+class _Unsettled:
+    """The delivery tags of one channel not yet settled, in delivery order."""
+
+    __slots__ = ("__weakref__", "last", "order", "pending", "trusted")
+
+    def __init__(self) -> None:
+        self.pending: set[int] = set()
+        self.order: deque[int] = deque()
+        """Registered tags in increasing order; settled ones leave it lazily from the front."""
+        self.last = 0
+        self.trusted = True
+        """False once tags arrived other than 1, 2, 3...: no multiple ack on this channel."""
+
+    def delivered(self, tag: int) -> None:
+        if tag != self.last + 1:
+            self.trusted = False
+        self.last = max(self.last, tag)
+        self.pending.add(tag)
+        self.order.append(tag)
+
+    def settled(self, tag: int) -> None:
+        self.pending.discard(tag)
+        order = self.order
+        while order and order[0] not in self.pending:
+            order.popleft()
+        if len(order) > 2 * len(self.pending) + 1024:
+            # A delivery held long at the front keeps settled tags behind it: drop them.
+            self.order = deque(sorted(self.pending))
+
+    def lowest_other(self, mine: set[int]) -> int | None:
+        """The lowest unsettled tag that is not in ``mine``; None if there is none."""
+        pending = self.pending
+        for tag in self.order:
+            if tag in pending and tag not in mine:
+                return tag
+        return None
+
+
+_UNSETTLED: weakref.WeakKeyDictionary[Any, _Unsettled] = weakref.WeakKeyDictionary()
+
+
+def _unsettled_of(channel: Any) -> _Unsettled:
+    unsettled = _UNSETTLED.get(channel)
+    if unsettled is None:
+        unsettled = _UNSETTLED[channel] = _Unsettled()
+    return unsettled
+
+
+class Settled(msgspec.Struct, kw_only=True):
+    stale: int = 0
+    """Deliveries whose channel had closed (the broker redelivers them)."""
+    frames: int = 0
+    """Ack and nack frames sent."""
+
+
+async def settle_batch(outcomes: Sequence[tuple[AbstractIncomingMessage, bool]]) -> Settled:
+    """Settle many deliveries, ``(message, ack)``: nacks (requeue) one by one, then acks,
+    as one ``multiple`` ack for those below every other unsettled delivery of their channel
+    and one by one for the rest. The same as ``settle`` on each, in fewer frames."""
+    done = Settled()
+    acks: dict[Any, list[AbstractIncomingMessage]] = {}
+    for message, ack in outcomes:
+        if ack:
+            try:
+                channel = message.channel
+            except BROKER_ERRORS:
+                done.stale += 1
+                continue
+            acks.setdefault(channel, []).append(message)
+        elif await settle(message, ack=False):
+            done.frames += 1
+        else:
+            done.stale += 1
+    for channel, messages in acks.items():
+        await _ack_all(channel, messages, done)
+    return done
+
+
+async def _ack_all(channel: Any, messages: list[AbstractIncomingMessage], done: Settled) -> None:
+    unsettled = _unsettled_of(channel)
+    tags = {m.delivery_tag for m in messages if m.delivery_tag is not None}
+    below: list[int] = []
+    if unsettled.trusted and len(tags) > 1:
+        lowest = unsettled.lowest_other(tags)
+        below = [tag for tag in tags if lowest is None or tag < lowest]
+    rest = messages
+    if len(below) > 1:
+        try:
+            await channel.basic_ack(delivery_tag=max(below), multiple=True, wait=False)
+        except BROKER_ERRORS:
+            done.stale += len(messages)
+            return
+        done.frames += 1
+        for tag in below:
+            unsettled.settled(tag)
+        covered = set(below)
+        rest = [m for m in messages if m.delivery_tag not in covered]
+    for message in rest:
+        if await settle(message, ack=True):
+            done.frames += 1
+        else:
+            done.stale += 1

@@ -199,6 +199,57 @@ class Metrics:
         PlatformCollector(registry=r)
         r.register(LogShippingCollector())  # payd_log_records_{sent,dropped,failed}_total, queue depth
         # The state of lanes, halt and broker is read when scraped: ``control.LiveStateCollector``.
+        self._providers: dict[str, ProviderMetrics] = {}
+        self._messages: dict[str, Counter] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+    # -- pre-bound children for the per-attempt hot path ----------------------------------
+    # ``labels()`` validates and stringifies its values and takes a lock on every call: six
+    # calls per attempt showed as ~2% of the daemon's CPU at saturation. The children are
+    # bound on first use (a series appears once it has a value, as before) and kept.
+
+    def provider(self, name: str) -> ProviderMetrics:
+        """The per-attempt series of one provider connection, bound once."""
+        bound = self._providers.get(name)
+        if bound is None:
+            bound = self._providers[name] = ProviderMetrics(self, name)
+        return bound
+
+    def message(self, result: str) -> Counter:
+        """``payd_messages_total{result=...}``, bound once per result."""
+        child = self._messages.get(result)
+        if child is None:
+            child = self._messages[result] = self.messages.labels(result)
+        return child
+
+
+class ProviderMetrics:
+    """One provider's per-attempt series: ``labels()`` done once instead of on every attempt."""
+
+    __slots__ = (
+        "_attempts",
+        "_by_outcome",
+        "_provider",
+        "attempt_seconds",
+        "call_seconds",
+        "in_flight",
+        "wait_seconds",
+    )
+
+    def __init__(self, metrics: Metrics, provider: str) -> None:
+        self._provider = provider
+        self._attempts = metrics.attempts
+        self._by_outcome: dict[str, Counter] = {}
+        self.in_flight = metrics.in_flight.labels(provider)
+        self.wait_seconds = metrics.provider_wait_seconds.labels(provider)
+        self.call_seconds = metrics.provider_call_seconds.labels(provider)
+        self.attempt_seconds = metrics.attempt_seconds.labels(provider)
+
+    def attempts(self, outcome: str) -> Counter:
+        """``payd_attempts_total{provider, outcome}``."""
+        child = self._by_outcome.get(outcome)
+        if child is None:
+            child = self._by_outcome[outcome] = self._attempts.labels(self._provider, outcome)
+        return child

@@ -10,7 +10,6 @@ until then the broker keeps it, and a redelivery is stopped by the claim.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any, Final
@@ -20,7 +19,7 @@ import msgspec
 import structlog
 from aio_pika.abc import AbstractIncomingMessage
 
-from daemon.broker import BROKER_ERRORS, Broker, BrokerUnavailable, delivery_channel_open, settle
+from daemon.broker import Broker, BrokerUnavailable, delivery_channel_open, settle, settle_batch
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import Attempt, AttemptRequest, ChargeResult, Outcome, RefundRequest
@@ -162,8 +161,7 @@ class AttemptPipeline:
                 # The queue's own dead-letter route still takes it (without the header), rather
                 # than it coming back on every restart; the reason is in this log line.
                 log.error("attempt.dead_letter_rejected", reason=reason, error=repr(error))
-                with contextlib.suppress(*BROKER_ERRORS):
-                    await message.reject(requeue=False)
+                await settle(message, ack=False, requeue=False)
                 break
         self.counters.dead_lettered += 1
         self._metrics.dead_lettered.inc()
@@ -323,22 +321,25 @@ class AttemptPipeline:
         applied = {id(record) for record in outcome.applied}
         for finished, record in zip(batch, records, strict=True):
             self._account(finished, written=id(record) in applied, now=now)
-            if not await settle(finished.message, ack=finished.result is not None):
-                self._metrics.stale_settles.inc()
+        # Acked together (a contiguous run in one frame) only now, after the commit.
+        settled = await settle_batch([(f.message, f.result is not None) for f in batch])
+        if settled.stale:
+            self._metrics.stale_settles.inc(settled.stale)
         self._on_recorded()
 
     def _account(self, finished: Finished, *, written: bool, now: float) -> None:
         request = finished.attempt.request
         if finished.result is None:
             self.counters.released += 1
-            self._metrics.messages.labels("released").inc()
+            self._metrics.message("released").inc()
             return
         self.counters.finished += 1
         result = finished.result
         provider = finished.run.provider
-        self._metrics.attempts.labels(provider, result.outcome.value).inc()
-        self._metrics.attempt_seconds.labels(provider).observe(now - finished.run.started)
-        self._metrics.messages.labels("processed").inc()
+        bound = self._metrics.provider(provider)
+        bound.attempts(result.outcome.value).inc()
+        bound.attempt_seconds.observe(now - finished.run.started)
+        self._metrics.message("processed").inc()
         if result.outcome in DECLINES:
             # Decline codes come from the adapters' tables, so the label set stays bounded.
             self._metrics.declines.labels(provider, result.decline_code or "unspecified").inc()

@@ -123,13 +123,14 @@ async def _wait_for_gate(
 async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> ChargeResult:
     """One call, holding a limiter slot the caller acquired; released (or held) here."""
     config = lane.config
-    in_flight = metrics.in_flight.labels(lane.name)
+    bound = metrics.provider(lane.name)
+    in_flight = bound.in_flight
     in_flight.inc()
     started = time.monotonic()
     if run.tries == 1:
         # Halt, 429 pause, breaker, rate limit and limiter together: how long the first call
         # waited for its turn (later tries wait for backoffs, which are chosen, not suffered).
-        metrics.provider_wait_seconds.labels(lane.name).observe(started - run.started)
+        bound.wait_seconds.observe(started - run.started)
     result: ChargeResult | None = None
     try:
         # The adapter's HTTP timeout should fire first; this guards a misbehaving adapter.
@@ -148,7 +149,7 @@ async def _call_provider(lane: Lane, run: AttemptRun, metrics: Metrics) -> Charg
         # accepted answer (the provider took it and decides later) is an answer: the slot is free.
         free_slot(lane, metrics, abandoned=result is None or unanswered(result))
         in_flight.dec()
-        metrics.provider_call_seconds.labels(lane.name).observe(time.monotonic() - started)
+        bound.call_seconds.observe(time.monotonic() - started)
 
 
 def unanswered(result: ChargeResult) -> bool:
