@@ -620,6 +620,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             log(f"measuring a due batch at {size:,}")
             report["sizes"].append(await batch_cost(pool, args))
             await ensure_alone(alone, args.database)
+            if args.json:  # what is measured so far survives an interrupted larger size
+                text = json.dumps(report, indent=2, default=str)
+                await asyncio.to_thread(Path(args.json).write_text, text)
         log("measuring the dispatch rate")
         report["rates"] = await dispatch_rates(alone, args)
         await ensure_alone(alone, args.database)
