@@ -70,12 +70,12 @@ async def relay_batch(
             return 0
         read_at = time.monotonic()
         await publish([OutboxRow(row.event_id, row.target, row.routing_key, row.payload) for row in rows])
-        if observe_lag is not None:
-            publish_s = time.monotonic() - read_at
-            for row in rows:
-                observe_lag(max(0, row.age_us) / 1_000_000 + publish_s)
+        publish_s = time.monotonic() - read_at
         ids = [row.id for row in rows]
         await cursor.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(ids))})", ids)  # noqa: S608
+    if observe_lag is not None:  # once committed: a batch rolled back goes out (and counts) again
+        for row in rows:
+            observe_lag(max(0, row.age_us) / 1_000_000 + publish_s)
     return len(rows)
 
 
