@@ -263,6 +263,12 @@ class Broker:
         self.node: str | None = None
         """``host:port`` of the node in use; None while disconnected."""
         self._connection: AbstractConnection | None = None
+        """The consuming connection: deliveries of the attempts queue and their acks."""
+        self._publisher: AbstractConnection | None = None
+        """The publishing connection: events, requests and dead letters, with confirms. Apart
+        from the consuming one, so confirms do not queue behind thousands of deliveries and
+        acks on one socket (the outbox relay's confirms took seconds while the pipeline
+        consumed; docs/benchmarks.md)."""
         self._publish_channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
         self._consumer_tag: str | None = None
@@ -299,20 +305,26 @@ class Broker:
         lost = [node for node in self._nodes if url_address(node) == address]
         self._nodes = [node for node in self._nodes if url_address(node) != address] + lost
 
-    async def _connect_to(self, node: str) -> None:
-        """Connect to one node, open channels, declare the topology, and resume consuming if we were."""
-        address = url_address(node)
-        with naming_tls_failures(Link.RABBITMQ, address):
-            connection = await aio_pika.connect(
+    async def _open(self, node: str, name: str) -> AbstractConnection:
+        with naming_tls_failures(Link.RABBITMQ, url_address(node)):
+            return await aio_pika.connect(
                 broker_url(self.settings, self._password, node),
-                client_properties={"connection_name": "payd"},
+                client_properties={"connection_name": name},
                 ssl_context=self._tls,
                 timeout=self.settings.connect_timeout_s,
             )
+
+    async def _connect_to(self, node: str) -> None:
+        """Connect to one node (a consuming and a publishing connection), open channels, declare
+        the topology, and resume consuming if we were."""
+        address = url_address(node)
+        connection = await self._open(node, "payd")
+        publisher: AbstractConnection | None = None
         try:
+            publisher = await self._open(node, "payd-publish")
             consume_channel = await connection.channel(publisher_confirms=False)
             await consume_channel.set_qos(prefetch_count=self.settings.prefetch)
-            self._publish_channel = await connection.channel(publisher_confirms=True)
+            self._publish_channel = await publisher.channel(publisher_confirms=True)
             self._queue = await asyncio.wait_for(
                 declare_topology(
                     consume_channel,
@@ -324,8 +336,10 @@ class Broker:
                 timeout=self.settings.connect_timeout_s * 2,
             )
         except BaseException:
-            with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
-                await asyncio.wait_for(connection.close(), timeout=2)
+            for link in (connection, publisher):
+                if link is not None:
+                    with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
+                        await asyncio.wait_for(link.close(), timeout=2)
             raise
         self._lost.clear()
 
@@ -338,9 +352,10 @@ class Broker:
                 self.connected.clear()
                 self._lost.set()
 
-        for closable in (connection, consume_channel, self._publish_channel):
+        for closable in (connection, publisher, consume_channel, self._publish_channel):
             closable.close_callbacks.add(lost)
         self._connection = connection
+        self._publisher = publisher
         if self._on_message is not None and not self._paused:
             self._consumer_tag = await consume(self._queue, self._on_message)
         self.node = address
@@ -356,10 +371,12 @@ class Broker:
                 self._try_last(self.node)
             self.node = None
             old, self._connection = self._connection, None
+            old_publisher, self._publisher = self._publisher, None
             self._consumer_tag = None
-            if old is not None:
-                with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
-                    await asyncio.wait_for(old.close(), timeout=2)
+            for link in (old, old_publisher):
+                if link is not None:
+                    with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
+                        await asyncio.wait_for(link.close(), timeout=2)
             delay = self.settings.reconnect_delay_s
             while True:
                 log.warning("broker.reconnecting", delay_s=delay)
@@ -499,10 +516,12 @@ class Broker:
         self._closing = True
         self.connected.clear()
         self.node = None
-        connection, self._connection = self._connection, None
-        if connection is not None:
-            with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
-                await asyncio.wait_for(connection.close(), timeout=5)
+        links = (self._connection, self._publisher)
+        self._connection = self._publisher = None
+        for link in links:
+            if link is not None:
+                with contextlib.suppress(*BROKER_ERRORS, asyncio.TimeoutError):
+                    await asyncio.wait_for(link.close(), timeout=5)
 
 
 def _republishable(value: Any) -> Any:

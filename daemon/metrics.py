@@ -98,6 +98,12 @@ class Metrics:
         self.batch_errors = Counter("payd_batch_errors", "Failed database batches", ["stage"], registry=r)
         self.outbox_published = Counter("payd_outbox_published", "Outbox rows published", registry=r)
         self.outbox_lag = Gauge("payd_outbox_lag_seconds", "Age of the oldest unpublished event", registry=r)
+        self.outbox_event_lag = Histogram(
+            "payd_outbox_event_lag_seconds",
+            "Per published outbox row: written (in its change's commit) to confirmed by the broker",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         self.reconciled = Counter(
             "payd_reconciled",
             "Unknown attempts looked up, by what the lookup found",

@@ -41,6 +41,7 @@ from benchkit.report import (
     Result,
     Shutdown,
     check_ledger,
+    daemon_outbox_lag,
     latency_summary,
     render_text,
     steady_rate,
@@ -119,6 +120,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-logs", action="store_true", help="keep the run's directory (config, logs) even when it passed"
     )
     add("--quiet", action="store_true", help="no progress lines on stderr")
+    add(
+        "--probe-status-ms",
+        type=float,
+        default=0.0,
+        help="also time GET /status and read the daemon's VmRSS every MS ms through the window "
+        "(0: off); summarised over the samples taken with the provider at its max_in_flight",
+    )
     return parser
 
 
@@ -147,6 +155,7 @@ class Options:
     rev: str | None
     keep_logs: bool
     quiet: bool
+    probe_status_ms: float = 0.0
     drain_timeout_s: float = 30.0
 
     @classmethod
@@ -161,6 +170,7 @@ class Options:
             (2 <= args.pool_size <= 200, "--pool-size must be 2..200"),
             (args.rate >= 0 and args.latency_ms >= 0, "--rate and --latency-ms must be >= 0"),
             (args.timeout > 0 and args.profile_seconds >= 1, "--timeout > 0 and --profile-seconds >= 1"),
+            (args.probe_status_ms == 0 or args.probe_status_ms >= 10, "--probe-status-ms must be 0 or >= 10"),
         )
         for ok, message in checks:
             if not ok:
@@ -196,6 +206,7 @@ class Options:
             rev=args.rev,
             keep_logs=args.keep_logs,
             quiet=args.quiet,
+            probe_status_ms=args.probe_status_ms,
         )
 
     def params(self) -> dict[str, Any]:
@@ -248,6 +259,7 @@ class Window:
     timeline: list[list[float]]
     daemon_peak_fds: int
     control_max_ms: float
+    probe: StatusProbe | None = None
 
 
 async def prepare(opts: Options, run: Services) -> None:
@@ -346,7 +358,14 @@ async def measure(
     if opts.profile:
         run.profiler = start_profiler(opts, run)
     progress = Progress(opts, run.daemon, tracker)
-    ended = await watch(opts, progress, publishing, interrupted, run.control_url)
+    probe = StatusProbe(opts, run.daemon.pid, run.control_url) if opts.probe_status_ms else None
+    probing = asyncio.create_task(probe.run()) if probe else None
+    try:
+        ended = await watch(opts, progress, publishing, interrupted, run.control_url)
+    finally:
+        if probing is not None:
+            probing.cancel()
+            await asyncio.gather(probing, return_exceptions=True)
     cpu_end = meter.read()
     progress.peak_fds = max(progress.peak_fds, procfs.open_fds(run.daemon.pid))  # runs shorter than a tick
     publish_stats = None
@@ -362,7 +381,66 @@ async def measure(
         progress.timeline,
         progress.peak_fds,
         progress.control_max_ms,
+        probe,
     )
+
+
+class StatusProbe:
+    """``--probe-status-ms``: GET /status again and again, timing each answer, with the daemon's
+    VmRSS and its provider calls in flight at that moment (the 10,000-in-flight measurement)."""
+
+    def __init__(self, opts: Options, pid: int, control_url: str) -> None:
+        self.interval_s = opts.probe_status_ms / 1000
+        self.limit = opts.max_in_flight
+        self.pid = pid
+        self.control_url = control_url
+        self.started = time.monotonic()
+        self.samples: list[list[float]] = []
+        """[t_s, /status ms, provider calls in flight (-1: no answer), VmRSS MiB]"""
+        self.breaker_trips = 0
+
+    async def run(self) -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            while True:
+                asked = time.monotonic()
+                status = await daemon_status(session, self.control_url)
+                answered = time.monotonic()
+                lane = status.get("providers", {}).get("sandbox", {})
+                rss_kib = procfs.status_kib(self.pid, "VmRSS") or 0
+                self.breaker_trips = max(self.breaker_trips, int(lane.get("breaker_trips", 0)))
+                self.samples.append(
+                    [
+                        round(asked - self.started, 3),
+                        round((answered - asked) * 1000, 2) if status else math.nan,
+                        int(lane.get("in_flight", -1)),
+                        round(rss_kib / 1024, 1),
+                    ]
+                )
+                await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - asked)))
+
+    def summary(self) -> dict[str, Any]:
+        """Over the samples whose answer showed the provider at its limit: /status p50/p99/max
+        (unanswered ones count as failures, not as times) and the daemon's VmRSS."""
+        full = [s for s in self.samples if s[2] >= self.limit]
+        answered = sorted(s[1] for s in full if not math.isnan(s[1]))
+        return {
+            "interval_ms": round(self.interval_s * 1000, 1),
+            "samples": len(self.samples),
+            "at_limit": {
+                "samples": len(full),
+                "unanswered": len(full) - len(answered),
+                "seconds": round(full[-1][0] - full[0][0], 2) if full else 0.0,
+                "status_ms": latency_summary([ms / 1000 for ms in answered]),
+                "rss_mib_max": max((s[3] for s in full), default=math.nan),
+                "rss_mib_first": full[0][3] if full else math.nan,
+            },
+            "status_ms_all": latency_summary([s[1] / 1000 for s in self.samples if not math.isnan(s[1])]),
+            "unanswered_all": sum(1 for s in self.samples if math.isnan(s[1])),
+            "rss_mib_max_all": max((s[3] for s in self.samples), default=math.nan),
+            "peak_in_flight": max((int(s[2]) for s in self.samples), default=-1),
+            "breaker_trips": self.breaker_trips,
+            "timeline": self.samples,
+        }
 
 
 class Progress:
@@ -499,6 +577,7 @@ class Aftermath:
     ledger: LedgerCheck
     database: dict[str, int]
     commit_times: dict[str, float]
+    metrics_text: str = ""
 
 
 async def finish(opts: Options, run: Services, tracker: traffic.Tracker) -> Aftermath:
@@ -510,6 +589,7 @@ async def finish(opts: Options, run: Services, tracker: traffic.Tracker) -> Afte
         run.profiler.kill()
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
         status = await daemon_status(session, run.control_url)
+        metrics_text = await daemon_metrics(session, run.control_url)
         sandbox_stats: dict[str, Any] = await services.get_json(session, f"{run.sandbox_url}/_sandbox/stats")
         rss_kib = procfs.status_kib(run.daemon.pid, "VmHWM") or 0
         exit_code, drain_s = await run.daemon.stop(opts.drain_timeout_s + 15)
@@ -524,7 +604,20 @@ async def finish(opts: Options, run: Services, tracker: traffic.Tracker) -> Afte
         ledger=check_ledger(ledger["charges"], tracker.key_prefix),
         database=await asyncio.to_thread(services.attempt_states, tracker.key_prefix),
         commit_times=await asyncio.to_thread(services.commit_times, tracker.key_prefix),
+        metrics_text=metrics_text,
     )
+
+
+async def daemon_metrics(session: aiohttp.ClientSession, control_url: str) -> str:
+    """The daemon's /metrics text ('' for a peer, or when it does not answer)."""
+    if not control_url:
+        return ""
+    try:
+        async with session.get(f"{control_url}/metrics") as response:
+            response.raise_for_status()
+            return await response.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return ""
 
 
 async def wait_for_ctrl_c(opts: Options, run: Services, interrupted: asyncio.Event) -> None:
@@ -664,6 +757,9 @@ def assemble(
         },
         latency_ms=latency_summary(tracker.latencies_s()),
         commit_latency_ms=latency_summary(tracker.commit_latencies_s(after.commit_times)),
+        outbox_lag_ms=latency_summary(tracker.outbox_lags_s(after.commit_times)),
+        daemon_outbox_lag=daemon_outbox_lag(after.metrics_text),
+        status_probe=window.probe.summary() if window.probe else None,
         publish_s=round(window.publish.seconds, 3) if window.publish else math.nan,
         publish_max_lag_ms=round(window.publish.max_lag_s * 1000, 2) if window.publish else math.nan,
         peak_in_flight={

@@ -76,6 +76,19 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--rows", type=int, default=1_000_000, help="subscriptions at the large size")
     add("--small", type=int, default=100_000, help="subscriptions at the small size")
+    add(
+        "--sizes",
+        default=None,
+        help="comma-separated table sizes to measure at, ascending, e.g. 100000,1000000,10000000 "
+        "(instead of --small and --rows)",
+    )
+    add(
+        "--seed-with",
+        choices=("sql", "python"),
+        default="sql",
+        help="sql: INSERT ... SELECT over MariaDB's seq_1_to_N (about a minute per few million rows); "
+        "python: multi-row INSERTs built here (slow beyond a million)",
+    )
     add("--due-fraction", type=float, default=0.25, help="share of seeded subscriptions already due")
     add("--history-fraction", type=float, default=0.2, help="share with a past attempt (budget index)")
     add("--batch-size", type=int, default=1000, help="scheduler batch size")
@@ -158,6 +171,69 @@ async def seed(pool: aiomysql.Pool, first: int, last: int, args: argparse.Namesp
     return (last - first + 1) / (time.monotonic() - started)
 
 
+# -- seeding in SQL: INSERT ... SELECT over MariaDB's SEQUENCE engine (seq_1_to_N), no rows
+# through Python. Each column's "random" value is a hash of the id and a salt, so a seed is the
+# same every time and the shares match ``subscription_row``'s (2% canceled, 3% past_due, a
+# ``--due-fraction`` due within the last day, the rest due within 30 days; a
+# ``--history-fraction`` with a past attempt).
+
+SQL_CHUNK = 500_000
+"""Rows per INSERT ... SELECT: one transaction's undo log stays bounded."""
+
+
+def uniform(salt: str) -> str:
+    """A SQL expression in [0, 1), fixed for each ``seq`` and ``salt``."""
+    return f"(CRC32(CONCAT('{salt}', seq)) / 4294967296)"
+
+
+def subscriptions_sql(first: int, last: int, due_fraction: float) -> str:
+    status = uniform("s")
+    canceled = f"{status} < 0.02"
+    due = f"{uniform('d')} < {due_fraction!r}"
+    when = uniform("w")
+    return (
+        "INSERT INTO subscriptions (id, status, provider, payment_method, card_brand, amount_minor, "
+        "currency, interval_unit, interval_count, paid_cycle, billing_anchor, next_attempt_at) "
+        f"SELECT seq, CASE WHEN {canceled} THEN 'canceled' WHEN {status} < 0.05 THEN 'past_due' "
+        "ELSE 'active' END, 'sandbox', CONCAT('pm_bench_', seq), "
+        f"ELT(1 + FLOOR({uniform('b')} * 6), 'visa', 'visa', 'mastercard', 'mastercard', 'amex', NULL), "
+        f"499 + FLOOR({uniform('a')} * 9501), 'EUR', "
+        f"IF({uniform('u')} < 0.85, 'month', IF({uniform('u')} < 0.95, 'year', 'week')), 1, "
+        f"FLOOR({uniform('p')} * 13), NOW(6) - INTERVAL FLOOR({uniform('n')} * 31536000) SECOND, "
+        f"CASE WHEN {canceled} THEN NULL "
+        f"WHEN {due} THEN NOW(6) - INTERVAL (1 + FLOOR({when} * 86399999999)) MICROSECOND "
+        f"ELSE NOW(6) + INTERVAL (60000000 + FLOOR({when} * 2591940000000)) MICROSECOND END "
+        f"FROM seq_{first}_to_{last}"
+    )
+
+
+def history_sql(first: int, last: int, history_fraction: float) -> str:
+    paid = f"{uniform('q')} < 0.8"
+    age = f"INTERVAL (60 + FLOOR({uniform('g')} * 5183940)) SECOND"
+    return (
+        "INSERT INTO attempts (idempotency_key, subscription_id, cycle, provider, amount_minor, currency, "
+        "payment_method, state, outcome, created_at, finished_at) "
+        f"SELECT CONCAT('hist:', seq), seq, 0, 'sandbox', 999, 'EUR', CONCAT('pm_bench_', seq), "
+        f"IF({paid}, 'succeeded', 'declined'), IF({paid}, 'approved', 'soft_decline'), "
+        f"NOW(6) - {age}, NOW(6) - {age} "
+        f"FROM seq_{first}_to_{last} WHERE {uniform('h')} < {history_fraction!r}"
+    )
+
+
+async def seed_sql(pool: aiomysql.Pool, first: int, last: int, args: argparse.Namespace) -> float:
+    """Subscriptions ``first..last`` and their history, in SQL; return rows/s."""
+    started = time.monotonic()
+    async with pool.acquire() as connection, connection.cursor() as cursor:
+        for start in range(first, last + 1, SQL_CHUNK):
+            end = min(start + SQL_CHUNK - 1, last)
+            await cursor.execute(subscriptions_sql(start, end, args.due_fraction))
+            await cursor.execute(history_sql(start, end, args.history_fraction))
+            await connection.commit()
+            pace = (end - first + 1) / (time.monotonic() - started)
+            log(f"  seeded {end:>11,} subscriptions ({pace:,.0f} rows/s)")
+    return (last - first + 1) / (time.monotonic() - started)
+
+
 HISTORY_ROW = (
     "(%s, %s, %s, 'sandbox', 999, 'EUR', %s, %s, %s, "
     "NOW(6) - INTERVAL %s SECOND, NOW(6) - INTERVAL %s SECOND)"
@@ -185,6 +261,13 @@ async def buffer_pool_misses(cursor: Any) -> int:
     return int((await cursor.fetchone())[1])
 
 
+async def rows_read(cursor: Any) -> int:
+    """This session's index and table reads so far (the ``Handler_read_%`` counters: every
+    row or index entry the storage engine handed up, whichever access path)."""
+    await cursor.execute("SHOW SESSION STATUS LIKE 'Handler_read%%'")
+    return sum(int(value) for _, value in await cursor.fetchall())
+
+
 async def timed_in_rollback(
     pool: aiomysql.Pool, works: list[Callable[[Any], Awaitable[Any]]], warmups: int
 ) -> dict[str, float]:
@@ -194,8 +277,12 @@ async def timed_in_rollback(
     timings = []
     async with pool.acquire() as connection, connection.cursor() as cursor:
         await cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
-        misses = 0
+        misses = reads = 0
+        # What reading the counters costs by itself (SHOW STATUS reads rows too), to subtract.
+        probe = await rows_read(cursor)
+        overhead = await rows_read(cursor) - probe
         for index, work in enumerate(works):
+            read_before = await rows_read(cursor)
             before = await buffer_pool_misses(cursor)
             started = time.perf_counter()
             await work(cursor)
@@ -204,6 +291,7 @@ async def timed_in_rollback(
             if index >= warmups:
                 timings.append(elapsed * 1000)
                 misses += await buffer_pool_misses(cursor) - before
+                reads += await rows_read(cursor) - read_before - 2 * overhead
     timings.sort()
     return {
         "samples": len(timings),
@@ -211,6 +299,7 @@ async def timed_in_rollback(
         "p95_ms": round(timings[max(0, int(len(timings) * 0.95) - 1)], 2),
         "max_ms": round(timings[-1], 2),
         "disk_reads": round(misses / len(timings)),
+        "rows_read": round(reads / len(timings)),
     }
 
 
@@ -492,6 +581,16 @@ async def remove_own_rows(pool: aiomysql.Pool) -> None:
                     break
 
 
+def sizes(args: argparse.Namespace) -> list[int]:
+    """The table sizes to measure at, ascending."""
+    if args.sizes is None:
+        return [args.small, args.rows]
+    chosen = [int(part.replace("_", "")) for part in args.sizes.split(",")]
+    if chosen != sorted(set(chosen)) or chosen[0] < 1:
+        raise SystemExit(f"--sizes must be ascending positive numbers, got {args.sizes!r}")
+    return chosen
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = MySQLSettings(database=args.database, pool_size=8)
     if await others_connected(settings) and not args.force:
@@ -508,18 +607,22 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await migrate(pool, progress=lambda line: log(f"  {line}"))
         await empty_tables(pool)
-        log(f"seeding {args.small:,} subscriptions")
-        report["seed_rows_per_s"] = round(await seed(pool, 1, args.small, args))
         alone = [pool, second]
-        await ensure_alone(alone, args.database)
-        log("measuring a due batch at the small size")
-        report["small"] = await batch_cost(pool, args)
-        log(f"seeding up to {args.rows:,} subscriptions")
-        report["seed_rows_per_s_large"] = round(await seed(pool, args.small + 1, args.rows, args))
-        await ensure_alone(alone, args.database)
-        log("measuring a due batch at the large size")
-        report["large"] = await batch_cost(pool, args)
-        await ensure_alone(alone, args.database)
+        seeder = seed_sql if args.seed_with == "sql" else seed
+        report["seed_with"] = args.seed_with
+        report["seed_rows_per_s"], report["sizes"] = [], []
+        seeded = 0
+        for size in sizes(args):
+            log(f"seeding up to {size:,} subscriptions")
+            report["seed_rows_per_s"].append(round(await seeder(pool, seeded + 1, size, args)))
+            seeded = size
+            await ensure_alone(alone, args.database)
+            log(f"measuring a due batch at {size:,}")
+            report["sizes"].append(await batch_cost(pool, args))
+            await ensure_alone(alone, args.database)
+            if args.json:  # what is measured so far survives an interrupted larger size
+                text = json.dumps(report, indent=2, default=str)
+                await asyncio.to_thread(Path(args.json).write_text, text)
         log("measuring the dispatch rate")
         report["rates"] = await dispatch_rates(alone, args)
         await ensure_alone(alone, args.database)
@@ -540,31 +643,33 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     lines = [f"renewals bench: {report['command']}  ({report['cpus']} CPUs, batch {report['batch_size']})"]
-    lines.append(f"seeding: {report['seed_rows_per_s']:,} and {report['seed_rows_per_s_large']:,} rows/s")
+    pace = ", ".join(f"{value:,}" for value in report["seed_rows_per_s"])
+    lines.append(f"seeding ({report['seed_with']}): {pace} rows/s")
     lines.append("")
     lines.append(
-        f"{'table rows':>12} {'due':>9} {'r_rows':>7}   {'claim, warm':>20}   {'claim, cold':>20}   "
-        f"{'whole batch, cold':>20}"
+        f"{'table rows':>12} {'due':>9} {'r_rows':>7}   {'claim, warm':>26}   {'claim, cold':>26}   "
+        f"{'whole batch, cold':>26}"
     )
-    lines.append(
-        f"{'':>31}   {'med / p95 ms  reads':>20}   {'med / p95 ms  reads':>20}   {'med / p95 ms  reads':>20}"
-    )
+    header = "med / p95 ms  disk  rows"
+    lines.append(f"{'':>31}   {header:>26}   {header:>26}   {header:>26}")
 
     def cell(figure: dict[str, Any]) -> str:
-        return f"{figure['median_ms']:>6} / {figure['p95_ms']:<6} {figure['disk_reads']:>5}"
+        return (
+            f"{figure['median_ms']:>6} / {figure['p95_ms']:<6} {figure['disk_reads']:>5} "
+            f"{figure.get('rows_read', '-'):>5}"
+        )
 
-    for size in ("small", "large"):
-        cost = report[size]
+    for cost in report["sizes"]:
         lines.append(
             f"{cost['rows']:>12,} {cost['due']:>9,} {cost['analyze']['r_rows']!s:>7}   "
-            f"{cell(cost['claim_warm']):>20}   {cell(cost['claim_cold']):>20}   "
-            f"{cell(cost['batch_cold']):>20}"
+            f"{cell(cost['claim_warm']):>26}   {cell(cost['claim_cold']):>26}   "
+            f"{cell(cost['batch_cold']):>26}"
         )
     lines.append("")
-    for size in ("small", "large"):
-        for row in report[size]["explain"]:
+    for cost in report["sizes"]:
+        for row in cost["explain"]:
             lines.append(
-                f"EXPLAIN at {report[size]['rows']:,}: type={row.get('type')} key={row.get('key')} "
+                f"EXPLAIN at {cost['rows']:,}: type={row.get('type')} key={row.get('key')} "
                 f"rows={row.get('rows')} Extra={row.get('Extra')}"
             )
     lines.append("")

@@ -150,6 +150,13 @@ async def test_counters_match_what_the_gateway_and_the_broker_saw(
     assert len(events) == len(valid), "one event per attempt"
     assert metrics.value("payd_outbox_published_total") >= len(events)
     assert metrics.value("payd_outbox_lag_seconds") < 5
+    # One lag observation per confirmed outbox row, each fresh (written moments earlier).
+    assert metrics.value("payd_outbox_event_lag_seconds_count") == metrics.value(
+        "payd_outbox_published_total"
+    )
+    assert metrics.value("payd_outbox_event_lag_seconds_bucket", le="60.0") == metrics.value(
+        "payd_outbox_published_total"
+    )
 
     assert metrics.value("payd_provider_in_flight", provider="sandbox") == 0
     assert metrics.value("payd_provider_waiting", provider="sandbox") == 0
@@ -222,6 +229,11 @@ async def test_outbox_lag_is_true_while_the_relay_is_behind(
             return left == 0 and (await scrape(daemon.port)).value("payd_outbox_lag_seconds") < 60
 
         await eventually(caught_up, timeout=120, what="the relay to catch up and the gauge to fall")
+        after = await scrape(daemon.port)
+    # Each row's own lag, write to broker confirm: all ten minutes old, none under a minute.
+    assert after.value("payd_outbox_event_lag_seconds_count") == rows
+    assert after.value("payd_outbox_event_lag_seconds_bucket", le="60.0") == 0
+    assert after.value("payd_outbox_event_lag_seconds_sum") >= rows * 600
 
 
 # -- ops/: the dashboard and the alert rules -------------------------------------------

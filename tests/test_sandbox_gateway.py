@@ -11,9 +11,12 @@ import asyncio
 import logging
 import random
 import re
+import shutil
 import statistics
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -22,6 +25,7 @@ from aiohttp import web
 
 from payd_sandbox.behaviour import Dice, LatencyDist
 from payd_sandbox.gateway import (
+    LISTEN_BACKLOG,
     SandboxBehaviour,
     SandboxSettings,
     add_arguments,
@@ -548,3 +552,35 @@ async def test_serve_listens_until_the_event_then_ends_hangs_cleanly(
     assert time.monotonic() - started < 2
     await asyncio.gather(hanging, return_exceptions=True)
     assert [r.getMessage() for r in caplog.records] == []
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs ss (iproute2) to read the listen queue")
+async def test_serve_listens_with_a_backlog_for_thousands_of_connections(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The listening socket queues up to LISTEN_BACKLOG connections (as far as somaxconn allows),
+    not aiohttp's 128: at 10,000 calls in flight the daemon opens connections faster than a busy
+    gateway accepts them, and overflowing SYNs turned into connect timeouts and an open breaker."""
+    somaxconn = int(await asyncio.to_thread(Path("/proc/sys/net/core/somaxconn").read_text))
+    if somaxconn <= 128:
+        pytest.skip(f"net.core.somaxconn is {somaxconn}: no backlog above aiohttp's default possible")
+    shutdown = asyncio.Event()
+    server = asyncio.create_task(serve(SandboxSettings(port=0), shutdown))
+    try:
+        port = ""
+        for _ in range(200):
+            if match := re.search(r"listening on http://127\.0\.0\.1:(\d+)", capsys.readouterr().out):
+                port = match.group(1)
+                break
+            await asyncio.sleep(0.01)
+        assert port, "serve() never said where it listens"
+        ss = await asyncio.to_thread(
+            subprocess.run, ["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, check=True
+        )
+        listing = ss.stdout.split()
+        # LISTEN <queued now> <backlog> <local address> <peer>: Send-Q of a listener is its backlog.
+        assert listing[0] == "LISTEN" and listing[3].endswith(f":{port}"), listing
+        assert int(listing[2]) == min(LISTEN_BACKLOG, somaxconn)
+    finally:
+        shutdown.set()
+        await asyncio.wait_for(server, timeout=5)

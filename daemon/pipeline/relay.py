@@ -56,7 +56,10 @@ class OutboxRelay:
         try:
             while True:
                 sent = await relay_batch(
-                    self._pool, self._broker.publish_outbox, limit=self._settings.batch_size
+                    self._pool,
+                    self._broker.publish_outbox,
+                    limit=self._settings.batch_size,
+                    observe_lag=self._metrics.outbox_event_lag.observe,
                 )
                 total += sent
                 self._metrics.outbox_published.inc(sent)

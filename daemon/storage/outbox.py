@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
@@ -20,6 +21,8 @@ class _QueuedEvent(msgspec.Struct, array_like=True, frozen=True):
     target: str
     routing_key: str
     payload: bytes
+    age_us: int
+    """How long ago the row was written (MySQL's clock, at the locking read)."""
 
 
 class _Lag(msgspec.Struct, array_like=True, frozen=True):
@@ -37,26 +40,42 @@ async def insert_outbox(cursor: Cursor, rows: Iterable[OutboxRow]) -> None:
         )
 
 
-async def relay_batch(pool: aiomysql.Pool, publish: Publish, *, limit: int) -> int:
+async def relay_batch(
+    pool: aiomysql.Pool,
+    publish: Publish,
+    *,
+    limit: int,
+    observe_lag: Callable[[float], None] | None = None,
+) -> int:
     """Publish up to ``limit`` outbox rows with confirms; return how many went out.
 
     Rows stay locked (SKIP LOCKED lets other relays take the next ones) until
     the broker confirmed them and they are deleted in the same transaction. If
     publishing fails the transaction rolls back and the rows are sent again
     later: at least once, with stable event ids for consumers to dedupe.
+
+    ``observe_lag`` gets, per row the broker confirmed, the seconds from the row's
+    write (in the transaction of the change it announces) to the confirm: the row's age
+    at the locking read, by MySQL's clock, plus the publish's duration, by this process's.
     """
     async with transaction(pool) as cursor:
         await cursor.execute(
-            "SELECT id, event_id, target, routing_key, payload FROM outbox "
+            "SELECT id, event_id, target, routing_key, payload, "
+            "TIMESTAMPDIFF(MICROSECOND, created_at, NOW(6)) FROM outbox "
             "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
             (limit,),
         )
         rows = await fetch_all(cursor, _QueuedEvent)
         if not rows:
             return 0
+        read_at = time.monotonic()
         await publish([OutboxRow(row.event_id, row.target, row.routing_key, row.payload) for row in rows])
+        publish_s = time.monotonic() - read_at
         ids = [row.id for row in rows]
         await cursor.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(ids))})", ids)  # noqa: S608
+    if observe_lag is not None:  # once committed: a batch rolled back goes out (and counts) again
+        for row in rows:
+            observe_lag(max(0, row.age_us) / 1_000_000 + publish_s)
     return len(rows)
 
 

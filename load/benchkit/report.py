@@ -7,6 +7,7 @@ from collections import Counter
 from typing import Any
 
 import msgspec
+from prometheus_client.parser import text_string_to_metric_families
 
 
 class Latency(msgspec.Struct, kw_only=True):
@@ -34,6 +35,38 @@ class LedgerCheck(msgspec.Struct, kw_only=True):
     @property
     def ok(self) -> bool:
         return not self.keys_approved_twice and not self.references_approved_twice
+
+
+class DaemonOutboxLag(msgspec.Struct, kw_only=True):
+    """The daemon's own ``payd_outbox_event_lag_seconds`` histogram at the end of the window:
+    per outbox row, written -> confirmed by the broker (docs/observability.md)."""
+
+    events: int
+    mean_ms: float
+    share_within_1s: float
+    """Fraction of rows confirmed within 1 s of being written: >= 0.99 means p99 < 1 s."""
+
+
+def daemon_outbox_lag(metrics_text: str) -> DaemonOutboxLag | None:
+    """Read the histogram out of a /metrics scrape (None: the daemon does not export it)."""
+    count = total = within = math.nan
+    for family in text_string_to_metric_families(metrics_text):
+        if family.name != "payd_outbox_event_lag_seconds":
+            continue
+        for sample in family.samples:
+            if sample.name.endswith("_count"):
+                count = sample.value
+            elif sample.name.endswith("_sum"):
+                total = sample.value
+            elif sample.name.endswith("_bucket") and float(sample.labels["le"]) == 1.0:
+                within = sample.value
+    if math.isnan(count):
+        return None
+    return DaemonOutboxLag(
+        events=int(count),
+        mean_ms=round(total / count * 1000, 2) if count else math.nan,
+        share_within_1s=round(within / count, 5) if count else math.nan,
+    )
 
 
 class Shutdown(msgspec.Struct, kw_only=True):
@@ -76,6 +109,13 @@ class Result(msgspec.Struct, kw_only=True):
     commit_latency_ms: Latency | None
     """Published -> outcome committed (``attempts.finished_at``); the gap to ``latency_ms``
     is the outbox relay's."""
+    outbox_lag_ms: Latency | None = None
+    """Per attempt: outcome committed (``attempts.finished_at``) -> its terminal event
+    consumed from ``payd.events`` by the harness: what the outbox relay adds."""
+    daemon_outbox_lag: DaemonOutboxLag | None = None
+    status_probe: dict[str, Any] | None = None
+    """``--probe-status-ms``: /status answer times and the daemon's VmRSS sampled through the
+    window, summarised over the samples with the provider at its max_in_flight."""
     publish_s: float
     publish_max_lag_ms: float
     peak_in_flight: dict[str, int]
@@ -185,7 +225,11 @@ def render_text(result: Result) -> str:
             "  ".join(f"{name} {value:.2f}" for name, value in result.cpu_cores_busy.items()),
         )
     )
-    latencies = (("latency ms, event", result.latency_ms), ("latency ms, commit", result.commit_latency_ms))
+    latencies = (
+        ("latency ms, event", result.latency_ms),
+        ("latency ms, commit", result.commit_latency_ms),
+        ("outbox lag ms", result.outbox_lag_ms),
+    )
     for label, lat in latencies:
         if lat is not None:
             rows.append(
@@ -195,6 +239,46 @@ def render_text(result: Result) -> str:
                     f"max {_fmt(lat.max, 1)}  mean {_fmt(lat.mean, 1)}",
                 )
             )
+    if result.daemon_outbox_lag is not None:
+        lag = result.daemon_outbox_lag
+        rows.append(
+            (
+                "outbox lag, daemon",
+                f"{lag.events:,} events, mean {_fmt(lag.mean_ms, 1)} ms, "
+                f"{_fmt(lag.share_within_1s * 100, 2)}% within 1 s (payd_outbox_event_lag_seconds)",
+            )
+        )
+    probe = result.status_probe
+    if probe is not None:
+        full = probe["at_limit"]
+        lat = full["status_ms"]
+        timing = (
+            f"p50 {_fmt(lat.p50, 1)}  p99 {_fmt(lat.p99, 1)}  max {_fmt(lat.max, 1)} ms"
+            if lat is not None
+            else "no answers"
+        )
+        rows.append(
+            (
+                "at max_in_flight",
+                f"{full['samples']:,} /status probes over {_fmt(full['seconds'], 1)} s: {timing}, "
+                f"{full['unanswered']} unanswered; daemon VmRSS max {_fmt(full['rss_mib_max'], 1)} MiB",
+            )
+        )
+        everything = probe["status_ms_all"]
+        rows.append(
+            (
+                "whole window",
+                f"{probe['samples']:,} /status probes: "
+                + (
+                    f"p50 {_fmt(everything.p50, 1)}  p99 {_fmt(everything.p99, 1)}  "
+                    f"max {_fmt(everything.max, 1)} ms"
+                    if everything is not None
+                    else "no answers"
+                )
+                + f", {probe['unanswered_all']} unanswered; peak in flight {probe['peak_in_flight']:,}, "
+                f"VmRSS max {_fmt(probe['rss_mib_max_all'], 1)} MiB, breaker trips {probe['breaker_trips']}",
+            )
+        )
     rows += [
         (
             "publishing",

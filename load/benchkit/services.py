@@ -34,8 +34,10 @@ from yarl import URL
 
 REPO = Path(__file__).resolve().parents[2]
 PAYD = str(REPO / ".venv" / "bin" / "payd")
-DATABASE = "payd_bench"
-NAMESPACE = "payd_bench"
+# One benchmark at a time per database: PAYD_BENCH_DATABASE (which must exist, granted to the
+# payd user) gives a run a database, namespace (queues, exchange, Redis keys) and lock of its own.
+DATABASE = os.environ.get("PAYD_BENCH_DATABASE", "payd_bench")
+NAMESPACE = DATABASE
 AMQP_URL = "amqp://payd@127.0.0.1:5672/"
 
 
@@ -441,7 +443,7 @@ class DatabaseLock:
     the first. The lock lives with its connection, so a killed harness frees it.
     """
 
-    NAME = "payd_bench"
+    NAME = DATABASE
 
     def __init__(self) -> None:
         self._connection: pymysql.connections.Connection[Any] | None = None
@@ -454,7 +456,7 @@ class DatabaseLock:
         if not row or row[0] != 1:
             connection.close()
             raise BenchError(
-                f"another benchmark holds the MySQL lock {self.NAME!r}: one run at a time on payd_bench"
+                f"another benchmark holds the MySQL lock {self.NAME!r}: one run at a time on {DATABASE}"
             )
         self._connection = connection
 

@@ -137,6 +137,18 @@ class Tracker:
             if key.startswith(self._prefix)
         ]
 
+    def outbox_lags_s(self, commit_times: dict[str, float]) -> list[float]:
+        """Outcome committed in MySQL -> its terminal event consumed here, per attempt that has
+        both: the outbox relay's lag as a consumer of ``payd.events`` sees it (relay, broker
+        routing and this harness's own delivery included). Same host, same clock."""
+        lags = []
+        for key, committed in commit_times.items():
+            if key.startswith(self._prefix):
+                seen = self.finished_at[int(key[len(self._prefix) :])]
+                if not math.isnan(seen):
+                    lags.append(seen + self.wall_offset - committed)
+        return lags
+
     @property
     def key_prefix(self) -> str:
         return self._prefix

@@ -587,12 +587,19 @@ def build_app(behaviour: SandboxBehaviour) -> web.Application:
     return app
 
 
+LISTEN_BACKLOG = 4096
+"""Connections the kernel queues before the gateway accepts them (capped by net.core.somaxconn).
+aiohttp's default, 128, overflows when a daemon opens thousands of connections at once (10,000
+calls in flight): dropped SYNs are retried after 1 s, 3 s, ..., connects outlast
+``connect_timeout_s``, and the provider's breaker opens on a gateway that was only slow to accept."""
+
+
 async def serve(settings: SandboxSettings, shutdown: asyncio.Event) -> None:
     """Listen until `shutdown` is set, then close. The caller owns the loop and signals."""
     runner = web.AppRunner(build_app(settings.behaviour), handle_signals=False, access_log=None)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, settings.host, settings.port)
+        site = web.TCPSite(runner, settings.host, settings.port, backlog=LISTEN_BACKLOG)
         await site.start()
         port = runner.addresses[0][1]  # the real one when settings.port is 0
         host = f"[{settings.host}]" if ":" in settings.host else settings.host
