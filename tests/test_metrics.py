@@ -176,8 +176,10 @@ async def test_saturation_shows_in_flight_at_the_limit_and_attempts_waiting(
     db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
     """While a slow provider is saturated, /metrics shows in-flight calls at the configured
-    limit and the attempts queued behind it; once done, both fall back to zero."""
-    await sandbox.behave(latency_ms=300)
+    limit and the attempts queued behind it; once done, both fall back to zero. A second per
+    charge keeps the saturated window ten seconds wide, so a busy machine's slow intake still
+    has attempts waiting while all four slots are taken."""
+    await sandbox.behave(latency_ms=1000)
     async with daemons.in_process(providers__sandbox={"max_in_flight": 4}) as daemon:
         await broker.publish(request(f"sat-{i}") for i in range(40))
         seen: list[Scrape] = []
