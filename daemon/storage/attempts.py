@@ -190,6 +190,9 @@ async def claim_attempts(
     and stops here.
     """
     outcome = ClaimOutcome()
+    # In key order: two claims holding some of the same keys (a redelivery, a second daemon)
+    # then take their row locks in the same order and wait for each other, never deadlock.
+    requests = sorted(requests, key=lambda request: request.idempotency_key)
     by_key = {request.idempotency_key: request for request in requests}
     keys = list(by_key)
     async with transaction(pool) as cursor:
