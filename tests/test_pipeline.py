@@ -9,11 +9,23 @@ import random
 import aiomysql
 import msgspec
 
-from daemon.config import SubscriptionSettings
+from daemon.config import MySQLSettings, SubscriptionSettings
 from daemon.models import AttemptRequest
+from daemon.secrets import load_secret
 from daemon.storage.attempts import Record, claim_attempts, record_outcomes
+from daemon.storage.db import close_pool, open_pool
 from daemon.subscriptions.policy import SubscriptionPolicy
-from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request, states, wait_settled
+from tests.support import (
+    DATABASE,
+    Broker,
+    DaemonFactory,
+    Sandbox,
+    eventually,
+    query,
+    request,
+    states,
+    wait_settled,
+)
 
 TOKENS = ["pm_ok"] * 6 + ["pm_insufficient_funds", "pm_stolen", "pm_error", "pm_rate_limited", "pm_random"]
 
@@ -230,11 +242,20 @@ async def test_claim_removes_a_row_the_database_stored_differently(db: aiomysql.
     ]
 
 
-async def test_overlapping_claims_in_opposite_orders_never_deadlock(db: aiomysql.Pool) -> None:
+async def test_overlapping_claims_in_opposite_orders_all_succeed(db: aiomysql.Pool) -> None:
     """Two claims of the same keys, delivered in opposite orders (a redelivery, two daemons
     holding copies), run at once, again and again: each key ends claimed exactly once and no
-    claim fails. Rows locked in delivery order deadlocked (MySQL 1213), and the losing batch
-    went back to the queue; the claim now takes its locks in key order."""
+    claim fails. InnoDB's duplicate-key checks can deadlock such claims (MySQL 1213); the
+    batch that lost used to go back to the queue, and now is claimed again at once."""
+    # A pool like the daemon's (transactions, READ COMMITTED), not the tests' autocommit one.
+    pool = await open_pool(MySQLSettings(database=DATABASE, pool_size=4), load_secret("mysql_password"))
+    try:
+        await _claim_in_opposite_orders(pool)
+    finally:
+        await close_pool(pool)
+
+
+async def _claim_in_opposite_orders(db: aiomysql.Pool) -> None:
     for round_ in range(15):
         keys = [f"dl-{round_}-{i:03d}" for i in range(150)]
         bodies = [msgspec.convert(request(key), AttemptRequest) for key in keys]

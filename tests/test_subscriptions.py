@@ -597,38 +597,43 @@ async def test_a_try_queued_when_its_subscription_is_canceled_ends_failed_and_th
     assert [(e["type"], e["subscription_id"]) for e in events] == [("payment.failed", 1)]
 
 
-async def test_a_renewal_queued_when_its_subscription_is_canceled_is_never_sent(
+async def test_a_renewal_queued_when_its_subscription_is_canceled_or_paused_is_never_sent(
     db: aiomysql.Pool, sched_pool: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
 ) -> None:
-    """A customer cancels while the renewal's request waits in the queue: the claim sees the
-    canceled subscription and ends the try failed (``subscription_canceled``), never sent, so
-    nobody is charged after canceling (the old behaviour charged it and reported
-    ``subscription.paid_while_canceled``). The other subscription's renewal is charged."""
-    await add_subscriptions(db, [(1, "pm_ok", "visa"), (2, "pm_ok", "visa")])
+    """A customer cancels (or a subscription is paused) while the renewal's request waits in
+    the queue: the claim sees the subscription's status and ends the try failed
+    (``subscription_canceled``, ``subscription_paused``), never sent, so nobody is charged
+    after canceling (the old behaviour charged it and reported
+    ``subscription.paid_while_canceled``). The active subscription's renewal is charged."""
+    await add_subscriptions(db, [(1, "pm_ok", "visa"), (2, "pm_ok", "visa"), (3, "pm_ok", "visa")])
     scheduler = RenewalScheduler(
         pool=sched_pool, settings=settings(), policy=SubscriptionPolicy(settings()), providers={"sandbox"}
     )
-    assert (await scheduler.run_pass()).dispatched == 2  # both requests wait in the outbox
+    assert (await scheduler.run_pass()).dispatched == 3  # the requests wait in the outbox
     await query(
         db, "UPDATE subscriptions SET status = 'canceled', status_reason = 'by the customer' WHERE id = 1"
     )
+    await query(db, "UPDATE subscriptions SET status = 'paused', status_reason = 'refunded' WHERE id = 3")
     await broker.follow_events()
     async with daemons.in_process(**sections()):
         # Like the orphan sweep's never_sent, the try ends without moving the canceled
         # subscription, which keeps its pending_key: wait for the attempts, not for rest.
         async def both_reported() -> bool:
-            return {e.get("subscription_id") for e in broker.events if e["type"].startswith("payment.")} == {
-                1,
-                2,
-            }
+            reported = {e.get("subscription_id") for e in broker.events if e["type"].startswith("payment.")}
+            return reported == {1, 2, 3}
 
         await eventually(both_reported, timeout=30, what="a payment event for each renewal")
     rows = await query(
         db, "SELECT subscription_id, state, decline_code FROM attempts ORDER BY subscription_id"
     )
-    assert rows == [(1, "failed", "subscription_canceled"), (2, "succeeded", None)]
+    assert rows == [
+        (1, "failed", "subscription_canceled"),
+        (2, "succeeded", None),
+        (3, "failed", "subscription_paused"),
+    ]
     assert [c["merchant_reference"] for c in await sandbox.assert_no_double_charge()] == ["2:1"]
-    assert (await subscription_rows(db))[1]["status"] == "canceled"
+    subscriptions = await subscription_rows(db)
+    assert (subscriptions[1]["status"], subscriptions[3]["status"]) == ("canceled", "paused")
     assert not [e for e in broker.events if e["type"] == "subscription.paid_while_canceled"]
 
 

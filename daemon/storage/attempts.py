@@ -8,8 +8,10 @@ outbox events in one commit.
 
 from __future__ import annotations
 
+import asyncio
+import random
 from collections.abc import Mapping, Sequence
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import aiomysql
 import msgspec
@@ -55,7 +57,8 @@ class ClaimOutcome(msgspec.Struct, kw_only=True):
     """The row this claim wrote reads back different from the request (the database altered
     a value it cannot hold): the row is removed again and the request is invalid."""
     subscription_canceled: set[str] = msgspec.field(default_factory=set)
-    """A renewal of a subscription canceled since its request was published: failed unsent."""
+    """A renewal of a subscription canceled or paused since its request was published: failed
+    unsent."""
 
 
 class Record(msgspec.Struct, frozen=True, kw_only=True):
@@ -180,6 +183,10 @@ def _same_charge(request: AttemptRequest, row: _ClaimRow) -> bool:
     )
 
 
+_ER_LOCK_DEADLOCK: Final = 1213
+CLAIM_DEADLOCK_RETRIES: Final = 4
+
+
 async def claim_attempts(
     pool: aiomysql.Pool, requests: Sequence[AttemptRequest], *, claimed_by: str, lease_s: float
 ) -> ClaimOutcome:
@@ -188,10 +195,29 @@ async def claim_attempts(
     ``requests`` must have distinct idempotency keys. A duplicate delivery, or
     a second daemon holding the same message, finds the row already claimed
     and stops here.
+
+    Two claims holding some of the same keys can still deadlock in InnoDB's unique-key
+    checks (the duplicate check's shared next-key locks), even in key order. The server then
+    rolls one transaction back whole, so it is simply claimed again, a few times, before the
+    error reaches the pipeline (which would put the batch back on the queue).
     """
+    for retry in range(CLAIM_DEADLOCK_RETRIES + 1):
+        try:
+            return await _claim(pool, requests, claimed_by=claimed_by, lease_s=lease_s)
+        except pymysql.err.OperationalError as error:
+            if error.args[0] != _ER_LOCK_DEADLOCK or retry == CLAIM_DEADLOCK_RETRIES:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.01 * (retry + 1)))  # noqa: S311 (jitter, not secrecy)
+    raise AssertionError("unreachable: the last retry returns or raises")
+
+
+async def _claim(
+    pool: aiomysql.Pool, requests: Sequence[AttemptRequest], *, claimed_by: str, lease_s: float
+) -> ClaimOutcome:
     outcome = ClaimOutcome()
     # In key order: two claims holding some of the same keys (a redelivery, a second daemon)
-    # then take their row locks in the same order and wait for each other, never deadlock.
+    # take their row locks in the same order, which leaves only the duplicate-key checks'
+    # deadlocks (retried by claim_attempts).
     requests = sorted(requests, key=lambda request: request.idempotency_key)
     by_key = {request.idempotency_key: request for request in requests}
     keys = list(by_key)
@@ -226,7 +252,7 @@ async def claim_attempts(
             else:
                 outcome.already[key] = state
         if claimable:
-            await _drop_canceled(cursor, claimable, by_key, outcome)
+            await _drop_stopped(cursor, claimable, by_key, outcome)
         if claimable:
             await _mark_in_flight(cursor, claimable, outcome, claimed_by=claimed_by, lease_s=lease_s)
         if outcome.cycle_taken:
@@ -239,44 +265,51 @@ async def claim_attempts(
     return outcome
 
 
-SUBSCRIPTION_CANCELED: Final = ChargeResult(
-    outcome=Outcome.PROVIDER_ERROR,
-    retryable=False,
-    decline_code="subscription_canceled",
-    reason="the subscription was canceled after this renewal was published: not sent",
-)
+SUBSCRIPTION_STOPPED: Final = {
+    status: ChargeResult(
+        outcome=Outcome.PROVIDER_ERROR,
+        retryable=False,
+        decline_code=f"subscription_{status}",
+        reason=f"the subscription was {status} after this renewal was published: not sent",
+    )
+    for status in ("canceled", "paused")
+}
 
 
-class _SubscriptionId(msgspec.Struct, frozen=True, array_like=True):
+class _StoppedSubscription(msgspec.Struct, frozen=True, array_like=True):
     id: int
+    status: Literal["canceled", "paused"]
 
 
-async def _drop_canceled(
+async def _drop_stopped(
     cursor: Cursor, claimable: dict[str, int], by_key: Mapping[str, AttemptRequest], outcome: ClaimOutcome
 ) -> None:
-    """Renewals of subscriptions canceled since their request was published end failed, unsent.
+    """Renewals of subscriptions canceled or paused since their request was published end
+    failed, unsent.
 
-    A customer who canceled is not charged for a try that was only queued: the cancel may
-    have come while the request waited in the queue (or in a prefetch buffer). A plain read,
-    not a locking one: the subscription's row is the record step's to lock, and a cancel
-    committed after this read meets an attempt already under way (``paid_while_canceled``).
-    Requests for subscriptions payd does not hold are not affected.
+    A customer who canceled (or whose subscription was paused, e.g. by ``payd refund --then
+    pause``) is not charged for a try that was only queued: the change may have come while the
+    request waited in the queue (or in a prefetch buffer). A plain read, not a locking one: the
+    subscription's row is the record step's to lock, and a change committed after this read
+    meets an attempt already under way (``paid_while_canceled``). Requests for subscriptions
+    payd does not hold are not affected.
     """
     wanted = {by_key[key].subscription_id for key in claimable} - {None}
     if not wanted:
         return
     await cursor.execute(
-        f"SELECT id FROM subscriptions WHERE id IN ({placeholders(len(wanted))}) AND status = 'canceled'",  # noqa: S608
+        "SELECT id, status FROM subscriptions "  # noqa: S608 (placeholders only)
+        f"WHERE id IN ({placeholders(len(wanted))}) AND status IN ('canceled', 'paused')",
         tuple(wanted),
     )
-    canceled = {row.id for row in await fetch_all(cursor, _SubscriptionId)}
-    if not canceled:
-        return
-    stopped = [key for key in claimable if by_key[key].subscription_id in canceled]
-    await fail_unsent(cursor, [(claimable[key], by_key[key]) for key in stopped], SUBSCRIPTION_CANCELED)
-    for key in stopped:
-        del claimable[key]
-        outcome.subscription_canceled.add(key)
+    stopped = {row.id: row.status for row in await fetch_all(cursor, _StoppedSubscription)}
+    for status, result in SUBSCRIPTION_STOPPED.items():
+        keys = [key for key in claimable if stopped.get(by_key[key].subscription_id or 0) == status]
+        if keys:
+            await fail_unsent(cursor, [(claimable[key], by_key[key]) for key in keys], result)
+        for key in keys:
+            del claimable[key]
+            outcome.subscription_canceled.add(key)
 
 
 CYCLE_TAKEN: Final = ChargeResult(
