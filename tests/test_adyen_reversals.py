@@ -485,7 +485,7 @@ async def test_a_pending_refund_keeps_its_amount_reserved_and_an_operator_can_se
     stats = await sandbox.stats()
     assert stats["refund_requests"] == 1, "only the first refund reached Adyen, once"
     await query(
-        db, "UPDATE reversals SET updated_at = NOW(6) - INTERVAL 2 DAY WHERE idempotency_key = 'rf-p1'"
+        db, "UPDATE reversals SET claimed_at = NOW(6) - INTERVAL 2 DAY WHERE idempotency_key = 'rf-p1'"
     )
     metrics = Metrics()
     reconciler = ReversalReconciler(

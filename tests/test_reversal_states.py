@@ -14,7 +14,10 @@ from datetime import UTC, datetime, timedelta
 import aiomysql
 import pytest
 
+from daemon.config import PipelineSettings
+from daemon.metrics import Metrics
 from daemon.models import ChargeResult, Outcome, RefundRequest, ReversalOperation, ReversalRequest
+from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.storage.reversals import (
     Notice,
     Settled,
@@ -263,3 +266,37 @@ async def test_an_accepted_refund_frees_its_slot_and_is_a_healthy_answer(
     assert states == dict.fromkeys(keys, "pending")
     assert (lane_status["held"], lane_status["breaker"], lane_status["breaker_trips"]) == (0, "closed", 0)
     assert (await sandbox.stats())["refund_requests"] == 3, "each sent once"
+
+
+async def test_a_pending_refund_older_than_the_alert_age_is_counted_though_every_pass_touches_it(
+    db: aiomysql.Pool,
+) -> None:
+    """The stale-pending alarm survives reconciliation: a pending refund claimed two days ago
+    is taken by real reconcile passes (each writes reconcile_tries and recheck_at, so its
+    updated_at is fresh), and is still counted as older than pending_reversal_alert_s."""
+    await _charge(db)
+    reversal = await _claim(db)
+    assert await record_reversal(db, reversal, ACCEPTED, tries=1, unknown_recheck_s=0)
+    await query(
+        db,
+        "UPDATE reversals SET claimed_at = NOW(6) - INTERVAL 2 DAY, updated_at = NOW(6) - INTERVAL 2 DAY, "
+        "recheck_at = NOW(6) - INTERVAL 1 SECOND",
+    )
+    metrics = Metrics()
+    reconciler = ReversalReconciler(
+        pool=db,
+        lanes={},
+        settings=PipelineSettings(pending_reversal_alert_s=86400, reconcile_backoff_s=[0.0]),
+        metrics=metrics,
+    )
+    for _ in range(3):
+        assert await reconciler.reconcile_once() == 0
+    ((tries, fresh),) = await query(
+        db, "SELECT reconcile_tries, updated_at > NOW(6) - INTERVAL 1 HOUR FROM reversals"
+    )
+    assert tries >= 3 and fresh == 1, "the passes took it and refreshed updated_at"
+    assert await reconciler.check_stale_pending() == 1
+    assert metrics.registry.get_sample_value("payd_refunds_pending_stale") == 1
+    # A young pending refund is not counted.
+    await query(db, "UPDATE reversals SET claimed_at = NOW(6)")
+    assert await reconciler.check_stale_pending() == 0

@@ -582,11 +582,17 @@ class _StaleRow(msgspec.Struct, frozen=True, array_like=True):
 async def stale_pending(
     pool: aiomysql.Pool, *, older_than_s: float, limit: int = 20
 ) -> tuple[int, list[StalePending]]:
-    """How many reversals have been pending longer than ``older_than_s``, and the oldest few."""
+    """How many reversals have been pending longer than ``older_than_s``, and the oldest few.
+
+    Age is measured from the claim (``claimed_at``), not ``updated_at``: every reconciliation
+    pass writes ``reconcile_tries``/``recheck_at`` on a pending row, which refreshes
+    ``updated_at`` at least every maximum backoff, so an age read from it never grows past
+    that. ``claimed_at`` is written only by a claim, and a pending reversal is never claimed
+    again; it is at most the time it became pending, so the alarm can only come early."""
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT COUNT(*) FROM reversals WHERE state = 'pending' "
-            "AND updated_at < NOW(6) - INTERVAL %s MICROSECOND",
+            "AND claimed_at < NOW(6) - INTERVAL %s MICROSECOND",
             (int(older_than_s * 1_000_000),),
         )
         count = (await fetch_one(cursor, _Count)).count
@@ -595,7 +601,7 @@ async def stale_pending(
         await cursor.execute(
             "SELECT idempotency_key, provider, COALESCE(TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), 0) "
             "FROM reversals "
-            "WHERE state = 'pending' AND updated_at < NOW(6) - INTERVAL %s MICROSECOND "
+            "WHERE state = 'pending' AND claimed_at < NOW(6) - INTERVAL %s MICROSECOND "
             "ORDER BY claimed_at LIMIT %s",
             (int(older_than_s * 1_000_000), limit),
         )
