@@ -102,6 +102,7 @@ class WebhookReceiver:
                 provider=provider,
                 provider_ref=notice.provider_ref,
                 idempotency_key=notice.idempotency_key,
+                key_digest=notice.key_digest,
                 operation=notice.operation,
                 amount_minor=notice.amount_minor,
                 currency=notice.currency,

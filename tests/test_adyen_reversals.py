@@ -560,3 +560,41 @@ async def test_with_basic_auth_configured_a_notification_needs_it_too(
     forged = envelope(signed(refund_item(), key="00" * 32))
     refused = adyen.read_notification(forged, {"Authorization": good})
     assert isinstance(refused, NotificationRefused) and refused.kind == "bad_signature"
+
+
+@pytest.mark.usefixtures("adyen_secrets")
+async def test_a_long_key_refund_is_settled_by_its_notification_while_still_unknown(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A key over Adyen's 80-character reference limit (a bulk rollback's ``rollback:RUN:KEY``)
+    is sent as ``payd-<sha256 hex>``. Its answer times out (unknown: no pspReference recorded)
+    and no resend comes (resend_after_s is long), so the notification the sandbox then delivers
+    can only be matched through the key's digest: it settles the refund succeeded."""
+    key = "rollback:run-7:" + "k" * 90
+    await sandbox.behave(hang_s=4)
+    async with daemons.in_process(
+        providers__adyen=adyen_table(sandbox, timeout_s=1), pipeline={"resend_after_s": 3600}
+    ) as daemon:
+        await _register_webhook(sandbox, daemon.port)
+        await charged(db, broker, charge_body("ch-long", 1000, payment_method="pm_refund_timeout"))
+        await broker.publish([refund(key, "ch-long", 300)])
+        assert await wait_reversals(db, [key], done=("unknown",)) == {key: "unknown"}
+        assert await query(db, "SELECT provider_ref FROM reversals") == [(None,)]
+        assert await wait_reversals(db, [key], timeout=30) == {key: "succeeded"}
+        matched = 'payd_webhook_notifications_total{provider="adyen",result="settled"}'
+        assert await _metric(daemon.port, matched) == 1
+    (item,) = await _notifications(sandbox)
+    assert item["merchantReference"] == transform.reversal_reference(key) != key
+    assert (await sandbox.stats())["refund_requests"] == 1, "settled by the notification, not a resend"
+    assert await query(db, "SELECT state, provider_ref FROM reversals") == [
+        ("succeeded", item["pspReference"])
+    ]
+
+
+def test_only_a_reference_payd_shortened_carries_a_key_digest() -> None:
+    long_key = "k" * 81
+    shortened = transform.reversal_reference(long_key)
+    assert transform.shortened_key_digest(shortened) == shortened.removeprefix("payd-")
+    assert transform.shortened_key_digest("rf-1") is None
+    assert transform.shortened_key_digest(None) is None
+    assert transform.shortened_key_digest("payd-" + "A" * 64) is None, "Python's hexdigest is lowercase"

@@ -8,6 +8,7 @@ are the judges.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -300,3 +301,20 @@ async def test_a_pending_refund_older_than_the_alert_age_is_counted_though_every
     # A young pending refund is not counted.
     await query(db, "UPDATE reversals SET claimed_at = NOW(6)")
     assert await reconciler.check_stale_pending() == 0
+
+
+async def test_a_notice_of_a_shortened_key_settles_its_in_flight_reversal_by_the_digest(
+    db: aiomysql.Pool,
+) -> None:
+    """No provider reference is recorded yet (in flight): the key's digest alone matches, and
+    only for the provider that sent it."""
+    await _charge(db)
+    long_key = "rollback:run-1:" + "x" * 100
+    await _claim(db, long_key)
+    digest = hashlib.sha256(long_key.encode()).hexdigest()
+    shortened = {"idempotency_key": "payd-" + digest, "provider_ref": "MOD1"}
+    other = _notice(provider="adyen_other", key_digest=digest, **shortened)
+    assert (await settle_by_notice(db, other))[0] is Settled.UNMATCHED
+    outcome, found = await settle_by_notice(db, _notice(key_digest=digest, **shortened))
+    assert outcome is Settled.SETTLED and found is not None and found.idempotency_key == long_key
+    assert await _row(db, long_key) == ("succeeded", "MOD1", 1)

@@ -512,14 +512,18 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     amount_minor: int | None
     currency: str | None
     result: ChargeResult
+    key_digest: str | None = None
+    """SHA-256 hex of payd's key, where the provider echoes a reference payd shortened from it."""
 
 
 async def settle_by_notice(pool: aiomysql.Pool, notice: Notice) -> tuple[Settled, ReversalRequest | None]:
     """Settle the reversal a provider's notification speaks of, idempotently.
 
     Matched by payd's key where the provider echoes it (a notification may overtake the first
-    answer), else by the provider's reference of the reversal, recorded from that answer. A
-    duplicate changes nothing; a notice naming another amount or operation settles nothing.
+    answer), else by the digest of a key payd had to shorten (``key_sha256``: known from the
+    claim on, so it matches in flight or unknown too), else by the provider's reference of the
+    reversal, recorded from its answer. A duplicate changes nothing; a notice naming another
+    amount or operation settles nothing.
     """
     async with transaction(pool) as cursor:
         locked = None
@@ -527,7 +531,11 @@ async def settle_by_notice(pool: aiomysql.Pool, notice: Notice) -> tuple[Settled
             locked = await _lock_one(
                 cursor, "provider = %s AND idempotency_key = %s", (notice.provider, notice.idempotency_key)
             )
-        if locked is None and notice.provider_ref is not None:  # a reference payd had to shorten
+        if locked is None and notice.key_digest is not None:  # a key payd sent shortened
+            locked = await _lock_one(
+                cursor, "provider = %s AND key_sha256 = %s", (notice.provider, notice.key_digest.lower())
+            )
+        if locked is None and notice.provider_ref is not None:  # the provider's own reference
             locked = await _lock_one(
                 cursor, "provider = %s AND provider_ref = %s", (notice.provider, notice.provider_ref)
             )
