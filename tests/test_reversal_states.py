@@ -318,3 +318,61 @@ async def test_a_notice_of_a_shortened_key_settles_its_in_flight_reversal_by_the
     outcome, found = await settle_by_notice(db, _notice(key_digest=digest, **shortened))
     assert outcome is Settled.SETTLED and found is not None and found.idempotency_key == long_key
     assert await _row(db, long_key) == ("succeeded", "MOD1", 1)
+
+
+async def test_a_queued_refund_whose_message_is_gone_fails_never_sent_and_frees_its_amount(
+    db: aiomysql.Pool,
+) -> None:
+    """A refund released unsent (as a halt or drain releases it) whose message never comes back
+    is failed as never_sent by a real reconcile pass once queued past queued_orphan_after_s:
+    its refund.failed event is written, the metric counts it, its amount no longer blocks a
+    refund of the whole charge, and a late copy of its message sends nothing. A refund
+    released just now is left queued."""
+    await _charge(db)
+    orphan = await _claim(db, "rf-orphan", 600)
+    assert await record_reversal(db, orphan, None, tries=0, unknown_recheck_s=0)
+    await query(db, "UPDATE reversals SET recheck_at = NOW(6) - INTERVAL 2 HOUR")
+    young = await _claim(db, "rf-young", 100)
+    assert await record_reversal(db, young, None, tries=0, unknown_recheck_s=0)
+    refused = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key="rf-all", original_idempotency_key="ch-1", amount_minor=400
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+    )
+    assert refused.refused is not None and refused.refused.decline_code == "exceeds_remaining"
+    metrics = Metrics()
+    reconciler = ReversalReconciler(
+        pool=db, lanes={}, settings=PipelineSettings(queued_orphan_after_s=3600), metrics=metrics
+    )
+    assert await reconciler.sweep_orphans() == 0, "not before this instance has run queued_orphan_after_s"
+    reconciler._first_orphan_sweep_at = float("-inf")
+    assert await reconciler.reconcile_once() == 0
+    states = dict(
+        await query(
+            db, "SELECT idempotency_key, CONCAT(state, '/', COALESCE(decline_code, '')) FROM reversals"
+        )
+    )
+    assert states == {
+        "rf-orphan": "failed/never_sent",
+        "rf-young": "queued/",
+        "rf-all": "failed/exceeds_remaining",
+    }
+    assert metrics.registry.get_sample_value("payd_reconciled_total", {"result": "refund_never_sent"}) == 1
+    assert await _events(db) == [("refund.failed", "refund"), ("refund.failed", "refund")]
+    # The 600 is free again: 900 of 1000 may be refunded beside the young 100.
+    await _claim(db, "rf-rest", 900)
+    # A late copy of the orphan's message finds it failed and is not sent.
+    late = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key="rf-orphan", original_idempotency_key="ch-1", amount_minor=600
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+    )
+    assert late.claimed is None and late.already is not None and late.already.value == "failed"

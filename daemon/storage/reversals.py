@@ -386,8 +386,9 @@ async def record_reversal(
         if result is None:
             if state_now is not ReversalState.IN_FLIGHT:
                 return False
+            # recheck_at holds since when it is queued (fail_orphaned_reversals), as for attempts.
             await cursor.execute(
-                "UPDATE reversals SET state = 'queued', claimed_by = NULL, recheck_at = NULL, "
+                "UPDATE reversals SET state = 'queued', claimed_by = NULL, recheck_at = NOW(6), "
                 "tries = tries + %s WHERE id = %s",
                 (tries, reversal.reversal_id),
             )
@@ -645,6 +646,64 @@ async def expire_reversal_leases(pool: aiomysql.Pool, *, limit: int) -> int:
         ]
         await insert_outbox(cursor, events)
         return len(ids)
+
+
+REVERSAL_NEVER_SENT: Final = ChargeResult(
+    outcome=Outcome.PROVIDER_ERROR,
+    retryable=False,
+    decline_code="never_sent",
+    reason="queued with no owner (its message was lost or dead-lettered): never sent, nothing refunded",
+)
+
+
+async def fail_orphaned_reversals(
+    pool: aiomysql.Pool, *, queued_for_s: float, limit: int
+) -> list[ReversalRequest]:
+    """Queued reversals nobody claimed for ``queued_for_s`` end failed as ``never_sent``, each
+    with its ``refund.failed`` event; the reversals failed.
+
+    A reversal is queued only when released unsent (halt, open breaker, drain): its message
+    went back to the broker, and its claim moves it to in flight before any provider call,
+    so a queued one was never sent. Past ``queued_for_s`` its message is taken to be gone
+    (dead-lettered at the delivery limit, purged), and its amount, reserved while it is
+    queued, is released. ``recheck_at`` holds since when it is queued; a row released before
+    that was written is aged from its last claim. A copy of the message that turns up after
+    all finds the key failed and sends nothing."""
+    older_than_us = int(queued_for_s * 1_000_000)
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "SELECT id FROM reversals WHERE state = 'queued' "
+            "AND (recheck_at < NOW(6) - INTERVAL %s MICROSECOND "
+            "OR (recheck_at IS NULL AND claimed_at < NOW(6) - INTERVAL %s MICROSECOND)) "
+            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (older_than_us, older_than_us, limit),
+        )
+        ids = [row.id for row in await fetch_all(cursor, _Id)]
+        if not ids:
+            return []
+        reversals = await _read_reversals(cursor, ids)
+        result = REVERSAL_NEVER_SENT
+        await cursor.execute(
+            "UPDATE reversals SET state = 'failed', outcome = %s, decline_code = %s, result_reason = %s, "  # noqa: S608
+            "claimed_by = NULL, recheck_at = NULL, finished_at = NOW(6) "
+            f"WHERE id IN ({placeholders(len(ids))}) AND state = 'queued'",
+            (result.outcome.value, result.decline_code, result.reason, *ids),
+        )
+        occurred_at = now_iso()
+        events: list[OutboxRow] = []
+        for reversal in reversals:
+            follow = await follow_refund(cursor, reversal, ReversalState.FAILED, occurred_at=occurred_at)
+            events.append(
+                refund_event(
+                    _facts(reversal),
+                    state=ReversalState.FAILED,
+                    result=result,
+                    occurred_at=occurred_at,
+                    subscription=None if follow is None else (follow.action.value, follow.effect),
+                )
+            )
+        await insert_outbox(cursor, events)
+    return reversals
 
 
 class DueReversal(msgspec.Struct, frozen=True, kw_only=True):
