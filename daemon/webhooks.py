@@ -4,7 +4,9 @@ A provider that decides refunds and voids later (Adyen answers ``received``, the
 sends a REFUND or CANCELLATION notification) reports the outcome here. The route
 is named by the provider *connection* (``[providers.NAME]``), so each connection's
 adapter verifies its own notifications with its own key (``NotifiedProvider``):
-an unverified request is refused (401) and counted, and changes nothing.
+an unverified request is refused (401) and counted, and changes nothing. A body the
+adapter cannot read, or raises on (a bug), is refused 400 and counted as ``malformed``,
+never a 500: the route is unauthenticated, so any input must end in a clear refusal.
 
 Each verified notice settles its reversal through ``storage.reversals.settle_by_notice``:
 idempotently (a duplicate changes nothing), never on a notice that names another
@@ -49,6 +51,7 @@ class WebhookReceiver:
         self._lanes = lanes
         self._metrics = metrics
         self._on_recorded = on_recorded
+        self._tracebacks_logged: set[tuple[str, str]] = set()
 
     def register(self, app: web.Application) -> None:
         app.router.add_post("/webhooks/{provider}", self.receive)
@@ -70,7 +73,20 @@ class WebhookReceiver:
             self._count(name, "malformed")
             return web.json_response({"error": "notification too large"}, status=413)
         body = await request.read()
-        verdict = adapter.read_notification(body, request.headers)
+        try:
+            verdict = adapter.read_notification(body, request.headers)
+        except Exception as error:  # an adapter bug on unforeseen input: refused and counted, never a 500
+            self._count(name, "malformed")
+            # Never the body. The traceback once per provider and kind of error: unauthenticated
+            # senders can repeat it at will, and one traceback is what a fix needs.
+            seen = (name, type(error).__name__)
+            fields = {"provider": name, "body_bytes": len(body), "remote": request.remote}
+            if seen in self._tracebacks_logged:
+                log.error("webhook.unreadable", error=type(error).__name__, **fields)
+            else:
+                self._tracebacks_logged.add(seen)
+                log.exception("webhook.unreadable", **fields)
+            return web.json_response({"error": "unreadable notification"}, status=400)
         if isinstance(verdict, NotificationRefused):
             self._count(name, verdict.kind)
             log.warning(

@@ -22,6 +22,7 @@ import aiohttp
 import aiomysql
 import msgspec
 import pytest
+import structlog
 
 from daemon.config import ConfigError, PipelineSettings
 from daemon.metrics import Metrics
@@ -598,3 +599,47 @@ def test_only_a_reference_payd_shortened_carries_a_key_digest() -> None:
     assert transform.shortened_key_digest("rf-1") is None
     assert transform.shortened_key_digest(None) is None
     assert transform.shortened_key_digest("payd-" + "A" * 64) is None, "Python's hexdigest is lowercase"
+
+
+def test_a_deeply_nested_body_is_not_json_not_a_crash() -> None:
+    """A few KB of ``[[[[`` exceeds the decoder's recursion limit: read as "not JSON"."""
+    for depth in (5000, 100_000):
+        assert transform.notification_items(b"[" * depth) == "not JSON (nested too deeply)"
+        assert transform.notification_items(b"[" * depth + b"]" * depth) == "not JSON (nested too deeply)"
+
+
+@pytest.mark.usefixtures("adyen_secrets")
+async def test_daemon_refuses_hostile_or_unreadable_notifications_with_a_counted_400(
+    db: aiomysql.Pool, sandbox: Sandbox, daemons: DaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unauthenticated input never makes a 500: deeply nested JSON is refused as malformed
+    before any signature check, and an adapter that raises on a body (a bug) is answered 400,
+    counted as malformed, its traceback logged once per kind of error and never the body."""
+    del db
+    async with daemons.in_process(providers__adyen=adyen_table(sandbox)) as daemon:
+        malformed = 'payd_webhook_notifications_total{provider="adyen",result="malformed"}'
+        assert await _post_webhook(daemon.port, b"[" * 8000) == (
+            400,
+            json.dumps({"error": "unreadable notification: not JSON (nested too deeply)"}),
+        )
+        assert await _metric(daemon.port, malformed) == 1
+
+        def broken(self: AdyenProvider, body: bytes, headers: object) -> Notifications:
+            raise ValueError(f"adapter bug on {body[:12]!r}")
+
+        monkeypatch.setattr(AdyenProvider, "read_notification", broken)
+        secret_body = envelope(refund_item(merchantReference="card-4111111111111111"))
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                assert await _post_webhook(daemon.port, secret_body) == (
+                    400,
+                    json.dumps({"error": "unreadable notification"}),
+                )
+        assert await _metric(daemon.port, malformed) == 3
+    unreadable = [entry for entry in logs if entry["event"] == "webhook.unreadable"]
+    assert [entry["log_level"] for entry in unreadable] == ["error", "error"]
+    assert [bool(entry.get("exc_info")) for entry in unreadable] == [True, False], "one traceback"
+    assert unreadable[1]["error"] == "ValueError"
+    assert all(entry["body_bytes"] == len(secret_body) for entry in unreadable)
+    allowed = {"event", "log_level", "provider", "body_bytes", "remote", "exc_info", "error"}
+    assert all(set(entry) <= allowed for entry in unreadable), "nothing of the body but its length"

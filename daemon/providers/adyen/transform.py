@@ -725,6 +725,8 @@ def notification_items(body: bytes) -> list[dict[str, object]] | str:
         document = msgspec.json.decode(body)
     except msgspec.DecodeError:
         return "not JSON"
+    except RecursionError:  # a small body of deeply nested arrays: hostile, not Adyen's
+        return "not JSON (nested too deeply)"
     wrappers = document.get("notificationItems") if isinstance(document, dict) else None
     if not isinstance(wrappers, list) or not wrappers:
         return "no notificationItems"
