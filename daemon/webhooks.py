@@ -28,6 +28,7 @@ import structlog
 from aiohttp import web
 
 from daemon.metrics import Metrics
+from daemon.models import Outcome
 from daemon.pipeline.execute import Lane
 from daemon.providers.base import NotificationRefused, NotifiedProvider, ReversalNotice
 from daemon.storage.db import DB_ERRORS
@@ -142,6 +143,21 @@ class WebhookReceiver:
             return 1
         if outcome is Settled.ALREADY:
             log.info("webhook.duplicate", **fields)
+        elif outcome is Settled.CONFLICT:
+            # payd recorded the other final state (an operator's settle, most often). A provider
+            # success after payd's "failed" released an amount the provider did refund: another
+            # refund of the charge can now exceed it. Loud, for an operator to reconcile by hand.
+            assert reversal is not None  # a conflict means found
+            succeeded = notice.result.outcome is Outcome.APPROVED
+            log.error(
+                "webhook.conflict",
+                original_idempotency_key=reversal.original_idempotency_key,
+                recorded="failed" if succeeded else "succeeded",
+                notified="succeeded" if succeeded else "failed",
+                advice="the provider's outcome differs from payd's record: check the provider's "
+                "dashboard; if it refunded, its amount is no longer reserved against the charge",
+                **fields,
+            )
         else:
             log.warning(
                 "webhook.not_settled",

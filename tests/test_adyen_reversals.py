@@ -643,3 +643,30 @@ async def test_daemon_refuses_hostile_or_unreadable_notifications_with_a_counted
     assert all(entry["body_bytes"] == len(secret_body) for entry in unreadable)
     allowed = {"event", "log_level", "provider", "body_bytes", "remote", "exc_info", "error"}
     assert all(set(entry) <= allowed for entry in unreadable), "nothing of the body but its length"
+
+
+@pytest.mark.usefixtures("adyen_secrets")
+async def test_a_provider_success_after_an_operator_failed_the_refund_is_an_error_naming_both_keys(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """An operator settles a pending refund failed (its amount released); Adyen's REFUND
+    success=true then arrives. payd changes nothing, answers [accepted] (Adyen must not resend),
+    counts it as conflict (the PaydRefundNotificationConflict alert's metric) and logs an
+    error naming the refund's and the charge's keys."""
+    async with daemons.in_process(providers__adyen=adyen_table(sandbox)) as daemon:
+        await charged(db, broker, charge_body("ch-c", 1000))
+        await broker.publish([refund("rf-c", "ch-c", 400)])
+        await wait_reversals(db, ["rf-c"], done=("pending",))
+        settled = await settle_reversal(db, "rf-c", succeeded=False, reason="not in the dashboard", by="ops")
+        assert settled is Settled.SETTLED
+        (item,) = await _notifications(sandbox)
+        assert item["success"] == "true"
+        with structlog.testing.capture_logs() as logs:
+            assert await _post_webhook(daemon.port, envelope(signed(item))) == (200, "[accepted]")
+        conflict = 'payd_webhook_notifications_total{provider="adyen",result="conflict"}'
+        assert await _metric(daemon.port, conflict) == 1
+    assert await reversal_states(db) == {"rf-c": "failed"}
+    (line,) = [entry for entry in logs if entry["event"] == "webhook.conflict"]
+    assert line["log_level"] == "error"
+    assert (line["idempotency_key"], line["original_idempotency_key"]) == ("rf-c", "ch-c")
+    assert (line["recorded"], line["notified"]) == ("failed", "succeeded")
