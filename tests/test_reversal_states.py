@@ -376,3 +376,20 @@ async def test_a_queued_refund_whose_message_is_gone_fails_never_sent_and_frees_
         refundable=lambda _: True,
     )
     assert late.claimed is None and late.already is not None and late.already.value == "failed"
+
+
+async def test_the_refund_or_void_choice_reads_when_the_provider_was_called_not_when_it_settled(
+    db: aiomysql.Pool,
+) -> None:
+    """A charge claimed (sent) three days ago, unknown, and settled by reconciliation a minute
+    ago: the adapter is told it was charged three days ago, so it never chooses a void of a
+    payment long since captured."""
+    await query(
+        db,
+        "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, state, "
+        "outcome, provider_ref, claimed_at, finished_at) VALUES ('ch-late', 'adyen', 1000, 'EUR', 'pm_ok', "
+        "'succeeded', 'approved', 'PSP9', NOW(6) - INTERVAL 3 DAY, NOW(6) - INTERVAL 1 MINUTE)",
+    )
+    reversal = await _claim(db, "rf-late", 1000, original="ch-late")
+    assert reversal.charged_at is not None
+    assert timedelta(days=2) < datetime.now(UTC) - reversal.charged_at < timedelta(days=4)

@@ -67,10 +67,13 @@ def reversal_state_of(result: ChargeResult) -> ReversalState:
 
 
 # The reversal with what its provider needs of the charge, joined from the charge's row.
+# ``charged_at`` is when the provider was called (the charge's claim), not when payd learned
+# the outcome: a charge left unknown and settled later has a recent finished_at, and a refund
+# or void chosen by it could be a cancel after capture or of a previous day's payment.
 _REVERSAL_SELECT: Final = (
     "SELECT r.id, r.idempotency_key, r.original_idempotency_key, a.provider_ref, a.subscription_id, "
     "a.cycle, r.provider, r.amount_minor, r.currency, r.reason, r.operation, a.amount_minor, "
-    "a.finished_at FROM reversals r JOIN attempts a ON a.id = r.original_attempt_id "
+    "COALESCE(a.claimed_at, a.finished_at) FROM reversals r JOIN attempts a ON a.id = r.original_attempt_id "
 )
 
 
