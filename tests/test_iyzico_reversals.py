@@ -217,7 +217,9 @@ async def test_daemon_cancels_todays_charge_and_refunds_an_older_one(
     async with daemons.in_process(providers__iyzico=iyzico_table(sandbox)):
         await charged(db, broker, iyzico_charge("ch-today"), iyzico_charge("ch-old"))
         await query(
-            db, "UPDATE attempts SET finished_at = NOW(6) - INTERVAL 2 DAY WHERE idempotency_key = 'ch-old'"
+            db,
+            "UPDATE attempts SET claimed_at = NOW(6) - INTERVAL 2 DAY, finished_at = NOW(6) - INTERVAL 2 DAY "
+            "WHERE idempotency_key = 'ch-old'",
         )
         await broker.publish([refund("rf-today", "ch-today", 1000), refund("rf-old", "ch-old", 300)])
         settled = await wait_reversals(db, ["rf-today", "rf-old"])
@@ -250,7 +252,10 @@ async def test_daemon_parks_an_iyzico_refund_whose_answer_timed_out_and_never_re
         await charged(
             db, broker, iyzico_charge("ch-hang", token="pm_refund_timeout"), iyzico_charge("ch-next")
         )
-        await query(db, "UPDATE attempts SET finished_at = NOW(6) - INTERVAL 2 DAY")  # refunds, not cancels
+        await query(
+            db,
+            "UPDATE attempts SET claimed_at = NOW(6) - INTERVAL 2 DAY, finished_at = NOW(6) - INTERVAL 2 DAY",
+        )  # refunds, not cancels
         await broker.publish([refund("rf-hang", "ch-hang", 500)])
         assert await wait_reversals(db, ["rf-hang"], done=("unknown",)) == {"rf-hang": "unknown"}
 
