@@ -16,8 +16,9 @@ automatic lookup until ``payd attempts unpark KEY`` or ``payd attempts settle KE
 So does a lookup answer the adapter marks ``needs_operator``. A provider with no
 refund lookup (``Capabilities.refund_lookup`` false: Adyen, iyzico) is never
 asked: an unknown refund is re-sent under its key where keys make that safe, by
-the same rules, and otherwise waits for the provider's notification or an
-operator, never failed.
+the same rules; otherwise (iyzico) an unknown refund is parked for an operator
+(it may have refunded, and nothing will ever tell), never failed. A pending one
+waits for the provider's notification or an operator.
 
 A queued refund (released unsent by a halt, an open breaker or a drain, its message
 back in the queue) that no instance claimed for ``pipeline.queued_orphan_after_s``
@@ -62,6 +63,11 @@ from daemon.storage.reversals import (
 log = structlog.get_logger("payd.reconcile.refunds")
 
 _STALE_CHECK_S: Final = 30.0
+
+NEITHER_ASKED_NOR_RESENT: Final = (
+    "the provider can neither be asked about this refund nor sent it again safely (no refund "
+    "lookup, no idempotency keys): check its dashboard, then payd attempts settle KEY"
+)
 
 NOT_RECEIVED = ChargeResult(
     outcome=Outcome.PROVIDER_ERROR,
@@ -199,7 +205,12 @@ class ReversalReconciler:
         if not refunder.capabilities.refund_lookup:
             # Nothing to ask: a pending one waits for the notification; an unknown one is re-sent
             # under its key where that cannot refund twice (as a charge is), else waits likewise.
-            if item.state is ReversalState.PENDING or not refunder.capabilities.honours_idempotency_key:
+            if item.state is ReversalState.PENDING:
+                return None
+            if not refunder.capabilities.honours_idempotency_key:
+                # An unknown made outside the adapter (lease expiry, drain cut-off, a call cut off
+                # or raising): nothing will ever settle it by itself. Parked, loud, for an operator.
+                await self._park(item, NEITHER_ASKED_NOR_RESENT)
                 return None
             return await self._resend(lane, refunder, item)
         found = await bounded_call(lane, self._metrics, lambda: refunder.lookup_refund(item.reversal))
