@@ -18,6 +18,7 @@ import pytest
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import ChargeResult, Outcome, RefundRequest, ReversalOperation, ReversalRequest
+from daemon.operator.settle import SettleAs, SettleOrder, SettleRefused, settle_attempt
 from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.storage.reversals import (
     Notice,
@@ -29,6 +30,7 @@ from daemon.storage.reversals import (
     take_due_reversals,
 )
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
+from tests.test_operator_commands import POLICY
 from tests.test_reversals import charged, refund, wait_reversals
 
 ACCEPTED = ChargeResult(outcome=Outcome.UNKNOWN, accepted=True, provider_ref="MOD1", reason="received")
@@ -393,3 +395,46 @@ async def test_the_refund_or_void_choice_reads_when_the_provider_was_called_not_
     reversal = await _claim(db, "rf-late", 1000, original="ch-late")
     assert reversal.charged_at is not None
     assert timedelta(days=2) < datetime.now(UTC) - reversal.charged_at < timedelta(days=4)
+
+
+async def test_settling_a_refund_that_named_no_charge_is_a_clear_refusal(db: aiomysql.Pool) -> None:
+    """A refund of an unknown charge is refused at once (no_charge, failed, no charge row to
+    join): an operator's settle of its key says so instead of raising LookupError, and the
+    storage settle finds nothing to settle."""
+    refused = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key="rf-none", original_idempotency_key="no-such", amount_minor=5
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+    )
+    assert refused.refused is not None and refused.refused.decline_code == "no_charge"
+    order = SettleOrder(
+        idempotency_key="rf-none",
+        settle_as=SettleAs.SUCCEEDED,
+        reason="dashboard",
+        operator="ops",
+        via="cli@test",
+    )
+    with pytest.raises(SettleRefused, match="rf-none is failed; it named no charge and was refused at once"):
+        await settle_attempt(db, order, policy=POLICY)
+    assert await settle_reversal(db, "rf-none", succeeded=True, reason="x", by="ops") is Settled.UNMATCHED
+    assert await query(db, "SELECT state, decline_code FROM reversals") == [("failed", "no_charge")]
+
+
+async def test_a_charges_reversals_and_a_shortened_key_are_found_through_an_index(db: aiomysql.Pool) -> None:
+    """Migration 0016: reversals_of (payd refund, attempts show) and the digest match of a
+    notification read one index range, not the whole table."""
+    await _charge(db)
+    await _claim(db)
+    ((_, _, _, _, _, key_of_charge, *_),) = await query(
+        db,
+        "EXPLAIN SELECT id FROM reversals WHERE original_idempotency_key = %s ORDER BY id",
+        "ch-1",
+    )
+    ((_, _, _, _, _, key_of_digest, *_),) = await query(
+        db, "EXPLAIN SELECT id FROM reversals WHERE provider = 'adyen' AND key_sha256 = %s", "0" * 64
+    )
+    assert (key_of_charge, key_of_digest) == ("ix_reversals_original_key", "ix_reversals_key_sha256")

@@ -566,8 +566,15 @@ async def _lock_one(
     cursor: Cursor, where: str, params: Sequence[object]
 ) -> tuple[ReversalRequest, ReversalState] | None:
     """One reversal's row locked (only that row: the claim locks the charge's row first, so
-    locking it here too could deadlock), then read with what its provider needs of the charge."""
-    await cursor.execute(f"SELECT id, state FROM reversals WHERE {where} LIMIT 1 FOR UPDATE", params)  # noqa: S608
+    locking it here too could deadlock), then read with what its provider needs of the charge.
+
+    A reversal naming no charge (refused ``no_charge`` at once, never sent) is not one: no
+    provider speaks of it and there is nothing to settle."""
+    await cursor.execute(
+        f"SELECT id, state FROM reversals WHERE {where} AND original_attempt_id IS NOT NULL "  # noqa: S608
+        "LIMIT 1 FOR UPDATE",
+        params,
+    )
     row = await cursor.fetchone()
     if row is None:
         return None
@@ -906,8 +913,10 @@ class _LockedState(msgspec.Struct, array_like=True, frozen=True):
     original_attempt_id: int | None
 
 
-async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, UnknownReversal] | None:
-    """The refund with this key and its state, locked; None when there is none."""
+async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, UnknownReversal | None] | None:
+    """The refund with this key and its state, locked; None when there is none. Its second part
+    is None for a refund that named no charge (refused ``no_charge`` at once: failed, never
+    sent), which has no charge to read."""
     await cursor.execute(
         "SELECT id, state, original_attempt_id FROM reversals WHERE idempotency_key = %s FOR UPDATE", (key,)
     )
@@ -915,6 +924,8 @@ async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, Unknow
     if row is None:
         return None
     locked = msgspec.convert(row, _LockedState)
+    if locked.original_attempt_id is None:
+        return locked.state, None
     await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (locked.id,))
     reversal = _reversal_of(await _written(cursor))
     return locked.state, UnknownReversal(
