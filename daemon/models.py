@@ -243,4 +243,5 @@ class ReversalRequest(msgspec.Struct, frozen=True, kw_only=True):
     charge_amount_minor: int | None = None
     """What the charge took (a void reverses exactly this much)."""
     charged_at: datetime | None = None
-    """When the charge was recorded succeeded (UTC): whether it can still be voided depends on it."""
+    """When the provider was called for the charge (its claim; UTC), else when it was recorded
+    succeeded: whether it can still be voided depends on it."""

@@ -4,7 +4,9 @@ A provider that decides refunds and voids later (Adyen answers ``received``, the
 sends a REFUND or CANCELLATION notification) reports the outcome here. The route
 is named by the provider *connection* (``[providers.NAME]``), so each connection's
 adapter verifies its own notifications with its own key (``NotifiedProvider``):
-an unverified request is refused (401) and counted, and changes nothing.
+an unverified request is refused (401) and counted, and changes nothing. A body the
+adapter cannot read, or raises on (a bug), is refused 400 and counted as ``malformed``,
+never a 500: the route is unauthenticated, so any input must end in a clear refusal.
 
 Each verified notice settles its reversal through ``storage.reversals.settle_by_notice``:
 idempotently (a duplicate changes nothing), never on a notice that names another
@@ -26,6 +28,7 @@ import structlog
 from aiohttp import web
 
 from daemon.metrics import Metrics
+from daemon.models import Outcome
 from daemon.pipeline.execute import Lane
 from daemon.providers.base import NotificationRefused, NotifiedProvider, ReversalNotice
 from daemon.storage.db import DB_ERRORS
@@ -49,6 +52,7 @@ class WebhookReceiver:
         self._lanes = lanes
         self._metrics = metrics
         self._on_recorded = on_recorded
+        self._tracebacks_logged: set[tuple[str, str]] = set()
 
     def register(self, app: web.Application) -> None:
         app.router.add_post("/webhooks/{provider}", self.receive)
@@ -70,7 +74,20 @@ class WebhookReceiver:
             self._count(name, "malformed")
             return web.json_response({"error": "notification too large"}, status=413)
         body = await request.read()
-        verdict = adapter.read_notification(body, request.headers)
+        try:
+            verdict = adapter.read_notification(body, request.headers)
+        except Exception as error:  # an adapter bug on unforeseen input: refused and counted, never a 500
+            self._count(name, "malformed")
+            # Never the body. The traceback once per provider and kind of error: unauthenticated
+            # senders can repeat it at will, and one traceback is what a fix needs.
+            seen = (name, type(error).__name__)
+            fields = {"provider": name, "body_bytes": len(body), "remote": request.remote}
+            if seen in self._tracebacks_logged:
+                log.error("webhook.unreadable", error=type(error).__name__, **fields)
+            else:
+                self._tracebacks_logged.add(seen)
+                log.exception("webhook.unreadable", **fields)
+            return web.json_response({"error": "unreadable notification"}, status=400)
         if isinstance(verdict, NotificationRefused):
             self._count(name, verdict.kind)
             log.warning(
@@ -102,6 +119,7 @@ class WebhookReceiver:
                 provider=provider,
                 provider_ref=notice.provider_ref,
                 idempotency_key=notice.idempotency_key,
+                key_digest=notice.key_digest,
                 operation=notice.operation,
                 amount_minor=notice.amount_minor,
                 currency=notice.currency,
@@ -125,6 +143,21 @@ class WebhookReceiver:
             return 1
         if outcome is Settled.ALREADY:
             log.info("webhook.duplicate", **fields)
+        elif outcome is Settled.CONFLICT:
+            # payd recorded the other final state (an operator's settle, most often). A provider
+            # success after payd's "failed" released an amount the provider did refund: another
+            # refund of the charge can now exceed it. Loud, for an operator to reconcile by hand.
+            assert reversal is not None  # a conflict means found
+            succeeded = notice.result.outcome is Outcome.APPROVED
+            log.error(
+                "webhook.conflict",
+                original_idempotency_key=reversal.original_idempotency_key,
+                recorded="failed" if succeeded else "succeeded",
+                notified="succeeded" if succeeded else "failed",
+                advice="the provider's outcome differs from payd's record: check the provider's "
+                "dashboard; if it refunded, its amount is no longer reserved against the charge",
+                **fields,
+            )
         else:
             log.warning(
                 "webhook.not_settled",

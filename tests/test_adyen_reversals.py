@@ -22,6 +22,7 @@ import aiohttp
 import aiomysql
 import msgspec
 import pytest
+import structlog
 
 from daemon.config import ConfigError, PipelineSettings
 from daemon.metrics import Metrics
@@ -485,7 +486,7 @@ async def test_a_pending_refund_keeps_its_amount_reserved_and_an_operator_can_se
     stats = await sandbox.stats()
     assert stats["refund_requests"] == 1, "only the first refund reached Adyen, once"
     await query(
-        db, "UPDATE reversals SET updated_at = NOW(6) - INTERVAL 2 DAY WHERE idempotency_key = 'rf-p1'"
+        db, "UPDATE reversals SET claimed_at = NOW(6) - INTERVAL 2 DAY WHERE idempotency_key = 'rf-p1'"
     )
     metrics = Metrics()
     reconciler = ReversalReconciler(
@@ -560,3 +561,112 @@ async def test_with_basic_auth_configured_a_notification_needs_it_too(
     forged = envelope(signed(refund_item(), key="00" * 32))
     refused = adyen.read_notification(forged, {"Authorization": good})
     assert isinstance(refused, NotificationRefused) and refused.kind == "bad_signature"
+
+
+@pytest.mark.usefixtures("adyen_secrets")
+async def test_a_long_key_refund_is_settled_by_its_notification_while_still_unknown(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """A key over Adyen's 80-character reference limit (a bulk rollback's ``rollback:RUN:KEY``)
+    is sent as ``payd-<sha256 hex>``. Its answer times out (unknown: no pspReference recorded)
+    and no resend comes (resend_after_s is long), so the notification the sandbox then delivers
+    can only be matched through the key's digest: it settles the refund succeeded."""
+    key = "rollback:run-7:" + "k" * 90
+    await sandbox.behave(hang_s=4)
+    async with daemons.in_process(
+        providers__adyen=adyen_table(sandbox, timeout_s=1), pipeline={"resend_after_s": 3600}
+    ) as daemon:
+        await _register_webhook(sandbox, daemon.port)
+        await charged(db, broker, charge_body("ch-long", 1000, payment_method="pm_refund_timeout"))
+        await broker.publish([refund(key, "ch-long", 300)])
+        assert await wait_reversals(db, [key], done=("unknown",)) == {key: "unknown"}
+        assert await query(db, "SELECT provider_ref FROM reversals") == [(None,)]
+        assert await wait_reversals(db, [key], timeout=30) == {key: "succeeded"}
+        matched = 'payd_webhook_notifications_total{provider="adyen",result="settled"}'
+        assert await _metric(daemon.port, matched) == 1
+    (item,) = await _notifications(sandbox)
+    assert item["merchantReference"] == transform.reversal_reference(key) != key
+    assert (await sandbox.stats())["refund_requests"] == 1, "settled by the notification, not a resend"
+    assert await query(db, "SELECT state, provider_ref FROM reversals") == [
+        ("succeeded", item["pspReference"])
+    ]
+
+
+def test_only_a_reference_payd_shortened_carries_a_key_digest() -> None:
+    long_key = "k" * 81
+    shortened = transform.reversal_reference(long_key)
+    assert transform.shortened_key_digest(shortened) == shortened.removeprefix("payd-")
+    assert transform.shortened_key_digest("rf-1") is None
+    assert transform.shortened_key_digest(None) is None
+    assert transform.shortened_key_digest("payd-" + "A" * 64) is None, "Python's hexdigest is lowercase"
+
+
+def test_a_deeply_nested_body_is_not_json_not_a_crash() -> None:
+    """A few KB of ``[[[[`` exceeds the decoder's recursion limit: read as "not JSON"."""
+    for depth in (5000, 100_000):
+        assert transform.notification_items(b"[" * depth) == "not JSON (nested too deeply)"
+        assert transform.notification_items(b"[" * depth + b"]" * depth) == "not JSON (nested too deeply)"
+
+
+@pytest.mark.usefixtures("adyen_secrets")
+async def test_daemon_refuses_hostile_or_unreadable_notifications_with_a_counted_400(
+    db: aiomysql.Pool, sandbox: Sandbox, daemons: DaemonFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unauthenticated input never makes a 500: deeply nested JSON is refused as malformed
+    before any signature check, and an adapter that raises on a body (a bug) is answered 400,
+    counted as malformed, its traceback logged once per kind of error and never the body."""
+    del db
+    async with daemons.in_process(providers__adyen=adyen_table(sandbox)) as daemon:
+        malformed = 'payd_webhook_notifications_total{provider="adyen",result="malformed"}'
+        assert await _post_webhook(daemon.port, b"[" * 8000) == (
+            400,
+            json.dumps({"error": "unreadable notification: not JSON (nested too deeply)"}),
+        )
+        assert await _metric(daemon.port, malformed) == 1
+
+        def broken(self: AdyenProvider, body: bytes, headers: object) -> Notifications:
+            raise ValueError(f"adapter bug on {body[:12]!r}")
+
+        monkeypatch.setattr(AdyenProvider, "read_notification", broken)
+        secret_body = envelope(refund_item(merchantReference="card-4111111111111111"))
+        with structlog.testing.capture_logs() as logs:
+            for _ in range(2):
+                assert await _post_webhook(daemon.port, secret_body) == (
+                    400,
+                    json.dumps({"error": "unreadable notification"}),
+                )
+        assert await _metric(daemon.port, malformed) == 3
+    unreadable = [entry for entry in logs if entry["event"] == "webhook.unreadable"]
+    assert [entry["log_level"] for entry in unreadable] == ["error", "error"]
+    assert [bool(entry.get("exc_info")) for entry in unreadable] == [True, False], "one traceback"
+    assert unreadable[1]["error"] == "ValueError"
+    assert all(entry["body_bytes"] == len(secret_body) for entry in unreadable)
+    allowed = {"event", "log_level", "provider", "body_bytes", "remote", "exc_info", "error"}
+    assert all(set(entry) <= allowed for entry in unreadable), "nothing of the body but its length"
+
+
+@pytest.mark.usefixtures("adyen_secrets")
+async def test_a_provider_success_after_an_operator_failed_the_refund_is_an_error_naming_both_keys(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """An operator settles a pending refund failed (its amount released); Adyen's REFUND
+    success=true then arrives. payd changes nothing, answers [accepted] (Adyen must not resend),
+    counts it as conflict (the PaydRefundNotificationConflict alert's metric) and logs an
+    error naming the refund's and the charge's keys."""
+    async with daemons.in_process(providers__adyen=adyen_table(sandbox)) as daemon:
+        await charged(db, broker, charge_body("ch-c", 1000))
+        await broker.publish([refund("rf-c", "ch-c", 400)])
+        await wait_reversals(db, ["rf-c"], done=("pending",))
+        settled = await settle_reversal(db, "rf-c", succeeded=False, reason="not in the dashboard", by="ops")
+        assert settled is Settled.SETTLED
+        (item,) = await _notifications(sandbox)
+        assert item["success"] == "true"
+        with structlog.testing.capture_logs() as logs:
+            assert await _post_webhook(daemon.port, envelope(signed(item))) == (200, "[accepted]")
+        conflict = 'payd_webhook_notifications_total{provider="adyen",result="conflict"}'
+        assert await _metric(daemon.port, conflict) == 1
+    assert await reversal_states(db) == {"rf-c": "failed"}
+    (line,) = [entry for entry in logs if entry["event"] == "webhook.conflict"]
+    assert line["log_level"] == "error"
+    assert (line["idempotency_key"], line["original_idempotency_key"]) == ("rf-c", "ch-c")
+    assert (line["recorded"], line["notified"]) == ("failed", "succeeded")

@@ -16,6 +16,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import aiomysql
 import msgspec
 import pytest
@@ -217,7 +218,9 @@ async def test_daemon_cancels_todays_charge_and_refunds_an_older_one(
     async with daemons.in_process(providers__iyzico=iyzico_table(sandbox)):
         await charged(db, broker, iyzico_charge("ch-today"), iyzico_charge("ch-old"))
         await query(
-            db, "UPDATE attempts SET finished_at = NOW(6) - INTERVAL 2 DAY WHERE idempotency_key = 'ch-old'"
+            db,
+            "UPDATE attempts SET claimed_at = NOW(6) - INTERVAL 2 DAY, finished_at = NOW(6) - INTERVAL 2 DAY "
+            "WHERE idempotency_key = 'ch-old'",
         )
         await broker.publish([refund("rf-today", "ch-today", 1000), refund("rf-old", "ch-old", 300)])
         settled = await wait_reversals(db, ["rf-today", "rf-old"])
@@ -250,7 +253,10 @@ async def test_daemon_parks_an_iyzico_refund_whose_answer_timed_out_and_never_re
         await charged(
             db, broker, iyzico_charge("ch-hang", token="pm_refund_timeout"), iyzico_charge("ch-next")
         )
-        await query(db, "UPDATE attempts SET finished_at = NOW(6) - INTERVAL 2 DAY")  # refunds, not cancels
+        await query(
+            db,
+            "UPDATE attempts SET claimed_at = NOW(6) - INTERVAL 2 DAY, finished_at = NOW(6) - INTERVAL 2 DAY",
+        )  # refunds, not cancels
         await broker.publish([refund("rf-hang", "ch-hang", 500)])
         assert await wait_reversals(db, ["rf-hang"], done=("unknown",)) == {"rf-hang": "unknown"}
 
@@ -271,3 +277,42 @@ async def test_daemon_parks_an_iyzico_refund_whose_answer_timed_out_and_never_re
     refunds = await sandbox.refunds()
     assert sorted(r["amount_minor"] for r in refunds) == [200, 500], "each refund executed once"
     assert (await sandbox.stats())["refund_requests"] == 2, "the timed-out refund was never sent again"
+
+
+async def test_daemon_parks_an_iyzico_refund_left_unknown_by_a_lease_that_ran_out(
+    db: aiomysql.Pool, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """An instance died while sending a refund: its lease runs out and the refund is unknown,
+    made outside the adapter (so not parked by it). iyzico can neither be asked about a refund
+    nor sent it twice safely, so reconciliation parks it for an operator with the reason,
+    counted as refund_parked, instead of taking it every backoff for ever; nothing is sent."""
+    table = iyzico_table(sandbox)
+    async with daemons.in_process(providers__iyzico=table, pipeline={"reconcile_backoff_s": [0.2]}) as daemon:
+        await charged(db, broker, iyzico_charge("ch-dead"))
+        await query(
+            db,
+            "INSERT INTO reversals (idempotency_key, original_idempotency_key, original_attempt_id, "
+            "provider, amount_minor, currency, state, claimed_by, claimed_at, recheck_at, tries) "
+            "SELECT 'rf-dead', idempotency_key, id, provider, 400, currency, 'in_flight', 'a-dead-instance', "
+            "NOW(6) - INTERVAL 1 MINUTE, NOW(6) - INTERVAL 1 SECOND, 1 FROM attempts",
+        )
+
+        async def parked() -> bool:
+            rows = await query(
+                db, "SELECT state, recheck_at FROM reversals WHERE idempotency_key = 'rf-dead'"
+            )
+            return rows == [("unknown", None)]
+
+        await eventually(parked, timeout=20, what="the unknown refund parked")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{daemon.port}/metrics") as response,
+        ):
+            text = await response.text()
+    assert 'payd_reconciled_total{result="refund_parked"} 1.0' in text
+    ((reason, tries),) = await query(
+        db, "SELECT result_reason, reconcile_tries FROM reversals WHERE idempotency_key = 'rf-dead'"
+    )
+    assert reason.startswith("parked: the provider can neither be asked about this refund")
+    assert tries == 1, "taken once, then parked"
+    assert (await sandbox.stats())["refund_requests"] == 0, "never sent by reconciliation"

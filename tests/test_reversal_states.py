@@ -8,13 +8,18 @@ are the judges.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from datetime import UTC, datetime, timedelta
 
 import aiomysql
 import pytest
 
+from daemon.config import PipelineSettings
+from daemon.metrics import Metrics
 from daemon.models import ChargeResult, Outcome, RefundRequest, ReversalOperation, ReversalRequest
+from daemon.operator.settle import SettleAs, SettleOrder, SettleRefused, settle_attempt
+from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.storage.reversals import (
     Notice,
     Settled,
@@ -25,6 +30,7 @@ from daemon.storage.reversals import (
     take_due_reversals,
 )
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
+from tests.test_operator_commands import POLICY
 from tests.test_reversals import charged, refund, wait_reversals
 
 ACCEPTED = ChargeResult(outcome=Outcome.UNKNOWN, accepted=True, provider_ref="MOD1", reason="received")
@@ -263,3 +269,172 @@ async def test_an_accepted_refund_frees_its_slot_and_is_a_healthy_answer(
     assert states == dict.fromkeys(keys, "pending")
     assert (lane_status["held"], lane_status["breaker"], lane_status["breaker_trips"]) == (0, "closed", 0)
     assert (await sandbox.stats())["refund_requests"] == 3, "each sent once"
+
+
+async def test_a_pending_refund_older_than_the_alert_age_is_counted_though_every_pass_touches_it(
+    db: aiomysql.Pool,
+) -> None:
+    """The stale-pending alarm survives reconciliation: a pending refund claimed two days ago
+    is taken by real reconcile passes (each writes reconcile_tries and recheck_at, so its
+    updated_at is fresh), and is still counted as older than pending_reversal_alert_s."""
+    await _charge(db)
+    reversal = await _claim(db)
+    assert await record_reversal(db, reversal, ACCEPTED, tries=1, unknown_recheck_s=0)
+    await query(
+        db,
+        "UPDATE reversals SET claimed_at = NOW(6) - INTERVAL 2 DAY, updated_at = NOW(6) - INTERVAL 2 DAY, "
+        "recheck_at = NOW(6) - INTERVAL 1 SECOND",
+    )
+    metrics = Metrics()
+    reconciler = ReversalReconciler(
+        pool=db,
+        lanes={},
+        settings=PipelineSettings(pending_reversal_alert_s=86400, reconcile_backoff_s=[0.0]),
+        metrics=metrics,
+    )
+    for _ in range(3):
+        assert await reconciler.reconcile_once() == 0
+    ((tries, fresh),) = await query(
+        db, "SELECT reconcile_tries, updated_at > NOW(6) - INTERVAL 1 HOUR FROM reversals"
+    )
+    assert tries >= 3 and fresh == 1, "the passes took it and refreshed updated_at"
+    assert await reconciler.check_stale_pending() == 1
+    assert metrics.registry.get_sample_value("payd_refunds_pending_stale") == 1
+    # A young pending refund is not counted.
+    await query(db, "UPDATE reversals SET claimed_at = NOW(6)")
+    assert await reconciler.check_stale_pending() == 0
+
+
+async def test_a_notice_of_a_shortened_key_settles_its_in_flight_reversal_by_the_digest(
+    db: aiomysql.Pool,
+) -> None:
+    """No provider reference is recorded yet (in flight): the key's digest alone matches, and
+    only for the provider that sent it."""
+    await _charge(db)
+    long_key = "rollback:run-1:" + "x" * 100
+    await _claim(db, long_key)
+    digest = hashlib.sha256(long_key.encode()).hexdigest()
+    shortened = {"idempotency_key": "payd-" + digest, "provider_ref": "MOD1"}
+    other = _notice(provider="adyen_other", key_digest=digest, **shortened)
+    assert (await settle_by_notice(db, other))[0] is Settled.UNMATCHED
+    outcome, found = await settle_by_notice(db, _notice(key_digest=digest, **shortened))
+    assert outcome is Settled.SETTLED and found is not None and found.idempotency_key == long_key
+    assert await _row(db, long_key) == ("succeeded", "MOD1", 1)
+
+
+async def test_a_queued_refund_whose_message_is_gone_fails_never_sent_and_frees_its_amount(
+    db: aiomysql.Pool,
+) -> None:
+    """A refund released unsent (as a halt or drain releases it) whose message never comes back
+    is failed as never_sent by a real reconcile pass once queued past queued_orphan_after_s:
+    its refund.failed event is written, the metric counts it, its amount no longer blocks a
+    refund of the whole charge, and a late copy of its message sends nothing. A refund
+    released just now is left queued."""
+    await _charge(db)
+    orphan = await _claim(db, "rf-orphan", 600)
+    assert await record_reversal(db, orphan, None, tries=0, unknown_recheck_s=0)
+    await query(db, "UPDATE reversals SET recheck_at = NOW(6) - INTERVAL 2 HOUR")
+    young = await _claim(db, "rf-young", 100)
+    assert await record_reversal(db, young, None, tries=0, unknown_recheck_s=0)
+    refused = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key="rf-all", original_idempotency_key="ch-1", amount_minor=400
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+    )
+    assert refused.refused is not None and refused.refused.decline_code == "exceeds_remaining"
+    metrics = Metrics()
+    reconciler = ReversalReconciler(
+        pool=db, lanes={}, settings=PipelineSettings(queued_orphan_after_s=3600), metrics=metrics
+    )
+    assert await reconciler.sweep_orphans() == 0, "not before this instance has run queued_orphan_after_s"
+    reconciler._first_orphan_sweep_at = float("-inf")
+    assert await reconciler.reconcile_once() == 0
+    states = dict(
+        await query(
+            db, "SELECT idempotency_key, CONCAT(state, '/', COALESCE(decline_code, '')) FROM reversals"
+        )
+    )
+    assert states == {
+        "rf-orphan": "failed/never_sent",
+        "rf-young": "queued/",
+        "rf-all": "failed/exceeds_remaining",
+    }
+    assert metrics.registry.get_sample_value("payd_reconciled_total", {"result": "refund_never_sent"}) == 1
+    assert await _events(db) == [("refund.failed", "refund"), ("refund.failed", "refund")]
+    # The 600 is free again: 900 of 1000 may be refunded beside the young 100.
+    await _claim(db, "rf-rest", 900)
+    # A late copy of the orphan's message finds it failed and is not sent.
+    late = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key="rf-orphan", original_idempotency_key="ch-1", amount_minor=600
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+    )
+    assert late.claimed is None and late.already is not None and late.already.value == "failed"
+
+
+async def test_the_refund_or_void_choice_reads_when_the_provider_was_called_not_when_it_settled(
+    db: aiomysql.Pool,
+) -> None:
+    """A charge claimed (sent) three days ago, unknown, and settled by reconciliation a minute
+    ago: the adapter is told it was charged three days ago, so it never chooses a void of a
+    payment long since captured."""
+    await query(
+        db,
+        "INSERT INTO attempts (idempotency_key, provider, amount_minor, currency, payment_method, state, "
+        "outcome, provider_ref, claimed_at, finished_at) VALUES ('ch-late', 'adyen', 1000, 'EUR', 'pm_ok', "
+        "'succeeded', 'approved', 'PSP9', NOW(6) - INTERVAL 3 DAY, NOW(6) - INTERVAL 1 MINUTE)",
+    )
+    reversal = await _claim(db, "rf-late", 1000, original="ch-late")
+    assert reversal.charged_at is not None
+    assert timedelta(days=2) < datetime.now(UTC) - reversal.charged_at < timedelta(days=4)
+
+
+async def test_settling_a_refund_that_named_no_charge_is_a_clear_refusal(db: aiomysql.Pool) -> None:
+    """A refund of an unknown charge is refused at once (no_charge, failed, no charge row to
+    join): an operator's settle of its key says so instead of raising LookupError, and the
+    storage settle finds nothing to settle."""
+    refused = await claim_reversal(
+        db,
+        RefundRequest(
+            operation="refund", idempotency_key="rf-none", original_idempotency_key="no-such", amount_minor=5
+        ),
+        claimed_by="test",
+        lease_s=60,
+        refundable=lambda _: True,
+    )
+    assert refused.refused is not None and refused.refused.decline_code == "no_charge"
+    order = SettleOrder(
+        idempotency_key="rf-none",
+        settle_as=SettleAs.SUCCEEDED,
+        reason="dashboard",
+        operator="ops",
+        via="cli@test",
+    )
+    with pytest.raises(SettleRefused, match="rf-none is failed; it named no charge and was refused at once"):
+        await settle_attempt(db, order, policy=POLICY)
+    assert await settle_reversal(db, "rf-none", succeeded=True, reason="x", by="ops") is Settled.UNMATCHED
+    assert await query(db, "SELECT state, decline_code FROM reversals") == [("failed", "no_charge")]
+
+
+async def test_a_charges_reversals_and_a_shortened_key_are_found_through_an_index(db: aiomysql.Pool) -> None:
+    """Migration 0016: reversals_of (payd refund, attempts show) and the digest match of a
+    notification read one index range, not the whole table."""
+    await _charge(db)
+    await _claim(db)
+    ((_, _, _, _, _, key_of_charge, *_),) = await query(
+        db,
+        "EXPLAIN SELECT id FROM reversals WHERE original_idempotency_key = %s ORDER BY id",
+        "ch-1",
+    )
+    ((_, _, _, _, _, key_of_digest, *_),) = await query(
+        db, "EXPLAIN SELECT id FROM reversals WHERE provider = 'adyen' AND key_sha256 = %s", "0" * 64
+    )
+    assert (key_of_charge, key_of_digest) == ("ix_reversals_original_key", "ix_reversals_key_sha256")

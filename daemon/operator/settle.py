@@ -201,13 +201,15 @@ async def _conditional_update(
 
 
 async def _settle_refund(
-    cursor: Cursor, order: SettleOrder, state: ReversalState, unknown: UnknownReversal
+    cursor: Cursor, order: SettleOrder, state: ReversalState, unknown: UnknownReversal | None
 ) -> Settled:
-    key, reversal = order.idempotency_key, unknown.reversal
-    if state not in (ReversalState.UNKNOWN, ReversalState.PENDING):
+    key = order.idempotency_key
+    if unknown is None or state not in (ReversalState.UNKNOWN, ReversalState.PENDING):
+        why = "; it named no charge and was refused at once, never sent" if unknown is None else ""
         raise SettleRefused(
-            f"refund {key} is {state.value}; only an unknown or pending refund can be settled"
+            f"refund {key} is {state.value}{why}; only an unknown or pending refund can be settled"
         )
+    reversal = unknown.reversal
     new_state = ReversalState(order.settle_as.value)
     result = _result(order)
     done, effect = await settle_unknown_reversal(cursor, reversal, new_state, result)

@@ -16,8 +16,15 @@ automatic lookup until ``payd attempts unpark KEY`` or ``payd attempts settle KE
 So does a lookup answer the adapter marks ``needs_operator``. A provider with no
 refund lookup (``Capabilities.refund_lookup`` false: Adyen, iyzico) is never
 asked: an unknown refund is re-sent under its key where keys make that safe, by
-the same rules, and otherwise waits for the provider's notification or an
-operator, never failed.
+the same rules; otherwise (iyzico) an unknown refund is parked for an operator
+(it may have refunded, and nothing will ever tell), never failed. A pending one
+waits for the provider's notification or an operator.
+
+A queued refund (released unsent by a halt, an open breaker or a drain, its message
+back in the queue) that no instance claimed for ``pipeline.queued_orphan_after_s``
+has lost its message (dead-lettered at the delivery limit): it fails as
+``never_sent`` with its ``refund.failed`` event, releasing its reserved amount
+(``refund.orphans_failed``, ``payd_reconciled_total{result="refund_never_sent"}``).
 
 A pending refund (the provider accepted it and decides later) is only ever looked
 up, never sent again nor failed for want of a record: it ends by the lookup, the
@@ -46,6 +53,7 @@ from daemon.providers.base import RefundingProvider, refunding
 from daemon.storage.reversals import (
     DueReversal,
     expire_reversal_leases,
+    fail_orphaned_reversals,
     park_reversal,
     record_reversal,
     stale_pending,
@@ -55,6 +63,11 @@ from daemon.storage.reversals import (
 log = structlog.get_logger("payd.reconcile.refunds")
 
 _STALE_CHECK_S: Final = 30.0
+
+NEITHER_ASKED_NOR_RESENT: Final = (
+    "the provider can neither be asked about this refund nor sent it again safely (no refund "
+    "lookup, no idempotency keys): check its dashboard, then payd attempts settle KEY"
+)
 
 NOT_RECEIVED = ChargeResult(
     outcome=Outcome.PROVIDER_ERROR,
@@ -80,6 +93,9 @@ class ReversalReconciler:
         self._metrics = metrics
         self._on_recorded = on_recorded
         self._stale_checked = float("-inf")
+        # As for queued attempts (OrphanSweep): only once this instance has run that long, so
+        # after a fleet-wide outage the backlog in the queue has its chance first.
+        self._first_orphan_sweep_at = time.monotonic() + settings.queued_orphan_after_s
 
     async def check_stale_pending(self) -> int:
         """Count (gauge) and log pending refunds older than the alert age; how many there are."""
@@ -101,6 +117,7 @@ class ReversalReconciler:
         """One pass; how many unknown or pending refunds were settled."""
         if time.monotonic() - self._stale_checked >= _STALE_CHECK_S:
             await self.check_stale_pending()
+        await self.sweep_orphans()
         expired = await expire_reversal_leases(self._pool, limit=self._settings.reconcile_batch_size)
         if expired:
             log.warning("reconcile.refund_leases_expired", count=expired)
@@ -129,6 +146,28 @@ class ReversalReconciler:
         if settled:
             self._on_recorded()
         return settled
+
+    async def sweep_orphans(self) -> int:
+        """Fail queued refunds whose message is gone (never sent); how many. Loud: an error log
+        line naming them and ``payd_reconciled_total{result="refund_never_sent"}``."""
+        if time.monotonic() < self._first_orphan_sweep_at:
+            return 0
+        failed = await fail_orphaned_reversals(
+            self._pool,
+            queued_for_s=self._settings.queued_orphan_after_s,
+            limit=self._settings.reconcile_batch_size,
+        )
+        if failed:
+            self._metrics.reconciled.labels("refund_never_sent").inc(len(failed))
+            log.error(
+                "refund.orphans_failed",
+                count=len(failed),
+                idempotency_keys=[r.idempotency_key for r in failed[:20]],
+                queued_for_s=self._settings.queued_orphan_after_s,
+                effect="never sent, nothing refunded; their reserved amounts are released",
+            )
+            self._on_recorded()
+        return len(failed)
 
     async def _contained(self, item: DueReversal) -> ChargeResult | None:
         try:
@@ -166,7 +205,12 @@ class ReversalReconciler:
         if not refunder.capabilities.refund_lookup:
             # Nothing to ask: a pending one waits for the notification; an unknown one is re-sent
             # under its key where that cannot refund twice (as a charge is), else waits likewise.
-            if item.state is ReversalState.PENDING or not refunder.capabilities.honours_idempotency_key:
+            if item.state is ReversalState.PENDING:
+                return None
+            if not refunder.capabilities.honours_idempotency_key:
+                # An unknown made outside the adapter (lease expiry, drain cut-off, a call cut off
+                # or raising): nothing will ever settle it by itself. Parked, loud, for an operator.
+                await self._park(item, NEITHER_ASKED_NOR_RESENT)
                 return None
             return await self._resend(lane, refunder, item)
         found = await bounded_call(lane, self._metrics, lambda: refunder.lookup_refund(item.reversal))

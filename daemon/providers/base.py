@@ -177,6 +177,9 @@ class ReversalNotice(msgspec.Struct, frozen=True, kw_only=True):
     """The provider's id of the reversal (Adyen: the modification's ``pspReference``)."""
     idempotency_key: str | None
     """payd's key of the reversal, where the provider echoes what payd sent as its reference."""
+    key_digest: str | None = None
+    """The SHA-256 (lowercase hex) of payd's key, where payd had to send a shortened reference
+    made of it (the adapter knows its own shortening); storage matches it by ``key_sha256``."""
     original_provider_ref: str | None = None
     """The provider's id of the charge reversed."""
     amount_minor: int | None = None

@@ -67,10 +67,13 @@ def reversal_state_of(result: ChargeResult) -> ReversalState:
 
 
 # The reversal with what its provider needs of the charge, joined from the charge's row.
+# ``charged_at`` is when the provider was called (the charge's claim), not when payd learned
+# the outcome: a charge left unknown and settled later has a recent finished_at, and a refund
+# or void chosen by it could be a cancel after capture or of a previous day's payment.
 _REVERSAL_SELECT: Final = (
     "SELECT r.id, r.idempotency_key, r.original_idempotency_key, a.provider_ref, a.subscription_id, "
     "a.cycle, r.provider, r.amount_minor, r.currency, r.reason, r.operation, a.amount_minor, "
-    "a.finished_at FROM reversals r JOIN attempts a ON a.id = r.original_attempt_id "
+    "COALESCE(a.claimed_at, a.finished_at) FROM reversals r JOIN attempts a ON a.id = r.original_attempt_id "
 )
 
 
@@ -386,8 +389,9 @@ async def record_reversal(
         if result is None:
             if state_now is not ReversalState.IN_FLIGHT:
                 return False
+            # recheck_at holds since when it is queued (fail_orphaned_reversals), as for attempts.
             await cursor.execute(
-                "UPDATE reversals SET state = 'queued', claimed_by = NULL, recheck_at = NULL, "
+                "UPDATE reversals SET state = 'queued', claimed_by = NULL, recheck_at = NOW(6), "
                 "tries = tries + %s WHERE id = %s",
                 (tries, reversal.reversal_id),
             )
@@ -512,14 +516,18 @@ class Notice(msgspec.Struct, frozen=True, kw_only=True):
     amount_minor: int | None
     currency: str | None
     result: ChargeResult
+    key_digest: str | None = None
+    """SHA-256 hex of payd's key, where the provider echoes a reference payd shortened from it."""
 
 
 async def settle_by_notice(pool: aiomysql.Pool, notice: Notice) -> tuple[Settled, ReversalRequest | None]:
     """Settle the reversal a provider's notification speaks of, idempotently.
 
     Matched by payd's key where the provider echoes it (a notification may overtake the first
-    answer), else by the provider's reference of the reversal, recorded from that answer. A
-    duplicate changes nothing; a notice naming another amount or operation settles nothing.
+    answer), else by the digest of a key payd had to shorten (``key_sha256``: known from the
+    claim on, so it matches in flight or unknown too), else by the provider's reference of the
+    reversal, recorded from its answer. A duplicate changes nothing; a notice naming another
+    amount or operation settles nothing.
     """
     async with transaction(pool) as cursor:
         locked = None
@@ -527,7 +535,11 @@ async def settle_by_notice(pool: aiomysql.Pool, notice: Notice) -> tuple[Settled
             locked = await _lock_one(
                 cursor, "provider = %s AND idempotency_key = %s", (notice.provider, notice.idempotency_key)
             )
-        if locked is None and notice.provider_ref is not None:  # a reference payd had to shorten
+        if locked is None and notice.key_digest is not None:  # a key payd sent shortened
+            locked = await _lock_one(
+                cursor, "provider = %s AND key_sha256 = %s", (notice.provider, notice.key_digest.lower())
+            )
+        if locked is None and notice.provider_ref is not None:  # the provider's own reference
             locked = await _lock_one(
                 cursor, "provider = %s AND provider_ref = %s", (notice.provider, notice.provider_ref)
             )
@@ -554,8 +566,15 @@ async def _lock_one(
     cursor: Cursor, where: str, params: Sequence[object]
 ) -> tuple[ReversalRequest, ReversalState] | None:
     """One reversal's row locked (only that row: the claim locks the charge's row first, so
-    locking it here too could deadlock), then read with what its provider needs of the charge."""
-    await cursor.execute(f"SELECT id, state FROM reversals WHERE {where} LIMIT 1 FOR UPDATE", params)  # noqa: S608
+    locking it here too could deadlock), then read with what its provider needs of the charge.
+
+    A reversal naming no charge (refused ``no_charge`` at once, never sent) is not one: no
+    provider speaks of it and there is nothing to settle."""
+    await cursor.execute(
+        f"SELECT id, state FROM reversals WHERE {where} AND original_attempt_id IS NOT NULL "  # noqa: S608
+        "LIMIT 1 FOR UPDATE",
+        params,
+    )
     row = await cursor.fetchone()
     if row is None:
         return None
@@ -582,11 +601,17 @@ class _StaleRow(msgspec.Struct, frozen=True, array_like=True):
 async def stale_pending(
     pool: aiomysql.Pool, *, older_than_s: float, limit: int = 20
 ) -> tuple[int, list[StalePending]]:
-    """How many reversals have been pending longer than ``older_than_s``, and the oldest few."""
+    """How many reversals have been pending longer than ``older_than_s``, and the oldest few.
+
+    Age is measured from the claim (``claimed_at``), not ``updated_at``: every reconciliation
+    pass writes ``reconcile_tries``/``recheck_at`` on a pending row, which refreshes
+    ``updated_at`` at least every maximum backoff, so an age read from it never grows past
+    that. ``claimed_at`` is written only by a claim, and a pending reversal is never claimed
+    again; it is at most the time it became pending, so the alarm can only come early."""
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT COUNT(*) FROM reversals WHERE state = 'pending' "
-            "AND updated_at < NOW(6) - INTERVAL %s MICROSECOND",
+            "AND claimed_at < NOW(6) - INTERVAL %s MICROSECOND",
             (int(older_than_s * 1_000_000),),
         )
         count = (await fetch_one(cursor, _Count)).count
@@ -595,7 +620,7 @@ async def stale_pending(
         await cursor.execute(
             "SELECT idempotency_key, provider, COALESCE(TIMESTAMPDIFF(MICROSECOND, claimed_at, NOW(6)), 0) "
             "FROM reversals "
-            "WHERE state = 'pending' AND updated_at < NOW(6) - INTERVAL %s MICROSECOND "
+            "WHERE state = 'pending' AND claimed_at < NOW(6) - INTERVAL %s MICROSECOND "
             "ORDER BY claimed_at LIMIT %s",
             (int(older_than_s * 1_000_000), limit),
         )
@@ -631,6 +656,64 @@ async def expire_reversal_leases(pool: aiomysql.Pool, *, limit: int) -> int:
         ]
         await insert_outbox(cursor, events)
         return len(ids)
+
+
+REVERSAL_NEVER_SENT: Final = ChargeResult(
+    outcome=Outcome.PROVIDER_ERROR,
+    retryable=False,
+    decline_code="never_sent",
+    reason="queued with no owner (its message was lost or dead-lettered): never sent, nothing refunded",
+)
+
+
+async def fail_orphaned_reversals(
+    pool: aiomysql.Pool, *, queued_for_s: float, limit: int
+) -> list[ReversalRequest]:
+    """Queued reversals nobody claimed for ``queued_for_s`` end failed as ``never_sent``, each
+    with its ``refund.failed`` event; the reversals failed.
+
+    A reversal is queued only when released unsent (halt, open breaker, drain): its message
+    went back to the broker, and its claim moves it to in flight before any provider call,
+    so a queued one was never sent. Past ``queued_for_s`` its message is taken to be gone
+    (dead-lettered at the delivery limit, purged), and its amount, reserved while it is
+    queued, is released. ``recheck_at`` holds since when it is queued; a row released before
+    that was written is aged from its last claim. A copy of the message that turns up after
+    all finds the key failed and sends nothing."""
+    older_than_us = int(queued_for_s * 1_000_000)
+    async with transaction(pool) as cursor:
+        await cursor.execute(
+            "SELECT id FROM reversals WHERE state = 'queued' "
+            "AND (recheck_at < NOW(6) - INTERVAL %s MICROSECOND "
+            "OR (recheck_at IS NULL AND claimed_at < NOW(6) - INTERVAL %s MICROSECOND)) "
+            "ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED",
+            (older_than_us, older_than_us, limit),
+        )
+        ids = [row.id for row in await fetch_all(cursor, _Id)]
+        if not ids:
+            return []
+        reversals = await _read_reversals(cursor, ids)
+        result = REVERSAL_NEVER_SENT
+        await cursor.execute(
+            "UPDATE reversals SET state = 'failed', outcome = %s, decline_code = %s, result_reason = %s, "  # noqa: S608
+            "claimed_by = NULL, recheck_at = NULL, finished_at = NOW(6) "
+            f"WHERE id IN ({placeholders(len(ids))}) AND state = 'queued'",
+            (result.outcome.value, result.decline_code, result.reason, *ids),
+        )
+        occurred_at = now_iso()
+        events: list[OutboxRow] = []
+        for reversal in reversals:
+            follow = await follow_refund(cursor, reversal, ReversalState.FAILED, occurred_at=occurred_at)
+            events.append(
+                refund_event(
+                    _facts(reversal),
+                    state=ReversalState.FAILED,
+                    result=result,
+                    occurred_at=occurred_at,
+                    subscription=None if follow is None else (follow.action.value, follow.effect),
+                )
+            )
+        await insert_outbox(cursor, events)
+    return reversals
 
 
 class DueReversal(msgspec.Struct, frozen=True, kw_only=True):
@@ -830,8 +913,10 @@ class _LockedState(msgspec.Struct, array_like=True, frozen=True):
     original_attempt_id: int | None
 
 
-async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, UnknownReversal] | None:
-    """The refund with this key and its state, locked; None when there is none."""
+async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, UnknownReversal | None] | None:
+    """The refund with this key and its state, locked; None when there is none. Its second part
+    is None for a refund that named no charge (refused ``no_charge`` at once: failed, never
+    sent), which has no charge to read."""
     await cursor.execute(
         "SELECT id, state, original_attempt_id FROM reversals WHERE idempotency_key = %s FOR UPDATE", (key,)
     )
@@ -839,6 +924,8 @@ async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, Unknow
     if row is None:
         return None
     locked = msgspec.convert(row, _LockedState)
+    if locked.original_attempt_id is None:
+        return locked.state, None
     await cursor.execute(_REVERSAL_SELECT + "WHERE r.id = %s", (locked.id,))
     reversal = _reversal_of(await _written(cursor))
     return locked.state, UnknownReversal(

@@ -249,6 +249,7 @@ class AdyenProvider(HttpAdapter[bytes]):
                     operation=operation,
                     provider_ref=item.psp_reference,
                     idempotency_key=item.merchant_reference,
+                    key_digest=transform.shortened_key_digest(item.merchant_reference),
                     original_provider_ref=item.original_reference,
                     amount_minor=item.amount.value if item.amount else None,
                     currency=item.amount.currency if item.amount else None,

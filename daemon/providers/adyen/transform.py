@@ -553,10 +553,22 @@ _decode_modification = msgspec.json.Decoder(ModificationResponse).decode
 
 def reversal_reference(key: str) -> str:
     """What Adyen sees as our reference of a reversal: payd's key, shortened like a payment's
-    when it exceeds 80 characters (a notification then matches by Adyen's pspReference)."""
+    when it exceeds 80 characters (a notification then matches by the digest it carries,
+    ``shortened_key_digest``)."""
     if len(key) <= MAX_REFERENCE:
         return key
     return "payd-" + hashlib.sha256(key.encode()).hexdigest()
+
+
+_SHORTENED: Final = re.compile(r"payd-([0-9a-f]{64})")
+
+
+def shortened_key_digest(reference: str | None) -> str | None:
+    """The SHA-256 hex of payd's key when ``reference`` is a shortened one (``reversal_reference``
+    of a key over 80 characters), else None. A key that merely looks like one is also tried
+    as itself first (``settle_by_notice`` matches by key before digest)."""
+    matched = _SHORTENED.fullmatch(reference or "")
+    return matched.group(1) if matched else None
 
 
 def refund_body(*, amount: Amount, merchant_account: str, reference: str) -> bytes:
@@ -713,6 +725,8 @@ def notification_items(body: bytes) -> list[dict[str, object]] | str:
         document = msgspec.json.decode(body)
     except msgspec.DecodeError:
         return "not JSON"
+    except RecursionError:  # a small body of deeply nested arrays: hostile, not Adyen's
+        return "not JSON (nested too deeply)"
     wrappers = document.get("notificationItems") if isinstance(document, dict) else None
     if not isinstance(wrappers, list) or not wrappers:
         return "no notificationItems"
