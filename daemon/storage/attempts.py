@@ -184,7 +184,7 @@ def _same_charge(request: AttemptRequest, row: _ClaimRow) -> bool:
 
 
 _ER_LOCK_DEADLOCK: Final = 1213
-CLAIM_DEADLOCK_RETRIES: Final = 4
+DEADLOCK_RETRIES: Final = 4
 
 
 async def claim_attempts(
@@ -201,11 +201,11 @@ async def claim_attempts(
     rolls one transaction back whole, so it is simply claimed again, a few times, before the
     error reaches the pipeline (which would put the batch back on the queue).
     """
-    for retry in range(CLAIM_DEADLOCK_RETRIES + 1):
+    for retry in range(DEADLOCK_RETRIES + 1):
         try:
             return await _claim(pool, requests, claimed_by=claimed_by, lease_s=lease_s)
         except pymysql.err.OperationalError as error:
-            if error.args[0] != _ER_LOCK_DEADLOCK or retry == CLAIM_DEADLOCK_RETRIES:
+            if error.args[0] != _ER_LOCK_DEADLOCK or retry == DEADLOCK_RETRIES:
                 raise
             await asyncio.sleep(random.uniform(0, 0.01 * (retry + 1)))  # noqa: S311 (jitter, not secrecy)
     raise AssertionError("unreachable: the last retry returns or raises")
@@ -394,11 +394,26 @@ async def record_outcomes(
     unknown_recheck_s: float,
     policy: SubscriptionPolicy,
 ) -> RecordOutcome:
-    """Write results, releases, subscription changes (under ``policy``) and events in one commit."""
-    result = RecordOutcome()
-    async with transaction(pool) as cursor:
-        await write_outcomes(cursor, records, result, unknown_recheck_s=unknown_recheck_s, policy=policy)
-    return result
+    """Write results, releases, subscription changes (under ``policy``) and events in one commit.
+
+    A deadlock with a concurrent batch (MySQL 1213) rolls the whole transaction back, so the
+    batch is simply written again, a few times, before the error reaches the pipeline (which
+    counts a batch error and retries with backoff).
+    """
+    for retry in range(DEADLOCK_RETRIES + 1):
+        result = RecordOutcome()
+        try:
+            async with transaction(pool) as cursor:
+                await write_outcomes(
+                    cursor, records, result, unknown_recheck_s=unknown_recheck_s, policy=policy
+                )
+        except pymysql.err.OperationalError as error:
+            if error.args[0] != _ER_LOCK_DEADLOCK or retry == DEADLOCK_RETRIES:
+                raise
+            await asyncio.sleep(random.uniform(0, 0.01 * (retry + 1)))  # noqa: S311 (jitter, not secrecy)
+        else:
+            return result
+    raise AssertionError("unreachable: the last retry returns or raises")
 
 
 async def write_outcomes(
