@@ -17,6 +17,7 @@ it is recorded.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
@@ -29,7 +30,14 @@ from daemon.config import Config
 from daemon.models import AttemptState, IdempotencyKey, PositiveAmount, ShortText, SubscriptionAction
 from daemon.operator.dead import DeadLetterQueueMissing, list_dead, replay_dead
 from daemon.operator.listing import AttemptFilter, list_attempts, parse_duration
-from daemon.operator.refund import ChargeNotFound, RefundRefused, order_refund
+from daemon.operator.refund import (
+    ChargeNotFound,
+    Published,
+    RefundNotConfirmed,
+    RefundRefused,
+    prepare_refund,
+    publish_and_audit,
+)
 from daemon.operator.settle import AttemptNotFound, SettleAs, SettleOrder, SettleRefused, settle_attempt
 from daemon.operator.story import load_story
 from daemon.subscriptions.policy import SubscriptionPolicy
@@ -41,6 +49,15 @@ PASS_S = 3.0
 replay cut short says ``"complete": false``; asking again continues (nothing is lost between)."""
 
 OPERATOR_HEADER = "X-Payd-Operator"
+NO_OPERATOR = f"name the operator (printable ASCII): an {OPERATOR_HEADER} header or an operator field"
+
+CHECK_S = 5.0
+"""How long the refund route's checks (one read) may take; its publish is bounded by the
+confirm wait (``daemon.operator.refund.PUBLISH_CONFIRM_S``), its audit by the pool's timeouts."""
+
+REFUND_ROUTE = "admin_refund"
+"""The route name of ``POST /admin/attempts/{key}/refund``: the admin guard leaves it out of its
+overall timeout (``daemon.control``), which could otherwise fire after the broker confirmed."""
 
 
 class OperatorTools:
@@ -54,6 +71,9 @@ class OperatorTools:
         self.policy = policy
         """The daemon's own: a settle moves a subscription as the daemon's records do."""
         self.instance_id = instance_id
+        self.refunds: set[asyncio.Task[Published]] = set()
+        """Refunds being published and audited: each runs to its end even when its request
+        is cancelled (the client left, the daemon stops)."""
 
 
 class SettleBody(
@@ -111,24 +131,35 @@ def _refund_route(tools: OperatorTools) -> Callable[[web.Request], Awaitable[web
             return _error(f"invalid body: {error}", 400)
         who = _operator_of(request, body.operator)
         if who is None:
-            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+            return _error(NO_OPERATOR, 400)
         key = request.match_info["key"]
         try:
-            plan = await order_refund(
-                tools.pool,
-                tools.config,
-                key,
-                amount=body.amount_minor,
-                reason=body.reason,
-                refund_key=body.refund_key,
-                then=body.subscription_action,
-                operator=who,
-                via=f"control:{tools.instance_id}",
-            )
+            async with asyncio.timeout(CHECK_S):
+                plan = await prepare_refund(
+                    tools.pool,
+                    key,
+                    amount=body.amount_minor,
+                    reason=body.reason,
+                    refund_key=body.refund_key,
+                    then=body.subscription_action,
+                )
+            if not plan.recorded:
+                # Shielded: once published, the audit is written and the answer is 202, whatever
+                # happens to this request; a retry with the same refund_key is the same refund.
+                task = asyncio.create_task(
+                    publish_and_audit(
+                        tools.pool, tools.config, plan, operator=who, via=f"control:{tools.instance_id}"
+                    )
+                )
+                tools.refunds.add(task)
+                task.add_done_callback(tools.refunds.discard)
+                plan = await asyncio.shield(task)
         except ChargeNotFound as missing:
             return _error(str(missing), 404)
         except RefundRefused as refusal:
             return _error(str(refusal), 409)
+        except RefundNotConfirmed as unconfirmed:
+            return _json({"error": str(unconfirmed), "idempotency_key": unconfirmed.refund_key}, 503)
         log.warning(
             "refund.ordered_by_operator",
             idempotency_key=plan.request.idempotency_key,
@@ -154,8 +185,10 @@ def _refund_route(tools: OperatorTools) -> Callable[[web.Request], Awaitable[web
 
 
 def _operator_of(request: web.Request, named: str | None) -> str | None:
-    who = request.headers.get(OPERATOR_HEADER) or named
-    return who.strip() if who and who.strip() else None
+    """The operator's name, or None when none is given or it is not printable ASCII (a header
+    of other bytes arrives as surrogates, which the audit row could not hold)."""
+    who = (request.headers.get(OPERATOR_HEADER) or named or "").strip()
+    return who if who and who.isascii() and who.isprintable() else None
 
 
 def register_operator_routes(admin: web.Application, tools: OperatorTools) -> None:
@@ -188,7 +221,7 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
             return _error(f"invalid body: {error}", 400)
         who = operator_of(request, body.operator)
         if who is None:
-            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+            return _error(NO_OPERATOR, 400)
         order = SettleOrder(
             idempotency_key=request.match_info["key"],
             settle_as=body.settle_as,
@@ -228,7 +261,7 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
             return _error(f"invalid body: {error}", 400)
         who = operator_of(request, body.operator)
         if who is None:
-            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+            return _error(NO_OPERATOR, 400)
         if not body.all and not body.ids:
             return _error("name the dead letters to replay (ids) or all: true", 400)
         try:
@@ -247,6 +280,6 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
     admin.router.add_get("/attempts", list_)
     admin.router.add_get("/attempts/{key}", show)
     admin.router.add_post("/attempts/{key}/settle", settle)
-    admin.router.add_post("/attempts/{key}/refund", _refund_route(tools))
+    admin.router.add_post("/attempts/{key}/refund", _refund_route(tools), name=REFUND_ROUTE)
     admin.router.add_get("/dead", dead)
     admin.router.add_post("/dead/replay", replay)
