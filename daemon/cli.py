@@ -215,13 +215,45 @@ def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):  # stop after the publish in progress
-            loop.add_signal_handler(signum, stop.set)
-        return await commands.reporting("rollback", rollback(config, order, stop))
+        running = asyncio.current_task()
+        assert running is not None
+
+        def on_signal() -> None:
+            # The first signal stops after the publish in progress; a second one at once.
+            if stop.is_set():
+                running.cancel()
+                return
+            stop.set()
+            print(
+                "payd rollback: stopping after the publish in progress (signal again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+        try:
+            return await commands.reporting("rollback", rollback(config, order, stop))
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            # What the broker confirmed is recorded (shielded); a publish cut short was not counted.
+            print(
+                f"payd rollback: stopped at once; run {order.run} again to resume",
+                file=sys.stderr,
+            )
+            return 1
 
     # stdout carries the report (--json for scripts); the command says what matters itself.
     logging_handle = configure_logging("error", "console", stream=sys.stderr)
     try:
+        if order.dry_run or order.report_only:
+            # They change nothing: Ctrl-C and SIGTERM end them as they end any program.
+            try:
+                return _run(commands.reporting("rollback", rollback(config, order, asyncio.Event())))
+            except KeyboardInterrupt:
+                print("payd rollback: interrupted", file=sys.stderr)
+                return 130
         return _run(main())
     finally:
         logging_handle.close()
@@ -415,6 +447,13 @@ def add_rollback_command(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     rolling.add_argument("--wait", type=float, metavar="S", help="then wait up to S seconds for the outcomes")
     rolling.add_argument("--stop-if-halted", action="store_true", help="stop rather than wait out a halt")
+    rolling.add_argument(
+        "--confirm-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="stop when the broker does not confirm a publish within S seconds (%(default)s)",
+    )
     rolling.add_argument("--operator", help="who you are (default: $SUDO_USER, then $USER)")
     rolling.add_argument("--json", action="store_true", help="the preview or report as JSON")
 

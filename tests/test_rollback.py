@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,8 +46,10 @@ from tests.support import (
     eventually,
     query,
     request,
+    reset_broker,
     wait_settled,
 )
+from tests.tls_servers import RABBITMQ_SERVER, PrivateRabbitMQ
 
 KEYS = HaltKeys(NAMESPACE)
 
@@ -673,3 +676,136 @@ async def test_an_unreadable_halt_state_publishes_nothing(
     assert "not published             1" in out
     queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
     assert queue.declaration_result.message_count == 0
+
+
+async def _published(db: aiomysql.Pool) -> int:
+    return int((await query(db, "SELECT COUNT(*) FROM rollback_items WHERE published_at IS NOT NULL"))[0][0])
+
+
+async def _queued_refund_keys(broker: Broker) -> Counter[str]:
+    """The refund keys waiting in the attempts queue (taken off it: no daemon runs here)."""
+    queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+    keys: Counter[str] = Counter()
+    while (message := await queue.get(fail=False, no_ack=True)) is not None:
+        keys[json.loads(message.body)["idempotency_key"]] += 1
+    return keys
+
+
+async def test_sigterm_stops_a_run_waiting_for_its_next_token(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """At one refund in 1000 s the run publishes its first and waits for the next token; SIGTERM
+    ends that wait (exit 1, interrupted, resumable) instead of being read after the token."""
+    db = rb
+    keys = [f"slow-{i}" for i in range(3)]
+    for key in keys:
+        await add_charge(db, key)
+    _, config, _ = daemons.config()
+    command = ("rollback", "--config", str(config), "--run", "slow", "--rate", "0.001", *keys)
+    running = await asyncio.create_subprocess_exec(
+        PAYD, *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+    try:
+        queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+
+        async def one_queued() -> bool:
+            fresh = await broker.channel.declare_queue(queue.name, passive=True)
+            return fresh.declaration_result.message_count >= 1
+
+        await eventually(one_queued, timeout=60, what="the run's first publish")
+        assert running.returncode is None
+        running.send_signal(signal.SIGTERM)
+        _, said = await asyncio.wait_for(running.communicate(), 60)  # a hang guard: the token is 1000 s away
+    finally:
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+    assert running.returncode == 1
+    text = said.decode()
+    assert "stopping after the publish in progress" in text
+    assert "rollback slow interrupted; run the same command again to resume" in text
+    assert await _published(db) == 1
+    assert await _queued_refund_keys(broker) == Counter({"rollback:slow:slow-0": 1})
+
+
+def _connection_states(node: PrivateRabbitMQ) -> list[str]:
+    # https://www.rabbitmq.com/docs/man/rabbitmqctl.8#list_connections (state: blocked once a
+    # connection publishes under a resource alarm)
+    done = subprocess.run(
+        [str(RABBITMQ_SERVER.with_name("rabbitmqctl")), "-q", "-n", node.node, "list_connections", "state"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        env=node.env,
+    )
+    return done.stdout.decode().split()
+
+
+async def test_a_broker_that_confirms_nothing_neither_hangs_a_run_nor_a_second_signal(
+    rb: aiomysql.Pool, daemons: DaemonFactory, private_broker: PrivateRabbitMQ
+) -> None:
+    """Under a memory alarm the broker blocks publishers and confirms nothing
+    (https://www.rabbitmq.com/docs/memory#configuring-threshold: a threshold of 0 raises it at
+    once). A run blocked in its publish: the first SIGTERM waits for that publish, a second one
+    stops it at once (exit 1, nothing counted as published). With --confirm-timeout 2 the run
+    stops by itself, naming the refund not confirmed, nothing counted. Once the alarm clears the
+    same command publishes every item; the only key that may be queued twice is the one whose
+    confirm never came (the daemon's claim deduplicates it). The node is the test's own."""
+    db = rb
+    keys = [f"alarm-{i}" for i in range(3)]
+    for key in keys:
+        await add_charge(db, key)
+    url = f"amqp://payd:{private_broker.password}@127.0.0.1:{private_broker.port}/"
+    broker = await reset_broker(url)
+    _, config, _ = daemons.config(rabbitmq={"url": f"amqp://payd@127.0.0.1:{private_broker.port}/"})
+    command = ("rollback", "--config", str(config), "--run", "alarm", *keys)
+    try:
+        await asyncio.to_thread(private_broker.ctl, "set_vm_memory_high_watermark", "0")
+        running = await asyncio.create_subprocess_exec(
+            PAYD,
+            *command,
+            "--confirm-timeout",
+            "600",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert running.stderr is not None
+        try:
+
+            async def blocked() -> bool:
+                return "blocked" in await asyncio.to_thread(_connection_states, private_broker)
+
+            await eventually(blocked, timeout=60, what="the run's publish blocked by the alarm")
+            running.send_signal(signal.SIGTERM)
+            while "stopping after the publish in progress" not in (
+                line := (await asyncio.wait_for(running.stderr.readline(), 60)).decode()
+            ):
+                assert line, "payd rollback ended before it was told"
+            assert running.returncode is None, "the first signal waits for the publish in progress"
+            running.send_signal(signal.SIGTERM)
+            _, rest = await asyncio.wait_for(running.communicate(), 60)  # a hang guard (600 s bound)
+        finally:
+            if running.returncode is None:
+                running.kill()
+                await running.wait()
+        assert running.returncode == 1
+        assert "stopped at once; run alarm again to resume" in rest.decode()
+        assert await _published(db) == 0
+
+        code, _, err = await payd(*command, "--confirm-timeout", "2")
+        assert code == 1
+        assert "refund rollback:alarm:alarm-0 not confirmed within 2s" in err
+        assert "run the same command again to resume" in err
+        assert await _published(db) == 0
+    finally:
+        await asyncio.to_thread(private_broker.ctl, "set_vm_memory_high_watermark", "0.4")
+    try:
+        code, out, err = await payd(*command)
+        assert code == 0, out + err
+        assert await _published(db) == 3
+        queued = await _queued_refund_keys(broker)
+        assert set(queued) == {f"rollback:alarm:{key}" for key in keys}
+        assert all(count == 1 for key, count in queued.items() if key != "rollback:alarm:alarm-0")
+    finally:
+        await broker.connection.close()

@@ -6,8 +6,13 @@ Before each publish it checks the fleet's halt the way the daemons do
 (``daemon/halt.py``: a halt key, global or for the item's provider, or halt
 keys that cannot be read, means halted) and takes a token from the provider's
 bucket (at most ``--rate`` a second, and never faster than the provider's
-configured ``rate_per_s`` / ``fleet_rate_per_s``). SIGINT or SIGTERM stop it
-after the publish in progress.
+configured ``rate_per_s`` / ``fleet_rate_per_s``). The token comes first, so a
+halt set while the run waits for it is seen before the publish. Each publish
+waits for the broker's confirm at most ``--confirm-timeout`` seconds: one not
+confirmed by then is not counted as sent and the run stops (a broker under a
+resource alarm confirms nothing); publishing it again on resume is the same
+refund. SIGINT or SIGTERM stop it after the publish in progress (waits for a
+token, a halt or the outcomes end at once); a second signal stops it at once.
 
 Resuming needs no bookkeeping to be exact: the refund key of an item is
 ``rollback:RUN:KEY`` and its amount was frozen, so an item published twice
@@ -26,10 +31,10 @@ import enum
 import math
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import aiomysql
 import msgspec
@@ -67,6 +72,8 @@ MARK_EVERY: Final = 100
 """Confirmed publishes recorded (``published_at``) together."""
 PROGRESS_EVERY_S: Final = 1.0
 DEFAULT_RATE: Final = 50.0
+DEFAULT_CONFIRM_S: Final = 10.0
+"""How long one publish waits for the broker's confirm (``--confirm-timeout``)."""
 OUTCOME_POLL_S: Final = 1.0
 """``--wait`` reads the run's report this often at most (one grouped query over its items)."""
 
@@ -136,6 +143,26 @@ class HaltGate:
             except TimeoutError:
                 continue
             return Ended.INTERRUPTED
+
+
+async def unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:
+    """Await ``work`` unless ``stop`` is set first: True when it ended, False when it was
+    stopped (and cancelled)."""
+    if stop.is_set():
+        work.close()
+        return False
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in (task, stopped):
+            waiting.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # its exception, if it raised one
+    return True
 
 
 class Progress:
@@ -208,6 +235,7 @@ async def publish_run(
     stop: asyncio.Event,
     wait_on_halt: bool,
     err: TextIO,
+    confirm_s: float = DEFAULT_CONFIRM_S,
 ) -> Ended:
     """Publish every item not yet published (see module); return why it ended."""
     async with transaction(pool) as cursor:
@@ -227,9 +255,11 @@ async def publish_run(
                     confirmed.append(item.attempt_id)
                     progress.skipped += 1
                 else:
+                    # The token first: a halt set while waiting for it is read before the publish.
+                    if not await unless_stopped(buckets[item.provider].take(), stop):
+                        ended = Ended.INTERRUPTED
+                        break
                     ended = await gate.clear(item.provider, stop, wait=wait_on_halt)
-                    if ended is Ended.DONE:
-                        await buckets[item.provider].take()
                     if ended is Ended.DONE and stop.is_set():
                         ended = Ended.INTERRUPTED
                     if ended is not Ended.DONE:
@@ -241,7 +271,16 @@ async def publish_run(
                         amount_minor=item.remaining_minor,
                         reason=run.reason,
                     )
-                    await broker.publish("", broker.topology.attempts_queue, msgspec.json.encode(request))
+                    try:
+                        async with asyncio.timeout(confirm_s):
+                            await broker.publish(
+                                "", broker.topology.attempts_queue, msgspec.json.encode(request)
+                            )
+                    except TimeoutError:
+                        # Not counted as sent: a resume publishes it again, the same key (one refund).
+                        raise BrokerUnavailable(
+                            f"refund {item.refund_key} not confirmed within {confirm_s:g}s"
+                        ) from None
                     confirmed.append(item.attempt_id)
                     progress.published += 1
                 after = item.attempt_id
@@ -368,12 +407,15 @@ class Order(msgspec.Struct, frozen=True, kw_only=True):
     stop_if_halted: bool = False
     as_json: bool = False
     operator: str | None = None
+    confirm_s: float = DEFAULT_CONFIRM_S
 
 
 def order_from_args(config: Config, args: argparse.Namespace, *, operator: str | None) -> Order:
     """The command line's order, checked: a usage problem raises ``RollbackError`` naming it."""
     run = args.report if args.report is not None else args.run
     check_names(run, args.currency, args.rate)
+    if not args.confirm_timeout > 0:
+        raise RollbackError(f"--confirm-timeout {args.confirm_timeout}: seconds, more than 0")
     keys = read_keys(args.keys, "arguments")
     if args.keys_file:
         try:
@@ -414,6 +456,7 @@ def order_from_args(config: Config, args: argparse.Namespace, *, operator: str |
         stop_if_halted=args.stop_if_halted,
         as_json=args.json,
         operator=operator,
+        confirm_s=args.confirm_timeout,
     )
 
 
@@ -512,6 +555,7 @@ async def _publish(
             stop=stop,
             wait_on_halt=not order.stop_if_halted,
             err=err,
+            confirm_s=order.confirm_s,
         )
     except BrokerUnavailable as error:
         # What the broker confirmed is recorded (publish_run's finally); the rest waits for a resume.
