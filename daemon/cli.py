@@ -158,7 +158,7 @@ def cmd_subscriptions_import(config: Config, args: argparse.Namespace) -> int:
 def cmd_attempts(config: Config, args: argparse.Namespace) -> int:
     from daemon.models import AttemptState  # noqa: PLC0415
     from daemon.operator import commands  # noqa: PLC0415
-    from daemon.operator.listing import AttemptFilter, parse_duration  # noqa: PLC0415
+    from daemon.operator.listing import AttemptFilter, checked_limit, parse_duration  # noqa: PLC0415
     from daemon.operator.settle import SettleAs  # noqa: PLC0415
 
     name = f"attempts {args.attempts_command}"
@@ -179,8 +179,13 @@ def cmd_attempts(config: Config, args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"payd attempts list: --older-than: {error}", file=sys.stderr)
         return 2
+    try:
+        limit = checked_limit(args.limit)
+    except ValueError as error:
+        print(f"payd attempts list: --{error}", file=sys.stderr)
+        return 2
     wanted = AttemptFilter(
-        state=AttemptState(args.state), provider=args.provider, older_than_s=older_than, limit=args.limit
+        state=AttemptState(args.state), provider=args.provider, older_than_s=older_than, limit=limit
     )
     return _run(commands.reporting(name, commands.list_(config, wanted, as_json=args.json)))
 
@@ -264,6 +269,9 @@ def cmd_dead(config: Config, args: argparse.Namespace) -> int:
 
     name = f"dead {args.dead_command}"
     if args.dead_command == "list":
+        if args.limit < 1:
+            print(f"payd dead list: --limit {args.limit}: at least 1", file=sys.stderr)
+            return 2
         return _run(commands.reporting(name, commands.dead_list(config, limit=args.limit, as_json=args.json)))
     if not args.all and not args.ids:
         print(

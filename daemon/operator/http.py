@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 import aiomysql
 import msgspec
@@ -29,7 +30,7 @@ from aiohttp import web
 from daemon.config import Config
 from daemon.models import AttemptState, IdempotencyKey, PositiveAmount, ShortText, SubscriptionAction
 from daemon.operator.dead import DeadLetterQueueMissing, list_dead, replay_dead
-from daemon.operator.listing import AttemptFilter, list_attempts, parse_duration
+from daemon.operator.listing import AttemptFilter, checked_limit, list_attempts, parse_duration
 from daemon.operator.refund import (
     ChargeNotFound,
     Published,
@@ -38,7 +39,15 @@ from daemon.operator.refund import (
     prepare_refund,
     publish_and_audit,
 )
-from daemon.operator.settle import AttemptNotFound, SettleAs, SettleOrder, SettleRefused, settle_attempt
+from daemon.operator.settle import (
+    PROVIDER_REF_MAX,
+    AttemptNotFound,
+    SettleAs,
+    SettleInvalid,
+    SettleOrder,
+    SettleRefused,
+    settle_attempt,
+)
 from daemon.operator.story import load_story
 from daemon.subscriptions.policy import SubscriptionPolicy
 
@@ -82,7 +91,7 @@ class SettleBody(
     settle_as: SettleAs
     reason: str
     operator: str | None = None
-    provider_ref: str | None = None
+    provider_ref: Annotated[str, msgspec.Meta(max_length=PROVIDER_REF_MAX)] | None = None
 
 
 class RefundBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -208,7 +217,7 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
                 state=AttemptState(query.get("state", "unknown")),
                 provider=query.get("provider"),
                 older_than_s=None if older is None else parse_duration(older),
-                limit=int(query.get("limit", "100")),
+                limit=checked_limit(int(query.get("limit", "100"))),
             )
         except ValueError as error:
             return _error(str(error), 400)
@@ -234,6 +243,8 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
             settled = await settle_attempt(tools.pool, order, policy=tools.policy)
         except AttemptNotFound as missing:
             return _error(str(missing), 404)
+        except SettleInvalid as invalid:
+            return _error(str(invalid), 400)
         except SettleRefused as refusal:
             return _error(str(refusal), 409)
         log.warning(
@@ -248,6 +259,11 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
     async def dead(request: web.Request) -> web.StreamResponse:
         try:
             limit = int(request.query.get("limit", "1000"))
+        except ValueError as error:
+            return _error(str(error), 400)
+        if limit < 1:
+            return _error(f"limit {limit}: at least 1", 400)
+        try:
             return _json(await list_dead(tools.config, limit=limit, until=time.monotonic() + PASS_S))
         except ValueError as error:
             return _error(str(error), 400)

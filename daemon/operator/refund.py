@@ -29,6 +29,7 @@ from daemon.broker import Broker, BrokerUnavailable
 from daemon.config import Config
 from daemon.models import AttemptState, RefundRequest, SubscriptionAction
 from daemon.operator.commands import resolve_operator
+from daemon.operator.keys import is_idempotency_key
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool, transaction
 from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
@@ -151,6 +152,8 @@ async def prepare_refund(
 ) -> Published:
     """The refund request to publish, or ``RefundRefused`` (also for a request that does not
     validate: the message names the field)."""
+    if not is_idempotency_key(original_key):
+        raise ChargeNotFound(f"no charge with key {original_key!r} (not an idempotency key)")
     async with transaction(pool) as cursor:
         await cursor.execute(
             "SELECT id, state, amount_minor, currency FROM attempts WHERE idempotency_key = %s",

@@ -89,14 +89,22 @@ def check_names(run: str | None, currency: str | None, rate_per_s: float) -> Non
 
 
 def parse_amount(text: str) -> tuple[int, int]:
-    """``N`` (exactly) or ``MIN..MAX`` (inclusive; either side may be left open)."""
-    low, dots, high = text.partition("..")
+    """``N`` (exactly) or ``MIN..MAX`` (inclusive; one side may be left open, not both), each
+    0 or more, MIN at most MAX."""
+    low, dots, high = text.strip().partition("..")
     try:
         if not dots:
-            return int(text), int(text)
-        return (int(low) if low else 0), (int(high) if high else 10**15)
+            low = high = text
+        elif not low.strip() and not high.strip():
+            raise RollbackError(f"--amount-minor {text!r}: give MIN, MAX or both (.. alone selects nothing)")
+        least, most = (int(low) if low.strip() else 0), (int(high) if high.strip() else 10**15)
     except ValueError:
         raise RollbackError(f"--amount-minor {text!r}: expected N or MIN..MAX in the minor unit") from None
+    if least < 0 or most < 0:
+        raise RollbackError(f"--amount-minor {text!r}: amounts are 0 or more")
+    if least > most:
+        raise RollbackError(f"--amount-minor {text!r}: MIN is more than MAX")
+    return least, most
 
 
 def parse_moment(flag: str, text: str) -> datetime:
