@@ -809,3 +809,49 @@ async def test_a_broker_that_confirms_nothing_neither_hangs_a_run_nor_a_second_s
         assert all(count == 1 for key, count in queued.items() if key != "rollback:alarm:alarm-0")
     finally:
         await broker.connection.close()
+
+
+async def test_a_run_that_loses_its_lock_stops_cleanly_and_resumes(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """The connection holding the run's GET_LOCK goes away (killed here; wait_timeout or a
+    failover do the same): the run notices within its lock check, stops after the publish in
+    progress (exit 1, says why and how to resume) rather than running unguarded or failing at
+    the end with "cannot reach the database"; the same command then finishes the rest."""
+    db = rb
+    keys = [f"lost-{i}" for i in range(3)]
+    for key in keys:
+        await add_charge(db, key)
+    _, config, _ = daemons.config()
+    command = ("rollback", "--config", str(config), "--run", "lost", *keys)
+    running = await asyncio.create_subprocess_exec(
+        PAYD, *command, "--rate", "0.001", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+
+        async def one_queued() -> bool:
+            queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+            return bool(queue.declaration_result.message_count)
+
+        await eventually(one_queued, timeout=60, what="the run's first publish")
+        [(holder,)] = await query(
+            db,
+            "SELECT IS_USED_LOCK(CONCAT('payd.rollback.', LEFT(SHA2(CONCAT(DATABASE(), ':', %s), 256), 40)))",
+            "lost",
+        )
+        assert holder is not None
+        await query(db, f"KILL CONNECTION {int(holder)}")
+        _, said = await asyncio.wait_for(running.communicate(), 60)  # a hang guard: the token is 1000 s away
+    finally:
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+    text = said.decode()
+    assert running.returncode == 1, text
+    assert "lost the run's lock" in text and "cannot reach" not in text
+    assert "rollback lost interrupted; run the same command again to resume" in text
+    assert await _published(db) == 1
+    code, out, err = await payd(*command)
+    assert code == 0, out + err
+    assert await _published(db) == 3
+    assert set(await _queued_refund_keys(broker)) == {f"rollback:lost:{key}" for key in keys}

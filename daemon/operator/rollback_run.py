@@ -21,12 +21,16 @@ the same request twice, which the daemon's claim deduplicates; and invariant 7
 refuses any refund beyond the charge. ``published_at`` only saves a resumed run
 from publishing again what it knows it sent, and an item whose refund key the
 daemon already holds is not published again either.
+
+A run holds a named lock (``GET_LOCK``) on a connection of its own and checks it
+every ``LOCK_CHECK_S``; one whose lock is gone stops like an interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import enum
 import math
 import sys
@@ -63,7 +67,7 @@ from daemon.operator.rollback import (
 from daemon.pipeline.intake import Invalid, decode_request
 from daemon.redis_link import redis_client
 from daemon.secrets import load_secret
-from daemon.storage.db import close_pool, fetch_all, open_pool, placeholders, transaction
+from daemon.storage.db import DB_ERRORS, close_pool, fetch_all, open_pool, placeholders, transaction
 from daemon.tokenbucket import TokenBucket
 
 PAGE: Final = 500
@@ -72,6 +76,8 @@ MARK_EVERY: Final = 100
 """Confirmed publishes recorded (``published_at``) together."""
 PROGRESS_EVERY_S: Final = 1.0
 DEFAULT_RATE: Final = 50.0
+LOCK_CHECK_S: Final = 5.0
+"""How often a run checks that it still holds its lock (one cheap query on the lock's connection)."""
 DEFAULT_CONFIRM_S: Final = 10.0
 """How long one publish waits for the broker's confirm (``--confirm-timeout``)."""
 OUTCOME_POLL_S: Final = 1.0
@@ -492,24 +498,75 @@ async def _rollback(
             print(f"payd rollback: no run named {order.run}", file=err)
             return 1
         return await _report(pool, run, order, out)
-    async with _one_process(pool, order.run) as alone:
-        if not alone:
+    async with _one_process(pool, order.run) as lock:
+        if lock is None:
             print(
                 f"payd rollback: run {order.run} is being run by another process right now; "
                 "follow it with payd rollback --report",
                 file=err,
             )
             return 1
-        return await _publish(
-            config, pool, await _start_or_resume(pool, run, order, err), order, stop, err=err, out=out
-        )
+        keeper = asyncio.create_task(lock.keep(stop, err))
+        try:
+            return await _publish(
+                config, pool, await _start_or_resume(pool, run, order, err), order, stop, err=err, out=out
+            )
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+
+class RunLock:
+    """The run's named lock, held on one connection of its own. The server frees it with the
+    connection (``wait_timeout``, a failover, a killed session), so ``keep`` uses that
+    connection every ``LOCK_CHECK_S`` (which also keeps it from idling out) and says when the
+    lock is no longer ours."""
+
+    def __init__(self, connection: aiomysql.Connection, name: str) -> None:
+        self._connection = connection
+        self._name = name
+        self.lost: str | None = None
+        """Why the lock is no longer held, once it is not."""
+
+    async def held(self) -> bool:
+        try:
+            async with asyncio.timeout(LOCK_CHECK_S), self._connection.cursor() as cursor:
+                await cursor.execute("SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (self._name,))
+                (ours,) = await cursor.fetchone() or (None,)
+        except (*DB_ERRORS, pymysql.err.InterfaceError) as error:
+            self.lost = f"its database connection failed: {type(error).__name__}: {error}"
+            return False
+        if ours != 1:
+            self.lost = "the database no longer holds it for this process"
+            return False
+        return True
+
+    async def keep(self, stop: asyncio.Event, err: TextIO) -> None:
+        """Check the lock until it is lost, then stop the run (after the publish in progress)."""
+        while True:
+            await asyncio.sleep(LOCK_CHECK_S)
+            if not await self.held():
+                print(
+                    f"payd rollback: lost the run's lock ({self.lost}): stopping, so two processes never "
+                    "run it at once",
+                    file=err,
+                    flush=True,
+                )
+                stop.set()
+                return
+
+    async def release(self) -> None:
+        # A lock already lost (its connection gone) needs no release: the server freed it.
+        with contextlib.suppress(*DB_ERRORS, pymysql.err.InterfaceError):
+            async with asyncio.timeout(LOCK_CHECK_S), self._connection.cursor() as cursor:
+                await cursor.execute("SELECT RELEASE_LOCK(%s)", (self._name,))
 
 
 @asynccontextmanager
-async def _one_process(pool: aiomysql.Pool, run: str) -> AsyncIterator[bool]:
-    """A named lock held on one connection for the run's life: two processes running the same
-    run would be safe (the keys deduplicate) but would pace and report twice. The server frees
-    the lock with the connection, a process killed included."""
+async def _one_process(pool: aiomysql.Pool, run: str) -> AsyncIterator[RunLock | None]:
+    """A named lock held on one connection for the run's life (None: another process holds it):
+    two processes running the same run would be safe (the keys deduplicate) but would pace and
+    report twice. The server frees the lock with the connection, a process killed included."""
     connection = await pool.acquire()
     try:
         async with connection.cursor() as cursor:
@@ -519,12 +576,14 @@ async def _one_process(pool: aiomysql.Pool, run: str) -> AsyncIterator[bool]:
             (name,) = await cursor.fetchone()
             await cursor.execute("SELECT GET_LOCK(%s, 0)", (name,))
             (locked,) = await cursor.fetchone()
+        lock = RunLock(connection, name) if locked == 1 else None
         try:
-            yield locked == 1
+            yield lock
         finally:
-            if locked == 1:
-                async with connection.cursor() as cursor:
-                    await cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
+            if lock is not None:
+                await lock.release()
+                if lock.lost is not None:
+                    connection.close()  # perhaps cut mid-query: not for the pool's reuse
     finally:
         pool.release(connection)
 
