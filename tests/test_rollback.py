@@ -855,3 +855,39 @@ async def test_a_run_that_loses_its_lock_stops_cleanly_and_resumes(
     assert code == 0, out + err
     assert await _published(db) == 3
     assert set(await _queued_refund_keys(broker)) == {f"rollback:lost:{key}" for key in keys}
+
+
+async def test_a_halt_set_while_a_slow_run_waits_for_its_token_is_seen_before_the_publish(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """At one refund in 10 s the run publishes its first, then waits for its next token; the
+    fleet is halted during that wait. The halt is read after the token, before the publish:
+    with --stop-if-halted nothing more is published (exit 1, the halt named)."""
+    db = rb
+    keys = [f"late-halt-{i}" for i in range(3)]
+    for key in keys:
+        await add_charge(db, key)
+    _, config, _ = daemons.config()
+    command = ("rollback", "--config", str(config), "--run", "latehalt", "--rate", "0.1", "--stop-if-halted")
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    running = await asyncio.create_subprocess_exec(
+        PAYD, *command, *keys, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+
+        async def one_queued() -> bool:
+            queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+            return bool(queue.declaration_result.message_count)
+
+        await eventually(one_queued, timeout=60, what="the run's first publish")
+        await client.set(KEYS.global_key, json.dumps({"reason": "late", "by": "test", "at": "now"}))
+        _, said = await asyncio.wait_for(running.communicate(), 60)
+    finally:
+        await client.aclose()
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+    assert running.returncode == 1
+    assert "the fleet is halted (late, by test" in said.decode()
+    assert await _queued_refund_keys(broker) == Counter({"rollback:latehalt:late-halt-0": 1})
+    assert await _published(db) == 1
