@@ -469,8 +469,9 @@ def order_from_args(config: Config, args: argparse.Namespace, *, operator: str |
 async def rollback(
     config: Config, order: Order, stop: asyncio.Event, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
-    """Exit 0 done (every charge reversed or already reversed, or a dry run / report), 1 refused,
-    interrupted, halted or not finished, 2 a usage problem."""
+    """Exit 0: a dry run or report, or everything published and nothing refused so far (with
+    ``--wait``: every charge reversed or already reversed; without it, published is not yet
+    reversed); 1 refused, interrupted, halted or not finished; 2 a usage problem."""
     # Unbounded statements: freezing or summing a selection of millions may take a while.
     pool = await open_pool(config.mysql, load_secret("mysql_password"), bounded=False)
     try:
