@@ -891,3 +891,35 @@ async def test_a_halt_set_while_a_slow_run_waits_for_its_token_is_seen_before_th
     assert "the fleet is halted (late, by test" in said.decode()
     assert await _queued_refund_keys(broker) == Counter({"rollback:latehalt:late-halt-0": 1})
     assert await _published(db) == 1
+
+
+async def test_charges_of_a_provider_payd_cannot_refund_through_are_counted_apart_and_left_out(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """A charge taken by a connection this configuration does not have (the daemon's claim
+    would refuse its refund as refunds_unsupported, ``can_refund``) is not counted "to refund"
+    by the dry run: it is shown apart, with its totals, and a run leaves it out."""
+    db = rb
+    await add_charge(db, "cr-a")
+    await add_charge(db, "cr-b", amount=500)
+    await add_charge(db, "cr-gone", amount=700, provider="gone")
+    await add_charge(db, "cr-routed", amount=300, routed="gone")
+    _, config, _ = daemons.config()
+    keys = ("cr-a", "cr-b", "cr-gone", "cr-routed")
+    found = await dry_run(config, *keys)
+    assert found["charges"] == 2
+    assert totals(found) == {("EUR", None): (2, 1500, 0, 1500, 0)}
+    assert totals(found, "cannot_refund") == {("EUR", "gone"): (2, 1000, 0, 1000, 0)}
+    code, out, err = await payd("rollback", "--config", str(config), "--dry-run", *keys)
+    assert code == 0, err
+    assert "would reverse 2 succeeded charges" in out
+    assert "cannot refund through payd (provider gone" in out and ": 2 charges, 1000 EUR charged" in out
+
+    code, out, err = await payd("rollback", "--config", str(config), "--run", "able", *keys)
+    assert code == 0, out + err
+    assert "providers payd can refund through are selected: sandbox" in err
+    assert await query(db, "SELECT charge_key, provider FROM rollback_items ORDER BY charge_key") == [
+        ("cr-a", "sandbox"),
+        ("cr-b", "sandbox"),
+    ]
+    assert set(await _queued_refund_keys(broker)) == {"rollback:able:cr-a", "rollback:able:cr-b"}

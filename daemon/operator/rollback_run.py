@@ -65,6 +65,8 @@ from daemon.operator.rollback import (
     report,
 )
 from daemon.pipeline.intake import Invalid, decode_request
+from daemon.providers.base import refunding
+from daemon.providers.registry import create_provider
 from daemon.redis_link import redis_client
 from daemon.secrets import load_secret
 from daemon.storage.db import DB_ERRORS, close_pool, fetch_all, open_pool, placeholders, transaction
@@ -169,6 +171,25 @@ async def unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event)
         return False
     task.result()  # its exception, if it raised one
     return True
+
+
+async def refunding_providers(config: Config, err: TextIO) -> frozenset[str]:
+    """The configured providers whose adapter can refund: the daemon's own test
+    (``daemon.pipeline.reversals.can_refund``); a charge of any other provider would be refused
+    as ``refunds_unsupported``. An adapter that cannot be built here counts as unable, said."""
+    able = set()
+    for name, settings in config.providers.items():
+        try:
+            provider = create_provider(name, settings)
+        except Exception as error:  # a missing secret, a broken plugin: said, and left out
+            print(f"payd rollback: provider {name}: cannot tell whether it refunds ({error})", file=err)
+            continue
+        try:
+            if refunding(provider) is not None:
+                able.add(name)
+        finally:
+            await provider.close()
+    return frozenset(able)
 
 
 class Progress:
@@ -354,6 +375,13 @@ def render_preview(found: Preview, out: TextIO) -> None:
         print(
             f"already wholly reversed or held: {already} charges (nothing would be sent for them)", file=out
         )
+    for group in found.cannot_refund:
+        print(
+            f"cannot refund through payd (provider {group.provider}: not configured here, or its adapter "
+            f"has no refunds; left out of a run): {group.charges} charges, {group.charged_minor} "
+            f"{group.currency} charged, {group.to_reverse_minor} {group.currency} unrefunded",
+            file=out,
+        )
     for missing in found.unselected_keys:
         print(f"not selected: {missing.key}: {missing.why}", file=out)
     print("nothing was published (--dry-run)", file=out)
@@ -487,8 +515,9 @@ async def _rollback(
     config: Config, pool: aiomysql.Pool, order: Order, stop: asyncio.Event, *, out: TextIO, err: TextIO
 ) -> int:
     if order.dry_run:
+        refundable = await refunding_providers(config, err)
         async with transaction(pool) as cursor:
-            found = await preview(cursor, order.selection)
+            found = await preview(cursor, order.selection, refundable)
         _print_json(found, out) if order.as_json else render_preview(found, out)
         return 0
     assert order.run is not None
@@ -510,7 +539,13 @@ async def _rollback(
         keeper = asyncio.create_task(lock.keep(stop, err))
         try:
             return await _publish(
-                config, pool, await _start_or_resume(pool, run, order, err), order, stop, err=err, out=out
+                config,
+                pool,
+                await _start_or_resume(config, pool, run, order, err),
+                order,
+                stop,
+                err=err,
+                out=out,
             )
         finally:
             keeper.cancel()
@@ -632,7 +667,9 @@ async def _publish(
     return 1 if ended is not Ended.DONE else code
 
 
-async def _start_or_resume(pool: aiomysql.Pool, run: Run | None, order: Order, err: TextIO) -> Run:
+async def _start_or_resume(
+    config: Config, pool: aiomysql.Pool, run: Run | None, order: Order, err: TextIO
+) -> Run:
     assert order.run is not None
     if run is not None:
         if not order.selection.empty() and order.selection.recorded() != run.selection:
@@ -647,6 +684,12 @@ async def _start_or_resume(pool: aiomysql.Pool, run: Run | None, order: Order, e
         raise RollbackError(
             "name at least one filter (never every charge by accident); see payd rollback --help"
         )
+    refundable = await refunding_providers(config, err)
+    print(
+        "only charges of providers payd can refund through are selected: "
+        f"{', '.join(sorted(refundable)) or 'none'} (the dry run counts the others apart)",
+        file=err,
+    )
     try:
         async with transaction(pool) as cursor:
             _, frozen = await create_run(
@@ -655,6 +698,7 @@ async def _start_or_resume(pool: aiomysql.Pool, run: Run | None, order: Order, e
                 order.selection,
                 reason=order.reason or f"rollback {order.run}",
                 created_by=order.operator,
+                refundable=refundable,
             )
             created = await find_run(cursor, order.run)
     except pymysql.err.IntegrityError:
