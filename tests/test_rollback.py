@@ -143,7 +143,7 @@ async def test_selection_filters_and_keys_not_selected(
     await add_charge(db, "d", amount=700, provider="other", finished="2026-03-04 10:00:00")
     await add_charge(db, "declined", state="declined")
     await add_charge(db, "unknown", state="unknown")
-    _, config, _ = daemons.config()
+    _, config, _ = daemons.config(**connections(daemons, "backup", "other"))
 
     async def keys(**filters: Any) -> list[str]:
         # The very clause the dry run, the run's freeze and the report's selection use.
@@ -238,6 +238,13 @@ def bulk_amount(n: int) -> int:
     return 100 + n % 900
 
 
+def connections(daemons: DaemonFactory, *names: str) -> dict[str, dict[str, Any]]:
+    """Configuration sections for more connections to the sandbox gateway (its adapter refunds),
+    so charges of those providers are ones payd can refund through."""
+    table = {"kind": "sandbox", "base_url": daemons.sandbox.url, "max_in_flight": 5}
+    return {f"providers__{name}": dict(table) for name in names}
+
+
 def bulk_provider(n: int) -> str:
     return "sandbox_b" if n % 4 == 0 else "sandbox"
 
@@ -308,7 +315,7 @@ async def test_dry_run_over_100000_charges_totals_exactly_and_publishes_nothing(
     published and no run is recorded. A narrow window is read through ix_attempts_finished."""
     db = rb
     await seed_bulk(db)
-    _, config, _ = daemons.config()
+    _, config, _ = daemons.config(**connections(daemons, "sandbox_b"))
     preview = await dry_run(config, "--since", "2026-01-01", "--until", "2026-01-03")
     by_currency, by_provider = expected_bulk()
     assert preview["charges"] == BULK
