@@ -158,7 +158,7 @@ def cmd_subscriptions_import(config: Config, args: argparse.Namespace) -> int:
 def cmd_attempts(config: Config, args: argparse.Namespace) -> int:
     from daemon.models import AttemptState  # noqa: PLC0415
     from daemon.operator import commands  # noqa: PLC0415
-    from daemon.operator.listing import AttemptFilter, parse_duration  # noqa: PLC0415
+    from daemon.operator.listing import AttemptFilter, checked_limit, parse_duration  # noqa: PLC0415
     from daemon.operator.settle import SettleAs  # noqa: PLC0415
 
     name = f"attempts {args.attempts_command}"
@@ -179,8 +179,13 @@ def cmd_attempts(config: Config, args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"payd attempts list: --older-than: {error}", file=sys.stderr)
         return 2
+    try:
+        limit = checked_limit(args.limit)
+    except ValueError as error:
+        print(f"payd attempts list: --{error}", file=sys.stderr)
+        return 2
     wanted = AttemptFilter(
-        state=AttemptState(args.state), provider=args.provider, older_than_s=older_than, limit=args.limit
+        state=AttemptState(args.state), provider=args.provider, older_than_s=older_than, limit=limit
     )
     return _run(commands.reporting(name, commands.list_(config, wanted, as_json=args.json)))
 
@@ -215,13 +220,45 @@ def cmd_rollback(config: Config, args: argparse.Namespace) -> int:
     async def main() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for signum in (signal.SIGTERM, signal.SIGINT):  # stop after the publish in progress
-            loop.add_signal_handler(signum, stop.set)
-        return await commands.reporting("rollback", rollback(config, order, stop))
+        running = asyncio.current_task()
+        assert running is not None
+
+        def on_signal() -> None:
+            # The first signal stops after the publish in progress; a second one at once.
+            if stop.is_set():
+                running.cancel()
+                return
+            stop.set()
+            print(
+                "payd rollback: stopping after the publish in progress (signal again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, on_signal)
+        try:
+            return await commands.reporting("rollback", rollback(config, order, stop))
+        except asyncio.CancelledError:
+            if not stop.is_set():
+                raise
+            # What the broker confirmed is recorded (shielded); a publish cut short was not counted.
+            print(
+                f"payd rollback: stopped at once; run {order.run} again to resume",
+                file=sys.stderr,
+            )
+            return 1
 
     # stdout carries the report (--json for scripts); the command says what matters itself.
     logging_handle = configure_logging("error", "console", stream=sys.stderr)
     try:
+        if order.dry_run or order.report_only:
+            # They change nothing: Ctrl-C and SIGTERM end them as they end any program.
+            try:
+                return _run(commands.reporting("rollback", rollback(config, order, asyncio.Event())))
+            except KeyboardInterrupt:
+                print("payd rollback: interrupted", file=sys.stderr)
+                return 130
         return _run(main())
     finally:
         logging_handle.close()
@@ -232,6 +269,9 @@ def cmd_dead(config: Config, args: argparse.Namespace) -> int:
 
     name = f"dead {args.dead_command}"
     if args.dead_command == "list":
+        if args.limit < 1:
+            print(f"payd dead list: --limit {args.limit}: at least 1", file=sys.stderr)
+            return 2
         return _run(commands.reporting(name, commands.dead_list(config, limit=args.limit, as_json=args.json)))
     if not args.all and not args.ids:
         print(
@@ -415,6 +455,13 @@ def add_rollback_command(add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     rolling.add_argument("--wait", type=float, metavar="S", help="then wait up to S seconds for the outcomes")
     rolling.add_argument("--stop-if-halted", action="store_true", help="stop rather than wait out a halt")
+    rolling.add_argument(
+        "--confirm-timeout",
+        type=float,
+        default=10.0,
+        metavar="S",
+        help="stop when the broker does not confirm a publish within S seconds (%(default)s)",
+    )
     rolling.add_argument("--operator", help="who you are (default: $SUDO_USER, then $USER)")
     rolling.add_argument("--json", action="store_true", help="the preview or report as JSON")
 

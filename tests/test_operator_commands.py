@@ -494,3 +494,74 @@ async def test_admin_routes_need_the_token_and_a_named_operator(
         await eventually(published, timeout=30, what="payment.succeeded from the relay")
     (event,) = [e for e in broker.events if e["type"] == "payment.succeeded"]
     assert event["idempotency_key"] == "http-1" and "settled by dave" in event["reason"]
+
+
+async def test_operator_input_out_of_range_is_a_clear_refusal_never_a_500(
+    db: aiomysql.Pool, pool: aiomysql.Pool, daemons: DaemonFactory
+) -> None:
+    """A listing limit below 1 (or not a number): 400 / exit 2 naming it, never SQL's error; a
+    key outside the idempotency-key alphabet (a MySQL collation error against the ascii_bin key
+    columns if it reached a query): 404 for show, settle and refund; a provider_ref longer than
+    its column or an empty reason: 400, and the attempt stays unknown. The CLI's --amount-minor
+    refuses ``..`` (it would select every charge), negatives and MIN over MAX (exit 2)."""
+    await add_attempt(db, "bounds-1")
+    token = load_secret("control_token")
+    assert token is not None
+    auth = {"Authorization": f"Bearer {token.reveal()}", "X-Payd-Operator": "erin"}
+    async with daemons.in_process() as daemon, aiohttp.ClientSession() as session:
+        base = f"http://127.0.0.1:{daemon.port}/admin"
+
+        async def status_of(method: str, path: str, **kwargs: Any) -> tuple[int, dict[str, Any]]:
+            async with session.request(method, f"{base}{path}", headers=auth, **kwargs) as response:
+                return response.status, await response.json()
+
+        for bad in ("-5", "0", "many"):
+            status, answer = await status_of("GET", "/attempts", params={"limit": bad})
+            assert status == 400 and bad in answer["error"], (bad, answer)
+        status, answer = await status_of("GET", "/attempts", params={"limit": "5000"})
+        assert status == 200 and [a["idempotency_key"] for a in answer["attempts"]] == ["bounds-1"]
+        status, answer = await status_of("GET", "/dead", params={"limit": "-1"})
+        assert status == 400 and "limit -1" in answer["error"]
+
+        settle = {"as": "failed", "reason": "not on the dashboard"}
+        for key in ("%C3%A5sa", "x" * 129):
+            status, _ = await status_of("GET", f"/attempts/{key}")
+            assert status == 404, key
+            status, answer = await status_of("POST", f"/attempts/{key}/settle", json=settle)
+            assert status == 404 and "not an idempotency key" in answer["error"], answer
+            status, answer = await status_of("POST", f"/attempts/{key}/refund", json={})
+            assert status == 404 and "not an idempotency key" in answer["error"], answer
+
+        status, answer = await status_of(
+            "POST", "/attempts/bounds-1/settle", json={**settle, "provider_ref": "r" * 129}
+        )
+        assert status == 400 and "$.provider_ref" in answer["error"], answer
+        status, answer = await status_of("POST", "/attempts/bounds-1/settle", json={**settle, "reason": " "})
+        assert status == 400 and "a reason is required" in answer["error"], answer
+    assert await query(db, "SELECT state FROM attempts WHERE idempotency_key = 'bounds-1'") == [("unknown",)]
+
+    _, config_path, _ = daemons.config()
+    config = ("--config", str(config_path))
+    code, _, err = await payd("attempts", "list", "--limit", "-5", *config)
+    assert code == 2 and "--limit -5: at least 1" in err, err
+    code, _, err = await payd("dead", "list", "--limit", "0", *config)
+    assert code == 2 and "--limit 0: at least 1" in err, err
+    code, _, err = await payd(
+        "attempts",
+        "settle",
+        "bounds-1",
+        "--as",
+        "failed",
+        "--reason",
+        "r",
+        "--provider-ref",
+        "r" * 129,
+        "--operator",
+        "erin",
+        *config,
+    )
+    assert code == 2 and "provider_ref is 129 characters: at most 128" in err, err
+    for amount, why in (("..", "give MIN, MAX or both"), ("-5..10", "0 or more"), ("10..5", "MIN is more")):
+        code, _, err = await payd("rollback", "--dry-run", f"--amount-minor={amount}", *config)
+        assert code == 2 and why in err, (amount, err)
+    assert await query(db, "SELECT state FROM attempts WHERE idempotency_key = 'bounds-1'") == [("unknown",)]

@@ -15,14 +15,27 @@ from typing import Any
 
 import aiohttp
 import aiomysql
+import pytest
 
 from daemon.models import RefundRequest, SubscriptionAction
+from daemon.operator import refund as refund_module
 from daemon.pipeline.intake import Invalid, decode_request
 from daemon.subscriptions.lifecycle import refunded
 from daemon.subscriptions.model import ChangeKind, Subscription, SubscriptionStatus
 from daemon.subscriptions.periods import IntervalUnit
-from tests.support import PAYD, Broker, DaemonFactory, Sandbox, eventually, query, request, wait_settled
+from tests.support import (
+    PAYD,
+    Broker,
+    DaemonFactory,
+    Sandbox,
+    eventually,
+    query,
+    request,
+    reset_broker,
+    wait_settled,
+)
 from tests.test_reversals import _admin_headers, charged, net_by_key, refund, wait_reversals
+from tests.tls_servers import PrivateRabbitMQ
 
 
 async def payd(*args: str) -> tuple[int, str, str]:
@@ -247,6 +260,11 @@ async def test_the_admin_refund_route_is_payd_refund_behind_the_token(
         assert status == 400 and "$.subscription_action" in answer["error"]
         status, answer = await post({"amount_minor": 100}, await _admin_headers())
         assert status == 400 and "operator" in answer["error"]
+        # A name the audit row cannot hold as written: refused up front, never a 500.
+        status, answer = await post({"amount_minor": 100, "operator": "bob\u0007"}, await _admin_headers())
+        assert status == 400 and "printable ASCII" in answer["error"]
+        status, answer = await post({"amount_minor": 100}, {**headers, "X-Payd-Operator": "\u00e5sa"})
+        assert status == 400 and "printable ASCII" in answer["error"]
         status, answer = await post({"amount_minor": 1001}, headers)
         assert (status, answer) == (
             409,
@@ -284,6 +302,67 @@ async def test_the_admin_refund_route_is_payd_refund_behind_the_token(
     assert [(r["idempotency_key"], r["state"], r["subscription_action"]) for r in story["reversals"]] == [
         ("refund:renew:701:1:0:1", "succeeded", "cancel")
     ]
+
+
+async def test_an_unconfirmed_admin_refund_names_its_key_and_asking_again_with_it_is_one_refund(
+    db: aiomysql.Pool,
+    sandbox: Sandbox,
+    daemons: DaemonFactory,
+    private_broker: PrivateRabbitMQ,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The broker raises a resource alarm (it blocks publishers and confirms nothing): the route
+    does not wait past its confirm bound and answers 503 with the refund's key, not a 500 after
+    the admin timeout. Asked again with that ``refund_key`` once the alarm clears: 202 with the
+    same key, whether or not the first publish got through; once the daemon holds it, again 202
+    with the same key (nothing published); the key with another amount: 409. One refund in the
+    ledger. The broker is a private node: its alarm blocks nobody else."""
+    # Past the admin guard's 5 s timeout: the refund route is bounded by its own steps instead,
+    # so the answer is the 503 naming the key, not the guard's 500.
+    monkeypatch.setattr(refund_module, "PUBLISH_CONFIRM_S", 7.0)
+    url = f"amqp://payd:{private_broker.password}@127.0.0.1:{private_broker.port}/"
+    broker = await reset_broker(url)
+    headers = {**await _admin_headers(), "X-Payd-Operator": "alice"}
+    rabbitmq = {"url": f"amqp://payd@127.0.0.1:{private_broker.port}/", "prefetch": 100}
+    try:
+        async with daemons.in_process(rabbitmq=rabbitmq) as daemon, aiohttp.ClientSession() as http:
+            await charged(db, broker, request("ch-unconfirmed"))
+            url_ = f"http://127.0.0.1:{daemon.port}/admin/attempts/ch-unconfirmed/refund"
+
+            async def post(body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+                async with http.post(url_, json=body, headers=headers) as answer:
+                    return answer.status, await answer.json()
+
+            # https://www.rabbitmq.com/docs/memory#configuring-threshold: 0 sets the memory
+            # alarm off at once, which blocks every publishing connection.
+            await asyncio.to_thread(private_broker.ctl, "set_vm_memory_high_watermark", "0")
+            try:
+                status, answer = await post({"amount_minor": 400})
+            finally:
+                await asyncio.to_thread(private_broker.ctl, "set_vm_memory_high_watermark", "0.4")
+            assert status == 503, answer
+            assert answer["idempotency_key"] == "refund:ch-unconfirmed:1"
+            assert "ask again with the same refund key" in answer["error"]
+
+            again = {"amount_minor": 400, "refund_key": "refund:ch-unconfirmed:1"}
+            status, answer = await post(again)
+            assert (status, answer["idempotency_key"]) == (202, "refund:ch-unconfirmed:1"), answer
+            assert await wait_reversals(db, ["refund:ch-unconfirmed:1"]) == {
+                "refund:ch-unconfirmed:1": "succeeded"
+            }
+            status, answer = await post(again)
+            assert status == 202, answer
+            assert (answer["idempotency_key"], answer["amount_minor"], answer["remaining_after_minor"]) == (
+                "refund:ch-unconfirmed:1",
+                400,
+                600,
+            )
+            status, answer = await post({"amount_minor": 300, "refund_key": "refund:ch-unconfirmed:1"})
+            assert status == 409 and "already names a refund of 400" in answer["error"], answer
+    finally:
+        await broker.connection.close()
+    assert net_by_key(await sandbox.ledger()) == {"ch-unconfirmed": (400, 600)}
+    assert await query(db, "SELECT COUNT(*) FROM reversals") == [(1,)]
 
 
 def _subscription(status: SubscriptionStatus) -> Subscription:

@@ -12,6 +12,7 @@ import asyncio
 import hashlib
 import json
 import signal
+import subprocess
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -45,8 +46,10 @@ from tests.support import (
     eventually,
     query,
     request,
+    reset_broker,
     wait_settled,
 )
+from tests.tls_servers import RABBITMQ_SERVER, PrivateRabbitMQ
 
 KEYS = HaltKeys(NAMESPACE)
 
@@ -140,7 +143,7 @@ async def test_selection_filters_and_keys_not_selected(
     await add_charge(db, "d", amount=700, provider="other", finished="2026-03-04 10:00:00")
     await add_charge(db, "declined", state="declined")
     await add_charge(db, "unknown", state="unknown")
-    _, config, _ = daemons.config()
+    _, config, _ = daemons.config(**connections(daemons, "backup", "other"))
 
     async def keys(**filters: Any) -> list[str]:
         # The very clause the dry run, the run's freeze and the report's selection use.
@@ -235,6 +238,13 @@ def bulk_amount(n: int) -> int:
     return 100 + n % 900
 
 
+def connections(daemons: DaemonFactory, *names: str) -> dict[str, dict[str, Any]]:
+    """Configuration sections for more connections to the sandbox gateway (its adapter refunds),
+    so charges of those providers are ones payd can refund through."""
+    table = {"kind": "sandbox", "base_url": daemons.sandbox.url, "max_in_flight": 5}
+    return {f"providers__{name}": dict(table) for name in names}
+
+
 def bulk_provider(n: int) -> str:
     return "sandbox_b" if n % 4 == 0 else "sandbox"
 
@@ -305,7 +315,7 @@ async def test_dry_run_over_100000_charges_totals_exactly_and_publishes_nothing(
     published and no run is recorded. A narrow window is read through ix_attempts_finished."""
     db = rb
     await seed_bulk(db)
-    _, config, _ = daemons.config()
+    _, config, _ = daemons.config(**connections(daemons, "sandbox_b"))
     preview = await dry_run(config, "--since", "2026-01-01", "--until", "2026-01-03")
     by_currency, by_provider = expected_bulk()
     assert preview["charges"] == BULK
@@ -673,3 +683,250 @@ async def test_an_unreadable_halt_state_publishes_nothing(
     assert "not published             1" in out
     queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
     assert queue.declaration_result.message_count == 0
+
+
+async def _published(db: aiomysql.Pool) -> int:
+    return int((await query(db, "SELECT COUNT(*) FROM rollback_items WHERE published_at IS NOT NULL"))[0][0])
+
+
+async def _queued_refund_keys(broker: Broker) -> Counter[str]:
+    """The refund keys waiting in the attempts queue (taken off it: no daemon runs here)."""
+    queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+    keys: Counter[str] = Counter()
+    while (message := await queue.get(fail=False, no_ack=True)) is not None:
+        keys[json.loads(message.body)["idempotency_key"]] += 1
+    return keys
+
+
+async def test_sigterm_stops_a_run_waiting_for_its_next_token(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """At one refund in 1000 s the run publishes its first and waits for the next token; SIGTERM
+    ends that wait (exit 1, interrupted, resumable) instead of being read after the token."""
+    db = rb
+    keys = [f"slow-{i}" for i in range(3)]
+    for key in keys:
+        await add_charge(db, key)
+    _, config, _ = daemons.config()
+    command = ("rollback", "--config", str(config), "--run", "slow", "--rate", "0.001", *keys)
+    running = await asyncio.create_subprocess_exec(
+        PAYD, *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+
+    try:
+        queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+
+        async def one_queued() -> bool:
+            fresh = await broker.channel.declare_queue(queue.name, passive=True)
+            return fresh.declaration_result.message_count >= 1
+
+        await eventually(one_queued, timeout=60, what="the run's first publish")
+        assert running.returncode is None
+        running.send_signal(signal.SIGTERM)
+        _, said = await asyncio.wait_for(running.communicate(), 60)  # a hang guard: the token is 1000 s away
+    finally:
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+    assert running.returncode == 1
+    text = said.decode()
+    assert "stopping after the publish in progress" in text
+    assert "rollback slow interrupted; run the same command again to resume" in text
+    assert await _published(db) == 1
+    assert await _queued_refund_keys(broker) == Counter({"rollback:slow:slow-0": 1})
+
+
+def _connection_states(node: PrivateRabbitMQ) -> list[str]:
+    # https://www.rabbitmq.com/docs/man/rabbitmqctl.8#list_connections (state: blocked once a
+    # connection publishes under a resource alarm)
+    done = subprocess.run(
+        [str(RABBITMQ_SERVER.with_name("rabbitmqctl")), "-q", "-n", node.node, "list_connections", "state"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+        env=node.env,
+    )
+    return done.stdout.decode().split()
+
+
+async def test_a_broker_that_confirms_nothing_neither_hangs_a_run_nor_a_second_signal(
+    rb: aiomysql.Pool, daemons: DaemonFactory, private_broker: PrivateRabbitMQ
+) -> None:
+    """Under a memory alarm the broker blocks publishers and confirms nothing
+    (https://www.rabbitmq.com/docs/memory#configuring-threshold: a threshold of 0 raises it at
+    once). A run blocked in its publish: the first SIGTERM waits for that publish, a second one
+    stops it at once (exit 1, nothing counted as published). With --confirm-timeout 2 the run
+    stops by itself, naming the refund not confirmed, nothing counted. Once the alarm clears the
+    same command publishes every item; the only key that may be queued twice is the one whose
+    confirm never came (the daemon's claim deduplicates it). The node is the test's own."""
+    db = rb
+    keys = [f"alarm-{i}" for i in range(3)]
+    for key in keys:
+        await add_charge(db, key)
+    url = f"amqp://payd:{private_broker.password}@127.0.0.1:{private_broker.port}/"
+    broker = await reset_broker(url)
+    _, config, _ = daemons.config(rabbitmq={"url": f"amqp://payd@127.0.0.1:{private_broker.port}/"})
+    command = ("rollback", "--config", str(config), "--run", "alarm", *keys)
+    try:
+        await asyncio.to_thread(private_broker.ctl, "set_vm_memory_high_watermark", "0")
+        running = await asyncio.create_subprocess_exec(
+            PAYD,
+            *command,
+            "--confirm-timeout",
+            "600",
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        assert running.stderr is not None
+        try:
+
+            async def blocked() -> bool:
+                return "blocked" in await asyncio.to_thread(_connection_states, private_broker)
+
+            await eventually(blocked, timeout=60, what="the run's publish blocked by the alarm")
+            running.send_signal(signal.SIGTERM)
+            while "stopping after the publish in progress" not in (
+                line := (await asyncio.wait_for(running.stderr.readline(), 60)).decode()
+            ):
+                assert line, "payd rollback ended before it was told"
+            assert running.returncode is None, "the first signal waits for the publish in progress"
+            running.send_signal(signal.SIGTERM)
+            _, rest = await asyncio.wait_for(running.communicate(), 60)  # a hang guard (600 s bound)
+        finally:
+            if running.returncode is None:
+                running.kill()
+                await running.wait()
+        assert running.returncode == 1
+        assert "stopped at once; run alarm again to resume" in rest.decode()
+        assert await _published(db) == 0
+
+        code, _, err = await payd(*command, "--confirm-timeout", "2")
+        assert code == 1
+        assert "refund rollback:alarm:alarm-0 not confirmed within 2s" in err
+        assert "run the same command again to resume" in err
+        assert await _published(db) == 0
+    finally:
+        await asyncio.to_thread(private_broker.ctl, "set_vm_memory_high_watermark", "0.4")
+    try:
+        code, out, err = await payd(*command)
+        assert code == 0, out + err
+        assert await _published(db) == 3
+        queued = await _queued_refund_keys(broker)
+        assert set(queued) == {f"rollback:alarm:{key}" for key in keys}
+        assert all(count == 1 for key, count in queued.items() if key != "rollback:alarm:alarm-0")
+    finally:
+        await broker.connection.close()
+
+
+async def test_a_run_that_loses_its_lock_stops_cleanly_and_resumes(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """The connection holding the run's GET_LOCK goes away (killed here; wait_timeout or a
+    failover do the same): the run notices within its lock check, stops after the publish in
+    progress (exit 1, says why and how to resume) rather than running unguarded or failing at
+    the end with "cannot reach the database"; the same command then finishes the rest."""
+    db = rb
+    keys = [f"lost-{i}" for i in range(3)]
+    for key in keys:
+        await add_charge(db, key)
+    _, config, _ = daemons.config()
+    command = ("rollback", "--config", str(config), "--run", "lost", *keys)
+    running = await asyncio.create_subprocess_exec(
+        PAYD, *command, "--rate", "0.001", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+
+        async def one_queued() -> bool:
+            queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+            return bool(queue.declaration_result.message_count)
+
+        await eventually(one_queued, timeout=60, what="the run's first publish")
+        [(holder,)] = await query(
+            db,
+            "SELECT IS_USED_LOCK(CONCAT('payd.rollback.', LEFT(SHA2(CONCAT(DATABASE(), ':', %s), 256), 40)))",
+            "lost",
+        )
+        assert holder is not None
+        await query(db, f"KILL CONNECTION {int(holder)}")
+        _, said = await asyncio.wait_for(running.communicate(), 60)  # a hang guard: the token is 1000 s away
+    finally:
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+    text = said.decode()
+    assert running.returncode == 1, text
+    assert "lost the run's lock" in text and "cannot reach" not in text
+    assert "rollback lost interrupted; run the same command again to resume" in text
+    assert await _published(db) == 1
+    code, out, err = await payd(*command)
+    assert code == 0, out + err
+    assert await _published(db) == 3
+    assert set(await _queued_refund_keys(broker)) == {f"rollback:lost:{key}" for key in keys}
+
+
+async def test_a_halt_set_while_a_slow_run_waits_for_its_token_is_seen_before_the_publish(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """At one refund in 10 s the run publishes its first, then waits for its next token; the
+    fleet is halted during that wait. The halt is read after the token, before the publish:
+    with --stop-if-halted nothing more is published (exit 1, the halt named)."""
+    db = rb
+    keys = [f"late-halt-{i}" for i in range(3)]
+    for key in keys:
+        await add_charge(db, key)
+    _, config, _ = daemons.config()
+    command = ("rollback", "--config", str(config), "--run", "latehalt", "--rate", "0.1", "--stop-if-halted")
+    client = aioredis.from_url("redis://127.0.0.1:6379/0")
+    running = await asyncio.create_subprocess_exec(
+        PAYD, *command, *keys, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    try:
+
+        async def one_queued() -> bool:
+            queue = await broker.channel.declare_queue(f"{NAMESPACE}.attempts", passive=True)
+            return bool(queue.declaration_result.message_count)
+
+        await eventually(one_queued, timeout=60, what="the run's first publish")
+        await client.set(KEYS.global_key, json.dumps({"reason": "late", "by": "test", "at": "now"}))
+        _, said = await asyncio.wait_for(running.communicate(), 60)
+    finally:
+        await client.aclose()
+        if running.returncode is None:
+            running.kill()
+            await running.wait()
+    assert running.returncode == 1
+    assert "the fleet is halted (late, by test" in said.decode()
+    assert await _queued_refund_keys(broker) == Counter({"rollback:latehalt:late-halt-0": 1})
+    assert await _published(db) == 1
+
+
+async def test_charges_of_a_provider_payd_cannot_refund_through_are_counted_apart_and_left_out(
+    rb: aiomysql.Pool, broker: Broker, daemons: DaemonFactory
+) -> None:
+    """A charge taken by a connection this configuration does not have (the daemon's claim
+    would refuse its refund as refunds_unsupported, ``can_refund``) is not counted "to refund"
+    by the dry run: it is shown apart, with its totals, and a run leaves it out."""
+    db = rb
+    await add_charge(db, "cr-a")
+    await add_charge(db, "cr-b", amount=500)
+    await add_charge(db, "cr-gone", amount=700, provider="gone")
+    await add_charge(db, "cr-routed", amount=300, routed="gone")
+    _, config, _ = daemons.config()
+    keys = ("cr-a", "cr-b", "cr-gone", "cr-routed")
+    found = await dry_run(config, *keys)
+    assert found["charges"] == 2
+    assert totals(found) == {("EUR", None): (2, 1500, 0, 1500, 0)}
+    assert totals(found, "cannot_refund") == {("EUR", "gone"): (2, 1000, 0, 1000, 0)}
+    code, out, err = await payd("rollback", "--config", str(config), "--dry-run", *keys)
+    assert code == 0, err
+    assert "would reverse 2 succeeded charges" in out
+    assert "cannot refund through payd (provider gone" in out and ": 2 charges, 1000 EUR charged" in out
+
+    code, out, err = await payd("rollback", "--config", str(config), "--run", "able", *keys)
+    assert code == 0, out + err
+    assert "providers payd can refund through are selected: sandbox" in err
+    assert await query(db, "SELECT charge_key, provider FROM rollback_items ORDER BY charge_key") == [
+        ("cr-a", "sandbox"),
+        ("cr-b", "sandbox"),
+    ]
+    assert set(await _queued_refund_keys(broker)) == {"rollback:able:cr-a", "rollback:able:cr-b"}

@@ -23,7 +23,7 @@ import pymysql
 from daemon.config import Config
 from daemon.operator.dead import DeadLetterQueueMissing, DeadList, list_dead, replay_dead
 from daemon.operator.listing import AttemptFilter, list_attempts, render_list, short_age
-from daemon.operator.settle import SettleAs, SettleOrder, SettleRefused, settle_attempt
+from daemon.operator.settle import SettleAs, SettleInvalid, SettleOrder, SettleRefused, settle_attempt
 from daemon.operator.story import load_story, render_story
 from daemon.secrets import load_secret
 from daemon.storage.db import close_pool, open_pool
@@ -120,6 +120,9 @@ async def settle(
     async with _database(config) as pool:
         try:
             settled = await settle_attempt(pool, order, policy=SubscriptionPolicy(config.subscriptions))
+        except SettleInvalid as invalid:
+            print(f"payd attempts settle: {invalid}", file=err)
+            return 2
         except SettleRefused as refusal:
             print(f"payd attempts settle: refused: {refusal}", file=err)
             return 1

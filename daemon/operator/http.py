@@ -17,8 +17,10 @@ it is recorded.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from typing import Annotated
 
 import aiomysql
 import msgspec
@@ -28,9 +30,24 @@ from aiohttp import web
 from daemon.config import Config
 from daemon.models import AttemptState, IdempotencyKey, PositiveAmount, ShortText, SubscriptionAction
 from daemon.operator.dead import DeadLetterQueueMissing, list_dead, replay_dead
-from daemon.operator.listing import AttemptFilter, list_attempts, parse_duration
-from daemon.operator.refund import ChargeNotFound, RefundRefused, order_refund
-from daemon.operator.settle import AttemptNotFound, SettleAs, SettleOrder, SettleRefused, settle_attempt
+from daemon.operator.listing import AttemptFilter, checked_limit, list_attempts, parse_duration
+from daemon.operator.refund import (
+    ChargeNotFound,
+    Published,
+    RefundNotConfirmed,
+    RefundRefused,
+    prepare_refund,
+    publish_and_audit,
+)
+from daemon.operator.settle import (
+    PROVIDER_REF_MAX,
+    AttemptNotFound,
+    SettleAs,
+    SettleInvalid,
+    SettleOrder,
+    SettleRefused,
+    settle_attempt,
+)
 from daemon.operator.story import load_story
 from daemon.subscriptions.policy import SubscriptionPolicy
 
@@ -41,6 +58,15 @@ PASS_S = 3.0
 replay cut short says ``"complete": false``; asking again continues (nothing is lost between)."""
 
 OPERATOR_HEADER = "X-Payd-Operator"
+NO_OPERATOR = f"name the operator (printable ASCII): an {OPERATOR_HEADER} header or an operator field"
+
+CHECK_S = 5.0
+"""How long the refund route's checks (one read) may take; its publish is bounded by the
+confirm wait (``daemon.operator.refund.PUBLISH_CONFIRM_S``), its audit by the pool's timeouts."""
+
+REFUND_ROUTE = "admin_refund"
+"""The route name of ``POST /admin/attempts/{key}/refund``: the admin guard leaves it out of its
+overall timeout (``daemon.control``), which could otherwise fire after the broker confirmed."""
 
 
 class OperatorTools:
@@ -54,6 +80,9 @@ class OperatorTools:
         self.policy = policy
         """The daemon's own: a settle moves a subscription as the daemon's records do."""
         self.instance_id = instance_id
+        self.refunds: set[asyncio.Task[Published]] = set()
+        """Refunds being published and audited: each runs to its end even when its request
+        is cancelled (the client left, the daemon stops)."""
 
 
 class SettleBody(
@@ -62,7 +91,7 @@ class SettleBody(
     settle_as: SettleAs
     reason: str
     operator: str | None = None
-    provider_ref: str | None = None
+    provider_ref: Annotated[str, msgspec.Meta(max_length=PROVIDER_REF_MAX)] | None = None
 
 
 class RefundBody(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
@@ -111,24 +140,35 @@ def _refund_route(tools: OperatorTools) -> Callable[[web.Request], Awaitable[web
             return _error(f"invalid body: {error}", 400)
         who = _operator_of(request, body.operator)
         if who is None:
-            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+            return _error(NO_OPERATOR, 400)
         key = request.match_info["key"]
         try:
-            plan = await order_refund(
-                tools.pool,
-                tools.config,
-                key,
-                amount=body.amount_minor,
-                reason=body.reason,
-                refund_key=body.refund_key,
-                then=body.subscription_action,
-                operator=who,
-                via=f"control:{tools.instance_id}",
-            )
+            async with asyncio.timeout(CHECK_S):
+                plan = await prepare_refund(
+                    tools.pool,
+                    key,
+                    amount=body.amount_minor,
+                    reason=body.reason,
+                    refund_key=body.refund_key,
+                    then=body.subscription_action,
+                )
+            if not plan.recorded:
+                # Shielded: once published, the audit is written and the answer is 202, whatever
+                # happens to this request; a retry with the same refund_key is the same refund.
+                task = asyncio.create_task(
+                    publish_and_audit(
+                        tools.pool, tools.config, plan, operator=who, via=f"control:{tools.instance_id}"
+                    )
+                )
+                tools.refunds.add(task)
+                task.add_done_callback(tools.refunds.discard)
+                plan = await asyncio.shield(task)
         except ChargeNotFound as missing:
             return _error(str(missing), 404)
         except RefundRefused as refusal:
             return _error(str(refusal), 409)
+        except RefundNotConfirmed as unconfirmed:
+            return _json({"error": str(unconfirmed), "idempotency_key": unconfirmed.refund_key}, 503)
         log.warning(
             "refund.ordered_by_operator",
             idempotency_key=plan.request.idempotency_key,
@@ -154,8 +194,10 @@ def _refund_route(tools: OperatorTools) -> Callable[[web.Request], Awaitable[web
 
 
 def _operator_of(request: web.Request, named: str | None) -> str | None:
-    who = request.headers.get(OPERATOR_HEADER) or named
-    return who.strip() if who and who.strip() else None
+    """The operator's name, or None when none is given or it is not printable ASCII (a header
+    of other bytes arrives as surrogates, which the audit row could not hold)."""
+    who = (request.headers.get(OPERATOR_HEADER) or named or "").strip()
+    return who if who and who.isascii() and who.isprintable() else None
 
 
 def register_operator_routes(admin: web.Application, tools: OperatorTools) -> None:
@@ -175,7 +217,7 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
                 state=AttemptState(query.get("state", "unknown")),
                 provider=query.get("provider"),
                 older_than_s=None if older is None else parse_duration(older),
-                limit=int(query.get("limit", "100")),
+                limit=checked_limit(int(query.get("limit", "100"))),
             )
         except ValueError as error:
             return _error(str(error), 400)
@@ -188,7 +230,7 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
             return _error(f"invalid body: {error}", 400)
         who = operator_of(request, body.operator)
         if who is None:
-            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+            return _error(NO_OPERATOR, 400)
         order = SettleOrder(
             idempotency_key=request.match_info["key"],
             settle_as=body.settle_as,
@@ -201,6 +243,8 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
             settled = await settle_attempt(tools.pool, order, policy=tools.policy)
         except AttemptNotFound as missing:
             return _error(str(missing), 404)
+        except SettleInvalid as invalid:
+            return _error(str(invalid), 400)
         except SettleRefused as refusal:
             return _error(str(refusal), 409)
         log.warning(
@@ -215,6 +259,11 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
     async def dead(request: web.Request) -> web.StreamResponse:
         try:
             limit = int(request.query.get("limit", "1000"))
+        except ValueError as error:
+            return _error(str(error), 400)
+        if limit < 1:
+            return _error(f"limit {limit}: at least 1", 400)
+        try:
             return _json(await list_dead(tools.config, limit=limit, until=time.monotonic() + PASS_S))
         except ValueError as error:
             return _error(str(error), 400)
@@ -228,7 +277,7 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
             return _error(f"invalid body: {error}", 400)
         who = operator_of(request, body.operator)
         if who is None:
-            return _error(f"name the operator: an {OPERATOR_HEADER} header or an operator field", 400)
+            return _error(NO_OPERATOR, 400)
         if not body.all and not body.ids:
             return _error("name the dead letters to replay (ids) or all: true", 400)
         try:
@@ -247,6 +296,6 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
     admin.router.add_get("/attempts", list_)
     admin.router.add_get("/attempts/{key}", show)
     admin.router.add_post("/attempts/{key}/settle", settle)
-    admin.router.add_post("/attempts/{key}/refund", _refund_route(tools))
+    admin.router.add_post("/attempts/{key}/refund", _refund_route(tools), name=REFUND_ROUTE)
     admin.router.add_get("/dead", dead)
     admin.router.add_post("/dead/replay", replay)

@@ -26,6 +26,18 @@ def parse_duration(text: str) -> int:
     return sum(int(number) * _SECONDS[unit] for number, unit in parts)
 
 
+MAX_LIMIT: Final = 1000
+"""The most attempts (and as many refunds) one listing loads; a larger limit is lowered to it
+(the listing says ``truncated`` when more match)."""
+
+
+def checked_limit(limit: int) -> int:
+    """A listing's limit: at least 1 (ValueError naming it otherwise), at most ``MAX_LIMIT``."""
+    if limit < 1:
+        raise ValueError(f"limit {limit}: at least 1 (at most {MAX_LIMIT})")
+    return min(limit, MAX_LIMIT)
+
+
 class AttemptFilter(msgspec.Struct, frozen=True, kw_only=True):
     state: AttemptState = AttemptState.UNKNOWN
     provider: str | None = None

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final
 
@@ -89,14 +89,22 @@ def check_names(run: str | None, currency: str | None, rate_per_s: float) -> Non
 
 
 def parse_amount(text: str) -> tuple[int, int]:
-    """``N`` (exactly) or ``MIN..MAX`` (inclusive; either side may be left open)."""
-    low, dots, high = text.partition("..")
+    """``N`` (exactly) or ``MIN..MAX`` (inclusive; one side may be left open, not both), each
+    0 or more, MIN at most MAX."""
+    low, dots, high = text.strip().partition("..")
     try:
         if not dots:
-            return int(text), int(text)
-        return (int(low) if low else 0), (int(high) if high else 10**15)
+            low = high = text
+        elif not low.strip() and not high.strip():
+            raise RollbackError(f"--amount-minor {text!r}: give MIN, MAX or both (.. alone selects nothing)")
+        least, most = (int(low) if low.strip() else 0), (int(high) if high.strip() else 10**15)
     except ValueError:
         raise RollbackError(f"--amount-minor {text!r}: expected N or MIN..MAX in the minor unit") from None
+    if least < 0 or most < 0:
+        raise RollbackError(f"--amount-minor {text!r}: amounts are 0 or more")
+    if least > most:
+        raise RollbackError(f"--amount-minor {text!r}: MIN is more than MAX")
+    return least, most
 
 
 def parse_moment(flag: str, text: str) -> datetime:
@@ -224,10 +232,15 @@ class Preview(msgspec.Struct, frozen=True, kw_only=True):
     by_currency: list[Group]
     by_provider: list[Group]
     unselected_keys: list[Unselected]
+    cannot_refund: list[Group] = msgspec.field(default_factory=list)
+    """Selected charges of providers payd cannot refund through (not configured here, or an
+    adapter without refunds), per currency and provider: a run leaves them out, and they are
+    not in the totals above."""
 
 
-async def preview(cursor: Cursor, selection: Selection) -> Preview:
-    """The selection's totals, aggregated in the database (one query per chunk of keys)."""
+async def preview(cursor: Cursor, selection: Selection, refundable: Collection[str] | None = None) -> Preview:
+    """The selection's totals, aggregated in the database (one query per chunk of keys); the
+    charges of providers not in ``refundable`` (None: every provider can refund) apart."""
     merged: dict[tuple[str, str], list[int]] = {}
     for keys in chunks(selection):
         clause, args = where(selection, keys)
@@ -251,6 +264,10 @@ async def preview(cursor: Cursor, selection: Selection) -> Preview:
                 )
             ):
                 sums[i] += value
+    cannot = {
+        group: sums for group, sums in merged.items() if refundable is not None and group[1] not in refundable
+    }
+    merged = {group: sums for group, sums in merged.items() if group not in cannot}
     by_provider = [_group(currency, provider, sums) for (currency, provider), sums in sorted(merged.items())]
     totals: dict[str, list[int]] = {}
     for (currency, _provider), sums in merged.items():
@@ -263,6 +280,9 @@ async def preview(cursor: Cursor, selection: Selection) -> Preview:
         by_currency=[_group(currency, None, sums) for currency, sums in sorted(totals.items())],
         by_provider=by_provider,
         unselected_keys=await unselected(cursor, selection),
+        cannot_refund=[
+            _group(currency, provider, sums) for (currency, provider), sums in sorted(cannot.items())
+        ],
     )
 
 
@@ -313,12 +333,19 @@ async def unselected(cursor: Cursor, selection: Selection) -> list[Unselected]:
 # -- a run's frozen items --------------------------------------------------------------------
 
 
-async def freeze(cursor: Cursor, run_id: int, run: str, selection: Selection) -> int:
-    """Write the run's items (one INSERT ... SELECT per chunk of keys); return how many."""
+async def freeze(
+    cursor: Cursor, run_id: int, run: str, selection: Selection, refundable: Collection[str] | None = None
+) -> int:
+    """Write the run's items (one INSERT ... SELECT per chunk of keys), only charges of
+    ``refundable`` providers (None: any); return how many."""
     prefix = f"rollback:{run}:"
     frozen = 0
     for keys in chunks(selection):
         clause, args = where(selection, keys)
+        if refundable is not None:
+            names = sorted(refundable)
+            clause += f" AND {_CALLED_PROVIDER} IN ({placeholders(len(names))})" if names else " AND FALSE"
+            args.extend(names)
         frozen += await cursor.execute(
             "INSERT INTO rollback_items (run_id, attempt_id, charge_key, refund_key, provider, currency, "  # noqa: S608
             f"charged_minor, remaining_minor) SELECT %s, a.id, a.idempotency_key, {_REFUND_KEY_SQL}, "
@@ -357,7 +384,13 @@ async def find_run(cursor: Cursor, name: str) -> Run | None:
 
 
 async def create_run(
-    cursor: Cursor, name: str, selection: Selection, *, reason: str | None, created_by: str | None
+    cursor: Cursor,
+    name: str,
+    selection: Selection,
+    *,
+    reason: str | None,
+    created_by: str | None,
+    refundable: Collection[str] | None = None,
 ) -> tuple[int, int]:
     """The run's row and its frozen items, in the caller's transaction: (run id, items)."""
     await cursor.execute(
@@ -365,7 +398,7 @@ async def create_run(
         (name, msgspec.json.encode(selection.recorded()).decode(), reason, created_by),
     )
     run_id = cursor.lastrowid
-    return run_id, await freeze(cursor, run_id, name, selection)
+    return run_id, await freeze(cursor, run_id, name, selection, refundable)
 
 
 # -- the report ------------------------------------------------------------------------------

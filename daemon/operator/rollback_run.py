@@ -6,8 +6,13 @@ Before each publish it checks the fleet's halt the way the daemons do
 (``daemon/halt.py``: a halt key, global or for the item's provider, or halt
 keys that cannot be read, means halted) and takes a token from the provider's
 bucket (at most ``--rate`` a second, and never faster than the provider's
-configured ``rate_per_s`` / ``fleet_rate_per_s``). SIGINT or SIGTERM stop it
-after the publish in progress.
+configured ``rate_per_s`` / ``fleet_rate_per_s``). The token comes first, so a
+halt set while the run waits for it is seen before the publish. Each publish
+waits for the broker's confirm at most ``--confirm-timeout`` seconds: one not
+confirmed by then is not counted as sent and the run stops (a broker under a
+resource alarm confirms nothing); publishing it again on resume is the same
+refund. SIGINT or SIGTERM stop it after the publish in progress (waits for a
+token, a halt or the outcomes end at once); a second signal stops it at once.
 
 Resuming needs no bookkeeping to be exact: the refund key of an item is
 ``rollback:RUN:KEY`` and its amount was frozen, so an item published twice
@@ -16,20 +21,24 @@ the same request twice, which the daemon's claim deduplicates; and invariant 7
 refuses any refund beyond the charge. ``published_at`` only saves a resumed run
 from publishing again what it knows it sent, and an item whose refund key the
 daemon already holds is not published again either.
+
+A run holds a named lock (``GET_LOCK``) on a connection of its own and checks it
+every ``LOCK_CHECK_S``; one whose lock is gone stops like an interrupted run.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import enum
 import math
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Final, TextIO
+from typing import Any, Final, TextIO
 
 import aiomysql
 import msgspec
@@ -56,9 +65,11 @@ from daemon.operator.rollback import (
     report,
 )
 from daemon.pipeline.intake import Invalid, decode_request
+from daemon.providers.base import refunding
+from daemon.providers.registry import create_provider
 from daemon.redis_link import redis_client
 from daemon.secrets import load_secret
-from daemon.storage.db import close_pool, fetch_all, open_pool, placeholders, transaction
+from daemon.storage.db import DB_ERRORS, close_pool, fetch_all, open_pool, placeholders, transaction
 from daemon.tokenbucket import TokenBucket
 
 PAGE: Final = 500
@@ -67,6 +78,10 @@ MARK_EVERY: Final = 100
 """Confirmed publishes recorded (``published_at``) together."""
 PROGRESS_EVERY_S: Final = 1.0
 DEFAULT_RATE: Final = 50.0
+LOCK_CHECK_S: Final = 5.0
+"""How often a run checks that it still holds its lock (one cheap query on the lock's connection)."""
+DEFAULT_CONFIRM_S: Final = 10.0
+"""How long one publish waits for the broker's confirm (``--confirm-timeout``)."""
 OUTCOME_POLL_S: Final = 1.0
 """``--wait`` reads the run's report this often at most (one grouped query over its items)."""
 
@@ -136,6 +151,45 @@ class HaltGate:
             except TimeoutError:
                 continue
             return Ended.INTERRUPTED
+
+
+async def unless_stopped(work: Coroutine[Any, Any, object], stop: asyncio.Event) -> bool:
+    """Await ``work`` unless ``stop`` is set first: True when it ended, False when it was
+    stopped (and cancelled)."""
+    if stop.is_set():
+        work.close()
+        return False
+    task = asyncio.ensure_future(work)
+    stopped = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in (task, stopped):
+            waiting.cancel()
+        await asyncio.gather(task, stopped, return_exceptions=True)
+    if task.cancelled():
+        return False
+    task.result()  # its exception, if it raised one
+    return True
+
+
+async def refunding_providers(config: Config, err: TextIO) -> frozenset[str]:
+    """The configured providers whose adapter can refund: the daemon's own test
+    (``daemon.pipeline.reversals.can_refund``); a charge of any other provider would be refused
+    as ``refunds_unsupported``. An adapter that cannot be built here counts as unable, said."""
+    able = set()
+    for name, settings in config.providers.items():
+        try:
+            provider = create_provider(name, settings)
+        except Exception as error:  # a missing secret, a broken plugin: said, and left out
+            print(f"payd rollback: provider {name}: cannot tell whether it refunds ({error})", file=err)
+            continue
+        try:
+            if refunding(provider) is not None:
+                able.add(name)
+        finally:
+            await provider.close()
+    return frozenset(able)
 
 
 class Progress:
@@ -208,6 +262,7 @@ async def publish_run(
     stop: asyncio.Event,
     wait_on_halt: bool,
     err: TextIO,
+    confirm_s: float = DEFAULT_CONFIRM_S,
 ) -> Ended:
     """Publish every item not yet published (see module); return why it ended."""
     async with transaction(pool) as cursor:
@@ -227,9 +282,11 @@ async def publish_run(
                     confirmed.append(item.attempt_id)
                     progress.skipped += 1
                 else:
+                    # The token first: a halt set while waiting for it is read before the publish.
+                    if not await unless_stopped(buckets[item.provider].take(), stop):
+                        ended = Ended.INTERRUPTED
+                        break
                     ended = await gate.clear(item.provider, stop, wait=wait_on_halt)
-                    if ended is Ended.DONE:
-                        await buckets[item.provider].take()
                     if ended is Ended.DONE and stop.is_set():
                         ended = Ended.INTERRUPTED
                     if ended is not Ended.DONE:
@@ -241,7 +298,16 @@ async def publish_run(
                         amount_minor=item.remaining_minor,
                         reason=run.reason,
                     )
-                    await broker.publish("", broker.topology.attempts_queue, msgspec.json.encode(request))
+                    try:
+                        async with asyncio.timeout(confirm_s):
+                            await broker.publish(
+                                "", broker.topology.attempts_queue, msgspec.json.encode(request)
+                            )
+                    except TimeoutError:
+                        # Not counted as sent: a resume publishes it again, the same key (one refund).
+                        raise BrokerUnavailable(
+                            f"refund {item.refund_key} not confirmed within {confirm_s:g}s"
+                        ) from None
                     confirmed.append(item.attempt_id)
                     progress.published += 1
                 after = item.attempt_id
@@ -309,6 +375,13 @@ def render_preview(found: Preview, out: TextIO) -> None:
         print(
             f"already wholly reversed or held: {already} charges (nothing would be sent for them)", file=out
         )
+    for group in found.cannot_refund:
+        print(
+            f"cannot refund through payd (provider {group.provider}: not configured here, or its adapter "
+            f"has no refunds; left out of a run): {group.charges} charges, {group.charged_minor} "
+            f"{group.currency} charged, {group.to_reverse_minor} {group.currency} unrefunded",
+            file=out,
+        )
     for missing in found.unselected_keys:
         print(f"not selected: {missing.key}: {missing.why}", file=out)
     print("nothing was published (--dry-run)", file=out)
@@ -368,12 +441,15 @@ class Order(msgspec.Struct, frozen=True, kw_only=True):
     stop_if_halted: bool = False
     as_json: bool = False
     operator: str | None = None
+    confirm_s: float = DEFAULT_CONFIRM_S
 
 
 def order_from_args(config: Config, args: argparse.Namespace, *, operator: str | None) -> Order:
     """The command line's order, checked: a usage problem raises ``RollbackError`` naming it."""
     run = args.report if args.report is not None else args.run
     check_names(run, args.currency, args.rate)
+    if not args.confirm_timeout > 0:
+        raise RollbackError(f"--confirm-timeout {args.confirm_timeout}: seconds, more than 0")
     keys = read_keys(args.keys, "arguments")
     if args.keys_file:
         try:
@@ -414,14 +490,16 @@ def order_from_args(config: Config, args: argparse.Namespace, *, operator: str |
         stop_if_halted=args.stop_if_halted,
         as_json=args.json,
         operator=operator,
+        confirm_s=args.confirm_timeout,
     )
 
 
 async def rollback(
     config: Config, order: Order, stop: asyncio.Event, out: TextIO = sys.stdout, err: TextIO = sys.stderr
 ) -> int:
-    """Exit 0 done (every charge reversed or already reversed, or a dry run / report), 1 refused,
-    interrupted, halted or not finished, 2 a usage problem."""
+    """Exit 0: a dry run or report, or everything published and nothing refused so far (with
+    ``--wait``: every charge reversed or already reversed; without it, published is not yet
+    reversed); 1 refused, interrupted, halted or not finished; 2 a usage problem."""
     # Unbounded statements: freezing or summing a selection of millions may take a while.
     pool = await open_pool(config.mysql, load_secret("mysql_password"), bounded=False)
     try:
@@ -437,8 +515,9 @@ async def _rollback(
     config: Config, pool: aiomysql.Pool, order: Order, stop: asyncio.Event, *, out: TextIO, err: TextIO
 ) -> int:
     if order.dry_run:
+        refundable = await refunding_providers(config, err)
         async with transaction(pool) as cursor:
-            found = await preview(cursor, order.selection)
+            found = await preview(cursor, order.selection, refundable)
         _print_json(found, out) if order.as_json else render_preview(found, out)
         return 0
     assert order.run is not None
@@ -449,24 +528,81 @@ async def _rollback(
             print(f"payd rollback: no run named {order.run}", file=err)
             return 1
         return await _report(pool, run, order, out)
-    async with _one_process(pool, order.run) as alone:
-        if not alone:
+    async with _one_process(pool, order.run) as lock:
+        if lock is None:
             print(
                 f"payd rollback: run {order.run} is being run by another process right now; "
                 "follow it with payd rollback --report",
                 file=err,
             )
             return 1
-        return await _publish(
-            config, pool, await _start_or_resume(pool, run, order, err), order, stop, err=err, out=out
-        )
+        keeper = asyncio.create_task(lock.keep(stop, err))
+        try:
+            return await _publish(
+                config,
+                pool,
+                await _start_or_resume(config, pool, run, order, err),
+                order,
+                stop,
+                err=err,
+                out=out,
+            )
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
+
+
+class RunLock:
+    """The run's named lock, held on one connection of its own. The server frees it with the
+    connection (``wait_timeout``, a failover, a killed session), so ``keep`` uses that
+    connection every ``LOCK_CHECK_S`` (which also keeps it from idling out) and says when the
+    lock is no longer ours."""
+
+    def __init__(self, connection: aiomysql.Connection, name: str) -> None:
+        self._connection = connection
+        self._name = name
+        self.lost: str | None = None
+        """Why the lock is no longer held, once it is not."""
+
+    async def held(self) -> bool:
+        try:
+            async with asyncio.timeout(LOCK_CHECK_S), self._connection.cursor() as cursor:
+                await cursor.execute("SELECT IS_USED_LOCK(%s) = CONNECTION_ID()", (self._name,))
+                (ours,) = await cursor.fetchone() or (None,)
+        except (*DB_ERRORS, pymysql.err.InterfaceError) as error:
+            self.lost = f"its database connection failed: {type(error).__name__}: {error}"
+            return False
+        if ours != 1:
+            self.lost = "the database no longer holds it for this process"
+            return False
+        return True
+
+    async def keep(self, stop: asyncio.Event, err: TextIO) -> None:
+        """Check the lock until it is lost, then stop the run (after the publish in progress)."""
+        while True:
+            await asyncio.sleep(LOCK_CHECK_S)
+            if not await self.held():
+                print(
+                    f"payd rollback: lost the run's lock ({self.lost}): stopping, so two processes never "
+                    "run it at once",
+                    file=err,
+                    flush=True,
+                )
+                stop.set()
+                return
+
+    async def release(self) -> None:
+        # A lock already lost (its connection gone) needs no release: the server freed it.
+        with contextlib.suppress(*DB_ERRORS, pymysql.err.InterfaceError):
+            async with asyncio.timeout(LOCK_CHECK_S), self._connection.cursor() as cursor:
+                await cursor.execute("SELECT RELEASE_LOCK(%s)", (self._name,))
 
 
 @asynccontextmanager
-async def _one_process(pool: aiomysql.Pool, run: str) -> AsyncIterator[bool]:
-    """A named lock held on one connection for the run's life: two processes running the same
-    run would be safe (the keys deduplicate) but would pace and report twice. The server frees
-    the lock with the connection, a process killed included."""
+async def _one_process(pool: aiomysql.Pool, run: str) -> AsyncIterator[RunLock | None]:
+    """A named lock held on one connection for the run's life (None: another process holds it):
+    two processes running the same run would be safe (the keys deduplicate) but would pace and
+    report twice. The server frees the lock with the connection, a process killed included."""
     connection = await pool.acquire()
     try:
         async with connection.cursor() as cursor:
@@ -476,12 +612,14 @@ async def _one_process(pool: aiomysql.Pool, run: str) -> AsyncIterator[bool]:
             (name,) = await cursor.fetchone()
             await cursor.execute("SELECT GET_LOCK(%s, 0)", (name,))
             (locked,) = await cursor.fetchone()
+        lock = RunLock(connection, name) if locked == 1 else None
         try:
-            yield locked == 1
+            yield lock
         finally:
-            if locked == 1:
-                async with connection.cursor() as cursor:
-                    await cursor.execute("SELECT RELEASE_LOCK(%s)", (name,))
+            if lock is not None:
+                await lock.release()
+                if lock.lost is not None:
+                    connection.close()  # perhaps cut mid-query: not for the pool's reuse
     finally:
         pool.release(connection)
 
@@ -512,6 +650,7 @@ async def _publish(
             stop=stop,
             wait_on_halt=not order.stop_if_halted,
             err=err,
+            confirm_s=order.confirm_s,
         )
     except BrokerUnavailable as error:
         # What the broker confirmed is recorded (publish_run's finally); the rest waits for a resume.
@@ -528,7 +667,9 @@ async def _publish(
     return 1 if ended is not Ended.DONE else code
 
 
-async def _start_or_resume(pool: aiomysql.Pool, run: Run | None, order: Order, err: TextIO) -> Run:
+async def _start_or_resume(
+    config: Config, pool: aiomysql.Pool, run: Run | None, order: Order, err: TextIO
+) -> Run:
     assert order.run is not None
     if run is not None:
         if not order.selection.empty() and order.selection.recorded() != run.selection:
@@ -543,6 +684,12 @@ async def _start_or_resume(pool: aiomysql.Pool, run: Run | None, order: Order, e
         raise RollbackError(
             "name at least one filter (never every charge by accident); see payd rollback --help"
         )
+    refundable = await refunding_providers(config, err)
+    print(
+        "only charges of providers payd can refund through are selected: "
+        f"{', '.join(sorted(refundable)) or 'none'} (the dry run counts the others apart)",
+        file=err,
+    )
     try:
         async with transaction(pool) as cursor:
             _, frozen = await create_run(
@@ -551,6 +698,7 @@ async def _start_or_resume(pool: aiomysql.Pool, run: Run | None, order: Order, e
                 order.selection,
                 reason=order.reason or f"rollback {order.run}",
                 created_by=order.operator,
+                refundable=refundable,
             )
             created = await find_run(cursor, order.run)
     except pymysql.err.IntegrityError:

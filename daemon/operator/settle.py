@@ -30,6 +30,7 @@ import msgspec
 
 from daemon.events import now_iso, payment_event
 from daemon.models import AttemptState, ChargeResult, Outcome, ReversalState
+from daemon.operator.keys import is_idempotency_key
 from daemon.storage.attempts import REQUEST_COLUMNS, request_from_row
 from daemon.storage.db import Cursor, transaction
 from daemon.storage.outbox import insert_outbox
@@ -85,6 +86,14 @@ class AttemptNotFound(SettleRefused):
     """No attempt has this key."""
 
 
+class SettleInvalid(SettleRefused):
+    """The order itself is incomplete or malformed (no reason, a reference too long)."""
+
+
+PROVIDER_REF_MAX: Final = 128
+"""The ``provider_ref`` columns' width."""
+
+
 def _result(order: SettleOrder) -> ChargeResult:
     said = f"settled by {order.operator} ({order.via}): {order.reason}"[:255]
     if order.settle_as is SettleAs.SUCCEEDED:
@@ -112,9 +121,15 @@ async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder, *, policy: Sub
     """Settle one unknown attempt as ``order`` says, or raise ``SettleRefused``; the subscription
     moves under ``policy``, as the record path would move it."""
     if not order.reason.strip():
-        raise SettleRefused("a reason is required: say what the provider's dashboard showed")
+        raise SettleInvalid("a reason is required: say what the provider's dashboard showed")
     if not order.operator.strip():
-        raise SettleRefused("the operator is unknown: name yourself (--operator NAME)")
+        raise SettleInvalid("the operator is unknown: name yourself (--operator NAME)")
+    if order.provider_ref is not None and len(order.provider_ref) > PROVIDER_REF_MAX:
+        raise SettleInvalid(
+            f"provider_ref is {len(order.provider_ref)} characters: at most {PROVIDER_REF_MAX}"
+        )
+    if not is_idempotency_key(order.idempotency_key):
+        raise AttemptNotFound(f"no attempt with key {order.idempotency_key!r} (not an idempotency key)")
     async with transaction(pool) as cursor:
         await cursor.execute(
             f"SELECT id, state, routed_provider, {REQUEST_COLUMNS} FROM attempts "  # noqa: S608

@@ -24,6 +24,7 @@ import msgspec
 
 from daemon.events import event_id as payment_event_id
 from daemon.models import TERMINAL_STATES, AttemptState
+from daemon.operator.keys import is_idempotency_key
 from daemon.storage.attempts import REQUEST_COLUMNS, request_from_row
 from daemon.storage.db import Cursor, fetch_all, placeholders, transaction
 from daemon.storage.reversals import ReversalLine, reserved_minor, reversals_of
@@ -129,6 +130,8 @@ async def _rows(cursor: Cursor, sql: str, args: Sequence[Any]) -> list[dict[str,
 
 
 async def load_story(pool: aiomysql.Pool, key: str) -> AttemptStory:
+    if not is_idempotency_key(key):  # names nothing; never compared with the key columns
+        return AttemptStory(idempotency_key=key, found=False, subscription=None)
     async with transaction(pool) as cursor:
         await cursor.execute(
             f"SELECT {REQUEST_COLUMNS} FROM attempts WHERE idempotency_key = %s",  # noqa: S608
