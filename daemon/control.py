@@ -281,6 +281,18 @@ def _admin_guard(token: Secret | None) -> Middleware:
             bounded = request.match_info.route.name != REFUND_ROUTE
             async with asyncio.timeout(ADMIN_TIMEOUT_S if bounded else None):
                 response = await handler(request)
+        except TimeoutError:
+            # The guard's own bound, or a database round trip's: not the halt store's fault.
+            log.error("control.admin_timeout", path=request.path, timeout_s=ADMIN_TIMEOUT_S)
+            return web.json_response(
+                {
+                    "error": "the request did not finish in time (the database, the broker or Redis "
+                    "is slow or not answering)",
+                    "changed": "unknown: check with payd status or payd attempts show, and retry",
+                },
+                status=503,
+                headers={hdrs.RETRY_AFTER: "1"},
+            )
         except REDIS_ERRORS as error:
             log.error("control.redis_failed", path=request.path, error=f"{type(error).__name__}: {error}")
             return web.json_response(

@@ -175,3 +175,30 @@ async def test_intake_pauses_while_the_database_does_not_answer_and_resumes_afte
         assert await _metric(daemon.port, "payd_intake_paused") == 0
     approved = await sandbox.assert_no_double_charge()
     assert {c["idempotency_key"] for c in approved} == set(keys)
+
+
+async def test_an_admin_request_held_up_by_a_frozen_database_is_a_503_that_does_not_blame_redis(
+    mariadb: PrivateMariaDB, broker: Broker, sandbox: Sandbox, daemons: DaemonFactory
+) -> None:
+    """``payd attempts show`` over HTTP while MariaDB is frozen: the bounded round trip times
+    out and the answer is a 503 saying the request did not finish, whose effect is unknown. It
+    used to say "the halt store (Redis) failed", sending the operator to the wrong service."""
+    mysql = {**mariadb.mysql_section, "acquire_timeout_s": 1, "query_timeout_s": 2, "probe_timeout_s": 1}
+    token = load_secret("control_token")
+    assert token is not None
+    headers = {"Authorization": f"Bearer {token.reveal()}"}
+    async with daemons.in_process(mysql=mysql) as daemon:
+        mariadb.freeze()
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(
+                    f"http://127.0.0.1:{daemon.port}/admin/attempts/frozen-1", headers=headers
+                ) as answer,
+            ):
+                status, body = answer.status, await answer.json()
+        finally:
+            mariadb.thaw()
+    assert status == 503, body
+    assert "did not finish in time" in body["error"] and "Redis) failed" not in body["error"]
+    assert body["changed"].startswith("unknown")
