@@ -26,7 +26,7 @@ from daemon.models import (
     ChargeResult,
     Outcome,
 )
-from daemon.storage.db import Cursor, fetch_all, placeholders, transaction, union_rows
+from daemon.storage.db import Cursor, fetch_all, placeholders, transaction, union_rows, update_keyed
 from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.effects import apply_subscription_effects
 from daemon.subscriptions.policy import SubscriptionPolicy
@@ -144,10 +144,6 @@ class _ClaimRow(msgspec.Struct, array_like=True, frozen=True):
 class _StateRow(msgspec.Struct, array_like=True, frozen=True):
     id: int
     state: AttemptState
-
-
-class _Key(msgspec.Struct, array_like=True, frozen=True):
-    idempotency_key: str
 
 
 class _PendingKey(msgspec.Struct, array_like=True, frozen=True):
@@ -773,23 +769,13 @@ async def unpark_attempts(pool: aiomysql.Pool, keys: Sequence[str] | None) -> li
     For after the cause is fixed (a new adapter release, say); their backoff
     starts again from its first step.
     """
-    where = "state = 'unknown' AND parked_at IS NOT NULL"
-    params: list[Any] = []
-    if keys is not None:
-        if not keys:
-            return []
-        where += f" AND idempotency_key IN ({placeholders(len(keys))})"
-        params.extend(keys)
-    async with transaction(pool) as cursor:
-        await cursor.execute(f"SELECT idempotency_key FROM attempts WHERE {where} FOR UPDATE", params)  # noqa: S608
-        found = [row.idempotency_key for row in await fetch_all(cursor, _Key)]
-        if found:
-            await cursor.execute(
-                "UPDATE attempts SET parked_at = NULL, reconcile_error = NULL, reconcile_tries = 0, "  # noqa: S608
-                f"recheck_at = NOW(6) WHERE {where}",
-                params,
-            )
-    return found
+    return await update_keyed(
+        pool,
+        table="attempts",
+        where="state = 'unknown' AND parked_at IS NOT NULL",
+        keys=keys,
+        assign="parked_at = NULL, reconcile_error = NULL, reconcile_tries = 0, recheck_at = NOW(6)",
+    )
 
 
 async def count_by_state(pool: aiomysql.Pool) -> dict[str, int]:

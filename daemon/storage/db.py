@@ -269,3 +269,29 @@ def union_rows(rows: Sequence[tuple[Any, ...]], names: Sequence[str]) -> tuple[s
     rest = " UNION ALL SELECT " + ", ".join(["%s"] * len(names))
     sql = first + rest * (len(rows) - 1)
     return sql, [value for row in rows for value in row]
+
+
+class _KeyRow(msgspec.Struct, array_like=True, frozen=True):
+    idempotency_key: str
+
+
+async def update_keyed(
+    pool: aiomysql.Pool, *, table: str, where: str, keys: Sequence[str] | None, assign: str
+) -> list[str]:
+    """Lock the rows of ``table`` matching ``where`` (and ``keys``, or all when None), apply
+    ``assign`` to them in the same transaction, and return their idempotency keys.
+
+    ``table``, ``where`` and ``assign`` are the caller's fixed SQL text, never input.
+    """
+    params: list[Any] = []
+    if keys is not None:
+        if not keys:
+            return []
+        where += f" AND idempotency_key IN ({placeholders(len(keys))})"
+        params.extend(keys)
+    async with transaction(pool) as cursor:
+        await cursor.execute(f"SELECT idempotency_key FROM {table} WHERE {where} FOR UPDATE", params)  # noqa: S608
+        found = [row.idempotency_key for row in await fetch_all(cursor, _KeyRow)]
+        if found:
+            await cursor.execute(f"UPDATE {table} SET {assign} WHERE {where}", params)  # noqa: S608
+    return found

@@ -22,7 +22,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import Final
 
 import aiomysql
 import msgspec
@@ -42,7 +42,7 @@ from daemon.models import (
     SubscriptionAction,
 )
 from daemon.refund_events import RefundFacts, refund_event
-from daemon.storage.db import Cursor, fetch_all, fetch_one, placeholders, transaction
+from daemon.storage.db import Cursor, fetch_all, fetch_one, placeholders, transaction, update_keyed
 from daemon.storage.outbox import insert_outbox
 from daemon.subscriptions.refunds import follow_refund
 
@@ -875,29 +875,15 @@ async def park_reversal(pool: aiomysql.Pool, reversal_id: int, reason: str) -> b
         return bool(cursor.rowcount == 1)
 
 
-class _ReversalKey(msgspec.Struct, array_like=True, frozen=True):
-    idempotency_key: str
-
-
 async def unpark_reversals(pool: aiomysql.Pool, keys: Sequence[str] | None) -> list[str]:
     """Parked refunds (``keys``, or all when None) due a lookup now, their backoff from the start."""
-    where = "state = 'unknown' AND recheck_at IS NULL"
-    params: list[Any] = []
-    if keys is not None:
-        if not keys:
-            return []
-        where += f" AND idempotency_key IN ({placeholders(len(keys))})"
-        params.extend(keys)
-    async with transaction(pool) as cursor:
-        await cursor.execute(f"SELECT idempotency_key FROM reversals WHERE {where} FOR UPDATE", params)  # noqa: S608
-        found = [row.idempotency_key for row in await fetch_all(cursor, _ReversalKey)]
-        if found:
-            await cursor.execute(
-                "UPDATE reversals SET recheck_at = NOW(6), reconcile_tries = 0, result_reason = NULL "  # noqa: S608
-                f"WHERE {where}",
-                params,
-            )
-    return found
+    return await update_keyed(
+        pool,
+        table="reversals",
+        where="state = 'unknown' AND recheck_at IS NULL",
+        keys=keys,
+        assign="recheck_at = NOW(6), reconcile_tries = 0, result_reason = NULL",
+    )
 
 
 class UnknownReversal(msgspec.Struct, frozen=True, kw_only=True):
