@@ -10,8 +10,9 @@ not be sent), ``charge_headers`` (they may sign the body), one exchange on
 ``charge_path``, ``charge_result`` on the answer. A transport failure comes back
 from ``exchange`` already classified (never sent / may have charged).
 
-A refund is the same flow with its own steps: ``refund_path`` (addressed by the
-charge's provider id), ``refund_body``, ``refund_headers``, ``refund_result``;
+A refund is the same flow with its own steps: ``refund_problem`` (a refund this
+provider cannot take, refused unsent), ``refund_path`` (addressed by the charge's
+provider id), ``refund_body``, ``refund_headers``, ``refund_result``;
 ``lookup_refund`` asks after one by its key. A kind that fills them in sets
 ``Capabilities.refunds``; the defaults refuse without sending anything. A kind that
 can also void overrides ``reversal_operation``; each step then reads
@@ -99,6 +100,11 @@ class HttpAdapter(abc.ABC, Generic[Prepared]):
         del request
         return ReversalOperation.REFUND
 
+    def refund_problem(self, request: ReversalRequest) -> str | None:
+        """Why this refund cannot be sent to this provider (refused, never sent), or None."""
+        del request
+        return None
+
     def refund_path(self, request: ReversalRequest) -> str:
         raise NotImplementedError(_NO_REFUNDS)
 
@@ -119,6 +125,14 @@ class HttpAdapter(abc.ABC, Generic[Prepared]):
         if not self.capabilities.refunds:
             # Never sent: the pipeline refuses such refunds before they get here.
             return ChargeResult(outcome=Outcome.PROVIDER_ERROR, retryable=False, reason=_NO_REFUNDS)
+        problem = self.refund_problem(request)
+        if problem is not None:
+            return ChargeResult(
+                outcome=Outcome.PROVIDER_ERROR,
+                retryable=False,
+                decline_code="not_refundable_here",
+                reason=f"not sent: {problem}",
+            )
         body = self.refund_body(request)
         answer = await exchange(
             self.session,

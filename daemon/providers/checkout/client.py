@@ -29,7 +29,6 @@ from daemon.providers.api import (
     HttpAdapter,
     HttpResponse,
     LookupResult,
-    Outcome,
     PositiveFloat,
     ProviderConfig,
     ReversalRequest,
@@ -122,16 +121,8 @@ class CheckoutProvider(HttpAdapter[bytes]):
 
     # -- refunds ----------------------------------------------------------------------------
 
-    async def refund(self, request: ReversalRequest) -> ChargeResult:
-        problem = transform.refund_problem(request)
-        if problem is not None:
-            return ChargeResult(
-                outcome=Outcome.PROVIDER_ERROR,
-                retryable=False,
-                decline_code="not_refundable_here",
-                reason=f"not sent: {problem}",
-            )
-        return await super().refund(request)
+    def refund_problem(self, request: ReversalRequest) -> str | None:
+        return transform.refund_problem(request)
 
     def refund_path(self, request: ReversalRequest) -> str:
         assert request.original_provider_ref is not None  # refund() refuses it otherwise
