@@ -24,6 +24,7 @@ def _run(main: Coroutine[Any, Any, int]) -> int:
 
 
 def cmd_run(config: Config, _args: argparse.Namespace) -> int:
+    from daemon.runtime import tune_garbage_collector  # noqa: PLC0415
     from daemon.service import serve  # noqa: PLC0415 (keep light commands light)
     from daemon.startup import DependencyUnavailable  # noqa: PLC0415
     from daemon.tls import log_plaintext_links  # noqa: PLC0415
@@ -42,7 +43,9 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, on_signal)
         loop.add_signal_handler(signal.SIGHUP, reload.set)
-        return await serve(config, shutdown=shutdown, force=force, reload=reload)
+        return await serve(
+            config, shutdown=shutdown, force=force, reload=reload, on_ready=tune_garbage_collector
+        )
 
     try:
         return _run(main())

@@ -6,6 +6,7 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
+    GCCollector,
     Histogram,
     PlatformCollector,
     ProcessCollector,
@@ -200,9 +201,11 @@ class Metrics:
             registry=r,
         )
 
-        # CPU seconds, resident memory and open descriptors of this process; the Python version.
+        # CPU seconds, resident memory and open descriptors of this process; the Python version;
+        # the cyclic garbage collector's runs (daemon/runtime.py sets it up).
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        GCCollector(registry=r)
         r.register(LogShippingCollector())  # payd_log_records_{sent,dropped,failed}_total, queue depth
         # The state of lanes, halt and broker is read when scraped: ``control.LiveStateCollector``.
         self._providers: dict[str, ProviderMetrics] = {}
