@@ -10,6 +10,11 @@ and lets the youngest generation grow to ``YOUNG_THRESHOLD`` objects before it
 is scanned. Objects of an attempt die by reference counting as before; only
 reference cycles wait a little longer for their collection.
 
+A frozen object that is dropped later (the first broker connection after a
+reconnect, a pooled MySQL connection recycled) is still freed by reference
+counting; only one caught in a reference cycle stays. So the most the freeze
+can keep is what was alive when the daemon became ready, once: it cannot grow.
+
 Measured on 10,000-attempt runs at saturation (see ``docs/benchmarks.md``): the
 collector's share of the daemon's CPU went from 8.7% to about 1% (25 scans of the
 young generation of about 5 ms each, instead of 1,034 young, 94 middle and 9 full
