@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("--prefetch", type=int, default=None, help="RabbitMQ prefetch (default: 2 x max-in-flight, <= 65535)")
     add("--batch-size", type=int, default=250, help="claim_batch_size and record_batch_size")
     add("--pool-size", type=int, default=8, help="MySQL pool_size")
+    add(
+        "--batch-delay-ms",
+        type=float,
+        default=None,
+        help="how long a batch waits for company: payd's pipeline.batch_delay_ms, the lean pipeline's "
+        "record wait (default: each one's own, 5 and 2 ms)",
+    )
     add("--timeout-s", type=float, default=None, help="provider timeout_s (default: max(10, 10 x latency))")
     add(
         "--mix",
@@ -156,6 +163,7 @@ class Options:
     keep_logs: bool
     quiet: bool
     probe_status_ms: float = 0.0
+    batch_delay_ms: float | None = None
     drain_timeout_s: float = 30.0
 
     @classmethod
@@ -168,6 +176,10 @@ class Options:
             (args.prefetch is None or 1 <= args.prefetch <= 65535, "--prefetch must be 1..65535"),
             (1 <= args.batch_size <= 5000, "--batch-size must be 1..5000"),
             (2 <= args.pool_size <= 200, "--pool-size must be 2..200"),
+            (
+                args.batch_delay_ms is None or 0 <= args.batch_delay_ms <= 1000,
+                "--batch-delay-ms must be 0..1000",
+            ),
             (args.rate >= 0 and args.latency_ms >= 0, "--rate and --latency-ms must be >= 0"),
             (args.timeout > 0 and args.profile_seconds >= 1, "--timeout > 0 and --profile-seconds >= 1"),
             (args.probe_status_ms == 0 or args.probe_status_ms >= 10, "--probe-status-ms must be 0 or >= 10"),
@@ -207,6 +219,7 @@ class Options:
             keep_logs=args.keep_logs,
             quiet=args.quiet,
             probe_status_ms=args.probe_status_ms,
+            batch_delay_ms=args.batch_delay_ms,
         )
 
     def params(self) -> dict[str, Any]:
@@ -220,6 +233,7 @@ class Options:
             "prefetch": self.prefetch,
             "batch_size": self.batch_size,
             "pool_size": self.pool_size,
+            "batch_delay_ms": self.batch_delay_ms,
             "timeout_s": self.timeout_s,
             "mix": self.mix,
             "seed": self.seed,
@@ -285,6 +299,7 @@ async def prepare(opts: Options, run: Services) -> None:
         prefetch=opts.prefetch,
         batch_size=opts.batch_size,
         pool_size=opts.pool_size,
+        batch_delay_ms=opts.batch_delay_ms,
         drain_timeout_s=opts.drain_timeout_s,
     )
     await asyncio.to_thread(services.write_config, run.code, config_path, settings)
@@ -308,6 +323,7 @@ async def prepare(opts: Options, run: Services) -> None:
                 prefetch=opts.prefetch,
                 pool_size=opts.pool_size,
                 batch_size=opts.batch_size,
+                batch_delay_ms=opts.batch_delay_ms,
                 timeout_s=opts.timeout_s,
                 drain_timeout_s=opts.drain_timeout_s,
                 celery_threads=opts.celery_threads,

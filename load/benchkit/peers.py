@@ -35,6 +35,8 @@ class PeerSettings:
     timeout_s: float
     drain_timeout_s: float
     celery_threads: int
+    batch_delay_ms: float | None = None
+    """The lean pipeline's record wait; None: its own default."""
 
 
 def queue_of(system: str) -> str:
@@ -114,6 +116,8 @@ def start_peer(system: str, workdir: Path, settings: PeerSettings) -> tuple[Mana
             "--drain-s",
             str(settings.drain_timeout_s),
         ]
+        if settings.batch_delay_ms is not None:
+            argv += ["--batch-delay-ms", str(settings.batch_delay_ms)]
         return ManagedProcess(system, argv, workdir / f"{system}.log"), ready
     if system == "celery":
         argv = [

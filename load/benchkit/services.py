@@ -87,6 +87,8 @@ class DaemonSettings:
     batch_size: int
     pool_size: int
     drain_timeout_s: float
+    batch_delay_ms: float | None = None
+    """None: payd's own default."""
 
 
 REDIS_URL = "redis://127.0.0.1:6379/13"
@@ -129,6 +131,7 @@ def config_toml(settings: DaemonSettings, optional: dict[str, str]) -> str:
     # lease_s must exceed twice the provider timeout (the config refuses otherwise).
     lease_s = max(120.0, 4 * settings.timeout_s)
     extra = "".join(f"\n[{name}]\n{body}\n" for name, body in optional.items())
+    batch_delay = "" if settings.batch_delay_ms is None else f"\nbatch_delay_ms = {settings.batch_delay_ms}"
     return f"""\
 # Written by load/bench.py for one run; deleted afterwards.
 [daemon]
@@ -157,7 +160,7 @@ port = {settings.control_port}
 
 [pipeline]
 claim_batch_size = {settings.batch_size}
-record_batch_size = {settings.batch_size}
+record_batch_size = {settings.batch_size}{batch_delay}
 lease_s = {lease_s}
 
 [providers.sandbox]
