@@ -44,7 +44,7 @@ def cmd_run(config: Config, _args: argparse.Namespace) -> int:
             loop.add_signal_handler(signum, on_signal)
         loop.add_signal_handler(signal.SIGHUP, reload.set)
         return await serve(
-            config, shutdown=shutdown, force=force, reload=reload, on_ready=tune_garbage_collector
+            config, shutdown=shutdown, force=force, reload=reload, before_intake=tune_garbage_collector
         )
 
     try:

@@ -8,6 +8,7 @@ cannot be reached or refuses the command. No handler checks for itself.
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import time
 from collections.abc import Callable, Iterator
@@ -99,6 +100,8 @@ class ControlState:
             "broker_reconnects": self.broker.reconnects,
             "broker_node": self.broker.node,
             "broker_nodes": list(self.broker.nodes),
+            # Set by ``payd run`` before intake (daemon/runtime.py); Python's defaults otherwise.
+            "gc": {"frozen_objects": gc.get_freeze_count(), "thresholds": list(gc.get_threshold())},
             "counters": {
                 name: getattr(self.pipeline.counters, name)
                 for name in self.pipeline.counters.__struct_fields__

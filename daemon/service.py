@@ -145,6 +145,7 @@ async def serve(
     force: asyncio.Event | None = None,
     reload: asyncio.Event | None = None,
     on_ready: Callable[[], None] = lambda: None,
+    before_intake: Callable[[], None] = lambda: None,
     faults: FaultInjector | None = None,
 ) -> int:
     """Run the daemon until ``shutdown`` is set; return the process exit status.
@@ -152,7 +153,9 @@ async def serve(
     ``force`` (a second signal) cuts the drain short: the process exits at
     once, leaving unfinished attempts to leases and redelivery. ``reload``
     (SIGHUP) re-reads the configuration and applies what can change live.
-    ``faults`` is for tests only: it makes named duties crash on demand.
+    ``faults`` is for tests only: it makes named duties crash on demand. ``before_intake``
+    runs once everything is set up, just before the broker delivers the first message
+    (``payd run`` sets the garbage collector up there, ``daemon.runtime``).
     """
     force = force or asyncio.Event()
     reload = reload or asyncio.Event()
@@ -256,6 +259,7 @@ async def serve(
         await _open_control(config, control, stack, shutdown)
 
         pipeline.start()
+        before_intake()
         await broker.start_consuming(pipeline.on_message)
         log.info(
             "daemon.ready",
