@@ -202,6 +202,34 @@ async def test_an_operator_settles_only_pending_or_unknown_reversals(db: aiomysq
     del in_flight
 
 
+def _order(key: str, settle_as: SettleAs, reason: str = "not in the dashboard") -> SettleOrder:
+    return SettleOrder(
+        idempotency_key=key, settle_as=settle_as, reason=reason, operator="ops", via="cli@test"
+    )
+
+
+async def test_an_operator_settles_a_pending_refund_whose_key_is_also_a_settled_charges(
+    db: aiomysql.Pool,
+) -> None:
+    """A refund's key may equal a charge's. Only an unknown charge takes the settle from a refund
+    of the same key: with that charge succeeded, the pending refund is the one settled."""
+    await _charge(db)
+    await _charge(db, "dup-key", amount=500)
+    pending = await _claim(db, "dup-key", 400)
+    await record_reversal(db, pending, ACCEPTED, tries=1, unknown_recheck_s=60)
+    settled = await settle_attempt(
+        db, _order("dup-key", SettleAs.SUCCEEDED, "in the dashboard"), policy=POLICY
+    )
+    assert (settled.operation, settled.state.value, settled.original_idempotency_key) == (
+        "refund",
+        "succeeded",
+        "ch-1",
+    )
+    assert (await _row(db, "dup-key"))[0] == "succeeded"
+    assert await query(db, "SELECT state FROM attempts WHERE idempotency_key = 'dup-key'") == [("succeeded",)]
+    assert await _events(db) == [("refund.pending", "refund"), ("refund.succeeded", "refund")]
+
+
 @pytest.mark.parametrize("state", ["pending", "unknown"])
 async def test_a_pending_or_unknown_reversal_holds_its_amount_against_the_charge(
     db: aiomysql.Pool, state: str
