@@ -27,12 +27,13 @@ import structlog
 from daemon.config import ConfigError, PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import AttemptRequest, ChargeResult, Outcome, ReversalOperation, ReversalRequest
+from daemon.operator.settle import SettleAs, SettleOrder, SettleRefused, settle_attempt
 from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.providers.adyen import transform
 from daemon.providers.adyen.client import AdyenProvider, AdyenProviderConfig
 from daemon.providers.base import NotificationRefused, Notifications, reversal_operation
-from daemon.storage.reversals import Settled, settle_reversal
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
+from tests.test_operator_commands import POLICY
 from tests.test_reversals import charged, refund, reversal_states, wait_reversals
 
 FIXTURES = Path(__file__).parent / "fixtures/providers"
@@ -494,15 +495,23 @@ async def test_a_pending_refund_keeps_its_amount_reserved_and_an_operator_can_se
     )
     assert await reconciler.check_stale_pending() == 1
     assert metrics.registry.get_sample_value("payd_refunds_pending_stale") == 1
-    assert (
-        await settle_reversal(db, "rf-p1", succeeded=True, reason="seen in the Customer Area", by="ops")
-        is Settled.SETTLED
+    settled = await settle_attempt(
+        db, settle_order("rf-p1", SettleAs.SUCCEEDED, "seen in the Customer Area"), policy=POLICY
     )
-    assert await settle_reversal(db, "rf-p1", succeeded=False, reason="again", by="ops") is Settled.ALREADY
+    assert (settled.operation, settled.state.value) == ("refund", "succeeded")
+    with pytest.raises(SettleRefused, match="refund rf-p1 is succeeded; only an unknown or pending refund"):
+        await settle_attempt(db, settle_order("rf-p1", SettleAs.FAILED, "again"), policy=POLICY)
     assert await reconciler.check_stale_pending() == 0
     assert await query(db, "SELECT state, result_reason FROM reversals WHERE idempotency_key = 'rf-p1'") == [
-        ("succeeded", "settled by ops: seen in the Customer Area")
+        ("succeeded", "settled by ops (cli@test): seen in the Customer Area")
     ]
+
+
+def settle_order(key: str, settle_as: SettleAs, reason: str) -> SettleOrder:
+    """What ``payd attempts settle KEY --as ... --reason ...`` hands the settle."""
+    return SettleOrder(
+        idempotency_key=key, settle_as=settle_as, reason=reason, operator="ops", via="cli@test"
+    )
 
 
 async def _reconciled_at_least(db: aiomysql.Pool, key: str, tries: int) -> bool:
@@ -657,8 +666,10 @@ async def test_a_provider_success_after_an_operator_failed_the_refund_is_an_erro
         await charged(db, broker, charge_body("ch-c", 1000))
         await broker.publish([refund("rf-c", "ch-c", 400)])
         await wait_reversals(db, ["rf-c"], done=("pending",))
-        settled = await settle_reversal(db, "rf-c", succeeded=False, reason="not in the dashboard", by="ops")
-        assert settled is Settled.SETTLED
+        settled = await settle_attempt(
+            db, settle_order("rf-c", SettleAs.FAILED, "not in the dashboard"), policy=POLICY
+        )
+        assert (settled.operation, settled.state.value) == ("refund", "failed")
         (item,) = await _notifications(sandbox)
         assert item["success"] == "true"
         with structlog.testing.capture_logs() as logs:

@@ -2,8 +2,9 @@
 
 Each test writes a succeeded charge as the pipeline leaves one, claims a reversal
 through ``claim_reversal`` and drives it with the storage functions the pipeline,
-the reconciler, the webhook receiver and operators use; the table and the outbox
-are the judges.
+the reconciler and the webhook receiver use, and with ``settle_attempt``, what
+``payd attempts settle`` and ``POST /admin/attempts/KEY/settle`` run; the table,
+the outbox and the audit rows are the judges.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import pytest
 from daemon.config import PipelineSettings
 from daemon.metrics import Metrics
 from daemon.models import ChargeResult, Outcome, RefundRequest, ReversalOperation, ReversalRequest
-from daemon.operator.settle import SettleAs, SettleOrder, SettleRefused, settle_attempt
+from daemon.operator.settle import AttemptNotFound, SettleAs, SettleOrder, SettleRefused, settle_attempt
 from daemon.pipeline.reconcile_reversals import ReversalReconciler
 from daemon.storage.reversals import (
     Notice,
@@ -26,7 +27,6 @@ from daemon.storage.reversals import (
     claim_reversal,
     record_reversal,
     settle_by_notice,
-    settle_reversal,
     take_due_reversals,
 )
 from tests.support import Broker, DaemonFactory, Sandbox, eventually, query, request
@@ -185,21 +185,68 @@ async def test_pending_reversals_are_due_lookups_and_parked_unknowns_are_not(db:
     assert [(d.reversal.idempotency_key, d.state.value) for d in due] == [("rf-p", "pending")]
 
 
+def _order(key: str, settle_as: SettleAs, reason: str = "not in the dashboard") -> SettleOrder:
+    return SettleOrder(
+        idempotency_key=key, settle_as=settle_as, reason=reason, operator="ops", via="cli@test"
+    )
+
+
 async def test_an_operator_settles_only_pending_or_unknown_reversals(db: aiomysql.Pool) -> None:
+    """``payd attempts settle`` on refunds: in flight is refused, an unknown key is not found, a
+    pending one is failed (its amount released, its refund.failed event written, audited under
+    the charge's key), and a second settle of it is refused; nothing else changes."""
+    await query(db, "DELETE FROM attempt_audit")
     await _charge(db)
     in_flight = await _claim(db, "rf-f", 100)
     pending = await _claim(db, "rf-p", 100)
     await record_reversal(db, pending, ACCEPTED, tries=1, unknown_recheck_s=60)
-    assert await settle_reversal(db, "rf-f", succeeded=True, reason="r", by="ops") is Settled.NOT_OPEN
-    assert await settle_reversal(db, "rf-none", succeeded=True, reason="r", by="ops") is Settled.UNMATCHED
-    assert await settle_reversal(db, "rf-p", succeeded=False, reason="not in the dashboard", by="ops") is (
-        Settled.SETTLED
+    with pytest.raises(SettleRefused, match="refund rf-f is in_flight; only an unknown or pending refund"):
+        await settle_attempt(db, _order("rf-f", SettleAs.SUCCEEDED), policy=POLICY)
+    with pytest.raises(AttemptNotFound, match="no attempt with key rf-none"):
+        await settle_attempt(db, _order("rf-none", SettleAs.SUCCEEDED), policy=POLICY)
+    settled = await settle_attempt(db, _order("rf-p", SettleAs.FAILED), policy=POLICY)
+    assert (settled.operation, settled.state.value, settled.original_idempotency_key) == (
+        "refund",
+        "failed",
+        "ch-1",
     )
     assert await query(
-        db, "SELECT state, decline_code, result_reason FROM reversals WHERE idempotency_key = 'rf-p'"
-    ) == [("failed", "settled_failed", "settled by ops: not in the dashboard")]
-    assert await settle_reversal(db, "rf-p", succeeded=True, reason="again", by="ops") is Settled.ALREADY
+        db,
+        "SELECT state, decline_code, result_reason, recheck_at IS NULL, finished_at IS NOT NULL "
+        "FROM reversals WHERE idempotency_key = 'rf-p'",
+    ) == [("failed", "operator_settled", "settled by ops (cli@test): not in the dashboard", 1, 1)]
+    assert await _events(db) == [("refund.pending", "refund"), ("refund.failed", "refund")]
+    assert await query(
+        db, "SELECT idempotency_key, action, state_before, state_after, operator, reason FROM attempt_audit"
+    ) == [("ch-1", "settle_refund", "pending", "failed", "ops", "refund rf-p: not in the dashboard")]
+    with pytest.raises(SettleRefused, match="refund rf-p is failed; only an unknown or pending refund"):
+        await settle_attempt(db, _order("rf-p", SettleAs.SUCCEEDED, "again"), policy=POLICY)
+    assert await _row(db, "rf-f") == ("in_flight", None, 0)
+    # The 100 the failed refund held is free again: 900 of 1000 may be refunded beside rf-f.
+    await _claim(db, "rf-rest", 900)
     del in_flight
+
+
+async def test_an_operator_settles_a_pending_refund_whose_key_is_also_a_settled_charges(
+    db: aiomysql.Pool,
+) -> None:
+    """A refund's key may equal a charge's. Only an unknown charge takes the settle from a refund
+    of the same key: with that charge succeeded, the pending refund is the one settled."""
+    await _charge(db)
+    await _charge(db, "dup-key", amount=500)
+    pending = await _claim(db, "dup-key", 400)
+    await record_reversal(db, pending, ACCEPTED, tries=1, unknown_recheck_s=60)
+    settled = await settle_attempt(
+        db, _order("dup-key", SettleAs.SUCCEEDED, "in the dashboard"), policy=POLICY
+    )
+    assert (settled.operation, settled.state.value, settled.original_idempotency_key) == (
+        "refund",
+        "succeeded",
+        "ch-1",
+    )
+    assert (await _row(db, "dup-key"))[0] == "succeeded"
+    assert await query(db, "SELECT state FROM attempts WHERE idempotency_key = 'dup-key'") == [("succeeded",)]
+    assert await _events(db) == [("refund.pending", "refund"), ("refund.succeeded", "refund")]
 
 
 @pytest.mark.parametrize("state", ["pending", "unknown"])
@@ -399,8 +446,7 @@ async def test_the_refund_or_void_choice_reads_when_the_provider_was_called_not_
 
 async def test_settling_a_refund_that_named_no_charge_is_a_clear_refusal(db: aiomysql.Pool) -> None:
     """A refund of an unknown charge is refused at once (no_charge, failed, no charge row to
-    join): an operator's settle of its key says so instead of raising LookupError, and the
-    storage settle finds nothing to settle."""
+    join): an operator's settle of its key says so instead of raising LookupError."""
     refused = await claim_reversal(
         db,
         RefundRequest(
@@ -420,7 +466,6 @@ async def test_settling_a_refund_that_named_no_charge_is_a_clear_refusal(db: aio
     )
     with pytest.raises(SettleRefused, match="rf-none is failed; it named no charge and was refused at once"):
         await settle_attempt(db, order, policy=POLICY)
-    assert await settle_reversal(db, "rf-none", succeeded=True, reason="x", by="ops") is Settled.UNMATCHED
     assert await query(db, "SELECT state, decline_code FROM reversals") == [("failed", "no_charge")]
 
 

@@ -62,6 +62,9 @@ class SettleOrder(msgspec.Struct, frozen=True, kw_only=True):
 
 
 SETTLE_REFUND_ACTION: Final = "settle_refund"
+_SETTLEABLE_REFUND_STATES: Final = frozenset((ReversalState.UNKNOWN, ReversalState.PENDING))
+"""A refund waiting on an answer only an operator may give now: unknown (parked or not), or
+pending (accepted by its provider, whose notification never came)."""
 
 
 class Settled(msgspec.Struct, frozen=True, kw_only=True):
@@ -139,7 +142,7 @@ async def settle_attempt(pool: aiomysql.Pool, order: SettleOrder, *, policy: Sub
         row = await cursor.fetchone()
         if row is None or msgspec.convert(row[:3], _SettleHead).state is not AttemptState.UNKNOWN:
             refund = await lock_reversal(cursor, order.idempotency_key)
-            if refund is not None and (row is None or refund[0] is ReversalState.UNKNOWN):
+            if refund is not None and (row is None or refund[0] in _SETTLEABLE_REFUND_STATES):
                 return await _settle_refund(cursor, order, refund[0], refund[1])
         if row is None:
             raise AttemptNotFound(f"no attempt with key {order.idempotency_key} (nor a refund)")
@@ -219,7 +222,7 @@ async def _settle_refund(
     cursor: Cursor, order: SettleOrder, state: ReversalState, unknown: UnknownReversal | None
 ) -> Settled:
     key = order.idempotency_key
-    if unknown is None or state not in (ReversalState.UNKNOWN, ReversalState.PENDING):
+    if unknown is None or state not in _SETTLEABLE_REFUND_STATES:
         why = "; it named no charge and was refused at once, never sent" if unknown is None else ""
         raise SettleRefused(
             f"refund {key} is {state.value}{why}; only an unknown or pending refund can be settled"

@@ -14,7 +14,7 @@ The adapter's choice of refund or void is written in the claim's transaction, be
 any provider call. A reversal the provider accepted but decides later is ``pending``:
 its amount stays reserved, it is never sent again, and it ends by a lookup
 (``take_due_reversals``), the provider's notification (``settle_by_notice``) or an
-operator (``settle_reversal``).
+operator (``settle_unknown_reversal``, from ``payd attempts settle``).
 """
 
 from __future__ import annotations
@@ -463,7 +463,7 @@ async def _apply(
 
 
 class Settled(enum.StrEnum):
-    """What settling one reversal from outside the pipeline came to."""
+    """What a provider's notification of one reversal came to (``settle_by_notice``)."""
 
     SETTLED = "settled"
     ALREADY = "already"
@@ -471,39 +471,11 @@ class Settled(enum.StrEnum):
     CONFLICT = "conflict"
     """It had already ended otherwise: nothing changed, an operator should look."""
     NOT_OPEN = "not_open"
-    """Not pending or unknown (queued or in flight without a provider answer): refused."""
+    """Queued (released unsent, so the provider cannot know it): nothing settled."""
     UNMATCHED = "unmatched"
     """No reversal of this provider has that reference or key."""
     MISMATCH = "mismatch"
     """It names another amount, currency or operation than the reversal: never settled."""
-
-
-async def settle_reversal(
-    pool: aiomysql.Pool, idempotency_key: str, *, succeeded: bool, reason: str, by: str
-) -> Settled:
-    """An operator closes a pending or unknown reversal after checking the provider's dashboard.
-
-    Written as the provider's answer would be (state, ``refund.*`` event), with who and why in
-    the result's reason. Anything not pending or unknown is refused (``NOT_OPEN``/``ALREADY``).
-    """
-    async with transaction(pool) as cursor:
-        locked = await _lock_one(cursor, "idempotency_key = %s", (idempotency_key,))
-        if locked is None:
-            return Settled.UNMATCHED
-        reversal, state_now = locked
-        if state_now not in (ReversalState.PENDING, ReversalState.UNKNOWN):
-            final = state_now in (ReversalState.SUCCEEDED, ReversalState.FAILED)
-            return Settled.ALREADY if final else Settled.NOT_OPEN
-        text = f"settled by {by}: {reason}"[:255]
-        result = (
-            ChargeResult(outcome=Outcome.APPROVED, reason=text)
-            if succeeded
-            else ChargeResult(
-                outcome=Outcome.PROVIDER_ERROR, retryable=False, decline_code="settled_failed", reason=text
-            )
-        )
-        await _apply(cursor, reversal, state_now, result, tries=0, recheck_s=0)
-        return Settled.SETTLED
 
 
 class Notice(msgspec.Struct, frozen=True, kw_only=True):
@@ -922,9 +894,9 @@ async def lock_reversal(cursor: Cursor, key: str) -> tuple[ReversalState, Unknow
 async def settle_unknown_reversal(
     cursor: Cursor, reversal: ReversalRequest, state: ReversalState, result: ChargeResult
 ) -> tuple[bool, str | None]:
-    """An operator's verdict on an unknown refund, with its ``refund.*`` event and its
-    subscription's follow-up, in the caller's transaction: (False, None) if it is no longer
-    unknown, else (True, what came of its ``subscription_action``)."""
+    """An operator's verdict on an unknown or pending refund, with its ``refund.*`` event and
+    its subscription's follow-up, in the caller's transaction: (False, None) if it is no longer
+    unknown or pending, else (True, what came of its ``subscription_action``)."""
     await cursor.execute(
         "UPDATE reversals SET state = %s, outcome = %s, decline_code = %s, "
         "provider_ref = COALESCE(%s, provider_ref), result_reason = %s, recheck_at = NULL, "
