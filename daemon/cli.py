@@ -413,7 +413,10 @@ def add_operator_commands(commands: Any) -> Any:
     listing.add_argument("--limit", type=int, default=100, help="at most this many (%(default)s)")
     listing.add_argument("--json", action="store_true", help="as JSON (docs/runbook.md)")
     settling = sub(
-        attempts_commands, "settle", cmd_attempts, "close a stuck unknown attempt as the provider shows it"
+        attempts_commands,
+        "settle",
+        cmd_attempts,
+        "close a stuck unknown attempt, or an unknown or pending refund, as the provider shows it",
     )
     settling.add_argument("key", metavar="KEY", help="the idempotency key")
     settling.add_argument("--as", dest="settle_as", required=True, choices=["succeeded", "failed"])

@@ -249,7 +249,10 @@ def register_operator_routes(admin: web.Application, tools: OperatorTools) -> No
             return _error(str(refusal), 409)
         log.warning(
             "attempt.settled_by_operator",
+            operation=settled.operation,
             idempotency_key=settled.idempotency_key,
+            # For a refund: the charge it refunds (attempt_id is that charge's row).
+            original_idempotency_key=settled.original_idempotency_key,
             attempt_id=settled.attempt_id,
             state=settled.state.value,
             operator=who,
