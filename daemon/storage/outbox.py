@@ -46,6 +46,7 @@ async def relay_batch(
     *,
     limit: int,
     observe_lag: Callable[[float], None] | None = None,
+    report_backlog_age: Callable[[float], None] | None = None,
 ) -> int:
     """Publish up to ``limit`` outbox rows with confirms; return how many went out.
 
@@ -57,6 +58,9 @@ async def relay_batch(
     ``observe_lag`` gets, per row the broker confirmed, the seconds from the row's
     write (in the transaction of the change it announces) to the confirm: the row's age
     at the locking read, by MySQL's clock, plus the publish's duration, by this process's.
+    ``report_backlog_age`` gets, once the batch is over, the age of the oldest row still
+    waiting (rows other relays hold included), read in this transaction: no round trip of
+    its own.
     """
     async with transaction(pool) as cursor:
         await cursor.execute(
@@ -67,15 +71,20 @@ async def relay_batch(
         )
         rows = await fetch_all(cursor, _QueuedEvent)
         if not rows:
+            if report_backlog_age is not None:
+                report_backlog_age(await read_outbox_lag(cursor))
             return 0
         read_at = time.monotonic()
         await publish([OutboxRow(row.event_id, row.target, row.routing_key, row.payload) for row in rows])
         publish_s = time.monotonic() - read_at
         ids = [row.id for row in rows]
         await cursor.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(ids))})", ids)  # noqa: S608
+        backlog_age = await read_outbox_lag(cursor) if report_backlog_age is not None else None
     if observe_lag is not None:  # once committed: a batch rolled back goes out (and counts) again
         for row in rows:
             observe_lag(max(0, row.age_us) / 1_000_000 + publish_s)
+    if report_backlog_age is not None and backlog_age is not None:
+        report_backlog_age(backlog_age)
     return len(rows)
 
 
@@ -86,12 +95,6 @@ OLDEST_ROW_AGE_US: Final = (
 outbox is (``MIN(created_at)`` would read every row, and the outbox is longest when the lag
 matters). Ids are handed out as rows are written, so the lowest id is the oldest row, give or
 take the few transactions in flight. A plain read: rows a relay holds locked still count."""
-
-
-async def outbox_lag_seconds(pool: aiomysql.Pool) -> float:
-    """Age of the oldest unpublished row (0 when empty): the relay's lag."""
-    async with transaction(pool) as cursor:
-        return await read_outbox_lag(cursor)
 
 
 async def read_outbox_lag(cursor: Cursor) -> float:
