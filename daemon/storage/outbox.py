@@ -70,21 +70,20 @@ async def relay_batch(
             (limit,),
         )
         rows = await fetch_all(cursor, _QueuedEvent)
-        if not rows:
-            if report_backlog_age is not None:
-                report_backlog_age(await read_outbox_lag(cursor))
-            return 0
-        read_at = time.monotonic()
-        await publish([OutboxRow(row.event_id, row.target, row.routing_key, row.payload) for row in rows])
-        publish_s = time.monotonic() - read_at
-        ids = [row.id for row in rows]
-        await cursor.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(ids))})", ids)  # noqa: S608
-        backlog_age = await read_outbox_lag(cursor) if report_backlog_age is not None else None
-    if observe_lag is not None:  # once committed: a batch rolled back goes out (and counts) again
+        publish_s = 0.0
+        if rows:
+            read_at = time.monotonic()
+            await publish([OutboxRow(row.event_id, row.target, row.routing_key, row.payload) for row in rows])
+            publish_s = time.monotonic() - read_at
+            ids = [row.id for row in rows]
+            await cursor.execute(f"DELETE FROM outbox WHERE id IN ({placeholders(len(ids))})", ids)  # noqa: S608
+        backlog_age = await read_outbox_lag(cursor) if report_backlog_age is not None else 0.0
+    # Once committed: a batch rolled back goes out (and counts) again.
+    if report_backlog_age is not None:
+        report_backlog_age(backlog_age)
+    if observe_lag is not None:
         for row in rows:
             observe_lag(max(0, row.age_us) / 1_000_000 + publish_s)
-    if report_backlog_age is not None and backlog_age is not None:
-        report_backlog_age(backlog_age)
     return len(rows)
 
 
